@@ -1,0 +1,150 @@
+"""The run configuration: one frozen dataclass, the single source of truth.
+
+It is built once from the CLI, validated, written to ``<run>/config.json`` and into every
+checkpoint, and read back on resume. Progress is counted in iterations (= generator updates,
+the paper's unit); one iteration is one D step then one G step on ``batch_size`` images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .models import NUM_G_NORM_LAYERS, SAMPLE_MODES, parse_mn_layers
+
+__all__ = ["TrainConfig", "ConfigError", "config_from_dict"]
+
+DATASETS = ("cifar10", "folder")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the CLI flag and the value."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- model ---
+    z_dim: int = 100
+    ngf: int = 64
+    ndf: int = 64
+    mn_layers: tuple[int, ...] = (0, 1)  # generator norm layers that are MN (0 = nearest z)
+    mn_components: int = 3  # K
+    mn_fit_points: int = 1024  # points clustered per batch by k-means++
+    mn_kmeans_iters: int = 2  # Lloyd iterations after seeding
+    # --- optimisation ---
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    batch_size: int = 64  # global batch (all ranks together)
+    iters: int = 100_000  # generator updates
+    seed: int = 0
+    device: str = "auto"  # auto -> cuda if available, else cpu
+    # --- data ---
+    dataset: str = "cifar10"
+    data_root: str = "data"
+    hflip: bool = False
+    # --- run folder, logging, checkpoints ---
+    out: str = "checkpoints"
+    run_name: Optional[str] = None
+    sample_mode: str = "batch"  # how grids and metrics sample the generator
+    sample_every: int = 1000
+    log_every: int = 100
+    ckpt_every: int = 2000
+    keep_last: int = 3
+    # --- periodic evaluation ---
+    fid_every: int = 2000  # 0 turns periodic evaluation off
+    fid_samples: int = 10_000
+    ref: str = "cifar10-train"
+    inception_weights: Optional[str] = None
+    dims: int = 2048
+    # --- speed (GPU-oriented, all correct on CPU) ---
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    # --- distributed ---
+    sync_norm: bool = False
+    # Free-form record of derived facts (reference-statistics key, world size, ...), filled in
+    # by the training code; not a user setting.
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        # Normalise mn_layers from any accepted spelling ('0,1', 'all', list) to a tuple.
+        try:
+            layers = parse_mn_layers(self.mn_layers)
+        except ValueError as e:
+            raise ConfigError(f"--mn-layers: {e}") from None
+        object.__setattr__(self, "mn_layers", layers)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, flag: str, value: Any, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"{flag} {value!r}: {what}")
+
+        need(self.z_dim >= 1, "--z-dim", self.z_dim, "must be >= 1")
+        need(self.ngf >= 1, "--ngf", self.ngf, "must be >= 1")
+        need(self.ndf >= 1, "--ndf", self.ndf, "must be >= 1")
+        need(self.mn_components >= 1, "--mn-components", self.mn_components, "K must be >= 1")
+        need(self.mn_fit_points >= self.mn_components, "--mn-fit-points", self.mn_fit_points,
+             f"must be >= --mn-components ({self.mn_components})")
+        need(self.mn_kmeans_iters >= 0, "--mn-kmeans-iters", self.mn_kmeans_iters, "must be >= 0")
+        need(self.lr > 0, "--lr", self.lr, "must be > 0")
+        need(0 <= self.beta1 < 1, "--beta1", self.beta1, "must be in [0, 1)")
+        need(0 <= self.beta2 < 1, "--beta2", self.beta2, "must be in [0, 1)")
+        need(self.batch_size >= 2, "--batch-size", self.batch_size,
+             "must be >= 2 (batch statistics need more than one sample)")
+        need(self.iters >= 0, "--iters", self.iters, "must be >= 0")
+        need(self.seed >= 0, "--seed", self.seed, "must be >= 0")
+        need(self.dataset in DATASETS, "--dataset", self.dataset, f"expected one of {DATASETS}")
+        need(self.sample_mode in SAMPLE_MODES, "--sample-mode", self.sample_mode,
+             f"expected one of {SAMPLE_MODES}")
+        for flag, v in [("--sample-every", self.sample_every), ("--log-every", self.log_every),
+                        ("--ckpt-every", self.ckpt_every), ("--fid-every", self.fid_every)]:
+            need(v >= 0, flag, v, "must be >= 0 (0 turns it off)")
+        need(self.keep_last >= 1, "--keep-last", self.keep_last, "must be >= 1")
+        need(self.fid_samples >= 2, "--fid-samples", self.fid_samples,
+             "FID needs at least 2 samples")
+        need(self.dims in (64, 192, 768, 2048), "--dims", self.dims,
+             "expected one of 64, 192, 768, 2048 (pytorch-fid's Inception blocks)")
+        need(self.amp in AMP_MODES, "--amp", self.amp, f"expected one of {AMP_MODES}")
+        need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+             "--device", self.device, "expected auto, cpu, cuda or cuda:N")
+
+    # --- serialisation ---
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mn_layers"] = list(self.mn_layers)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def model_kwargs(self) -> dict:
+        """Arguments of ``models.Generator`` that this config fixes."""
+        return dict(
+            z_dim=self.z_dim, ngf=self.ngf, mn_layers=self.mn_layers,
+            num_components=self.mn_components, fit_points=self.mn_fit_points,
+            kmeans_iters=self.mn_kmeans_iters,
+        )
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """Inverse of ``TrainConfig.to_dict``; unknown keys (from a newer version) are an error."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"config has unknown keys {unknown}")
+    d = dict(d)
+    if "mn_layers" in d:
+        d["mn_layers"] = tuple(d["mn_layers"])
+    return TrainConfig(**d)
+
+
+assert NUM_G_NORM_LAYERS == 3  # the config's help texts assume the 3-layer 32x32 generator

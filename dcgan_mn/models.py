@@ -1,0 +1,190 @@
+"""DCGAN generator and discriminator for 32x32 images, with per-layer BN -> MN replacement.
+
+Generator: z [N, z_dim] -> ConvT(4x4) 4x4x(8 ngf) -> norm0 -> ReLU -> ConvT 8x8x(4 ngf) ->
+norm1 -> ReLU -> ConvT 16x16x(2 ngf) -> norm2 -> ReLU -> ConvT 32x32x3 -> tanh.
+Generator norm layers are indexed 0, 1, 2 from the one nearest z; each is BatchNorm or
+Mixture Normalization as ``mn_layers`` says.
+
+Discriminator: conv 3->ndf (LeakyReLU 0.2, no norm) -> 2 ndf BN -> 4 ndf BN -> 1 logit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .norms import MixtureNorm2d, make_norm2d
+
+__all__ = [
+    "NUM_G_NORM_LAYERS",
+    "SAMPLE_MODES",
+    "parse_mn_layers",
+    "Generator",
+    "Discriminator",
+    "dcgan_init_",
+    "preserved_norm_state",
+]
+
+NUM_G_NORM_LAYERS = 3
+SAMPLE_MODES = ("batch", "running")
+
+
+def parse_mn_layers(spec: Union[str, Iterable[int], None]) -> tuple[int, ...]:
+    """'0,1' / 'none' / 'all' / an iterable of ints -> a sorted tuple of generator layer indices.
+
+    Raises ValueError naming the bad index or token.
+    """
+    if spec is None:
+        return ()
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("", "none"):
+            return ()
+        if text == "all":
+            return tuple(range(NUM_G_NORM_LAYERS))
+        items = []
+        for tok in text.split(","):
+            tok = tok.strip()
+            try:
+                items.append(int(tok))
+            except ValueError:
+                raise ValueError(
+                    f"invalid MN layer {tok!r} in {spec!r}: expected comma-separated indices "
+                    f"in 0..{NUM_G_NORM_LAYERS - 1}, 'none' or 'all'"
+                ) from None
+    else:
+        items = [int(i) for i in spec]
+    for i in items:
+        if not 0 <= i < NUM_G_NORM_LAYERS:
+            raise ValueError(
+                f"unknown generator norm layer {i} in {spec!r}: the generator has layers "
+                f"0..{NUM_G_NORM_LAYERS - 1} (0 is nearest z)"
+            )
+    if len(set(items)) != len(items):
+        raise ValueError(f"duplicate generator norm layer in {spec!r}")
+    return tuple(sorted(items))
+
+
+def dcgan_init_(module: nn.Module) -> None:
+    """DCGAN initialisation: conv weights ~ N(0, 0.02); norm gains ~ N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, MixtureNorm2d)) and m.affine:
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """DCGAN generator z [N, z_dim] -> images [N, 3, 32, 32] in [-1, 1]."""
+
+    def __init__(
+        self,
+        z_dim: int = 100,
+        ngf: int = 64,
+        mn_layers: Union[str, Sequence[int], None] = (0, 1),
+        num_components: int = 3,
+        **mn_kwargs,
+    ) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.ngf = ngf
+        self.mn_layers = parse_mn_layers(mn_layers)
+        self.num_components = num_components
+        widths = [8 * ngf, 4 * ngf, 2 * ngf]
+
+        def norm(i: int) -> nn.Module:
+            kind = "mn" if i in self.mn_layers else "bn"
+            return make_norm2d(widths[i], kind, num_components, **mn_kwargs)
+
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(z_dim, widths[0], 4, 1, 0, bias=False),  # [N, 8ngf, 4, 4]
+            norm(0),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(widths[0], widths[1], 4, 2, 1, bias=False),  # [N, 4ngf, 8, 8]
+            norm(1),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(widths[1], widths[2], 4, 2, 1, bias=False),  # [N, 2ngf, 16, 16]
+            norm(2),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(widths[2], 3, 4, 2, 1, bias=False),  # [N, 3, 32, 32]
+            nn.Tanh(),
+        )
+        dcgan_init_(self)
+
+    @property
+    def norm_layers(self) -> list[nn.Module]:
+        """The generator's norm layers, index 0 nearest z."""
+        return [self.net[1], self.net[4], self.net[7]]
+
+    def forward(self, z: Tensor) -> Tensor:
+        if z.dim() != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"Generator expects z of shape [N, {self.z_dim}], got {tuple(z.shape)}")
+        return self.net(z[:, :, None, None])  # [N, 3, 32, 32]
+
+    @torch.no_grad()
+    def sample(self, z: Tensor, mode: str = "batch", batch_size: int | None = None) -> Tensor:
+        """Generate images for z [N, z_dim] without changing any buffer or the global RNG.
+
+        ``mode="batch"``: norm layers use batch statistics (the computation of training), in
+        chunks of ``batch_size`` (default: all of z at once); ``mode="running"``: eval mode,
+        running statistics. Returns [N, 3, 32, 32] in [-1, 1].
+        """
+        if mode not in SAMPLE_MODES:
+            raise ValueError(f"unknown sample mode {mode!r}; expected one of {SAMPLE_MODES}")
+        chunk = batch_size or z.shape[0]
+        was_training = self.training
+        devices = [z.device] if z.device.type == "cuda" else []
+        try:
+            with preserved_norm_state(self), torch.random.fork_rng(devices=devices):
+                self.train(mode == "batch")
+                return torch.cat([self(zc) for zc in z.split(chunk)])
+        finally:
+            self.train(was_training)
+
+
+@contextlib.contextmanager
+def preserved_norm_state(module: nn.Module) -> Iterator[None]:
+    """Restore every buffer and MN telemetry of ``module`` on exit (sampling is read-only)."""
+    saved = {name: b.clone() for name, b in module.named_buffers()}
+    telemetry = [
+        (m, m.last_batch_weight, m.last_posterior_entropy)
+        for m in module.modules()
+        if isinstance(m, MixtureNorm2d)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(saved[name])
+        for m, w, e in telemetry:
+            m.last_batch_weight, m.last_posterior_entropy = w, e
+
+
+class Discriminator(nn.Module):
+    """DCGAN discriminator images [N, 3, 32, 32] -> one logit per image [N]."""
+
+    def __init__(self, ndf: int = 64) -> None:
+        super().__init__()
+        self.ndf = ndf
+        self.net = nn.Sequential(
+            nn.Conv2d(3, ndf, 4, 2, 1, bias=False),  # [N, ndf, 16, 16]
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf, 2 * ndf, 4, 2, 1, bias=False),  # [N, 2ndf, 8, 8]
+            nn.BatchNorm2d(2 * ndf),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(2 * ndf, 4 * ndf, 4, 2, 1, bias=False),  # [N, 4ndf, 4, 4]
+            nn.BatchNorm2d(4 * ndf),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(4 * ndf, 1, 4, 1, 0, bias=False),  # [N, 1, 1, 1]
+        )
+        dcgan_init_(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).flatten()  # [N]
