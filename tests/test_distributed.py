@@ -1,0 +1,50 @@
+"""Collective helpers of dcgan_mn.distributed on 2 CPU processes (gloo)."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dcgan_mn import distributed as D
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    info = D.init_distributed(torch.device("cpu"))  # already initialised: only reads env
+    rows = torch.arange(3 * (rank + 1), dtype=torch.float32).reshape(rank + 1, 3) + 100 * rank
+    gathered = D.all_gather_rows(rows)
+    total = D.all_reduce_sum(torch.tensor([float(rank + 1)]))
+    obj = D.broadcast_object({"rank": rank})
+    torch.save({"info": (info.rank, info.world_size, info.is_main), "gathered": gathered,
+                "total": total, "obj": obj}, os.path.join(out_dir, f"r{rank}.pt"))
+    D.shutdown_distributed()
+
+
+def test_collectives_on_two_ranks():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        results = [torch.load(os.path.join(tmp, f"r{r}.pt")) for r in range(2)]
+    expected = [torch.arange(3.0).reshape(1, 3), torch.arange(6.0).reshape(2, 3) + 100]
+    for r, res in enumerate(results):
+        assert res["info"] == (r, 2, r == 0)
+        assert len(res["gathered"]) == 2
+        for got, want in zip(res["gathered"], expected):
+            torch.testing.assert_close(got, want)  # uneven row counts, rank order kept
+        assert res["total"].item() == 3.0
+        assert res["obj"] == {"rank": 0}  # rank 0's object everywhere
+
+
+def test_single_process_is_identity(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = D.init_distributed(torch.device("cpu"))
+    assert (info.world_size, info.is_main, info.enabled) == (1, True, False)
+    t = torch.ones(2, 2)
+    assert D.all_gather_rows(t)[0] is t
+    assert D.broadcast_object("x") == "x"
+    assert D.all_reduce_sum(t) is t
