@@ -7,31 +7,47 @@ component's statistics, weighted by its posterior:
 
     x_hat_p = sum_k tau[p, k] / sqrt(lambda_k) * (x_p - E_k) / sqrt(Var_k + eps)
 
-The math lives in pure functions (``fit_mixture``, ``mixture_posteriors``,
-``mixture_moments``, ``mixture_normalize``); ``MixtureNorm2d`` only decides between batch and
-running statistics and updates its buffers, as ``nn.BatchNorm2d`` does. With K = 1 every
-posterior is exactly 1 and the layer is BatchNorm.
+The math lives in pure functions; ``MixtureNorm2d`` only decides between batch and running
+statistics and updates its buffers, as ``nn.BatchNorm2d`` does. With K = 1 every posterior is
+exactly 1 and the layer is BatchNorm.
 
-Shape legend used in the comments: P points, M fitting points, K components, C channels.
+The file has two implementations of steps 2-5 (posteriors, statistics, normalization, affine):
+
+* the *reference* on points [P, C] (``mixture_posteriors``, ``mixture_moments``,
+  ``moments_to_stats``, ``mixture_normalize``, ``mixture_norm``): plain autograd ops, written to
+  be read next to the paper;
+* the *fused* path on [N, C, H*W] (``mixture_norm2d``) that the module runs: the same math in
+  two autograd Functions with hand-written backward passes, so that one training step makes
+  about a third of the passes over the activations that autograd would (MN is memory-bound).
+  The tests check it against the reference, against an explicit per-component loop, and with
+  ``gradcheck``.
+
+Shape legend used in the comments: N images, C channels, L = H*W positions, P = N*L points,
+M fitting points, K components.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "Mixture",
     "MixtureMoments",
+    "sample_fit_points",
+    "kmeans_mixture",
     "fit_mixture",
     "mixture_posteriors",
     "mixture_moments",
+    "moments_to_stats",
     "mixture_normalize",
     "mixture_norm",
+    "mixture_norm2d",
     "match_components",
     "MixtureNorm2d",
     "make_norm2d",
@@ -73,14 +89,96 @@ class MixtureMoments(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _sq_dists(points: Tensor, centres: Tensor) -> Tensor:
-    """Squared Euclidean distances via one matrix product: [M, C] x [K, C] -> [M, K]."""
-    d = (
-        points.pow(2).sum(1, keepdim=True)  # [M, 1]
-        - 2.0 * points @ centres.t()  # [M, K]
-        + centres.pow(2).sum(1)  # [K]
-    )
-    return d.clamp_min_(0.0)  # [M, K]
+def _random_point_indices(
+    num_points: int, fit_points: int, device, generator: Optional[torch.Generator]
+) -> Optional[Tensor]:
+    """Indices [M] of a uniform random subset of at most ``fit_points`` points, or None (all)."""
+    if num_points <= fit_points:
+        return None
+    return torch.randperm(num_points, device=device, generator=generator)[:fit_points]
+
+
+@torch.no_grad()
+def sample_fit_points(
+    x: Tensor, fit_points: int, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """The points the mixture is fitted on: at most ``fit_points`` random points of ``x``.
+
+    ``x`` is points [P, C] or a batch [N, C, L]; point p of a batch is (n, l) = divmod(p, L), so
+    both spellings of the same batch draw the same subset from the same RNG state. Returns
+    [M, C], detached.
+    """
+    if x.dim() == 2:
+        idx = _random_point_indices(x.shape[0], fit_points, x.device, generator)
+        return x.detach() if idx is None else x.detach().index_select(0, idx)  # [M, C]
+    n, c, length = x.shape
+    idx = _random_point_indices(n * length, fit_points, x.device, generator)
+    if idx is None:
+        return x.detach().transpose(1, 2).reshape(n * length, c)  # [P, C]
+    return x.detach()[idx // length, :, idx % length]  # [M, C]
+
+
+@torch.no_grad()
+def kmeans_mixture(
+    points: Tensor,
+    num_components: int,
+    *,
+    kmeans_iters: int = 2,
+    eps: float = 1e-5,
+    generator: Optional[torch.Generator] = None,
+) -> Mixture:
+    """A K-component diagonal mixture read off a k-means++ clustering of ``points`` [M, C].
+
+    k-means++ seeding, then ``kmeans_iters`` Lloyd iterations; weights, means and variances come
+    from the hard clusters of the final assignment (variances floored by ``eps``). There is no
+    host synchronisation. Degenerate inputs (constant points, fewer distinct points than K) give
+    empty clusters, which keep their centre, a tiny weight and the subset's variance, so every
+    later step stays finite.
+    """
+    points = points.detach()
+    m = points.shape[0]
+    k = num_components
+    # Cluster centred points: the one-pass variances below then do not cancel for inputs far
+    # from zero (1e4 + small noise). The centre is added back to the means at the end.
+    centre = points.mean(0)  # [C]
+    sub = points - centre  # [M, C]
+    sub_sq = sub * sub  # [M, C]
+    subset_var = sub_sq.mean(0).clamp_min(eps)  # [C]
+    if k == 1:
+        return Mixture(sub.new_ones(1), centre.unsqueeze(0), subset_var.unsqueeze(0))
+    sq_norm = sub_sq.sum(1)  # [M]
+
+    # k-means++ seeding: each new centre is drawn with probability proportional to the squared
+    # distance to the nearest centre chosen so far (inverse-CDF draw; cheaper than multinomial).
+    # The small floor keeps the draw defined when every distance is zero (constant input).
+    pick = torch.randint(m, (1,), device=sub.device, generator=generator)  # [1]
+    picks = [pick]
+    nearest = torch.addmv(sq_norm + sq_norm[pick], sub, sub[pick].squeeze(0), alpha=-2.0)
+    for _ in range(1, k):
+        probs = nearest.clamp_min(0.0) + 1e-12 * (1.0 + nearest.max())  # [M]
+        cdf = probs.cumsum(0)  # [M]
+        u = torch.rand(1, device=sub.device, dtype=sub.dtype, generator=generator) * cdf[-1]
+        pick = torch.searchsorted(cdf, u, right=True).clamp_max_(m - 1)  # [1]
+        picks.append(pick)
+        dist = torch.addmv(sq_norm + sq_norm[pick], sub, sub[pick].squeeze(0), alpha=-2.0)
+        nearest = torch.minimum(nearest, dist)
+    mean = sub[torch.cat(picks)]  # [K, C]
+
+    # Lloyd iterations; an empty cluster keeps its previous centre. The last pass only assigns
+    # (against the final centres) and reads the clusters off.
+    for it in range(kmeans_iters + 1):
+        # argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k); ||x||^2 does not matter.
+        score = torch.addmm((mean * mean).sum(1), sub, mean.t(), alpha=-2.0)  # [M, K]
+        onehot = torch.nn.functional.one_hot(score.argmin(1), k).to(sub.dtype)  # [M, K]
+        counts = onehot.sum(0)  # [K]
+        new_mean = (onehot.t() @ sub) / counts.clamp_min(1.0).unsqueeze(1)  # [K, C]
+        empty = (counts == 0).unsqueeze(1)  # [K, 1]
+        mean = torch.where(empty, mean, new_mean)  # [K, C]
+
+    var = (onehot.t() @ sub_sq) / counts.clamp_min(1.0).unsqueeze(1) - mean * mean  # [K, C]
+    var = torch.where(counts.unsqueeze(1) < 2, subset_var, var).clamp_min(eps)  # [K, C]
+    weight = (counts / m).clamp_min(_TINY)  # [K]
+    return Mixture(weight / weight.sum(), mean + centre, var)
 
 
 @torch.no_grad()
@@ -93,68 +191,19 @@ def fit_mixture(
     eps: float = 1e-5,
     generator: Optional[torch.Generator] = None,
 ) -> Mixture:
-    """Fit a K-component diagonal Gaussian mixture to ``points`` [P, C] with k-means++.
+    """Fit a K-component diagonal Gaussian mixture to ``points`` [P, C] (or a batch [N, C, L]).
 
-    A random subset of at most ``fit_points`` points is clustered: k-means++ seeding, then
-    ``kmeans_iters`` Lloyd iterations; weights, means and variances are read off the hard
-    clusters (variances floored by ``eps``). Everything stays on the points' device; there is no
-    host synchronisation. Degenerate inputs (constant points, fewer distinct points than K)
-    give empty clusters, which keep a centre, a tiny weight and the subset's variance, so every
-    later step stays finite.
+    A random subset of at most ``fit_points`` points is clustered with k-means++ and
+    ``kmeans_iters`` Lloyd iterations (``kmeans_mixture``).
     """
-    points = points.detach()
-    num_points, num_channels = points.shape
-    k = num_components
-    if num_points > fit_points:
-        idx = torch.randperm(num_points, device=points.device, generator=generator)[:fit_points]
-        sub = points.index_select(0, idx)  # [M, C]
-    else:
-        sub = points  # [M, C]
-    m = sub.shape[0]
-    # Cluster centred points: the one-pass variances below then do not cancel for inputs far
-    # from zero (1e4 + small noise). The centre is added back to the means at the end.
-    centre = sub.mean(0)  # [C]
-    sub = sub - centre  # [M, C]
-    subset_var = sub.pow(2).mean(0).clamp_min(eps)  # [C]
-    if k == 1:
-        return Mixture(sub.new_ones(1), centre.unsqueeze(0), subset_var.unsqueeze(0))
-
-    # k-means++ seeding: each new centre is drawn with probability proportional to the squared
-    # distance to the nearest centre chosen so far. The small constant keeps the draw defined
-    # when every remaining distance is zero (constant input).
-    first = torch.randint(m, (1,), device=sub.device, generator=generator)  # [1]
-    centres = [sub.index_select(0, first)]  # K x [1, C]
-    nearest = _sq_dists(sub, centres[0]).squeeze(1)  # [M]
-    for _ in range(1, k):
-        probs = nearest + 1e-12 * (1.0 + nearest.max())  # [M]
-        pick = torch.multinomial(probs, 1, generator=generator)  # [1]
-        centres.append(sub.index_select(0, pick))
-        nearest = torch.minimum(nearest, _sq_dists(sub, centres[-1]).squeeze(1))  # [M]
-    mean = torch.cat(centres, 0)  # [K, C]
-
-    # Lloyd iterations. An empty cluster keeps its previous centre.
-    for it in range(kmeans_iters + 1):
-        assign = _sq_dists(sub, mean).argmin(1)  # [M]
-        onehot = torch.nn.functional.one_hot(assign, k).to(sub.dtype)  # [M, K]
-        counts = onehot.sum(0)  # [K]
-        sums = onehot.t() @ sub  # [K, C]
-        new_mean = sums / counts.clamp_min(1.0).unsqueeze(1)  # [K, C]
-        empty = (counts == 0).unsqueeze(1)  # [K, 1]
-        if it < kmeans_iters:
-            mean = torch.where(empty, mean, new_mean)  # [K, C]
-
-    # Read the mixture off the final assignment (computed against the final centres).
-    sq = onehot.t() @ sub.pow(2)  # [K, C]
-    cluster_mean = torch.where(empty, mean, new_mean)  # [K, C]
-    var = sq / counts.clamp_min(1.0).unsqueeze(1) - cluster_mean.pow(2)  # [K, C]
-    var = torch.where(empty | (counts.unsqueeze(1) < 2), subset_var, var).clamp_min(eps)  # [K, C]
-    weight = (counts / m).clamp_min(_TINY)  # [K]
-    weight = weight / weight.sum()  # [K]
-    return Mixture(weight, cluster_mean + centre, var)
+    sub = sample_fit_points(points, fit_points, generator)  # [M, C]
+    return kmeans_mixture(
+        sub, num_components, kmeans_iters=kmeans_iters, eps=eps, generator=generator
+    )
 
 
 # --------------------------------------------------------------------------------------------
-# Steps 2-4: posteriors, weighted statistics, normalization. Differentiable in x.
+# Steps 2-5, reference implementation on points [P, C]. Differentiable in x.
 # --------------------------------------------------------------------------------------------
 
 
@@ -162,7 +211,9 @@ def mixture_posteriors(points: Tensor, mixture: Mixture) -> Tensor:
     """tau[p, k] = softmax_k(log weight_k + log N(x_p | mean_k, var_k)) for points [P, C].
 
     The diagonal-Gaussian log-density is expanded so that its point-dependent parts are two
-    matrix products; the mixture is treated as constant (no gradient to its parameters).
+    matrix products; the mixture is treated as constant (no gradient to its parameters). For
+    accuracy far from zero, pass points and means centred by a common shift (the densities do
+    not change).
     """
     weight, mean, var = (t.detach() for t in mixture)
     if weight.shape[0] == 1:
@@ -192,6 +243,16 @@ def mixture_moments(points: Tensor, tau: Tensor, shift: Tensor) -> MixtureMoment
     )
 
 
+def _centred_stats(moments: MixtureMoments) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(lambda [K], E_k - shift [K, C], Var [K, C], n_eff [K]) from summed moments."""
+    mass = moments.mass.clamp_min(_TINY)  # [K]
+    lam = moments.mass / moments.count  # [K]
+    mean_c = moments.sum_x / mass.unsqueeze(1)  # [K, C]
+    var = (moments.sum_xx / mass.unsqueeze(1) - mean_c.pow(2)).clamp_min(0.0)  # [K, C]
+    n_eff = mass.pow(2) / moments.sum_sq_tau.clamp_min(_TINY)  # [K]
+    return lam, mean_c, var, n_eff
+
+
 def moments_to_stats(moments: MixtureMoments) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-component statistics from summed moments.
 
@@ -199,11 +260,7 @@ def moments_to_stats(moments: MixtureMoments) -> tuple[Tensor, Tensor, Tensor, T
     weighted by the normalized contribution w[p, k] = tau[p, k] / sum_p tau[p, k]) and the
     effective sample size n_eff [K] = 1 / sum_p w[p, k]^2, which is P for K = 1.
     """
-    mass = moments.mass.clamp_min(_TINY)  # [K]
-    lam = moments.mass / moments.count  # [K]
-    mean_c = moments.sum_x / mass.unsqueeze(1)  # [K, C]  E_k - shift
-    var = (moments.sum_xx / mass.unsqueeze(1) - mean_c.pow(2)).clamp_min(0.0)  # [K, C]
-    n_eff = mass.pow(2) / moments.sum_sq_tau.clamp_min(_TINY)  # [K]
+    lam, mean_c, var, n_eff = _centred_stats(moments)
     return lam, mean_c + moments.shift, var, n_eff
 
 
@@ -223,26 +280,245 @@ def mixture_normalize(
     return points * (a @ r) - a @ (mean * r)  # [P, C]
 
 
+def _mixture_shift(mixture: Mixture) -> Tensor:
+    """The mixture's overall mean [C]: the constant every point is centred by."""
+    return (mixture.weight.unsqueeze(1) * mixture.mean).sum(0).detach()  # [C]
+
+
 def mixture_norm(
     points: Tensor,
     mixture: Mixture,
     eps: float,
     reduce: Optional[Callable[[MixtureMoments], MixtureMoments]] = None,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """Training-mode MN of points [P, C] under a fitted mixture (the batch-statistics path).
+    """Training-mode MN of points [P, C] under a fitted mixture (reference implementation).
 
     ``reduce`` (optional) sums the moments across processes (synchronized MN). Returns the
     normalized points [P, C], the posteriors [P, K] and (lambda, E, Var, n_eff).
     """
-    tau = mixture_posteriors(points, mixture)  # [P, K]
     # The shift only improves conditioning; any constant gives the same statistics.
-    shift = (mixture.weight.unsqueeze(1) * mixture.mean).sum(0).detach()  # [C]
+    shift = _mixture_shift(mixture)  # [C]
+    centred = points - shift  # [P, C]
+    centred_mixture = Mixture(mixture.weight, mixture.mean - shift, mixture.var)
+    tau = mixture_posteriors(centred, centred_mixture)  # [P, K]
     moments = mixture_moments(points, tau, shift)
     if reduce is not None:
         moments = reduce(moments)
-    stats = moments_to_stats(moments)
-    lam, mean, var, _ = stats
-    return mixture_normalize(points, tau, lam, mean, var, eps), tau, stats
+    lam, mean_c, var, n_eff = _centred_stats(moments)
+    x_hat = mixture_normalize(centred, tau, lam, mean_c, var, eps)  # [P, C]
+    return x_hat, tau, (lam, mean_c + shift, var, n_eff)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps 2-5, fused implementation on [N, C, L] (what the module runs).
+#
+# Two autograd Functions, split where the moments are (so that synchronized MN can all-reduce
+# them with ordinary autograd-aware collectives in between):
+#   _PosteriorMoments: x -> xc = x - shift, tau [N, K, L], S1 = sum tau xc, S2 = sum tau xc^2
+#   _MixtureAffine:    (xc, tau, lambda, E, Var, gamma, beta) -> y
+# Every contraction is a batched matmul with K (or 2K) on the small side; posteriors live in
+# [N, K, L] so that the products over C read the activations in their natural layout.
+# --------------------------------------------------------------------------------------------
+
+
+def _logit_params(mixture: Mixture) -> tuple[Tensor, Tensor, Tensor]:
+    """Coefficients of the log joint density, linear in x and x^2: for a point x,
+
+        log weight_k + log N(x | mean_k, var_k) = bias_k + x . lin[:, k] + x^2 . quad[:, k]
+
+    with lin [C, K], quad [C, K], bias [K].
+    """
+    weight, mean, var = (t.detach() for t in mixture)
+    inv_var = var.reciprocal()  # [K, C]
+    lin = (mean * inv_var).t()  # [C, K]
+    quad = (-0.5 * inv_var).t()  # [C, K]
+    bias = (
+        weight.clamp_min(_TINY).log()
+        - 0.5 * (var.log().sum(1) + var.shape[1] * _LOG_2PI)
+        - 0.5 * (mean * mean * inv_var).sum(1)
+    )  # [K]
+    return lin, quad, bias
+
+
+def _bmm_left(w: Tensor, u: Tensor) -> Tensor:
+    """w [A, B] applied to every u[n] [B, L]: [N, A, L]."""
+    return torch.bmm(w.expand(u.shape[0], *w.shape), u)
+
+
+class _PosteriorMoments(torch.autograd.Function):
+    """xc = x - shift; tau = softmax_k(bias + lin^T xc + quad^T xc^2); S1, S2 = tau-weighted sums.
+
+    Inputs: x [N, C, L] (any float dtype), shift [C], lin [C, K], quad [C, K], bias [K]
+    (constants: no gradient), need_moments. Outputs: xc [N, C, L], tau [N, K, L] and, if
+    need_moments, S1 [K, C] = sum_{n,l} tau xc and S2 [K, C] = sum_{n,l} tau xc^2.
+    """
+
+    @staticmethod
+    def forward(ctx, x, shift, lin, quad, bias, need_moments):
+        k = bias.shape[0]
+        xc = torch.empty(x.shape, dtype=shift.dtype, device=x.device)  # [N, C, L] contiguous
+        torch.sub(x, shift.unsqueeze(1), out=xc)  # (also turns channels_last into [N, C, L])
+        xsq = xc * xc  # [N, C, L]
+        if k == 1:
+            tau = xc.new_ones(xc.shape[0], 1, xc.shape[2])  # [N, 1, L]
+        else:
+            logits = torch.baddbmm(bias.unsqueeze(1), lin.t().expand(xc.shape[0], -1, -1), xc)
+            logits.baddbmm_(quad.t().expand(xc.shape[0], -1, -1), xsq)  # [N, K, L]
+            tau = torch.softmax(logits, dim=1)  # [N, K, L]
+        ctx.save_for_backward(xc, xsq, tau, lin, quad)
+        ctx.need_moments = need_moments
+        if not need_moments:
+            return xc, tau
+        s1 = torch.bmm(tau, xc.transpose(1, 2)).sum(0)  # [K, C]
+        s2 = torch.bmm(tau, xsq.transpose(1, 2)).sum(0)  # [K, C]
+        return xc, tau, s1, s2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_xc, g_tau, g_s1=None, g_s2=None):
+        xc, xsq, tau, lin, quad = ctx.saved_tensors
+        k = tau.shape[1]
+        with torch.autocast(device_type=xc.device.type, enabled=False):
+            g_s1 = torch.zeros_like(lin.t()) if g_s1 is None else g_s1  # [K, C]
+            g_s2 = torch.zeros_like(lin.t()) if g_s2 is None else g_s2  # [K, C]
+            # S1 = sum tau xc and S2 = sum tau xc^2 reach x directly and through tau.
+            if k == 1:
+                u = tau  # [N, 1, L]  (tau is constant: no posterior term)
+                b_lin, b_quad = g_s1.t(), 2.0 * g_s2.t()  # [C, 1]
+            else:
+                g = torch.zeros_like(tau) if g_tau is None else g_tau.clone()  # [N, K, L]
+                if ctx.need_moments:  # total dL/dtau
+                    g.baddbmm_(g_s1.expand(xc.shape[0], -1, -1), xc)
+                    g.baddbmm_(g_s2.expand(xc.shape[0], -1, -1), xsq)
+                # softmax backward: dL/dlogits = tau * (g - sum_k tau g)
+                g_logits = tau * (g - (tau * g).sum(1, keepdim=True))  # [N, K, L]
+                # logits = bias + lin^T xc + quad^T xc^2: stack [logits | moments] terms
+                u = torch.cat([g_logits, tau], 1)  # [N, 2K, L]
+                b_lin = torch.cat([lin, g_s1.t()], 1)  # [C, 2K]
+                b_quad = 2.0 * torch.cat([quad, g_s2.t()], 1)  # [C, 2K]
+            # dL/dxc = b_lin u + 2 xc * (b_quad u / 2) (+ the gradient reaching xc directly)
+            if g_xc is None:
+                g_x = _bmm_left(b_lin, u)  # [N, C, L]
+            else:
+                g_x = torch.baddbmm(g_xc, b_lin.expand(xc.shape[0], -1, -1), u)  # [N, C, L]
+            g_x.addcmul_(xc, _bmm_left(b_quad, u))
+        return g_x, None, None, None, None, None
+
+
+class _MixtureAffine(torch.autograd.Function):
+    """y = gamma * sum_k a[k] * (xc - E_k) * R_k + beta, with a = tau / sqrt(lambda) and
+    R = 1 / sqrt(Var + eps); computed as xc * M1 + M2 where M1 = (R gamma)^T a and
+    M2 = beta - (E R gamma)^T a are [N, C, L] batched products with K on the inside.
+
+    Inputs: xc [N, C, L], tau [N, K, L], lam [K], mean [K, C] (centred like xc), var [K, C],
+    gamma [C] or None, beta [C] or None, eps. Output y [N, C, L].
+    """
+
+    @staticmethod
+    def forward(ctx, xc, tau, lam, mean, var, gamma, beta, eps):
+        inv_sqrt_lam = lam.clamp_min(_TINY).rsqrt()  # [K]
+        a = tau * inv_sqrt_lam.unsqueeze(1)  # [N, K, L]
+        r = (var + eps).rsqrt()  # [K, C]
+        scale = r if gamma is None else r * gamma  # [K, C]
+        offset = -mean * scale  # [K, C]
+        m1 = _bmm_left(scale.t(), a)  # [N, C, L]
+        base = offset.new_zeros(1, 1) if beta is None else beta.unsqueeze(1)  # [C, 1]
+        y = torch.baddbmm(base, offset.t().expand(xc.shape[0], -1, -1), a)  # [N, C, L] M2
+        y.addcmul_(xc, m1)
+        ctx.save_for_backward(xc, tau, a, m1, lam, mean, r, scale, offset, gamma)
+        ctx.has_beta = beta is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_y):
+        xc, tau, a, m1, lam, mean, r, scale, offset, gamma = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_xc = g_tau = g_lam = g_mean = g_var = g_gamma = g_beta = None
+        with torch.autocast(device_type=xc.device.type, enabled=False):
+            g_y = g_y.contiguous()  # [N, C, L]
+            if need[0]:
+                g_xc = g_y * m1  # [N, C, L]
+            if any(need[1:6]):
+                gx = g_y * xc  # [N, C, L]  (dL/dy * xc)
+            if need[1] or need[2]:
+                # dL/da[n, k, l] = sum_c g_y (scale_k xc + offset_k)
+                g_a = _bmm_left(scale, gx).baddbmm_(offset.expand(xc.shape[0], -1, -1), g_y)
+                inv_sqrt_lam = lam.clamp_min(_TINY).rsqrt()  # [K]
+                if need[1]:
+                    g_tau = g_a * inv_sqrt_lam.unsqueeze(1)  # [N, K, L]
+                if need[2]:
+                    g_lam = -0.5 * inv_sqrt_lam.pow(3) * (g_a * tau).sum((0, 2))  # [K]
+                    g_lam = torch.where(lam > _TINY, g_lam, torch.zeros_like(g_lam))
+            if need[3] or need[4] or need[5] or need[6]:
+                # Sums over points of a_k * g_y and a_k * g_y * xc: [K, C] each.
+                ag = torch.bmm(a, g_y.transpose(1, 2)).sum(0)  # [K, C]
+                agx = torch.bmm(a, gx.transpose(1, 2)).sum(0)  # [K, C]
+                g_scaled = agx - mean * ag  # [K, C]  dL/d(r gamma) summed per component
+                g_r = g_scaled if gamma is None else g_scaled * gamma
+                if need[3]:
+                    g_mean = -scale * ag
+                if need[4]:
+                    g_var = -0.5 * r.pow(3) * g_r
+                if need[5]:
+                    g_gamma = (r * g_scaled).sum(0)  # [C]
+                if need[6]:
+                    g_beta = g_y.sum((0, 2))  # [C]
+        return g_xc, g_tau, g_lam, g_mean, g_var, g_gamma, g_beta, None
+
+
+def mixture_norm2d(
+    x: Tensor,
+    mixture: Mixture,
+    eps: float,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    reduce: Optional[Callable[[MixtureMoments], MixtureMoments]] = None,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Training-mode MN of a batch x [N, C, L] under a fitted mixture, then the affine.
+
+    The fused equivalent of ``mixture_norm`` followed by ``y = weight * x_hat + bias``;
+    computes in the dtype of the mixture. Returns y [N, C, L] (contiguous), the posteriors
+    tau [N, K, L] and (lambda [K], E [K, C], Var [K, C], n_eff [K]).
+    """
+    shift = _mixture_shift(mixture)  # [C]
+    lin, quad, logit_bias = _logit_params(
+        Mixture(mixture.weight, mixture.mean - shift, mixture.var)
+    )
+    xc, tau, s1, s2 = _PosteriorMoments.apply(x, shift, lin, quad, logit_bias, True)
+    moments = MixtureMoments(
+        count=xc.new_tensor(float(x.shape[0] * x.shape[2])),
+        mass=tau.sum((0, 2)),  # [K]
+        sum_sq_tau=tau.square().sum((0, 2)),  # [K]
+        sum_x=s1,
+        sum_xx=s2,
+        shift=shift,
+    )
+    if reduce is not None:
+        moments = reduce(moments)
+    lam, mean_c, var, n_eff = _centred_stats(moments)
+    y = _MixtureAffine.apply(xc, tau, lam, mean_c, var, weight, bias, eps)  # [N, C, L]
+    return y, tau, (lam, mean_c + shift, var, n_eff)
+
+
+def _mixture_norm2d_fixed(
+    x: Tensor,
+    weight: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    gamma: Optional[Tensor],
+    beta: Optional[Tensor],
+) -> Tensor:
+    """MN of x [N, C, L] with given statistics (eval with running statistics): posteriors from
+    the mixture (weight, mean, var floored by eps), normalization by the same statistics."""
+    mixture = Mixture(weight, mean, var)
+    shift = _mixture_shift(mixture)  # [C]
+    lin, quad, logit_bias = _logit_params(
+        Mixture(weight, mean - shift, var.clamp_min(eps))
+    )
+    xc, tau = _PosteriorMoments.apply(x, shift, lin, quad, logit_bias, False)
+    return _MixtureAffine.apply(xc, tau, weight, mean - shift, var, gamma, beta, eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +537,7 @@ def match_components(batch_mean: Tensor, running_mean: Tensor) -> Tensor:
     greedy nearest-pair matching beyond that.
     """
     k = batch_mean.shape[0]
-    cost = _sq_dists(running_mean, batch_mean)  # [K_run, K_batch]
+    cost = torch.cdist(running_mean, batch_mean).square()  # [K_run, K_batch]
     if k <= 6:
         key = (k, str(cost.device))
         perms = _PERMS.get(key)
@@ -299,6 +575,9 @@ class MixtureNorm2d(nn.Module):
     mixture (``running_weight``, ``running_mean``, ``running_var``), so a sample's output does
     not depend on the rest of its batch. Without running statistics, eval uses the batch, as BN.
 
+    Statistics are computed in float32 (float64 for float64 input) whatever the input dtype, as
+    BatchNorm does under autocast; the output has the input's dtype and memory format.
+
     Args:
         num_features: C, the number of channels.
         num_components: K, mixture components (K = 1 is exactly ``nn.BatchNorm2d``).
@@ -306,8 +585,10 @@ class MixtureNorm2d(nn.Module):
             (``momentum=None`` is a cumulative moving average).
         fit_points: at most this many random points are clustered per batch.
         kmeans_iters: Lloyd iterations after k-means++ seeding.
-        reduce_moments: optional callable summing ``MixtureMoments`` across processes
-            (synchronized MN); ``None`` for single-process training.
+
+    Synchronized MN (``dcgan_mn.sync``) overrides ``_fit_batch_mixture`` and
+    ``_reduce_moments``; ``reduce_moments`` is a lower-level hook (a callable summing
+    ``MixtureMoments`` across processes) honoured by the default ``_reduce_moments``.
     """
 
     _version = 1
@@ -338,6 +619,8 @@ class MixtureNorm2d(nn.Module):
             )
         if kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.num_components = num_components
@@ -402,50 +685,64 @@ class MixtureNorm2d(nn.Module):
             raise ValueError(f"MixtureNorm2d({self.num_features}) got {x.shape[1]} channels "
                              f"(input shape {tuple(x.shape)})")
 
+    # ---- overridable steps (synchronized MN replaces these) ----------------------------------
+
+    def _fit_batch_mixture(self, x: Tensor, dtype: torch.dtype) -> Mixture:
+        """The mixture (in ``dtype``) for this batch x [N, C, L], without gradient."""
+        sub = sample_fit_points(x, self.fit_points).to(dtype)  # [M, C]
+        return kmeans_mixture(
+            sub, self.num_components, kmeans_iters=self.kmeans_iters, eps=self.eps
+        )
+
+    def _reduce_moments(self, moments: MixtureMoments) -> MixtureMoments:
+        """Sum the moments over the processes that share this batch (identity by default)."""
+        return moments if self.reduce_moments is None else self.reduce_moments(moments)
+
     # ---- forward -------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         n, c, h, w = x.shape
         use_batch_stats = self.training or not self.track_running_stats
-        if use_batch_stats and n * h * w == 1 and self.training:
+        if use_batch_stats and n * h * w == 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size "
                 f"{tuple(x.shape)}"
             )
-        in_dtype = x.dtype
         # MN's statistics are always computed in fp32 (or fp64): bf16 posteriors and variances
         # lose too much precision, exactly as BatchNorm keeps fp32 statistics under autocast.
-        compute_dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        gamma = self.weight.to(compute_dtype) if self.affine else None
+        beta = self.bias.to(compute_dtype) if self.affine else None
+        x_ncl = x.flatten(2)  # [N, C, L]  (a view, also for channels_last)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            points = x.permute(0, 2, 3, 1).reshape(-1, c).to(compute_dtype)  # [P, C]
             if use_batch_stats:
-                x_hat = self._normalize_batch(points)  # [P, C]
+                mixture = self._fit_batch_mixture(x_ncl, compute_dtype)
+                y, tau, stats = mixture_norm2d(
+                    x_ncl, mixture, self.eps, gamma, beta, reduce=self._reduce_moments
+                )
+                if self.training:
+                    self._record_batch(tau, stats)
             else:
-                x_hat = self._normalize_running(points)  # [P, C]
-            if self.affine:
-                x_hat = x_hat * self.weight.to(compute_dtype) + self.bias.to(compute_dtype)
-            out = x_hat.to(in_dtype).reshape(n, h, w, c).permute(0, 3, 1, 2)  # [N, C, H, W]
+                y = _mixture_norm2d_fixed(
+                    x_ncl, self.running_weight.to(compute_dtype),
+                    self.running_mean.to(compute_dtype), self.running_var.to(compute_dtype),
+                    self.eps, gamma, beta,
+                )
+        y = y.to(x.dtype).view(n, c, h, w)  # [N, C, H, W]
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            return out  # already channels_last strided
-        return out.contiguous()
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y
 
-    def _normalize_batch(self, points: Tensor) -> Tensor:
-        mixture = fit_mixture(
-            points, self.num_components, fit_points=self.fit_points,
-            kmeans_iters=self.kmeans_iters, eps=self.eps,
-        )
-        x_hat, tau, (lam, mean, var, n_eff) = mixture_norm(
-            points, mixture, self.eps, reduce=self.reduce_moments
-        )
-        if self.training:
-            with torch.no_grad():
-                self.last_batch_weight = lam.detach()
-                ent = -(tau * tau.clamp_min(_TINY).log()).sum(1).mean()  # []
-                self.last_posterior_entropy = ent.detach()
-                if self.track_running_stats:
-                    self._update_running(lam, mean, var, n_eff)
-        return x_hat
+    @torch.no_grad()
+    def _record_batch(self, tau: Tensor, stats: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
+        """Telemetry and running statistics after a training batch."""
+        lam, mean, var, n_eff = (s.detach() for s in stats)
+        self.last_batch_weight = lam
+        ent = -(tau * tau.clamp_min(_TINY).log()).sum(1).mean()  # []
+        self.last_posterior_entropy = ent.detach()
+        if self.track_running_stats:
+            self._update_running(lam, mean, var, n_eff)
 
     @torch.no_grad()
     def _update_running(self, lam: Tensor, mean: Tensor, var: Tensor, n_eff: Tensor) -> None:
@@ -455,23 +752,18 @@ class MixtureNorm2d(nn.Module):
         else:
             factor = self.momentum
         if self.num_components > 1:
-            perm = match_components(mean.detach(), self.running_mean.to(mean.dtype))  # [K]
+            perm = match_components(mean, self.running_mean.to(mean.dtype))  # [K]
             lam, mean, var, n_eff = lam[perm], mean[perm], var[perm], n_eff[perm]
-        # Unbiased variance with the effective sample size (BN's P / (P - 1) for K = 1).
-        unbiased = var * (n_eff / (n_eff - 1.0).clamp_min(_TINY)).unsqueeze(1)  # [K, C]
+        # Unbiased variance with the effective sample size: n_eff / (n_eff - 1), BN's
+        # P / (P - 1) for K = 1. A component carrying less than two points' worth of posterior
+        # mass (n_eff < 2) has no variance estimate worth correcting; its factor is capped at
+        # n_eff (<= 2) instead of growing without bound as n_eff -> 1.
+        bessel = n_eff / (n_eff - 1.0).clamp_min(1.0)  # [K]
+        unbiased = var * bessel.unsqueeze(1)  # [K, C]
         dt = self.running_mean.dtype
         self.running_weight.lerp_(lam.to(dt), factor)
         self.running_mean.lerp_(mean.to(dt), factor)
         self.running_var.lerp_(unbiased.to(dt), factor)
-
-    def _normalize_running(self, points: Tensor) -> Tensor:
-        dt = points.dtype
-        weight = self.running_weight.to(dt)
-        mean = self.running_mean.to(dt)
-        var = self.running_var.to(dt)
-        # Posteriors from the running mixture; the running variance is floored like the fit's.
-        tau = mixture_posteriors(points, Mixture(weight, mean, var.clamp_min(self.eps)))
-        return mixture_normalize(points, tau, weight, mean, var, self.eps)
 
     # ---- telemetry -----------------------------------------------------------------------------
 

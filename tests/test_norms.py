@@ -1,0 +1,642 @@
+"""Mixture Normalization: the functional core, the fused path and the module.
+
+The reference for everything is ``loop_reference`` below: a deliberately naive implementation
+that forms the [P, K, C] tensor and loops over components, written straight from DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dcgan_mn.norms import (
+    Mixture,
+    MixtureNorm2d,
+    fit_mixture,
+    kmeans_mixture,
+    make_norm2d,
+    match_components,
+    mixture_moments,
+    mixture_norm,
+    mixture_norm2d,
+    mixture_normalize,
+    mixture_posteriors,
+    moments_to_stats,
+    sample_fit_points,
+)
+from dcgan_mn.norms import _MixtureAffine, _PosteriorMoments, _mixture_norm2d_fixed
+
+F64 = torch.float64
+
+
+def to_points(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> points [P, C] (p = (n, h, w) in row-major order)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def from_points(points: torch.Tensor, shape) -> torch.Tensor:
+    n, c, h, w = shape
+    return points.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def loop_reference(points: torch.Tensor, mixture: Mixture, eps: float):
+    """Slow, obvious MN (DESIGN.md steps 2-4): returns x_hat [P, C], tau, lam, E, Var, n_eff."""
+    weight, mean, var = mixture
+    k = weight.shape[0]
+    diff = points[:, None, :] - mean[None, :, :]  # [P, K, C]
+    log_dens = -0.5 * (diff**2 / var + torch.log(2 * math.pi * var)).sum(-1)  # [P, K]
+    tau = torch.softmax(torch.log(weight) + log_dens, dim=1)  # [P, K]
+    x_hat = torch.zeros_like(points)
+    lams, means, variances, n_effs = [], [], [], []
+    for j in range(k):
+        w = tau[:, j] / tau[:, j].sum()  # normalized contribution [P]
+        e = (w[:, None] * points).sum(0)  # [C]
+        v = (w[:, None] * (points - e) ** 2).sum(0)  # [C] biased, two-pass
+        lam = tau[:, j].mean()
+        x_hat = x_hat + tau[:, j : j + 1] / lam.sqrt() * (points - e) / (v + eps).sqrt()
+        lams.append(lam), means.append(e), variances.append(v)
+        n_effs.append(1.0 / (w**2).sum())
+    return x_hat, tau, torch.stack(lams), torch.stack(means), torch.stack(variances), torch.stack(n_effs)
+
+
+def bimodal(shape, dtype=torch.float32, seed=0, gap=3.0) -> torch.Tensor:
+    """A batch whose points come from a few well-separated modes (MN's intended regime)."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    modes = torch.randn(3, c, generator=g, dtype=dtype) * gap
+    which = torch.randint(0, 3, (n, h, w), generator=g)
+    return x + modes[which].permute(0, 3, 1, 2)
+
+
+def random_mixture(c: int, k: int, seed: int = 0, dtype=F64) -> Mixture:
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.rand(k, generator=g, dtype=dtype) + 0.2
+    return Mixture(
+        weight / weight.sum(),
+        torch.randn(k, c, generator=g, dtype=dtype) * 2,
+        torch.rand(k, c, generator=g, dtype=dtype) + 0.5,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# K = 1 is BatchNorm
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (3, 6, 1, 1), (1, 5, 3, 2)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_k1_equals_batchnorm(shape, affine, track, momentum):
+    torch.manual_seed(0)
+    c = shape[1]
+    bn = nn.BatchNorm2d(c, momentum=momentum, affine=affine, track_running_stats=track).double()
+    mn = MixtureNorm2d(c, num_components=1, momentum=momentum, affine=affine,
+                       track_running_stats=track).double()
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+            mn.weight.copy_(bn.weight), mn.bias.copy_(bn.bias)
+    for step in range(4):  # several steps: running buffers accumulate
+        x = (torch.randn(shape, dtype=F64) * (1 + step) + step).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        g = torch.randn(shape, dtype=F64)
+        y_bn, y_mn = bn(x), mn(x2)
+        torch.testing.assert_close(y_mn, y_bn, rtol=1e-9, atol=1e-10)
+        y_bn.backward(g), y_mn.backward(g)
+        torch.testing.assert_close(x2.grad, x.grad, rtol=1e-8, atol=1e-10)
+        if affine:
+            torch.testing.assert_close(mn.weight.grad, bn.weight.grad, rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(mn.bias.grad, bn.bias.grad, rtol=1e-8, atol=1e-10)
+        if track:
+            torch.testing.assert_close(mn.running_mean[0], bn.running_mean, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(mn.running_var[0], bn.running_var, rtol=1e-9, atol=1e-12)
+            assert int(mn.num_batches_tracked) == int(bn.num_batches_tracked) == step + 1
+            assert mn.running_weight.item() == 1.0
+    bn.eval(), mn.eval()
+    x = torch.randn(shape, dtype=F64) * 2 + 1
+    if not track and shape[0] * shape[2] * shape[3] == 1:
+        return
+    torch.testing.assert_close(mn(x), bn(x), rtol=1e-9, atol=1e-10)
+
+
+def test_k1_float32_close_to_batchnorm():
+    torch.manual_seed(1)
+    bn, mn = nn.BatchNorm2d(16), MixtureNorm2d(16, num_components=1)
+    x = torch.randn(8, 16, 6, 6) * 3 + 2
+    torch.testing.assert_close(mn(x), bn(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mn.running_var[0], bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The math for K > 1: loop reference, reference path, fused path
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("shape", [(4, 5, 3, 3), (2, 3, 4, 1)])
+def test_reference_and_fused_match_loop(k, shape):
+    torch.manual_seed(0)
+    x = bimodal(shape, F64)
+    points = to_points(x)
+    mixture = fit_mixture(points, k)
+    eps = 1e-5
+    loop = loop_reference(points, mixture, eps)
+    # vectorised reference on points
+    x_hat, tau, (lam, mean, var, n_eff) = mixture_norm(points, mixture, eps)
+    for got, want in zip((x_hat, tau, lam, mean, var, n_eff), loop):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    # fused path on [N, C, L]
+    y, tau_f, stats_f = mixture_norm2d(x.flatten(2), mixture, eps)
+    torch.testing.assert_close(to_points(y.view(shape)), loop[0], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(tau_f.transpose(1, 2).reshape(-1, k), loop[1])
+    for got, want in zip(stats_f, loop[2:]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fused_gradients_match_loop(k, affine):
+    torch.manual_seed(0)
+    shape = (3, 4, 3, 2)
+    x = bimodal(shape, F64, seed=3)
+    mixture = fit_mixture(to_points(x), k)
+    gamma = (torch.rand(4, dtype=F64) + 0.5).requires_grad_() if affine else None
+    beta = torch.randn(4, dtype=F64).requires_grad_() if affine else None
+    g = torch.randn(shape, dtype=F64)
+
+    x1 = x.clone().requires_grad_()
+    y1 = loop_reference(to_points(x1), mixture, 1e-5)[0]
+    if affine:
+        y1 = y1 * gamma + beta
+    params = [x1] + ([gamma, beta] if affine else [])
+    want = torch.autograd.grad(from_points(y1, shape), params, g)
+
+    x2 = x.clone().requires_grad_()
+    y2 = mixture_norm2d(x2.flatten(2), mixture, 1e-5, gamma, beta)[0].view(shape)
+    got = torch.autograd.grad(y2, [x2] + params[1:], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 3, 3), (16, 6, 2, 2), (3, 5, 4, 4)])
+@pytest.mark.parametrize("k", [3, 4])
+def test_zero_batch_mean_per_channel(shape, k):
+    torch.manual_seed(0)
+    mn = MixtureNorm2d(shape[1], num_components=k, affine=False)
+    for x in (bimodal(shape), torch.randn(shape) * 5 + 3):
+        y = mn(x)
+        assert y.mean((0, 2, 3)).abs().max() < 1e-5
+    mn64 = MixtureNorm2d(shape[1], num_components=k, affine=False).double()
+    y = mn64(bimodal(shape, F64))
+    assert y.mean((0, 2, 3)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_invariant_to_component_relabelling(k):
+    x = bimodal((4, 5, 3, 3), F64).requires_grad_()
+    mixture = random_mixture(5, k, seed=k)
+    g = torch.randn_like(x)
+    base = mixture_norm2d(x.flatten(2), mixture, 1e-5)[0]
+    (grad_base,) = torch.autograd.grad(base, x, g.flatten(2))
+    for perm in list(itertools.permutations(range(k)))[1:4]:
+        perm = torch.tensor(perm)
+        relabelled = Mixture(*(t[perm] for t in mixture))
+        y = mixture_norm2d(x.flatten(2), relabelled, 1e-5)[0]
+        torch.testing.assert_close(y, base, rtol=1e-10, atol=1e-12)
+        (grad,) = torch.autograd.grad(y, x, g.flatten(2))
+        torch.testing.assert_close(grad, grad_base, rtol=1e-9, atol=1e-11)
+        ref = mixture_norm(to_points(x), relabelled, 1e-5)[0]
+        torch.testing.assert_close(from_points(ref, x.shape).flatten(2), base, rtol=1e-9,
+                                   atol=1e-11)
+
+
+def test_posteriors_and_moments_reference():
+    """mixture_posteriors / mixture_moments / moments_to_stats agree with the loop."""
+    points = to_points(bimodal((3, 4, 2, 2), F64))
+    mixture = random_mixture(4, 3)
+    loop = loop_reference(points, mixture, 1e-5)
+    tau = mixture_posteriors(points, mixture)
+    torch.testing.assert_close(tau, loop[1])
+    shift = torch.randn(4, dtype=F64)  # any shift gives the same statistics
+    lam, mean, var, n_eff = moments_to_stats(mixture_moments(points, tau, shift))
+    for got, want in zip((lam, mean, var, n_eff), loop[2:]):
+        torch.testing.assert_close(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# gradcheck (float64)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_gradcheck_fused(k):
+    x = bimodal((3, 4, 2, 2), F64, seed=1).flatten(2).requires_grad_()
+    mixture = fit_mixture(x.detach(), k, generator=torch.Generator().manual_seed(0))
+    gamma = (torch.rand(4, dtype=F64) + 0.5).requires_grad_()
+    beta = torch.randn(4, dtype=F64).requires_grad_()
+    fn = lambda x, g, b: mixture_norm2d(x, mixture, 1e-3, g, b)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, gamma, beta))
+
+
+def test_gradcheck_fused_pieces():
+    """Each autograd Function on its own, every differentiable input at once."""
+    n, c, length, k = 2, 3, 4, 3
+    x = torch.randn(n, c, length, dtype=F64, requires_grad=True)
+    mix = random_mixture(c, k)
+    lin, quad = (mix.mean / mix.var).t(), (-0.5 / mix.var).t()
+    bias = torch.randn(k, dtype=F64)
+    shift = torch.randn(c, dtype=F64)
+
+    def posterior_moments(x):
+        xc, tau, s1, s2 = _PosteriorMoments.apply(x, shift, lin, quad, bias, True)
+        return xc, tau, s1, s2
+
+    assert torch.autograd.gradcheck(posterior_moments, (x,))
+    assert torch.autograd.gradcheck(
+        lambda x: _PosteriorMoments.apply(x, shift, lin, quad, bias, False), (x,)
+    )
+    tau = torch.softmax(torch.randn(n, k, length, dtype=F64), 1).requires_grad_()
+    lam = (torch.rand(k, dtype=F64) + 0.2).requires_grad_()
+    mean = torch.randn(k, c, dtype=F64, requires_grad=True)
+    var = (torch.rand(k, c, dtype=F64) + 0.3).requires_grad_()
+    gamma = torch.randn(c, dtype=F64, requires_grad=True)
+    beta = torch.randn(c, dtype=F64, requires_grad=True)
+    affine = lambda *a: _MixtureAffine.apply(*a, 1e-3)  # noqa: E731
+    assert torch.autograd.gradcheck(affine, (x, tau, lam, mean, var, gamma, beta))
+    assert torch.autograd.gradcheck(affine, (x, tau, lam, mean, var, None, None))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_gradcheck_module(k):
+    """The whole module in training mode with the mixture held fixed.
+
+    The fitted mixture is a (piecewise continuous) function of x that MN deliberately does not
+    differentiate, so finite differences only agree with autograd once the fit is frozen: fit
+    once with a seeded RNG and have the module reuse that mixture.
+    """
+    mn = MixtureNorm2d(3, num_components=k, eps=1e-3, fit_points=8).double()
+    x = bimodal((2, 3, 3, 2), F64, seed=5).requires_grad_()
+    torch.manual_seed(0)
+    frozen = mn._fit_batch_mixture(x.detach().flatten(2), F64)
+    mn._fit_batch_mixture = lambda x, dtype: frozen
+    assert torch.autograd.gradcheck(mn, (x,))
+    # and the frozen fit is what the seeded module would have used
+    del mn._fit_batch_mixture
+    torch.manual_seed(0)
+    y = mn(x)
+    torch.testing.assert_close(y, mixture_norm2d(x.flatten(2), frozen, 1e-3, mn.weight,
+                                                 mn.bias)[0].view(x.shape))
+
+
+def test_gradcheck_eval_running():
+    mn = MixtureNorm2d(3, num_components=3, eps=1e-3).double()
+    for s in range(3):
+        mn(bimodal((4, 3, 3, 3), F64, seed=s))
+    mn.eval()
+    x = bimodal((2, 3, 2, 2), F64, seed=9).requires_grad_()
+    assert torch.autograd.gradcheck(mn, (x,))
+
+
+def test_gradcheck_reference():
+    points = to_points(bimodal((2, 3, 2, 2), F64)).requires_grad_()
+    mixture = random_mixture(3, 3)
+    assert torch.autograd.gradcheck(lambda p: mixture_norm(p, mixture, 1e-3)[0], (points,))
+
+
+# --------------------------------------------------------------------------------------------
+# Degenerate batches
+# --------------------------------------------------------------------------------------------
+
+
+def _degenerate_batches():
+    c = 4
+    two = torch.zeros(6, c, 3, 3)
+    two[3:] = 1.0
+    yield "constant", torch.full((4, c, 3, 3), 2.5)
+    yield "zeros", torch.zeros(4, c, 2, 2)
+    yield "two_points", two
+    yield "fewer_points_than_k", torch.randn(2, c, 1, 1)
+    yield "huge", 1e4 + torch.randn(4, c, 3, 3)
+    yield "huge_constant_offset", 1e4 + 1e-2 * torch.randn(4, c, 3, 3)
+    yield "tiny", 1e-6 * torch.randn(4, c, 3, 3)
+    yield "one_channel_outlier", torch.cat([torch.randn(4, c - 1, 3, 3), 1e3 * torch.ones(4, 1, 3, 3)], 1)
+
+
+@pytest.mark.parametrize("name,x", list(_degenerate_batches()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_degenerate_batches_finite(name, x, k, dtype):
+    torch.manual_seed(0)
+    mn = MixtureNorm2d(x.shape[1], num_components=k).to(dtype)
+    x = x.detach().to(dtype).clone().requires_grad_()
+    for _ in range(2):
+        y = mn(x)
+        assert torch.isfinite(y).all(), name
+        y.backward(torch.randn_like(y))
+        assert torch.isfinite(x.grad).all(), name
+        assert torch.isfinite(mn.weight.grad).all() and torch.isfinite(mn.bias.grad).all()
+    for buf in (mn.running_weight, mn.running_mean, mn.running_var):
+        assert torch.isfinite(buf).all()
+    assert mn.running_var.max() < 1e12
+    mn.eval()
+    assert torch.isfinite(mn(x)).all()
+    telemetry = mn.telemetry()
+    assert all(torch.isfinite(v).all() for v in telemetry.values())
+
+
+def test_huge_offset_is_shift_invariant_in_float64():
+    x = bimodal((4, 3, 3, 3), F64)
+    mn = MixtureNorm2d(3, num_components=3, affine=False).double()
+    torch.manual_seed(0)
+    y0 = mn(x)
+    torch.manual_seed(0)
+    y1 = mn(x + 1e4)
+    torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-6)
+
+
+def test_fit_mixture_degenerate_and_reproducible():
+    points = torch.zeros(10, 3)
+    mix = fit_mixture(points, 3)
+    assert torch.isfinite(torch.cat([t.flatten() for t in mix])).all()
+    torch.testing.assert_close(mix.weight.sum(), torch.tensor(1.0))
+    assert (mix.var >= 1e-5).all()
+    pts = torch.randn(500, 4)
+    a = fit_mixture(pts, 3, fit_points=100, generator=torch.Generator().manual_seed(3))
+    b = fit_mixture(pts, 3, fit_points=100, generator=torch.Generator().manual_seed(3))
+    for s, t in zip(a, b):
+        torch.testing.assert_close(s, t)
+
+
+def test_kmeans_finds_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-10.0, 0.0], [0.0, 10.0], [10.0, 0.0]])
+    labels = torch.arange(300) % 3
+    points = centres[labels] + 0.1 * torch.randn(300, 2, generator=g)
+    mix = kmeans_mixture(points, 3, kmeans_iters=5, generator=g)
+    order = mix.mean[:, 0].argsort()
+    torch.testing.assert_close(mix.mean[order], centres, atol=0.05, rtol=0)
+    torch.testing.assert_close(mix.weight, torch.full((3,), 1 / 3), atol=1e-6, rtol=0)
+    assert (mix.var < 0.05).all()
+
+
+def test_sample_fit_points_same_subset_for_both_layouts():
+    x = torch.randn(4, 3, 5, 5)
+    a = sample_fit_points(to_points(x), 20, torch.Generator().manual_seed(1))
+    b = sample_fit_points(x.flatten(2), 20, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert sample_fit_points(x.flatten(2), 1000).shape == (100, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Running statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _batch_stats_for(mn: MixtureNorm2d, x: torch.Tensor, seed: int):
+    """The statistics the module will compute for x when the RNG is seeded with ``seed``."""
+    torch.manual_seed(seed)
+    mixture = fit_mixture(to_points(x), mn.num_components, fit_points=mn.fit_points,
+                          kmeans_iters=mn.kmeans_iters, eps=mn.eps)
+    _, _, lam, mean, var, n_eff = loop_reference(to_points(x), mixture, mn.eps)
+    return lam, mean, var, n_eff
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_running_update_by_hand(momentum):
+    k = 3
+    mn = MixtureNorm2d(4, num_components=k, momentum=momentum, fit_points=40).double()
+    run_w = torch.full((k,), 1 / k, dtype=F64)
+    run_m = torch.zeros(k, 4, dtype=F64)
+    run_v = torch.ones(k, 4, dtype=F64)
+    for step in range(4):
+        x = bimodal((4, 4, 3, 3), F64, seed=step)
+        lam, mean, var, n_eff = _batch_stats_for(mn, x, seed=step)
+        # brute-force matching: batch component perm[j] goes to running component j
+        best = min(itertools.permutations(range(k)),
+                   key=lambda p: sum(((mean[p[j]] - run_m[j]) ** 2).sum() for j in range(k)))
+        p = list(best)
+        factor = 1.0 / (step + 1) if momentum is None else momentum
+        unbiased = var * (n_eff / (n_eff - 1)).unsqueeze(1)
+        run_w = (1 - factor) * run_w + factor * lam[p]
+        run_m = (1 - factor) * run_m + factor * mean[p]
+        run_v = (1 - factor) * run_v + factor * unbiased[p]
+        torch.manual_seed(step)
+        mn(x)
+        torch.testing.assert_close(mn.running_weight, run_w)
+        torch.testing.assert_close(mn.running_mean, run_m)
+        torch.testing.assert_close(mn.running_var, run_v)
+        assert int(mn.num_batches_tracked) == step + 1
+        torch.testing.assert_close(mn.running_weight.sum(), torch.tensor(1.0, dtype=F64))
+
+
+def test_match_components():
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 3, 5, 8):  # 8 takes the greedy path
+        running = torch.randn(k, 6, generator=g) * 5
+        perm = torch.randperm(k, generator=g)
+        batch = torch.empty_like(running)
+        batch[perm] = running + 0.01 * torch.randn(k, 6, generator=g)
+        assert torch.equal(match_components(batch, running), perm)
+
+
+def test_eval_with_running_stats_is_per_sample():
+    torch.manual_seed(0)
+    mn = MixtureNorm2d(5, num_components=3)
+    for s in range(5):
+        mn(bimodal((8, 5, 4, 4), seed=s))
+    mn.eval()
+    buffers = {k: v.clone() for k, v in mn.state_dict().items()}
+    x = bimodal((6, 5, 4, 4), seed=10)
+    full = mn(x)
+    for i in range(6):
+        alone = mn(x[i : i + 1])
+        torch.testing.assert_close(alone, full[i : i + 1], rtol=1e-5, atol=1e-6)
+        other = torch.cat([x[i : i + 1], torch.randn(3, 5, 4, 4) * 10])
+        torch.testing.assert_close(mn(other)[:1], full[i : i + 1], rtol=1e-5, atol=1e-6)
+    for k, v in mn.state_dict().items():  # eval never touches buffers
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_eval_without_running_stats_uses_batch():
+    torch.manual_seed(0)
+    mn = MixtureNorm2d(3, num_components=3, track_running_stats=False)
+    x = bimodal((4, 3, 3, 3))
+    torch.manual_seed(1)
+    y_train = mn(x)
+    mn.eval()
+    torch.manual_seed(1)
+    torch.testing.assert_close(mn(x), y_train)
+    assert mn.running_mean is None and "running_mean" not in mn.state_dict()
+
+
+def test_module_matches_functional_core():
+    torch.manual_seed(0)
+    mn = MixtureNorm2d(4, num_components=3, fit_points=30)
+    with torch.no_grad():
+        mn.weight.uniform_(0.5, 1.5), mn.bias.uniform_(-1, 1)
+    x = bimodal((4, 4, 3, 3))
+    torch.manual_seed(7)
+    y = mn(x)
+    torch.manual_seed(7)
+    mixture = fit_mixture(to_points(x), 3, fit_points=30, kmeans_iters=2, eps=1e-5)
+    x_hat = mixture_norm(to_points(x), mixture, 1e-5)[0]
+    want = from_points(x_hat * mn.weight + mn.bias, x.shape)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(0)
+    a = MixtureNorm2d(4, num_components=3, momentum=0.2)
+    for s in range(3):
+        a(bimodal((4, 4, 3, 3), seed=s))
+    sd = a.state_dict()
+    assert set(sd) == {"weight", "bias", "running_weight", "running_mean", "running_var",
+                       "num_batches_tracked"}
+    b = MixtureNorm2d(4, num_components=3, momentum=0.2)
+    b.load_state_dict(sd)
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    a.eval(), b.eval()
+    x = bimodal((2, 4, 3, 3), seed=9)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        MixtureNorm2d(4, num_components=2).load_state_dict(sd)
+    # torch.save / torch.load(weights_only=True) round trip
+    import io
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_reset_and_repr():
+    mn = MixtureNorm2d(4, num_components=3, fit_points=64, kmeans_iters=1)
+    mn(bimodal((4, 4, 3, 3)))
+    mn.reset_running_stats()
+    assert torch.equal(mn.running_weight, torch.full((3,), 1 / 3))
+    assert mn.running_mean.abs().sum() == 0 and torch.equal(mn.running_var, torch.ones(3, 4))
+    assert int(mn.num_batches_tracked) == 0
+    text = repr(mn)
+    for part in ("4", "num_components=3", "eps=1e-05", "momentum=0.1", "affine=True",
+                 "fit_points=64", "kmeans_iters=1"):
+        assert part in text
+
+
+def test_telemetry():
+    mn = MixtureNorm2d(4, num_components=3)
+    assert mn.telemetry() == {}
+    mn(bimodal((4, 4, 3, 3)))
+    t = mn.telemetry()
+    assert t["mixture_weight"].shape == (3,)
+    torch.testing.assert_close(t["mixture_weight"].sum(), torch.tensor(1.0))
+    assert 0 <= t["posterior_entropy"].item() <= math.log(3) + 1e-6
+    assert 1 - 1e-6 <= t["effective_components"].item() <= 3 + 1e-6
+    assert not t["mixture_weight"].requires_grad
+
+
+# --------------------------------------------------------------------------------------------
+# dtype and memory format
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_channels_last(k):
+    torch.manual_seed(0)
+    mn = MixtureNorm2d(6, num_components=k)
+    x = bimodal((4, 6, 5, 3))
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_nc = x.clone().requires_grad_()
+    g = torch.randn(4, 6, 5, 3)
+    torch.manual_seed(1)
+    y_cl = mn(x_cl)
+    torch.manual_seed(1)
+    y_nc = mn(x_nc)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    assert y_nc.is_contiguous()
+    torch.testing.assert_close(y_cl, y_nc)
+    y_cl.backward(g.contiguous(memory_format=torch.channels_last)), y_nc.backward(g)
+    torch.testing.assert_close(x_cl.grad, x_nc.grad)
+    mn.eval()
+    torch.testing.assert_close(mn(x_cl), mn(x_nc))
+    assert mn(x_cl).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_bf16_autocast(k):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    mn = MixtureNorm2d(8, num_components=k)
+    x = torch.randn(4, 3, 6, 6)
+    torch.manual_seed(1)
+    ref = mn(conv(x))
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        assert h.dtype == torch.bfloat16
+        y = mn(h)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).abs().mean() < 0.05
+    y.float().sum().backward()
+    assert torch.isfinite(conv.weight.grad).all() and mn.weight.grad.dtype == torch.float32
+    # a bf16 module and input (no autocast) keeps bf16 in and out
+    mn16 = MixtureNorm2d(8, num_components=k).to(torch.bfloat16)
+    assert mn16(h.detach()).dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_clear_errors():
+    mn = MixtureNorm2d(4)
+    with pytest.raises(ValueError, match="4-D input"):
+        mn(torch.randn(4, 4, 3))
+    with pytest.raises(ValueError, match="4-D input"):
+        mn(torch.randn(2, 4, 3, 3, 1))
+    with pytest.raises(ValueError, match="got 5 channels"):
+        mn(torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        mn(torch.randn(1, 4, 1, 1))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        MixtureNorm2d(4, track_running_stats=False).eval()(torch.randn(1, 4, 1, 1))
+    mn.eval()
+    assert mn(torch.randn(1, 4, 1, 1)).shape == (1, 4, 1, 1)  # running stats: fine
+    with pytest.raises(ValueError, match=r"num_components \(K\) must be >= 1, got 0"):
+        MixtureNorm2d(4, num_components=0)
+    with pytest.raises(ValueError, match="fit_points"):
+        MixtureNorm2d(4, num_components=3, fit_points=2)
+    with pytest.raises(ValueError, match="kmeans_iters"):
+        MixtureNorm2d(4, kmeans_iters=-1)
+    with pytest.raises(ValueError, match="num_features"):
+        MixtureNorm2d(0)
+    with pytest.raises(ValueError, match="unknown norm kind 'ln'"):
+        make_norm2d(4, "ln")
+    assert isinstance(make_norm2d(4, "bn"), nn.BatchNorm2d)
+    made = make_norm2d(4, "mn", num_components=2, fit_points=99)
+    assert isinstance(made, MixtureNorm2d) and made.num_components == 2 and made.fit_points == 99
+
+
+def test_double_backward_is_refused_clearly():
+    mn = MixtureNorm2d(3)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    (g,) = torch.autograd.grad(mn(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        g.sum().backward()
+
+
+def test_fused_matches_fixed_stats_path_in_eval():
+    """_mixture_norm2d_fixed (eval) equals the reference with the running mixture."""
+    mix = random_mixture(3, 3)
+    x = bimodal((2, 3, 2, 2), F64)
+    y = _mixture_norm2d_fixed(x.flatten(2), *mix, 1e-5, None, None)
+    tau = mixture_posteriors(to_points(x), mix)
+    x_hat = mixture_normalize(to_points(x), tau, *mix, 1e-5)
+    torch.testing.assert_close(to_points(y.view(x.shape)), x_hat)
