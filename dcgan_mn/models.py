@@ -137,7 +137,9 @@ class Generator(nn.Module):
         """
         if mode not in SAMPLE_MODES:
             raise ValueError(f"unknown sample mode {mode!r}; expected one of {SAMPLE_MODES}")
-        chunk = batch_size or z.shape[0]
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"sample batch_size must be >= 1, got {batch_size}")
+        chunk = batch_size or max(z.shape[0], 1)
         was_training = self.training
         devices = [z.device] if z.device.type == "cuda" else []
         try:
