@@ -1,0 +1,313 @@
+"""Inception features for FID: pytorch-fid's FID InceptionV3, its weights, and the image protocol.
+
+The network is pytorch-fid's own (``pytorch_fid.inception.InceptionV3`` building
+``fid_inception_v3``); we only decide where its weights come from and feed it faster:
+
+* weights: ``--inception-weights PATH`` (or ``$DCGAN_MN_INCEPTION_WEIGHTS``), else pytorch-fid's
+  file in the torch hub cache (``<torch hub dir>/checkpoints/pt_inception-2015-12-05-6726825d.pth``),
+  downloaded once with its SHA-256 prefix checked as torch hub does. The SHA-256 of the file
+  actually used travels with every number computed from it.
+* images: uint8 [N, 3, H, W], exactly what a PNG holds. Generated images are quantized as
+  ``torchvision.utils.save_image`` does (``quantize_images``); features are computed as
+  ``python -m pytorch_fid`` does on the PNG files (``ToTensor`` = uint8 / 255, bilinear resize to
+  299 and scaling to [-1, 1] inside the network, global average pooling for dims < 2048).
+* speed, same numbers to fp32 rounding: channels-last memory format, BatchNorm folded into the
+  preceding convolution (inference only), ``torch.inference_mode``, large batches, no DataLoader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import urllib.error
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Protocol, Union
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import pytorch_fid.inception as _pfi
+
+__all__ = [
+    "FID_WEIGHTS_URL",
+    "WEIGHTS_ENV_VAR",
+    "FEATURE_DIMS",
+    "PROTOCOL_VERSION",
+    "InceptionWeightsError",
+    "InceptionWeights",
+    "FeatureExtractor",
+    "InceptionFeatureExtractor",
+    "hub_cache_path",
+    "url_hash_prefix",
+    "sha256_file",
+    "resolve_inception_weights",
+    "load_fid_inception",
+    "quantize_images",
+]
+
+FID_WEIGHTS_URL: str = _pfi.FID_WEIGHTS_URL
+WEIGHTS_ENV_VAR = "DCGAN_MN_INCEPTION_WEIGHTS"
+FEATURE_DIMS = tuple(sorted(_pfi.InceptionV3.BLOCK_INDEX_BY_DIM))  # (64, 192, 768, 2048)
+# Everything between "an image" and "a feature vector" that is not the weights or the dims:
+# bump it whenever quantization, resizing or pooling changes, so cached statistics are redone.
+PROTOCOL_VERSION = "uint8-png/pytorch-fid-0.3-resize299-bilinear/v1"
+
+# torch.hub's convention: the file name ends in "-<first hex digits of its SHA-256>.<ext>".
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
+
+
+class InceptionWeightsError(RuntimeError):
+    """The FID Inception weights cannot be had or are not what they claim to be."""
+
+
+@dataclass(frozen=True)
+class InceptionWeights:
+    path: Path
+    sha256: str
+    standard: bool  # True iff this is pytorch-fid's published file (SHA-256 prefix matches)
+    source: str  # "flag", "env", or "hub-cache"
+
+
+class FeatureExtractor(Protocol):
+    """What the metrics need from a feature network (tests inject small ones)."""
+
+    dims: int
+    weights_sha256: str
+
+    def __call__(self, images: Tensor) -> Tensor:  # uint8 [N, 3, H, W] -> float [N, dims]
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Weights: where they come from, and checking them.
+# --------------------------------------------------------------------------------------------
+
+
+def hub_cache_path(url: str = FID_WEIGHTS_URL) -> Path:
+    """Where torch hub keeps ``url``'s file: ``<torch.hub.get_dir()>/checkpoints/<name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def url_hash_prefix(url: str) -> Optional[str]:
+    """The SHA-256 prefix a torch-hub-style file name carries ('6726825d' for pytorch-fid)."""
+    m = _HASH_IN_NAME.search(os.path.basename(urlparse(url).path))
+    return m.group(1) if m and m.group(1) else None
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    """Hex SHA-256 of a file (memoised per path, size and mtime: hashing 95 MB takes a while)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def resolve_inception_weights(
+    path: Union[str, Path, None] = None,
+    *,
+    url: str = FID_WEIGHTS_URL,
+    download: bool = True,
+    progress: bool = True,
+) -> InceptionWeights:
+    """Find (and if needed download) the FID Inception weights; hash them.
+
+    Order: ``path`` (the ``--inception-weights`` flag), then ``$DCGAN_MN_INCEPTION_WEIGHTS``,
+    then the torch hub cache, downloading ``url`` into it when missing. A file given by flag or
+    environment may be any FID Inception state dict; it is marked non-standard (and a warning is
+    shown) when its SHA-256 is not pytorch-fid's. A file in the hub cache must match the hash
+    prefix in its name, as torch hub requires of its downloads.
+    """
+    standard_prefix = url_hash_prefix(FID_WEIGHTS_URL)
+    source = "flag"
+    if path is None and os.environ.get(WEIGHTS_ENV_VAR):
+        path, source = os.environ[WEIGHTS_ENV_VAR], "env"
+    if path is not None:
+        flag = "--inception-weights" if source == "flag" else f"${WEIGHTS_ENV_VAR}"
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise InceptionWeightsError(f"{flag} {str(path)!r}: no such file")
+        sha = sha256_file(p)
+        standard = bool(standard_prefix) and sha.startswith(standard_prefix)
+        if not standard:
+            warnings.warn(
+                f"Inception weights {p} (sha256 {sha[:12]}...) are not pytorch-fid's FID weights "
+                f"(sha256 {standard_prefix}...): scores are not comparable with published FIDs",
+                stacklevel=2,
+            )
+        return InceptionWeights(p, sha, standard, source)
+
+    dst = hub_cache_path(url)
+    prefix = url_hash_prefix(url)
+    if not dst.is_file():
+        if not download:
+            raise InceptionWeightsError(_missing_message(url, dst, "downloading is turned off"))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # torch hub writes to a temporary file, checks the SHA-256 prefix, then renames.
+            torch.hub.download_url_to_file(url, str(dst), hash_prefix=prefix, progress=progress)
+        except (urllib.error.URLError, OSError, RuntimeError, ValueError) as e:
+            raise InceptionWeightsError(_missing_message(url, dst, f"{type(e).__name__}: {e}")) from None
+    sha = sha256_file(dst)
+    if prefix and not sha.startswith(prefix):
+        raise InceptionWeightsError(
+            f"{dst}: SHA-256 {sha[:16]}... does not start with {prefix!r} as its name says: the file "
+            f"is corrupt or not the FID weights; delete it (it is downloaded again from {url}) or "
+            f"pass --inception-weights PATH"
+        )
+    standard = bool(standard_prefix) and sha.startswith(standard_prefix)
+    return InceptionWeights(dst, sha, standard, "hub-cache")
+
+
+def _missing_message(url: str, dst: Path, why: str) -> str:
+    return (
+        f"cannot get the FID Inception weights ({why}): download {url} to {dst} "
+        f"(torch hub cache), or pass --inception-weights PATH (or set ${WEIGHTS_ENV_VAR})"
+    )
+
+
+@contextlib.contextmanager
+def _pytorch_fid_loads(state_dict: dict) -> Iterator[None]:
+    """Make pytorch-fid's ``fid_inception_v3`` take ``state_dict`` instead of downloading.
+
+    pytorch-fid fetches its weights with a module-level ``load_state_dict_from_url`` call inside
+    the network's constructor; swapping that one name lets us build the library's own network
+    from a file we chose and checked.
+    """
+    original = _pfi.load_state_dict_from_url
+    _pfi.load_state_dict_from_url = lambda *args, **kwargs: state_dict
+    try:
+        yield
+    finally:
+        _pfi.load_state_dict_from_url = original
+
+
+def load_fid_inception(weights: InceptionWeights, dims: int = 2048) -> nn.Module:
+    """pytorch-fid's ``InceptionV3`` returning the block for ``dims``, weights from ``weights``.
+
+    Resizing to 299 and scaling to [-1, 1] happen inside the network, as in pytorch-fid.
+    """
+    if dims not in FEATURE_DIMS:
+        raise ValueError(f"--dims {dims!r}: expected one of {FEATURE_DIMS}")
+    try:
+        state_dict = torch.load(weights.path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise InceptionWeightsError(
+            f"{weights.path}: not a loadable PyTorch state dict ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(state_dict, dict):
+        raise InceptionWeightsError(f"{weights.path}: expected a state dict, got {type(state_dict).__name__}")
+    block = _pfi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]
+    try:
+        with _pytorch_fid_loads(state_dict):
+            net = _pfi.InceptionV3([block], resize_input=True, normalize_input=True)
+    except RuntimeError as e:  # load_state_dict: missing / unexpected keys, wrong shapes
+        first = str(e).strip().splitlines()
+        raise InceptionWeightsError(
+            f"{weights.path}: not FID Inception weights ({first[0] if first else e})"
+        ) from None
+    return net.eval()
+
+
+def _fold_batchnorm_(net: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm into its convolution (torchvision's BasicConv2d)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    from torchvision.models.inception import BasicConv2d
+
+    for m in net.modules():
+        if isinstance(m, BasicConv2d) and isinstance(m.bn, nn.BatchNorm2d):
+            m.conv = fuse_conv_bn_eval(m.conv, m.bn)
+            m.bn = nn.Identity()
+    return net
+
+
+# --------------------------------------------------------------------------------------------
+# Images.
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_images(x: Tensor) -> Tensor:
+    """Generator output in [-1, 1], float [N, 3, H, W] -> uint8 [N, 3, H, W], as a PNG holds it.
+
+    Bit-for-bit what ``torchvision.utils.save_image(x, f, normalize=True, value_range=(-1, 1))``
+    (equivalently ``save_image((x + 1) / 2, f)``) writes: clamp, map to [0, 1], scale by 255,
+    round half up (+0.5, then truncate), clamp to [0, 255].
+    """
+    x = torch.nan_to_num(x.detach().float(), nan=0.0)
+    x = x.clamp(-1.0, 1.0).add(1.0).div(2.0)  # [0, 1]
+    return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# The extractor.
+# --------------------------------------------------------------------------------------------
+
+
+class InceptionFeatureExtractor:
+    """uint8 images [N, 3, H, W] -> pytorch-fid's Inception features float32 [N, dims].
+
+    Args:
+        dims: 64, 192, 768 or 2048 (pool3, the FID standard).
+        weights: an ``InceptionWeights``, a path, or None (flag / env / torch hub cache).
+        device: where the network runs.
+        batch_size: images per forward pass (default 500 on CUDA, 50 on CPU, where larger
+            batches are slower).
+        fold_bn, channels_last: speed-ups that change results only at fp32 rounding level.
+    """
+
+    def __init__(
+        self,
+        dims: int = 2048,
+        weights: Union[InceptionWeights, str, Path, None] = None,
+        device: Union[str, torch.device] = "cpu",
+        batch_size: Optional[int] = None,
+        fold_bn: bool = True,
+        channels_last: bool = True,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(weights, InceptionWeights):
+            weights = resolve_inception_weights(weights, progress=progress)
+        self.weights = weights
+        self.dims = dims
+        self.weights_sha256 = weights.sha256
+        self.device = torch.device(device)
+        self.batch_size = batch_size or (500 if self.device.type == "cuda" else 50)
+        self.channels_last = channels_last
+        net = load_fid_inception(weights, dims)
+        if fold_bn:
+            _fold_batchnorm_(net)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.net = net.to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor) -> Tensor:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}"
+            )
+        out = []
+        for chunk in images.split(self.batch_size):
+            x = chunk.to(self.device, non_blocking=True).float().div_(255)  # [B, 3, H, W] in [0, 1]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            feat = self.net(x)[0]  # [B, dims, h, w]
+            if feat.shape[2] != 1 or feat.shape[3] != 1:  # dims < 2048: pytorch-fid pools
+                feat = F.adaptive_avg_pool2d(feat, output_size=(1, 1))
+            out.append(feat.flatten(1).float())  # [B, dims]
+        if not out:
+            return torch.empty(0, self.dims, device=self.device)
+        return torch.cat(out)
