@@ -340,6 +340,17 @@ def _logit_params(mixture: Mixture) -> tuple[Tensor, Tensor, Tensor]:
     return lin, quad, bias
 
 
+def _flush_subnormals_(t: Tensor) -> Tensor:
+    """Set entries smaller in magnitude than the dtype's smallest normal number to zero.
+
+    Posteriors of well-separated components underflow into the subnormal range (logit gaps of
+    about 90 in float32), and a matrix product with subnormal operands runs many times slower
+    on x86 CPUs. Flushing them is what a GPU (or an FTZ CPU mode) does anyway and changes
+    results by less than 1e-38 relative to the posteriors, which sum to 1.
+    """
+    return t.masked_fill_(t.abs() < torch.finfo(t.dtype).tiny, 0.0)
+
+
 def _bmm_left(w: Tensor, u: Tensor) -> Tensor:
     """w [A, B] applied to every u[n] [B, L]: [N, A, L]."""
     return torch.bmm(w.expand(u.shape[0], *w.shape), u)
@@ -351,6 +362,11 @@ class _PosteriorMoments(torch.autograd.Function):
     Inputs: x [N, C, L] (any float dtype), shift [C], lin [C, K], quad [C, K], bias [K]
     (constants: no gradient), need_moments. Outputs: xc [N, C, L], tau [N, K, L] and, if
     need_moments, S1 [K, C] = sum_{n,l} tau xc and S2 [K, C] = sum_{n,l} tau xc^2.
+
+    On a CPU, allocating a fresh activation-sized tensor costs about as much as a pass over it
+    (page faults), so the backward pass writes into buffers it already has: the incoming
+    gradient of xc (only ever produced by _MixtureAffine.backward, for this Function alone) and
+    the saved xc^2 once it has been read (recomputed if backward runs again, retain_graph).
     """
 
     @staticmethod
@@ -364,8 +380,10 @@ class _PosteriorMoments(torch.autograd.Function):
         else:
             logits = torch.baddbmm(bias.unsqueeze(1), lin.t().expand(xc.shape[0], -1, -1), xc)
             logits.baddbmm_(quad.t().expand(xc.shape[0], -1, -1), xsq)  # [N, K, L]
-            tau = torch.softmax(logits, dim=1)  # [N, K, L]
-        ctx.save_for_backward(xc, xsq, tau, lin, quad)
+            tau = _flush_subnormals_(torch.softmax(logits, dim=1))  # [N, K, L]
+        ctx.save_for_backward(xc, tau, lin, quad)
+        ctx.xsq = xsq  # an intermediate: kept on ctx so that backward may reuse its memory
+        ctx.xsq_clobbered = False
         ctx.need_moments = need_moments
         if not need_moments:
             return xc, tau
@@ -376,8 +394,9 @@ class _PosteriorMoments(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_xc, g_tau, g_s1=None, g_s2=None):
-        xc, xsq, tau, lin, quad = ctx.saved_tensors
-        k = tau.shape[1]
+        xc, tau, lin, quad = ctx.saved_tensors
+        xsq = xc * xc if ctx.xsq_clobbered else ctx.xsq
+        n, k = tau.shape[0], tau.shape[1]
         with torch.autocast(device_type=xc.device.type, enabled=False):
             g_s1 = torch.zeros_like(lin.t()) if g_s1 is None else g_s1  # [K, C]
             g_s2 = torch.zeros_like(lin.t()) if g_s2 is None else g_s2  # [K, C]
@@ -388,82 +407,89 @@ class _PosteriorMoments(torch.autograd.Function):
             else:
                 g = torch.zeros_like(tau) if g_tau is None else g_tau.clone()  # [N, K, L]
                 if ctx.need_moments:  # total dL/dtau
-                    g.baddbmm_(g_s1.expand(xc.shape[0], -1, -1), xc)
-                    g.baddbmm_(g_s2.expand(xc.shape[0], -1, -1), xsq)
+                    g.baddbmm_(g_s1.expand(n, -1, -1), xc).baddbmm_(g_s2.expand(n, -1, -1), xsq)
                 # softmax backward: dL/dlogits = tau * (g - sum_k tau g)
                 g_logits = tau * (g - (tau * g).sum(1, keepdim=True))  # [N, K, L]
+                _flush_subnormals_(g_logits)
                 # logits = bias + lin^T xc + quad^T xc^2: stack [logits | moments] terms
                 u = torch.cat([g_logits, tau], 1)  # [N, 2K, L]
                 b_lin = torch.cat([lin, g_s1.t()], 1)  # [C, 2K]
                 b_quad = 2.0 * torch.cat([quad, g_s2.t()], 1)  # [C, 2K]
-            # dL/dxc = b_lin u + 2 xc * (b_quad u / 2) (+ the gradient reaching xc directly)
-            if g_xc is None:
-                g_x = _bmm_left(b_lin, u)  # [N, C, L]
-            else:
-                g_x = torch.baddbmm(g_xc, b_lin.expand(xc.shape[0], -1, -1), u)  # [N, C, L]
-            g_x.addcmul_(xc, _bmm_left(b_quad, u))
+            # dL/dx = g_xc + b_lin u + xc * (b_quad u), accumulated in g_xc's memory
+            g_x = _bmm_left(b_lin, u) if g_xc is None else g_xc.baddbmm_(b_lin.expand(n, -1, -1), u)
+            scratch = torch.bmm(b_quad.expand(n, -1, -1), u, out=xsq)  # xsq is no longer needed
+            ctx.xsq_clobbered = True
+            g_x.addcmul_(xc, scratch)
         return g_x, None, None, None, None, None
 
 
 class _MixtureAffine(torch.autograd.Function):
     """y = gamma * sum_k a[k] * (xc - E_k) * R_k + beta, with a = tau / sqrt(lambda) and
-    R = 1 / sqrt(Var + eps); computed as xc * M1 + M2 where M1 = (R gamma)^T a and
+    R = 1 / sqrt(Var + eps); computed as y = xc * M1 + M2 where M1 = (R gamma)^T a and
     M2 = beta - (E R gamma)^T a are [N, C, L] batched products with K on the inside.
 
     Inputs: xc [N, C, L], tau [N, K, L], lam [K], mean [K, C] (centred like xc), var [K, C],
-    gamma [C] or None, beta [C] or None, eps. Output y [N, C, L].
+    gamma [C] or None, beta [C] or None, eps. Output y [N, C, L]. One activation-sized tensor is
+    allocated forward (y) and one backward (M1, then dL/dxc in the same memory).
     """
 
     @staticmethod
     def forward(ctx, xc, tau, lam, mean, var, gamma, beta, eps):
+        n, k = tau.shape[0], tau.shape[1]
         inv_sqrt_lam = lam.clamp_min(_TINY).rsqrt()  # [K]
         a = tau * inv_sqrt_lam.unsqueeze(1)  # [N, K, L]
         r = (var + eps).rsqrt()  # [K, C]
         scale = r if gamma is None else r * gamma  # [K, C]
         offset = -mean * scale  # [K, C]
-        m1 = _bmm_left(scale.t(), a)  # [N, C, L]
-        base = offset.new_zeros(1, 1) if beta is None else beta.unsqueeze(1)  # [C, 1]
-        y = torch.baddbmm(base, offset.t().expand(xc.shape[0], -1, -1), a)  # [N, C, L] M2
-        y.addcmul_(xc, m1)
-        ctx.save_for_backward(xc, tau, a, m1, lam, mean, r, scale, offset, gamma)
+        y = _bmm_left(scale.t(), a).mul_(xc)  # [N, C, L]  xc * M1
+        if beta is None:
+            y.baddbmm_(offset.t().expand(n, -1, -1), a)  # + M2
+        else:  # beta rides along as a (K+1)-th component with a = 1
+            a1 = torch.cat([a, a.new_ones(n, 1, a.shape[2])], 1)  # [N, K+1, L]
+            y.baddbmm_(torch.cat([offset, beta.unsqueeze(0)]).t().expand(n, -1, -1), a1)
+        ctx.save_for_backward(xc, tau, lam, mean, r, scale, offset, gamma)
+        ctx.a = a
         ctx.has_beta = beta is not None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_y):
-        xc, tau, a, m1, lam, mean, r, scale, offset, gamma = ctx.saved_tensors
+        xc, tau, lam, mean, r, scale, offset, gamma = ctx.saved_tensors
+        a = ctx.a
+        n = xc.shape[0]
         need = ctx.needs_input_grad
         g_xc = g_tau = g_lam = g_mean = g_var = g_gamma = g_beta = None
         with torch.autocast(device_type=xc.device.type, enabled=False):
             g_y = g_y.contiguous()  # [N, C, L]
-            if need[0]:
-                g_xc = g_y * m1  # [N, C, L]
+            buf = None
             if any(need[1:6]):
-                gx = g_y * xc  # [N, C, L]  (dL/dy * xc)
+                buf = g_y * xc  # [N, C, L]  dL/dy * xc
             if need[1] or need[2]:
                 # dL/da[n, k, l] = sum_c g_y (scale_k xc + offset_k)
-                g_a = _bmm_left(scale, gx).baddbmm_(offset.expand(xc.shape[0], -1, -1), g_y)
+                g_a = _bmm_left(scale, buf).baddbmm_(offset.expand(n, -1, -1), g_y)  # [N, K, L]
                 inv_sqrt_lam = lam.clamp_min(_TINY).rsqrt()  # [K]
                 if need[1]:
                     g_tau = g_a * inv_sqrt_lam.unsqueeze(1)  # [N, K, L]
                 if need[2]:
                     g_lam = -0.5 * inv_sqrt_lam.pow(3) * (g_a * tau).sum((0, 2))  # [K]
                     g_lam = torch.where(lam > _TINY, g_lam, torch.zeros_like(g_lam))
-            if need[3] or need[4] or need[5] or need[6]:
+            if need[3] or need[4] or need[5]:
                 # Sums over points of a_k * g_y and a_k * g_y * xc: [K, C] each.
                 ag = torch.bmm(a, g_y.transpose(1, 2)).sum(0)  # [K, C]
-                agx = torch.bmm(a, gx.transpose(1, 2)).sum(0)  # [K, C]
-                g_scaled = agx - mean * ag  # [K, C]  dL/d(r gamma) summed per component
-                g_r = g_scaled if gamma is None else g_scaled * gamma
+                agx = torch.bmm(a, buf.transpose(1, 2)).sum(0)  # [K, C]
+                g_scaled = agx - mean * ag  # [K, C]  dL/d(R gamma)
                 if need[3]:
                     g_mean = -scale * ag
                 if need[4]:
-                    g_var = -0.5 * r.pow(3) * g_r
+                    g_var = -0.5 * r.pow(3) * (g_scaled if gamma is None else g_scaled * gamma)
                 if need[5]:
                     g_gamma = (r * g_scaled).sum(0)  # [C]
-                if need[6]:
-                    g_beta = g_y.sum((0, 2))  # [C]
+            if need[6]:
+                g_beta = g_y.sum((0, 2))  # [C]
+            if need[0]:  # dL/dxc = g_y * M1, written over dL/dy * xc (no longer needed)
+                m1 = torch.bmm(scale.t().expand(n, -1, -1), a, out=buf)  # [N, C, L]
+                g_xc = m1.mul_(g_y)
         return g_xc, g_tau, g_lam, g_mean, g_var, g_gamma, g_beta, None
 
 
