@@ -18,9 +18,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
 import json
 import math
 import os

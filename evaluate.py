@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""Score generators and compare runs.
+
+    python evaluate.py fid TARGET        # TARGET: a checkpoint, a run folder, or an image folder
+    python evaluate.py stats --ref REF   # precompute (and export) reference statistics
+    python evaluate.py compare RUN... --baseline RUN...   # acceleration report
+
+FID follows pytorch-fid exactly (same Inception, same weights, same resizing, PNG-exact uint8
+images); see README "Evaluation". Results go to stdout as JSON (and to --out); progress and
+tables go to stderr. Bad input stops with one line and a non-zero exit, writing nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+DIMS_CHOICES = ["64", "192", "768", "2048"]
+
+
+def _fail(msg: str) -> None:
+    raise click.ClickException(msg)
+
+
+def _device(spec: str):
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        _fail(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _extractor(dims: int, weights, device, feature_batch_size, progress):
+    from dcgan_mn.features import InceptionFeatureExtractor, InceptionWeightsError
+
+    try:
+        return InceptionFeatureExtractor(dims, weights, device=device, batch_size=feature_batch_size,
+                                         progress=progress)
+    except InceptionWeightsError as e:
+        _fail(str(e))
+
+
+def _errors():
+    """The exception types that mean bad user input (reported as one line)."""
+    from dcgan_mn.compare import CompareError
+    from dcgan_mn.config import ConfigError
+    from dcgan_mn.features import InceptionWeightsError
+    from dcgan_mn.metrics import MetricsError
+
+    return (MetricsError, InceptionWeightsError, CompareError, ConfigError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def cli() -> None:
+    """FID / KID / precision-recall / density-coverage evaluation for dcgan_mn."""
+
+
+# --------------------------------------------------------------------------------------------
+# fid
+# --------------------------------------------------------------------------------------------
+
+
+def _classify_target(target: str) -> tuple[str, object]:
+    """('checkpoint', path) | ('run', [(iteration, path)]) | ('images', [files])."""
+    p = Path(target)
+    if p.is_file():
+        return "checkpoint", p
+    if not p.is_dir():
+        _fail(f"TARGET {target!r}: no such file or folder")
+    if (p / "config.json").is_file() or (p / "snapshots").is_dir():
+        from dcgan_mn.checkpoint import list_snapshots
+
+        snaps = list_snapshots(p)
+        if not snaps:
+            _fail(f"TARGET {target!r}: run folder has no generator snapshots (snapshots/G-*.pt)")
+        return "run", snaps
+    from dcgan_mn.metrics import image_folder_files
+
+    files = image_folder_files(p)
+    if not files:
+        _fail(f"TARGET {target!r}: no images in this folder (and it is not a run folder)")
+    if len(files) < 2:
+        _fail(f"TARGET {target!r}: FID needs at least 2 images, found {len(files)}")
+    return "images", files
+
+
+def _load_generator(path, device):
+    from dcgan_mn import checkpoint
+
+    not_ours = getattr(checkpoint, "CheckpointError", ValueError)
+    try:
+        return checkpoint.load_generator(path, device)
+    except (not_ours, ValueError, KeyError, RuntimeError, OSError, EOFError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _fail(f"{path}: not a dcgan_mn checkpoint ({msg})" if str(path) not in msg else msg)
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--ref", default="cifar10-train",
+              help="cifar10-train, cifar10-test, an image folder, or a pytorch-fid/TTUR .npz")
+@click.option("--samples", default=50_000, type=int,
+              help="generated images per score (ignored for an image-folder TARGET: all images)")
+@click.option("--batch-size", default=None, type=int,
+              help="generator batch size (default: the run's training batch size)")
+@click.option("--sample-modes", default=None,
+              help="comma list of batch,running: scored side by side (default: the run's mode)")
+@click.option("--dims", default="2048", type=click.Choice(DIMS_CHOICES), help="Inception feature block")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
+              help="local FID Inception weights (else $DCGAN_MN_INCEPTION_WEIGHTS, else the torch hub cache)")
+@click.option("--data-root", default="data", help="where CIFAR-10 is (downloaded on first use)")
+@click.option("--cache-dir", default=None, help="reference-statistics cache (default ~/.cache/dcgan_mn)")
+@click.option("--no-cache", is_flag=True, help="compute the reference statistics without the cache")
+@click.option("--seed", default=0, type=int, help="seed of the evaluation latents")
+@click.option("--feature-batch-size", default=None, type=int,
+              help="images per Inception pass (default 500 on CUDA, 50 on CPU)")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="also write the JSON here")
+@click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
+def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_weights, data_root,
+        cache_dir, no_cache, seed, feature_batch_size, out, progress):
+    """FID (+ KID, precision/recall, density/coverage) of TARGET against --ref.
+
+    TARGET is a checkpoint file, a run folder (every generator snapshot is scored and the curve
+    printed), or a folder of images.
+    """
+    from dcgan_mn.models import SAMPLE_MODES
+
+    dims = int(dims)
+    if samples < 2:
+        _fail(f"--samples {samples}: FID needs at least 2 samples")
+    if batch_size is not None and batch_size < 1:
+        _fail(f"--batch-size {batch_size}: must be >= 1")
+    if feature_batch_size is not None and feature_batch_size < 1:
+        _fail(f"--feature-batch-size {feature_batch_size}: must be >= 1")
+    modes = None
+    if sample_modes:
+        modes = [m.strip() for m in sample_modes.split(",") if m.strip()]
+        bad = [m for m in modes if m not in SAMPLE_MODES]
+        if bad or not modes:
+            _fail(f"--sample-modes {sample_modes!r}: expected a comma list of {', '.join(SAMPLE_MODES)}")
+    dev = _device(device)
+    try:
+        report = _fid(target, ref, samples, batch_size, modes, dims, dev, inception_weights,
+                      data_root, cache_dir, no_cache, seed, feature_batch_size, progress)
+    except _errors() as e:
+        _fail(str(e))
+    text = json.dumps(report, indent=2)
+    if out:
+        _write_json_atomic(Path(out), report)
+    click.echo(text)
+
+
+def _fid(target, ref, samples, batch_size, modes, dims, dev, weights, data_root, cache_dir,
+         no_cache, seed, feature_batch_size, progress) -> dict:
+    from dcgan_mn import metrics as M
+
+    kind, what = _classify_target(target)
+    # Check every generator before the expensive part, so a bad file fails in seconds.
+    jobs = []  # (iteration, path)
+    if kind == "checkpoint":
+        _, cfg, iteration = _load_generator(what, "cpu")
+        jobs = [(iteration, what)]
+    elif kind == "run":
+        for iteration, path in what:
+            _load_generator(path, "cpu")
+            jobs.append((iteration, path))
+
+    _check_ref(ref, dims, data_root)
+    extractor = _extractor(dims, weights, dev, feature_batch_size, progress)
+    reference = M.load_reference(ref, extractor, data_root=data_root, cache_dir=cache_dir,
+                                 progress=progress, use_cache=not no_cache)
+    evaluator = M.Evaluator(extractor, reference, num_samples=samples, seed=seed, progress=progress)
+    report = {
+        "target": str(target), "kind": kind, "ref": ref, "ref_key": reference.key, "dims": dims,
+        "weights_sha256": extractor.weights_sha256, "weights_standard": extractor.weights.standard,
+        "results": [],
+    }
+    if kind == "images":
+        row = evaluator.score_images(M.iter_image_batches(what, extractor.batch_size), total=len(what))
+        row["tag"] = f"fid_{M.sample_count_tag(row['num_samples'])}"
+        report["results"].append(row)
+        return report
+
+    for iteration, path in jobs:
+        gen, cfg, iteration = _load_generator(path, dev)
+        for mode in modes or [cfg.sample_mode]:
+            row = evaluator(gen, sample_mode=mode, batch_size=batch_size or cfg.batch_size)
+            row.update(iteration=iteration, checkpoint=str(path),
+                       tag=f"fid_{M.sample_count_tag(row['num_samples'])}")
+            report["results"].append(row)
+            if progress:
+                print(f"iteration {iteration}: FID {row['fid']:.3f} ({mode})", file=sys.stderr)
+    if kind == "run":
+        _print_curve(report["results"])
+    return report
+
+
+def _check_ref(ref: str, dims: int, data_root) -> None:
+    """Cheap checks of --ref before the Inception network is built."""
+    from dcgan_mn import metrics as M
+
+    identity = M.reference_identity(ref, data_root)
+    if identity["kind"] == "npz":
+        stats = M.load_stats_npz(ref)
+        if stats.dims != dims:
+            raise M.MetricsError(
+                f"--ref {ref!r}: statistics are {stats.dims}-d but the features are {dims}-d (--dims {dims})")
+
+
+def _print_curve(rows) -> None:
+    """The run's FID curve on stderr, one column per sample mode."""
+    modes = sorted({r["sample_mode"] for r in rows})
+    table = {}
+    for r in rows:
+        table.setdefault(r["iteration"], {})[r["sample_mode"]] = r["fid"]
+    print("iteration  " + "  ".join(f"{'fid ' + m:>12}" for m in modes), file=sys.stderr)
+    for it in sorted(table):
+        cells = "  ".join(f"{table[it][m]:12.3f}" if m in table[it] else f"{'-':>12}" for m in modes)
+        print(f"{it:9d}  {cells}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# stats
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--ref", default="cifar10-train",
+              help="cifar10-train, cifar10-test, an image folder, or a .npz")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="also write pytorch-fid's .npz (mu, sigma; plus meta and real features) here")
+@click.option("--stats-only", is_flag=True, help="with --out: write only mu and sigma")
+@click.option("--force", is_flag=True, help="with --out: replace an existing file")
+@click.option("--dims", default="2048", type=click.Choice(DIMS_CHOICES))
+@click.option("--device", default="auto")
+@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False))
+@click.option("--data-root", default="data")
+@click.option("--cache-dir", default=None, help="reference-statistics cache (default ~/.cache/dcgan_mn)")
+@click.option("--feature-batch-size", default=None, type=int)
+@click.option("--progress/--no-progress", default=True)
+def stats(ref, out, stats_only, force, dims, device, inception_weights, data_root, cache_dir,
+          feature_batch_size, progress):
+    """Compute (or find in the cache) the reference statistics of --ref."""
+    from dcgan_mn import metrics as M
+
+    if out and Path(out).exists() and not force:
+        _fail(f"--out {out!r}: file exists (pass --force to replace it)")
+    try:
+        _check_ref(ref, int(dims), data_root)
+        extractor = _extractor(int(dims), inception_weights, _device(device), feature_batch_size, progress)
+        reference = M.load_reference(ref, extractor, data_root=data_root, cache_dir=cache_dir,
+                                     progress=progress)
+        if out:
+            M.save_stats_npz(out, reference, with_features=not stats_only)
+    except _errors() as e:
+        _fail(str(e))
+    click.echo(json.dumps({
+        "ref": ref, "ref_key": reference.key, "dims": reference.dims,
+        "num_images": reference.meta.get("num_images"),
+        "weights_sha256": extractor.weights_sha256, "weights_standard": extractor.weights.standard,
+        "cache_path": str(reference.path) if reference.path else None, "out": out,
+    }, indent=2))
+
+
+# --------------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--baseline", "baselines", multiple=True, required=True,
+              help="a baseline run folder (repeat the flag for several seeds)")
+@click.option("--out", default="compare", help="folder for compare.md, compare.json, compare.png")
+@click.option("--metric", default="fid", help="the metrics.jsonl column to compare")
+@click.option("--sample-mode", default=None, help="which rows to use when a run has several")
+@click.option("--samples", default=None, type=int, help="which rows to use when a run has several counts")
+@click.option("--label", default="candidate", help="name of the RUN... arm")
+@click.option("--baseline-label", default="baseline", help="name of the --baseline arm")
+def compare(runs, baselines, out, metric, sample_mode, samples, label, baseline_label):
+    """Acceleration (1 - S_cand / S_base), best and final FID of RUN... against --baseline."""
+    from dcgan_mn import compare as C
+
+    try:
+        cands = [C.read_run(r, metric=metric, sample_mode=sample_mode, num_samples=samples) for r in runs]
+        bases = [C.read_run(r, metric=metric, sample_mode=sample_mode, num_samples=samples) for r in baselines]
+        report = C.compare_runs(cands, bases, candidate_label=label, baseline_label=baseline_label)
+    except _errors() as e:
+        _fail(str(e))
+    paths = C.write_outputs(report, out)
+    click.echo(C.render_markdown(report))
+    print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,181 @@
+"""evaluate.py end to end: FID of image folders equals pytorch-fid's on the same PNG files (same
+random Inception weights loaded from a file for both), stats export, bad-input errors."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from PIL import Image
+
+import pytorch_fid.inception as pfi
+from dcgan_mn.features import sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.cli
+
+
+cli = load_cli()
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """Random FID-Inception-shaped weights in torch hub's format (see tests/test_features.py)."""
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
+                                          init_weights=False)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            torch.nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_in))
+    path = tmp_path_factory.mktemp("w") / "random_inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def write_pngs(folder, n, seed, shift=0):
+    """n smooth-ish random 32x32 RGB PNGs (low-frequency noise, so features vary sensibly)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(n, 3, 4, 4, generator=g) * 200 + shift
+    images = torch.nn.functional.interpolate(small, size=32, mode="bilinear", align_corners=False)
+    images = (images + torch.rand(n, 3, 32, 32, generator=g) * 40).clamp(0, 255).to(torch.uint8)
+    for i, img in enumerate(images):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("imgs")
+    return write_pngs(tmp / "a", 70, seed=1), write_pngs(tmp / "b", 70, seed=2, shift=30)
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result
+
+
+def pytorch_fid_reference(weights_file, monkeypatch, fn):
+    state = torch.load(weights_file, weights_only=True)
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: state)
+    try:
+        return fn()
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")
+def test_fid_of_two_folders_equals_pytorch_fid(weights_file, folders, tmp_path, monkeypatch):
+    from pytorch_fid.fid_score import calculate_frechet_distance, compute_statistics_of_path
+
+    a, b = folders
+    common = ["--dims", 64, "--inception-weights", weights_file, "--device", "cpu", "--no-progress",
+              "--cache-dir", tmp_path / "cache"]
+    # reference statistics of b: computed, cached, and exported in pytorch-fid's format
+    npz = tmp_path / "b.npz"
+    res = run("stats", "--ref", b, "--out", npz, *common)
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert Path(info["cache_path"]).is_file() and info["num_images"] == 70
+    # FID of a against b (b's statistics now come from the cache)
+    out = tmp_path / "fid.json"
+    res = run("fid", a, "--ref", b, "--out", out, *common)
+    assert res.exit_code == 0, res.output
+    ours = json.loads(res.stdout)
+    assert json.loads(out.read_text()) == ours
+    row = ours["results"][0]
+    assert (row["num_samples"], row["dims"], ours["ref_key"]) == (70, 64, info["ref_key"])
+    assert ours["weights_sha256"] == sha256_file(weights_file) and ours["weights_standard"] is False
+
+    # pytorch-fid on the same PNG files with the same weights (what calculate_fid_given_paths does)
+    def theirs():
+        net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[64]])
+        return [compute_statistics_of_path(str(p), net, 50, 64, "cpu", 0) for p in (a, b)]
+
+    (mu_a, sigma_a), (mu_b, sigma_b) = pytorch_fid_reference(weights_file, monkeypatch, theirs)
+    their_fid = calculate_frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
+    assert their_fid > 1.0  # the folders differ: a meaningful comparison
+    assert row["fid"] == pytest.approx(their_fid, rel=1e-4)
+    with np.load(npz) as f:
+        np.testing.assert_allclose(f["mu"], mu_b, rtol=1e-5, atol=1e-6 * np.abs(mu_b).max())
+        np.testing.assert_allclose(f["sigma"], sigma_b, rtol=1e-4, atol=1e-5 * np.abs(sigma_b).max())
+    # a pytorch-fid .npz (mu and sigma only) works as --ref and gives the same FID
+    with np.load(npz) as f:
+        np.savez(tmp_path / "plain.npz", mu=f["mu"], sigma=f["sigma"])
+    res = run("fid", a, "--ref", tmp_path / "plain.npz", *common)
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["results"][0]["fid"] == pytest.approx(row["fid"], rel=1e-9)
+    assert got["results"][0]["kid"] is None  # no real features in a plain pytorch-fid file
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bad_inputs_one_line_nonzero_nothing_written(weights_file, folders, tmp_path):
+    a, b = folders
+    out = tmp_path / "keep.json"
+    out.write_text("precious")
+    (tmp_path / "empty").mkdir()
+    one = write_pngs(tmp_path / "one", 1, seed=3)
+    broken = write_pngs(tmp_path / "broken", 3, seed=4)
+    (broken / "001.png").write_bytes(b"\x89PNG nope")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d2048.npz", mu=rng.standard_normal(2048), sigma=np.eye(2048))
+    common = ["--dims", 64, "--inception-weights", weights_file, "--device", "cpu", "--no-progress",
+              "--out", out, "--cache-dir", tmp_path / "c"]
+    cases = [
+        (["fid", a, "--ref", tmp_path / "d2048.npz", *common], "2048-d but the features are 64-d"),
+        (["fid", tmp_path / "empty", "--ref", b, *common], "no images in this folder"),
+        (["fid", one, "--ref", b, *common], "at least 2 images"),
+        (["fid", broken, "--ref", b, *common], "cannot read image"),
+        (["fid", a, "--ref", tmp_path / "empty", *common], "no images in this folder"),
+        (["fid", tmp_path / "nowhere", "--ref", b, *common], "no such file or folder"),
+        (["fid", a, "--ref", b, "--samples", 1, *common], "--samples 1: FID needs at least 2"),
+        (["fid", a, "--ref", b, "--sample-modes", "eval", *common], "--sample-modes 'eval'"),
+        (["fid", a, "--ref", "cifar10", *common], "expected cifar10-train"),
+        (["fid", a, "--ref", b, "--dims", 64, "--inception-weights", tmp_path / "none.pth", "--out", out],
+         "no such file"),
+        (["stats", "--ref", b, "--out", out, "--dims", 64, "--inception-weights", weights_file],
+         "file exists"),
+    ]
+    for args, message in cases:
+        res = run(*args)
+        assert res.exit_code != 0, (args, res.output)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and message in lines[0], (args, res.stderr)
+        assert out.read_text() == "precious"
+
+
+def test_compare_cli(tmp_path):
+    def make_run(name, fids, seed):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text(json.dumps({"seed": seed, "sample_mode": "batch"}))
+        rows = [{"iteration": 1000 * (i + 1), "fid": f, "num_samples": 100, "sample_mode": "batch",
+                 "train_seconds": 5.0 * (i + 1)} for i, f in enumerate(fids)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return run_dir
+
+    bn = make_run("bn", [60, 50, 40, 45], seed=0)
+    mn = make_run("mn", [55, 39, 35, 33], seed=0)
+    res = run("compare", mn, "--baseline", bn, "--out", tmp_path / "report", "--label", "MN",
+              "--baseline-label", "BN")
+    assert res.exit_code == 0, res.output
+    assert "33.3%" in res.stdout  # 1 - 2000 / 3000
+    report = json.loads((tmp_path / "report" / "compare.json").read_text())
+    assert report["pairs"][0]["acceleration"] == pytest.approx(1 / 3)
+    res = run("compare", mn, "--baseline", tmp_path / "nothing", "--out", tmp_path / "report2")
+    assert res.exit_code != 0 and "not a folder" in res.stderr
+    assert not (tmp_path / "report2").exists()
