@@ -151,31 +151,29 @@ def kmeans_mixture(
     # k-means++ seeding: each new centre is drawn with probability proportional to the squared
     # distance to the nearest centre chosen so far (inverse-CDF draw; cheaper than multinomial).
     # The small floor keeps the draw defined when every distance is zero (constant input).
-    pick = torch.randint(m, (1,), device=sub.device, generator=generator)  # [1]
-    picks = [pick]
-    nearest = torch.addmv(sq_norm + sq_norm[pick], sub, sub[pick].squeeze(0), alpha=-2.0)
+    picks = [torch.randint(m, (1,), device=sub.device, generator=generator)]  # K x [1]
+    nearest = None
     for _ in range(1, k):
-        probs = nearest.clamp_min(0.0) + 1e-12 * (1.0 + nearest.max())  # [M]
-        cdf = probs.cumsum(0)  # [M]
+        last = picks[-1]
+        dist = torch.addmv(sq_norm + sq_norm[last], sub, sub[last].squeeze(0), alpha=-2.0)  # [M]
+        nearest = dist if nearest is None else torch.minimum(nearest, dist)  # [M]
+        cdf = (nearest.clamp_min(0.0) + 1e-12 * (1.0 + nearest.max())).cumsum(0)  # [M]
         u = torch.rand(1, device=sub.device, dtype=sub.dtype, generator=generator) * cdf[-1]
-        pick = torch.searchsorted(cdf, u, right=True).clamp_max_(m - 1)  # [1]
-        picks.append(pick)
-        dist = torch.addmv(sq_norm + sq_norm[pick], sub, sub[pick].squeeze(0), alpha=-2.0)
-        nearest = torch.minimum(nearest, dist)
+        picks.append(torch.searchsorted(cdf, u, right=True).clamp_max_(m - 1))
     mean = sub[torch.cat(picks)]  # [K, C]
 
     # Lloyd iterations; an empty cluster keeps its previous centre. The last pass only assigns
-    # (against the final centres) and reads the clusters off.
-    for it in range(kmeans_iters + 1):
+    # (against the final centres) and reads the clusters off. (A one-hot matrix product rather
+    # than index_add_: deterministic and free of host synchronisation on every device.)
+    for _ in range(kmeans_iters + 1):
         # argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k); ||x||^2 does not matter.
         score = torch.addmm((mean * mean).sum(1), sub, mean.t(), alpha=-2.0)  # [M, K]
-        onehot = torch.nn.functional.one_hot(score.argmin(1), k).to(sub.dtype)  # [M, K]
+        onehot = sub.new_zeros(m, k).scatter_(1, score.argmin(1, keepdim=True), 1.0)  # [M, K]
         counts = onehot.sum(0)  # [K]
-        new_mean = (onehot.t() @ sub) / counts.clamp_min(1.0).unsqueeze(1)  # [K, C]
-        empty = (counts == 0).unsqueeze(1)  # [K, 1]
-        mean = torch.where(empty, mean, new_mean)  # [K, C]
+        inv_counts = counts.clamp_min(1.0).reciprocal().unsqueeze(1)  # [K, 1]
+        mean = torch.where(counts.unsqueeze(1) > 0, (onehot.t() @ sub) * inv_counts, mean)
 
-    var = (onehot.t() @ sub_sq) / counts.clamp_min(1.0).unsqueeze(1) - mean * mean  # [K, C]
+    var = (onehot.t() @ sub_sq) * inv_counts - mean * mean  # [K, C]
     var = torch.where(counts.unsqueeze(1) < 2, subset_var, var).clamp_min(eps)  # [K, C]
     weight = (counts / m).clamp_min(_TINY)  # [K]
     return Mixture(weight / weight.sum(), mean + centre, var)
@@ -441,23 +439,22 @@ class _MixtureAffine(torch.autograd.Function):
         r = (var + eps).rsqrt()  # [K, C]
         scale = r if gamma is None else r * gamma  # [K, C]
         offset = -mean * scale  # [K, C]
-        y = _bmm_left(scale.t(), a).mul_(xc)  # [N, C, L]  xc * M1
-        if beta is None:
-            y.baddbmm_(offset.t().expand(n, -1, -1), a)  # + M2
-        else:  # beta rides along as a (K+1)-th component with a = 1
-            a1 = torch.cat([a, a.new_ones(n, 1, a.shape[2])], 1)  # [N, K+1, L]
-            y.baddbmm_(torch.cat([offset, beta.unsqueeze(0)]).t().expand(n, -1, -1), a1)
-        ctx.save_for_backward(xc, tau, lam, mean, r, scale, offset, gamma)
-        ctx.a = a
-        ctx.has_beta = beta is not None
+        if beta is not None:  # beta rides along as a (K+1)-th component with a = 1
+            a = torch.cat([a, a.new_ones(n, 1, a.shape[2])], 1)  # [N, K+1, L]
+            offset = torch.cat([offset, beta.unsqueeze(0)])  # [K+1, C]
+        y = _bmm_left(scale.t(), a[:, :k]).mul_(xc)  # [N, C, L]  xc * M1
+        y.baddbmm_(offset.t().expand(n, -1, -1), a)  # + M2
+        ctx.save_for_backward(xc, tau, lam, mean, r, scale, offset[:k], gamma)
+        ctx.a = a  # an intermediate, [N, K(+1), L]
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_y):
         xc, tau, lam, mean, r, scale, offset, gamma = ctx.saved_tensors
-        a = ctx.a
-        n = xc.shape[0]
+        n, k = tau.shape[0], tau.shape[1]
+        a_beta = ctx.a  # [N, K+1, L] with a row of ones for beta, or [N, K, L]
+        a = a_beta[:, :k]  # [N, K, L]
         need = ctx.needs_input_grad
         g_xc = g_tau = g_lam = g_mean = g_var = g_gamma = g_beta = None
         with torch.autocast(device_type=xc.device.type, enabled=False):
@@ -474,10 +471,14 @@ class _MixtureAffine(torch.autograd.Function):
                 if need[2]:
                     g_lam = -0.5 * inv_sqrt_lam.pow(3) * (g_a * tau).sum((0, 2))  # [K]
                     g_lam = torch.where(lam > _TINY, g_lam, torch.zeros_like(g_lam))
+            if any(need[3:7]):
+                # Sums over points of a_k * g_y (and of g_y: dL/dbeta from the row of ones).
+                ag = torch.bmm(a_beta, g_y.transpose(1, 2)).sum(0)  # [K(+1), C]
+                if need[6]:
+                    g_beta = ag[k]  # [C]
+                ag = ag[:k]  # [K, C]
             if need[3] or need[4] or need[5]:
-                # Sums over points of a_k * g_y and a_k * g_y * xc: [K, C] each.
-                ag = torch.bmm(a, g_y.transpose(1, 2)).sum(0)  # [K, C]
-                agx = torch.bmm(a, buf.transpose(1, 2)).sum(0)  # [K, C]
+                agx = torch.bmm(a, buf.transpose(1, 2)).sum(0)  # [K, C]  sum of a_k g_y xc
                 g_scaled = agx - mean * ag  # [K, C]  dL/d(R gamma)
                 if need[3]:
                     g_mean = -scale * ag
@@ -485,8 +486,6 @@ class _MixtureAffine(torch.autograd.Function):
                     g_var = -0.5 * r.pow(3) * (g_scaled if gamma is None else g_scaled * gamma)
                 if need[5]:
                     g_gamma = (r * g_scaled).sum(0)  # [C]
-            if need[6]:
-                g_beta = g_y.sum((0, 2))  # [C]
             if need[0]:  # dL/dxc = g_y * M1, written over dL/dy * xc (no longer needed)
                 m1 = torch.bmm(scale.t().expand(n, -1, -1), a, out=buf)  # [N, C, L]
                 g_xc = m1.mul_(g_y)
