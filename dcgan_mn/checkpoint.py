@@ -1,0 +1,268 @@
+"""Checkpoints and the run-folder layout.
+
+A checkpoint is a plain dict of tensors and Python primitives, so ``torch.load(path,
+weights_only=True)`` reads it (no pickled classes, nothing executed on load):
+
+    {"format": "dcgan_mn", "schema": 1, "kind": "full" | "generator",
+     "config": TrainConfig.to_dict(), "iteration": int, "images_seen": int,
+     "generator": G.state_dict(),
+     # "full" only:
+     "discriminator", "opt_g", "opt_d": state dicts,
+     "rng": {"torch", "cuda", "python", "numpy"}, "data": BatchSampler.state_dict(),
+     "fixed_noise": [64, z_dim], "best": {"fid", "iteration"},
+     "train_seconds": float, "metrics": {...}}  # metrics: the last evaluation, if any
+
+Files are written atomically (a temporary file in the same folder, then ``os.replace``), so a
+crash or a signal never leaves a half-written checkpoint under a real name.
+
+Run folder (``<out>/<run_name>/``):
+
+    config.json                 the run's TrainConfig
+    metrics.jsonl               one JSON line per evaluation
+    events.out.tfevents.*       TensorBoard
+    ckpt-{iteration:08d}.pt     full checkpoints, the last --keep-last kept
+    best.pt                     generator of the evaluation with the lowest FID
+    snapshots/G-{iteration:08d}.pt   generator-only, at every evaluation (or checkpoint)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from .config import ConfigError, TrainConfig, config_from_dict
+from .models import Generator
+
+__all__ = [
+    "FORMAT",
+    "SCHEMA",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "generator_payload",
+    "load_generator",
+    "checkpoint_path",
+    "snapshot_path",
+    "best_path",
+    "list_checkpoints",
+    "find_latest_checkpoint",
+    "list_snapshots",
+    "prune_checkpoints",
+    "resolve_resume",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+FORMAT = "dcgan_mn"
+SCHEMA = 1
+KINDS = ("full", "generator")
+
+PathLike = Union[str, Path]
+_CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_SNAP_RE = re.compile(r"^G-(\d{8,})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, not ours, or incompatible (one-line message)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and reading
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: PathLike, payload: dict) -> Path:
+    """``torch.save`` to ``path`` atomically (temporary file in the same folder + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "schema": SCHEMA, **payload}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
+    """Read and check one of our checkpoints (``weights_only=True``: nothing is executed)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r}: not a file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: unreadable (corrupt, truncated or not a torch file: {first[:200]})"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r}: not a dcgan_mn checkpoint")
+    if payload.get("schema") != SCHEMA:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: schema {payload.get('schema')!r}, this version reads schema {SCHEMA}"
+        )
+    if payload.get("kind") not in KINDS:
+        raise CheckpointError(f"checkpoint {str(path)!r}: unknown kind {payload.get('kind')!r}")
+    missing = [k for k in ("config", "iteration", "images_seen", "generator") if k not in payload]
+    if payload["kind"] == "full":
+        missing += [k for k in ("discriminator", "opt_g", "opt_d", "rng", "fixed_noise") if k not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r}: incomplete, lacks {missing}")
+    return payload
+
+
+def checkpoint_config(payload: dict, path: PathLike = "") -> TrainConfig:
+    """The TrainConfig stored in a loaded checkpoint."""
+    try:
+        return config_from_dict(payload["config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: its config is not valid here ({e})") from None
+
+
+def generator_payload(generator: torch.nn.Module, cfg: TrainConfig, iteration: int,
+                      images_seen: int, **extra: Any) -> dict:
+    """A generator-only snapshot (small: what re-scoring a run needs)."""
+    return {"kind": "generator", "config": cfg.to_dict(), "iteration": int(iteration),
+            "images_seen": int(images_seen), "generator": generator.state_dict(), **extra}
+
+
+def build_generator(cfg: TrainConfig, state: dict, path: PathLike = "") -> Generator:
+    """A Generator for ``cfg`` holding ``state``; a clear error when they do not fit."""
+    gen = Generator(**cfg.model_kwargs())
+    try:
+        gen.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else ""
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: the generator weights do not fit the architecture of its "
+            f"config (mn_layers={list(cfg.mn_layers)}, K={cfg.mn_components}, ngf={cfg.ngf}, "
+            f"z_dim={cfg.z_dim}): {detail[:200]}"
+        ) from None
+    return gen
+
+
+def load_generator(path: PathLike, device: Any = "cpu") -> tuple[Generator, TrainConfig, int]:
+    """(generator on ``device`` in train mode, its TrainConfig, iteration) from a full
+    checkpoint or a generator snapshot."""
+    payload = load_checkpoint(path, map_location="cpu")
+    cfg = checkpoint_config(payload, path)
+    gen = build_generator(cfg, payload["generator"], path).to(device)
+    return gen, cfg, int(payload["iteration"])
+
+
+# --------------------------------------------------------------------------------------------
+# Random number generator states (all of them, as plain tensors and lists)
+# --------------------------------------------------------------------------------------------
+
+
+def capture_rng_state(device: Any = None) -> dict:
+    """torch CPU, CUDA (``device``'s, if it is a CUDA device), Python and NumPy RNG states."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos),
+                  int(np_has_gauss), float(np_gauss)],
+        "cuda": None,
+    }
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict, device: Any = None) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoint_path(run_dir: PathLike, iteration: int) -> Path:
+    return Path(run_dir) / f"ckpt-{iteration:08d}.pt"
+
+
+def snapshot_path(run_dir: PathLike, iteration: int) -> Path:
+    return Path(run_dir) / "snapshots" / f"G-{iteration:08d}.pt"
+
+
+def best_path(run_dir: PathLike) -> Path:
+    return Path(run_dir) / "best.pt"
+
+
+def _numbered(folder: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def list_checkpoints(run_dir: PathLike) -> list[tuple[int, Path]]:
+    """[(iteration, path)] of the run's full checkpoints, oldest first."""
+    return _numbered(Path(run_dir), _CKPT_RE)
+
+
+def find_latest_checkpoint(run_dir: PathLike) -> Optional[Path]:
+    """The run's newest full checkpoint, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def list_snapshots(run_dir: PathLike) -> list[tuple[int, Path]]:
+    """[(iteration, path)] of the run's generator snapshots, oldest first."""
+    return _numbered(Path(run_dir) / "snapshots", _SNAP_RE)
+
+
+def prune_checkpoints(run_dir: PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` full checkpoints; returns the deleted paths."""
+    doomed = [p for _, p in list_checkpoints(run_dir)[:-keep_last]] if keep_last > 0 else []
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def resolve_resume(target: PathLike) -> tuple[Path, Path]:
+    """(run folder, checkpoint file) for ``--resume TARGET`` (a run folder or a checkpoint)."""
+    p = Path(target).expanduser()
+    if p.is_dir():
+        ckpt = find_latest_checkpoint(p)
+        if ckpt is None:
+            raise CheckpointError(f"--resume {str(target)!r}: no full checkpoints (ckpt-*.pt) in this folder")
+        return p, ckpt
+    if p.is_file():
+        return p.parent, p
+    raise CheckpointError(f"--resume {str(target)!r}: no such file or folder")
