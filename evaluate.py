@@ -62,14 +62,21 @@ def _extractor(dims: int, weights, device, feature_batch_size, progress):
         _fail(str(e))
 
 
+def _standard(extractor):
+    """Whether the features come from pytorch-fid's published weights (None: unknown)."""
+    return getattr(getattr(extractor, "weights", None), "standard", None)
+
+
 def _errors():
     """The exception types that mean bad user input (reported as one line)."""
+    from dcgan_mn.checkpoint import CheckpointError
     from dcgan_mn.compare import CompareError
     from dcgan_mn.config import ConfigError
+    from dcgan_mn.data import DataError
     from dcgan_mn.features import InceptionWeightsError
     from dcgan_mn.metrics import MetricsError
 
-    return (MetricsError, InceptionWeightsError, CompareError, ConfigError)
+    return (MetricsError, InceptionWeightsError, CompareError, ConfigError, DataError, CheckpointError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -107,14 +114,12 @@ def _classify_target(target: str) -> tuple[str, object]:
 
 
 def _load_generator(path, device):
-    from dcgan_mn import checkpoint
+    from dcgan_mn.checkpoint import CheckpointError, load_generator
 
-    not_ours = getattr(checkpoint, "CheckpointError", ValueError)
     try:
-        return checkpoint.load_generator(path, device)
-    except (not_ours, ValueError, KeyError, RuntimeError, OSError, EOFError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _fail(f"{path}: not a dcgan_mn checkpoint ({msg})" if str(path) not in msg else msg)
+        return load_generator(path, device)
+    except CheckpointError as e:  # missing, unreadable, not ours, another architecture
+        _fail(str(e))
 
 
 @cli.command()
@@ -195,7 +200,7 @@ def _fid(target, ref, samples, batch_size, modes, dims, dev, weights, data_root,
     evaluator = M.Evaluator(extractor, reference, num_samples=samples, seed=seed, progress=progress)
     report = {
         "target": str(target), "kind": kind, "ref": ref, "ref_key": reference.key, "dims": dims,
-        "weights_sha256": extractor.weights_sha256, "weights_standard": extractor.weights.standard,
+        "weights_sha256": extractor.weights_sha256, "weights_standard": _standard(extractor),
         "results": [],
     }
     if kind == "images":
@@ -280,7 +285,7 @@ def stats(ref, out, stats_only, force, dims, device, inception_weights, data_roo
     click.echo(json.dumps({
         "ref": ref, "ref_key": reference.key, "dims": reference.dims,
         "num_images": reference.meta.get("num_images"),
-        "weights_sha256": extractor.weights_sha256, "weights_standard": extractor.weights.standard,
+        "weights_sha256": extractor.weights_sha256, "weights_standard": _standard(extractor),
         "cache_path": str(reference.path) if reference.path else None, "out": out,
     }, indent=2))
 

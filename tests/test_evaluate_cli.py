@@ -179,3 +179,140 @@ def test_compare_cli(tmp_path):
     res = run("compare", mn, "--baseline", tmp_path / "nothing", "--out", tmp_path / "report2")
     assert res.exit_code != 0 and "not a folder" in res.stderr
     assert not (tmp_path / "report2").exists()
+
+
+# --- generators: checkpoint files and run folders (a tiny injected feature extractor) -------
+
+
+class TinyFeatures:
+    """Stands in for Inception (tests/test_features.py covers the real one)."""
+
+    dims, weights_sha256, batch_size = 64, "ab" * 32, 32
+
+    def __init__(self, *args, **kwargs):
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.randn(48, 64, generator=g)
+
+    def __call__(self, images):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)
+        return torch.tanh(pooled @ self.proj)  # [N, 64]
+
+
+@pytest.fixture
+def tiny_features(monkeypatch):
+    import dcgan_mn.features
+
+    monkeypatch.setattr(dcgan_mn.features, "InceptionFeatureExtractor", TinyFeatures)
+
+
+def make_run_folder(root, iterations, mn_layers="0"):
+    from dcgan_mn.checkpoint import generator_payload, save_checkpoint, snapshot_path
+    from dcgan_mn.config import TrainConfig
+    from dcgan_mn.models import Generator
+
+    cfg = TrainConfig(z_dim=8, ngf=4, mn_layers=mn_layers, mn_fit_points=64, batch_size=8,
+                      sample_mode="running", dims=64)
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(cfg.to_json())
+    gens = {}
+    for it in iterations:
+        torch.manual_seed(it)
+        gens[it] = Generator(**cfg.model_kwargs())
+        save_checkpoint(snapshot_path(root, it), generator_payload(gens[it], cfg, it, 8 * it))
+    return cfg, gens
+
+
+def test_fid_of_run_folder_and_checkpoint(tiny_features, folders, tmp_path):
+    from dcgan_mn.metrics import Evaluator, load_reference
+
+    _, b = folders
+    run_dir = tmp_path / "run"
+    cfg, gens = make_run_folder(run_dir, [100, 200])
+    common = ["--ref", b, "--samples", 12, "--device", "cpu", "--dims", 64, "--no-progress",
+              "--cache-dir", tmp_path / "c"]
+    res = run("fid", run_dir, "--sample-modes", "batch,running", *common)
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["results"]
+    assert [(r["iteration"], r["sample_mode"]) for r in rows] == [
+        (100, "batch"), (100, "running"), (200, "batch"), (200, "running")]
+    assert all(r["num_samples"] == 12 and r["batch_size"] == 8 and r["tag"] == "fid_12" for r in rows)
+    assert "fid batch" in res.stderr and "fid running" in res.stderr  # the curve, side by side
+    # the same number as the evaluator computes directly
+    ev = Evaluator(TinyFeatures(), load_reference(str(b), TinyFeatures(), cache_dir=tmp_path / "c"),
+                   num_samples=12)
+    assert rows[3]["fid"] == pytest.approx(ev(gens[200], sample_mode="running", batch_size=8)["fid"], rel=1e-12)
+    # one checkpoint file: the run's configured sample mode and batch size
+    res = run("fid", run_dir / "snapshots" / "G-00000100.pt", *common)
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)["results"]
+    assert (row["iteration"], row["sample_mode"], row["fid"]) == (100, "running", rows[1]["fid"])
+
+
+def test_generator_bad_inputs(tiny_features, folders, tmp_path):
+    _, b = folders
+    out = tmp_path / "keep.json"
+    out.write_text("precious")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not torch")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "empty_run" / "config.json").write_text("{}")
+    common = ["--ref", b, "--samples", 4, "--device", "cpu", "--dims", 64, "--no-progress",
+              "--out", out, "--cache-dir", tmp_path / "c"]
+    for target, message in [(junk, "unreadable"), (foreign, "not a dcgan_mn checkpoint"),
+                            (tmp_path / "empty_run", "no generator snapshots")]:
+        res = run("fid", target, *common)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.exit_code != 0 and len(lines) == 1 and message in lines[0], res.stderr
+        assert out.read_text() == "precious"
+
+
+# --- CIFAR-10 references, from the real on-disk format ---------------------------------------
+
+
+def write_cifar10(root, n_per_batch=6):
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"batch_label": name.encode(), b"labels": [0] * n_per_batch,
+                 b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 b"filenames": [b"x.png"] * n_per_batch}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+def test_cifar10_reference_offline_and_missing(tiny_features, folders, tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+    import urllib.error
+
+    a, _ = folders
+    data = tmp_path / "data"
+    write_cifar10(data)
+    common = ["--dims", 64, "--device", "cpu", "--no-progress", "--cache-dir", tmp_path / "c",
+              "--data-root", data]
+    res = run("stats", "--ref", "cifar10-train", *common)
+    assert res.exit_code == 0, res.output
+    train = json.loads(res.stdout)
+    assert train["num_images"] == 30 and "cifar10-train-64d-" in train["cache_path"]
+    res = run("stats", "--ref", "cifar10-test", *common)
+    test = json.loads(res.stdout)
+    assert test["num_images"] == 6 and test["ref_key"] != train["ref_key"]
+    res = run("fid", a, "--ref", "cifar10-train", *common)
+    assert res.exit_code == 0 and json.loads(res.stdout)["ref_key"] == train["ref_key"]
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    # CIFAR-10 is identified by its split alone: cached statistics need no data at all ...
+    res = run("stats", "--ref", "cifar10-train", *common[:-1], tmp_path / "nodata")
+    assert res.exit_code == 0 and json.loads(res.stdout)["ref_key"] == train["ref_key"]
+    # ... and without them, a missing data root and no network is one clear line
+    res = run("stats", "--ref", "cifar10-train", "--dims", 64, "--device", "cpu", "--no-progress",
+              "--cache-dir", tmp_path / "c2", "--data-root", tmp_path / "nodata")
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code != 0 and len(lines) == 1 and "cifar-10-python.tar.gz" in lines[0], res.stderr
