@@ -32,8 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import pytorch_fid.inception as _pfi
-
 __all__ = [
     "FID_WEIGHTS_URL",
     "WEIGHTS_ENV_VAR",
@@ -51,9 +49,14 @@ __all__ = [
     "quantize_images",
 ]
 
-FID_WEIGHTS_URL: str = _pfi.FID_WEIGHTS_URL
+# pytorch-fid's values (tests check they still are); pytorch_fid itself is imported only when
+# the network is built, because it pulls in torchvision (a second of start-up).
+FID_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
 WEIGHTS_ENV_VAR = "DCGAN_MN_INCEPTION_WEIGHTS"
-FEATURE_DIMS = tuple(sorted(_pfi.InceptionV3.BLOCK_INDEX_BY_DIM))  # (64, 192, 768, 2048)
+FEATURE_DIMS = (64, 192, 768, 2048)  # pytorch_fid.inception.InceptionV3.BLOCK_INDEX_BY_DIM
 # Everything between "an image" and "a feature vector" that is not the weights or the dims:
 # bump it whenever quantization, resizing or pooling changes, so cached statistics are redone.
 PROTOCOL_VERSION = "uint8-png/pytorch-fid-0.3-resize299-bilinear/v1"
@@ -187,6 +190,8 @@ def _pytorch_fid_loads(state_dict: dict) -> Iterator[None]:
     the network's constructor; swapping that one name lets us build the library's own network
     from a file we chose and checked.
     """
+    import pytorch_fid.inception as _pfi
+
     original = _pfi.load_state_dict_from_url
     _pfi.load_state_dict_from_url = lambda *args, **kwargs: state_dict
     try:
@@ -200,6 +205,8 @@ def load_fid_inception(weights: InceptionWeights, dims: int = 2048) -> nn.Module
 
     Resizing to 299 and scaling to [-1, 1] happen inside the network, as in pytorch-fid.
     """
+    import pytorch_fid.inception as _pfi
+
     if dims not in FEATURE_DIMS:
         raise ValueError(f"--dims {dims!r}: expected one of {FEATURE_DIMS}")
     try:

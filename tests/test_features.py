@@ -48,6 +48,7 @@ def sha256(path):
 
 def test_default_url_is_pytorch_fids():
     assert FT.FID_WEIGHTS_URL == pfi.FID_WEIGHTS_URL
+    assert FT.FEATURE_DIMS == tuple(sorted(pfi.InceptionV3.BLOCK_INDEX_BY_DIM))
     assert FT.url_hash_prefix(FT.FID_WEIGHTS_URL) == "6726825d"
     assert FT.hub_cache_path().name == "pt_inception-2015-12-05-6726825d.pth"
 

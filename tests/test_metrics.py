@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pytorch_fid.fid_score import calculate_frechet_distance
 
 from dcgan_mn import metrics as M
 from dcgan_mn.config import TrainConfig
@@ -88,6 +87,8 @@ def test_streaming_moments_merge_and_errors():
 @pytest.mark.parametrize("d", [2, 16, 64, 256])  # (scipy's sqrtm breaks pytorch-fid at d=1)
 @pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")
 def test_frechet_distance_equals_pytorch_fid(d):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
     rng = np.random.default_rng(d)
     mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
     s1, s2 = random_spd(d, rng), random_spd(d, rng, scale=2.0)
@@ -389,3 +390,34 @@ def test_build_evaluator_from_train_config(tmp_path):
 @pytest.mark.parametrize("n,tag", [(10_000, "10k"), (50_000, "50k"), (2500, "2.5k"), (500, "500"), (1234, "1234")])
 def test_sample_count_tag(n, tag):
     assert M.sample_count_tag(n) == tag
+
+
+def _sharded_eval_worker(rank, world, init_file, ref_path, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    gen = Generator(z_dim=8, ngf=4, mn_layers=(0,), fit_points=64)
+    ev = M.Evaluator(TinyFeatures(batch_size=16), M.load_stats_npz(ref_path), num_samples=50,
+                     kid_subsets=3, kid_subset_size=10)
+    torch.save(ev(gen, sample_mode="batch", batch_size=8), os.path.join(out_dir, f"r{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_evaluator_sharded_over_two_ranks_equals_one_process(tiny_reference, tmp_path):
+    """Under torchrun the chunks are split across ranks and gathered: the same numbers."""
+    import torch.multiprocessing as mp
+
+    ref_path = M.save_stats_npz(tmp_path / "ref.npz", tiny_reference)
+    mp.spawn(_sharded_eval_worker, args=(2, str(tmp_path / "init"), str(ref_path), str(tmp_path)),
+             nprocs=2, join=True)
+    torch.manual_seed(0)
+    gen = Generator(z_dim=8, ngf=4, mn_layers=(0,), fit_points=64)
+    ev = M.Evaluator(TinyFeatures(batch_size=16), M.load_stats_npz(ref_path), num_samples=50,
+                     kid_subsets=3, kid_subset_size=10)
+    single = ev(gen, sample_mode="batch", batch_size=8)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"r{rank}.pt")
+        assert got["fid"] == pytest.approx(single["fid"], rel=1e-9)
+        for name in ("kid", "precision", "recall", "density", "coverage", "num_samples"):
+            assert got[name] == pytest.approx(single[name], rel=1e-9), name
