@@ -639,7 +639,8 @@ class Evaluator:
     count), generates in chunks of whole ``batch_size`` batches with the global RNG forked and
     seeded per chunk (MN's k-means++ draws), quantizes to uint8 as a PNG would, featurizes, and
     returns FID, KID and PRDC from the same pass. Under torchrun the chunks are split across
-    ranks and the features gathered; every rank gets the same result.
+    ranks and the features gathered: call it on every rank (with the unwrapped generator, not
+    the DDP wrapper); every rank gets the same result.
     """
 
     def __init__(
@@ -693,7 +694,7 @@ class Evaluator:
     # --- generators ---
 
     def latents(self, z_dim: int) -> Tensor:
-        """The fixed evaluation latents [num_samples rounded up to whole batches, z_dim] (CPU)."""
+        """The fixed evaluation latents [num_samples, z_dim] (CPU; the same for every call)."""
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randn(self.num_samples, z_dim, generator=gen)
 
