@@ -132,7 +132,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=30, help="timed repetitions per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-components", type=int, default=3, help="K for the MN layers")
     p.add_argument("--device", default="cpu")

@@ -124,7 +124,9 @@ class Generator(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         if z.dim() != 2 or z.shape[1] != self.z_dim:
-            raise ValueError(f"Generator expects z of shape [N, {self.z_dim}], got {tuple(z.shape)}")
+            raise ValueError(
+                f"Generator expects z of shape [N, {self.z_dim}], got {tuple(z.shape)}"
+            )
         return self.net(z[:, :, None, None])  # [N, 3, 32, 32]
 
     @torch.no_grad()

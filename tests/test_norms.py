@@ -60,7 +60,8 @@ def loop_reference(points: torch.Tensor, mixture: Mixture, eps: float):
         x_hat = x_hat + tau[:, j : j + 1] / lam.sqrt() * (points - e) / (v + eps).sqrt()
         lams.append(lam), means.append(e), variances.append(v)
         n_effs.append(1.0 / (w**2).sum())
-    return x_hat, tau, torch.stack(lams), torch.stack(means), torch.stack(variances), torch.stack(n_effs)
+    stacked = (torch.stack(t) for t in (lams, means, variances, n_effs))
+    return (x_hat, tau, *stacked)
 
 
 def bimodal(shape, dtype=torch.float32, seed=0, gap=3.0) -> torch.Tensor:
@@ -325,10 +326,13 @@ def _degenerate_batches():
     yield "huge", 1e4 + torch.randn(4, c, 3, 3)
     yield "huge_constant_offset", 1e4 + 1e-2 * torch.randn(4, c, 3, 3)
     yield "tiny", 1e-6 * torch.randn(4, c, 3, 3)
-    yield "one_channel_outlier", torch.cat([torch.randn(4, c - 1, 3, 3), 1e3 * torch.ones(4, 1, 3, 3)], 1)
+    outlier = torch.cat([torch.randn(4, c - 1, 3, 3), 1e3 * torch.ones(4, 1, 3, 3)], 1)
+    yield "one_channel_outlier", outlier
 
 
-@pytest.mark.parametrize("name,x", list(_degenerate_batches()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name,x", [pytest.param(name, x, id=name) for name, x in _degenerate_batches()]
+)
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_degenerate_batches_finite(name, x, k, dtype):
@@ -640,3 +644,26 @@ def test_fused_matches_fixed_stats_path_in_eval():
     tau = mixture_posteriors(to_points(x), mix)
     x_hat = mixture_normalize(to_points(x), tau, *mix, 1e-5)
     torch.testing.assert_close(to_points(y.view(x.shape)), x_hat)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_backward_twice_with_retain_graph_and_two_calls_in_one_graph(k):
+    """The fused backward reuses buffers; a second backward (retain_graph) must still agree,
+    and so must a layer applied twice before one backward."""
+    torch.manual_seed(0)
+    mn = MixtureNorm2d(4, num_components=k).double()
+    x = bimodal((4, 4, 3, 3), F64).requires_grad_()
+    g = torch.randn(4, 4, 3, 3, dtype=F64)
+    y = mn(x)
+    (first,) = torch.autograd.grad(y, x, g, retain_graph=True)
+    (second,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    x2 = bimodal((4, 4, 3, 3), F64, seed=4).requires_grad_()
+    torch.manual_seed(1)
+    y1, y2 = mn(x), mn(x2)
+    gx, gx2 = torch.autograd.grad((y1 * g).sum() + (y2 * g).sum(), [x, x2])
+    torch.manual_seed(1)
+    (want1,) = torch.autograd.grad((mn(x) * g).sum(), x)
+    (want2,) = torch.autograd.grad((mn(x2) * g).sum(), x2)
+    torch.testing.assert_close(gx, want1)
+    torch.testing.assert_close(gx2, want2)

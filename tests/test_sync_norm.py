@@ -103,7 +103,8 @@ def run_generator(rank: int | None) -> dict:
         opt.step()
         images.append(img.detach())
     module = g if rank is None else g.module
-    return {"images": images, "params": {k: v.detach().clone() for k, v in module.state_dict().items()}}
+    params = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {"images": images, "params": params}
 
 
 def run_subsampled(rank: int) -> dict:
