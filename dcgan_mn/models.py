@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .norms import MixtureNorm2d, make_norm2d
+from .sync import unsynchronized
 
 __all__ = [
     "NUM_G_NORM_LAYERS",
@@ -135,7 +136,8 @@ class Generator(nn.Module):
 
         ``mode="batch"``: norm layers use batch statistics (the computation of training), in
         chunks of ``batch_size`` (default: all of z at once); ``mode="running"``: eval mode,
-        running statistics. Returns [N, 3, 32, 32] in [-1, 1].
+        running statistics. Synchronized norm layers (``--sync-norm``) use this process's chunk
+        only, so sampling never waits for other ranks. Returns [N, 3, 32, 32] in [-1, 1].
         """
         if mode not in SAMPLE_MODES:
             raise ValueError(f"unknown sample mode {mode!r}; expected one of {SAMPLE_MODES}")
@@ -145,7 +147,8 @@ class Generator(nn.Module):
         was_training = self.training
         devices = [z.device] if z.device.type == "cuda" else []
         try:
-            with preserved_norm_state(self), torch.random.fork_rng(devices=devices):
+            with preserved_norm_state(self), torch.random.fork_rng(devices=devices), \
+                    unsynchronized(self):
                 self.train(mode == "batch")
                 return torch.cat([self(zc) for zc in z.split(chunk)])
         finally:

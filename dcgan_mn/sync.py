@@ -13,16 +13,18 @@ one process would on the concatenated batch:
   sums (``MixtureMoments``) are all-reduced with an autograd-aware all-reduce, so outputs,
   input gradients and running statistics equal single-process MN on the concatenated batch.
 
-Synchronization happens in training mode only (as in torch's SyncBatchNorm), also for
-``Generator.sample(mode="batch")``, which runs the norm layers in training mode: every rank must
-then make the same sequence of calls. Parameters and buffers are shared with the converted
-modules and state_dict keys do not change, so checkpoints move freely between synchronized and
-plain models.
+Synchronization happens in training mode only (as in torch's SyncBatchNorm). Inside
+``unsynchronized(model)`` the layers normalize with their own process's batch, as plain layers
+do; ``Generator.sample`` uses it, so sampling is never a collective operation and ranks may
+sample different amounts. Parameters and buffers are shared with the converted modules and
+state_dict keys do not change, so checkpoints move freely between synchronized and plain models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,7 +32,13 @@ from torch import Tensor, nn
 
 from .norms import Mixture, MixtureMoments, MixtureNorm2d, kmeans_mixture, sample_fit_points
 
-__all__ = ["convert_sync_norms", "PortableSyncBatchNorm", "SyncMixtureNorm2d", "all_reduce_sum"]
+__all__ = [
+    "convert_sync_norms",
+    "unsynchronized",
+    "PortableSyncBatchNorm",
+    "SyncMixtureNorm2d",
+    "all_reduce_sum",
+]
 
 # Device types torch's nn.SyncBatchNorm runs on; elsewhere we use PortableSyncBatchNorm.
 _TORCH_SYNC_BN_DEVICES = ("cuda", "hpu", "xpu")
@@ -86,9 +94,10 @@ class SyncMixtureNorm2d(MixtureNorm2d):
     def __init__(self, *args, process_group=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.process_group = process_group
+        self.sync_enabled = True  # False inside unsynchronized()
 
     def _sync_now(self) -> bool:
-        return self.training and _world_size(self.process_group) > 1
+        return self.sync_enabled and self.training and _world_size(self.process_group) > 1
 
     def _fit_batch_mixture(self, x: Tensor, dtype: torch.dtype) -> Mixture:
         if not self._sync_now():
@@ -166,13 +175,14 @@ class PortableSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                  dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
+        self.sync_enabled = True  # False inside unsynchronized()
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor) -> Tensor:
-        if not (self.training and _world_size(self.process_group) > 1):
+        if not (self.sync_enabled and self.training and _world_size(self.process_group) > 1):
             return super().forward(input)  # plain BatchNorm
         self._check_input_dim(input)
         group = self.process_group
@@ -226,6 +236,34 @@ def _share_state(old: nn.Module, new: nn.Module) -> None:
     for name, buf in old.named_buffers(recurse=False):
         setattr(new, name, buf)
     new.train(old.training)
+
+
+class _LocalSyncBatchNorm(nn.SyncBatchNorm):
+    """What a torch ``nn.SyncBatchNorm`` is while ``unsynchronized``: a plain BatchNorm."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return nn.modules.batchnorm._BatchNorm.forward(self, input)
+
+
+@contextlib.contextmanager
+def unsynchronized(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every synchronized norm layer of ``module`` uses only this process's
+    batch (no collectives), e.g. to sample images on some ranks and not others."""
+    ours, torchs = [], []
+    for m in module.modules():
+        if isinstance(m, (SyncMixtureNorm2d, PortableSyncBatchNorm)):
+            ours.append((m, m.sync_enabled))
+            m.sync_enabled = False
+        elif type(m) is nn.SyncBatchNorm:
+            torchs.append(m)
+            m.__class__ = _LocalSyncBatchNorm  # same state, forward of a plain BatchNorm
+    try:
+        yield module
+    finally:
+        for m, enabled in ours:
+            m.sync_enabled = enabled
+        for m in torchs:
+            m.__class__ = nn.SyncBatchNorm
 
 
 def _device_type(module: nn.Module) -> str:

@@ -18,7 +18,12 @@ from torch import nn
 
 from dcgan_mn.models import Generator
 from dcgan_mn.norms import MixtureNorm2d
-from dcgan_mn.sync import PortableSyncBatchNorm, SyncMixtureNorm2d, convert_sync_norms
+from dcgan_mn.sync import (
+    PortableSyncBatchNorm,
+    SyncMixtureNorm2d,
+    convert_sync_norms,
+    unsynchronized,
+)
 
 WORLD = 2
 N_PER_RANK = 4
@@ -119,6 +124,17 @@ def run_subsampled(rank: int) -> dict:
             "finite": bool(torch.isfinite(x.grad).all())}
 
 
+def run_sampling(rank: int | None) -> torch.Tensor | None:
+    """Batch-mode sampling with synchronized norms is local: rank 0 samples, rank 1 does not."""
+    torch.manual_seed(0)
+    g = Generator(z_dim=8, ngf=2, mn_layers="0", num_components=3).double()
+    if rank is not None:
+        g = convert_sync_norms(g)
+    z = torch.randn(6, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    torch.manual_seed(5)
+    return g.sample(z, "batch", batch_size=4) if rank in (None, 0) else None
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -132,6 +148,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             results[case] = run_norm(module, rank)
         results["generator"] = run_generator(rank)
         results["subsampled"] = run_subsampled(rank)
+        results["sampling"] = run_sampling(rank)
+        dist.barrier()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -193,6 +211,11 @@ def test_subsampled_fit_is_shared_by_all_ranks(ranks):
     assert int(a["buffers"]["num_batches_tracked"]) == 1
 
 
+def test_sampling_with_sync_norms_is_local(ranks):
+    assert ranks[1]["sampling"] is None
+    torch.testing.assert_close(ranks[0]["sampling"], run_sampling(None), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # In-process checks (no process group)
 # --------------------------------------------------------------------------------------------
@@ -230,3 +253,20 @@ def test_without_process_group_sync_norms_are_plain_norms(spec):
     torch.testing.assert_close(g(z), y0, rtol=0, atol=0)
     for k, v in g.state_dict().items():
         torch.testing.assert_close(v, after[k], rtol=0, atol=0)
+
+
+def test_unsynchronized_restores_every_layer():
+    model = nn.Sequential(
+        convert_sync_norms(MixtureNorm2d(3)), convert_sync_norms(nn.BatchNorm2d(3)),
+        nn.SyncBatchNorm(3),
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        with unsynchronized(model):
+            assert not model[0].sync_enabled and not model[1].sync_enabled
+            assert type(model[2]) is not nn.SyncBatchNorm
+            assert isinstance(model[2], nn.SyncBatchNorm)
+            y = model(torch.randn(4, 3, 2, 2))  # plain BatchNorm on CPU
+            assert y.shape == (4, 3, 2, 2)
+            raise RuntimeError("boom")
+    assert model[0].sync_enabled and model[1].sync_enabled
+    assert type(model[2]) is nn.SyncBatchNorm
