@@ -259,13 +259,15 @@ def _print_curve(rows) -> None:
               help="also write pytorch-fid's .npz (mu, sigma; plus meta and real features) here")
 @click.option("--stats-only", is_flag=True, help="with --out: write only mu and sigma")
 @click.option("--force", is_flag=True, help="with --out: replace an existing file")
-@click.option("--dims", default="2048", type=click.Choice(DIMS_CHOICES))
-@click.option("--device", default="auto")
-@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False))
-@click.option("--data-root", default="data")
+@click.option("--dims", default="2048", type=click.Choice(DIMS_CHOICES), help="Inception feature block")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
+              help="local FID Inception weights (else $DCGAN_MN_INCEPTION_WEIGHTS, else the torch hub cache)")
+@click.option("--data-root", default="data", help="where CIFAR-10 is (downloaded on first use)")
 @click.option("--cache-dir", default=None, help="reference-statistics cache (default ~/.cache/dcgan_mn)")
-@click.option("--feature-batch-size", default=None, type=int)
-@click.option("--progress/--no-progress", default=True)
+@click.option("--feature-batch-size", default=None, type=int,
+              help="images per Inception pass (default 500 on CUDA, 50 on CPU)")
+@click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
 def stats(ref, out, stats_only, force, dims, device, inception_weights, data_root, cache_dir,
           feature_batch_size, progress):
     """Compute (or find in the cache) the reference statistics of --ref."""
