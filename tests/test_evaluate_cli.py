@@ -112,14 +112,9 @@ def test_fid_of_two_folders_equals_pytorch_fid(weights_file, folders, tmp_path, 
     with np.load(npz) as f:
         np.testing.assert_allclose(f["mu"], mu_b, rtol=1e-5, atol=1e-6 * np.abs(mu_b).max())
         np.testing.assert_allclose(f["sigma"], sigma_b, rtol=1e-4, atol=1e-5 * np.abs(sigma_b).max())
-    # a pytorch-fid .npz (mu and sigma only) works as --ref and gives the same FID
-    with np.load(npz) as f:
-        np.savez(tmp_path / "plain.npz", mu=f["mu"], sigma=f["sigma"])
-    res = run("fid", a, "--ref", tmp_path / "plain.npz", *common)
-    assert res.exit_code == 0, res.output
-    got = json.loads(res.stdout)
-    assert got["results"][0]["fid"] == pytest.approx(row["fid"], rel=1e-9)
-    assert got["results"][0]["kid"] is None  # no real features in a plain pytorch-fid file
+    # our FID is pytorch-fid's Frechet distance of our statistics of a against the exported b
+    assert row["fid"] == pytest.approx(
+        calculate_frechet_distance(mu_a, sigma_a, np.load(npz)["mu"], np.load(npz)["sigma"]), rel=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -246,6 +241,13 @@ def test_fid_of_run_folder_and_checkpoint(tiny_features, folders, tmp_path):
     assert res.exit_code == 0, res.output
     (row,) = json.loads(res.stdout)["results"]
     assert (row["iteration"], row["sample_mode"], row["fid"]) == (100, "running", rows[1]["fid"])
+    # a plain pytorch-fid .npz (mu, sigma) as --ref: the same FID, no KID/PRDC (no real features)
+    ref = load_reference(str(b), TinyFeatures(), cache_dir=tmp_path / "c")
+    np.savez(tmp_path / "plain.npz", mu=ref.mu, sigma=ref.sigma)
+    res = run("fid", run_dir / "snapshots" / "G-00000100.pt", *common[2:], "--ref", tmp_path / "plain.npz")
+    assert res.exit_code == 0, res.output
+    (plain,) = json.loads(res.stdout)["results"]
+    assert plain["fid"] == pytest.approx(row["fid"], rel=1e-12) and plain["kid"] is None
 
 
 def test_generator_bad_inputs(tiny_features, folders, tmp_path):
