@@ -667,3 +667,17 @@ def test_backward_twice_with_retain_graph_and_two_calls_in_one_graph(k):
     (want2,) = torch.autograd.grad((mn(x2) * g).sum(), x2)
     torch.testing.assert_close(gx, want1)
     torch.testing.assert_close(gx2, want2)
+
+
+def test_running_var_correction_is_capped_for_tiny_components():
+    """n_eff / (n_eff - 1) for n_eff >= 2 (BN's correction), n_eff itself below 2: a component
+    holding about one point's worth of posterior mass cannot blow the running variance up."""
+    mn = MixtureNorm2d(2, num_components=3, momentum=None).double()
+    lam = torch.tensor([0.5, 0.49, 0.01], dtype=F64)
+    mean = torch.zeros(3, 2, dtype=F64)
+    var = torch.ones(3, 2, dtype=F64)
+    n_eff = torch.tensor([10.0, 2.0, 1.0 + 1e-9], dtype=F64)
+    mn._update_running(lam, mean, var, n_eff)  # momentum None, first batch: factor 1
+    want = torch.tensor([10 / 9, 2.0, 1.0 + 1e-9], dtype=F64)
+    torch.testing.assert_close(mn.running_var, want.unsqueeze(1).expand(3, 2))
+    torch.testing.assert_close(mn.running_weight, lam)
