@@ -14,7 +14,15 @@ from typing import Any, Optional
 
 from .models import NUM_G_NORM_LAYERS, SAMPLE_MODES, parse_mn_layers
 
-__all__ = ["TrainConfig", "ConfigError", "config_from_dict"]
+__all__ = [
+    "TrainConfig",
+    "ConfigError",
+    "config_from_dict",
+    "flag_name",
+    "RESUME_FIXED",
+    "resume_config",
+    "default_run_name",
+]
 
 DATASETS = ("cifar10", "folder")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -145,6 +153,55 @@ def config_from_dict(d: dict) -> TrainConfig:
     if "mn_layers" in d:
         d["mn_layers"] = tuple(d["mn_layers"])
     return TrainConfig(**d)
+
+
+def flag_name(field_name: str) -> str:
+    """The CLI flag of a config field: ``mn_layers`` -> ``--mn-layers``."""
+    return "--" + field_name.replace("_", "-")
+
+
+# What a resumed run must keep: the model, the optimisation, the data and the evaluation
+# protocol. Everything else (length, device, logging cadence, speed switches) may change.
+RESUME_FIXED = (
+    "z_dim", "ngf", "ndf", "mn_layers", "mn_components", "mn_fit_points", "mn_kmeans_iters",
+    "lr", "beta1", "beta2", "batch_size", "seed", "dataset", "hflip", "sample_mode", "ref", "dims",
+)
+
+
+def resume_config(saved: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """The config of a resumed run: the checkpoint's, with the flags the user gave.
+
+    A flag that would change a ``RESUME_FIXED`` field is refused (one line naming flag, value
+    and the checkpoint's value); ``--out`` and ``--run-name`` are refused because the run folder
+    is the checkpoint's. Giving a fixed flag its saved value is fine.
+    """
+    for name in ("out", "run_name"):
+        if name in overrides:
+            raise ConfigError(
+                f"{flag_name(name)} {overrides[name]!r}: cannot be combined with --resume "
+                f"(the run continues in the checkpoint's folder)"
+            )
+    probe = dataclasses.replace(saved, **overrides)  # validates and normalises the values
+    for name in RESUME_FIXED:
+        if name in overrides and getattr(probe, name) != getattr(saved, name):
+            value = getattr(probe, name)
+            was = getattr(saved, name)
+            if name == "mn_layers":
+                value, was = ",".join(map(str, value)) or "none", ",".join(map(str, was)) or "none"
+            raise ConfigError(
+                f"{flag_name(name)} {value!r}: conflicts with the resumed run's {name}={was!r} "
+                f"(the model, optimisation, data and evaluation protocol are fixed by --resume)"
+            )
+    return probe
+
+
+def default_run_name(cfg: TrainConfig, when: Optional[float] = None) -> str:
+    """``20250101-120000-mn01-k3-s0``: time, MN layers, K and seed (BN-only runs: ``bn``)."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    arch = f"mn{''.join(map(str, cfg.mn_layers))}-k{cfg.mn_components}" if cfg.mn_layers else "bn"
+    return f"{stamp}-{arch}-s{cfg.seed}"
 
 
 assert NUM_G_NORM_LAYERS == 3  # the config's help texts assume the 3-layer 32x32 generator

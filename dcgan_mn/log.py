@@ -1,0 +1,158 @@
+"""What a run writes while it trains: TensorBoard events, ``metrics.jsonl``, the progress bar.
+
+``RunLogger`` is the one object the training loop talks to. It takes host numbers (the loop
+reads its device accumulators only at log time), so nothing here forces a device sync.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from torch import Tensor
+
+__all__ = ["write_json_atomic", "append_jsonl", "read_jsonl", "drop_rows_after", "RunLogger"]
+
+PathLike = Union[str, Path]
+
+
+def write_json_atomic(path: PathLike, obj: Any) -> Path:
+    """Write JSON to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/Inf are not JSON: write them as null so every line stays parseable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def append_jsonl(path: PathLike, row: dict) -> None:
+    """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
+    line = json.dumps({k: _json_safe(v) for k, v in row.items()})
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: PathLike) -> list[dict]:
+    """Rows of a JSON-lines file; a truncated last line (a crash mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return rows
+
+
+def drop_rows_after(path: PathLike, iteration: int) -> int:
+    """Remove the rows of ``metrics.jsonl`` past ``iteration`` (written after the checkpoint a
+    run resumes from, so the resumed run will write them again); returns how many."""
+    path = Path(path)
+    rows = read_jsonl(path)
+    kept = [r for r in rows if r.get("iteration", 0) <= iteration]
+    if len(kept) == len(rows) and path.is_file() and path.read_text().endswith("\n"):
+        return 0
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        for r in kept:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+    return len(rows) - len(kept)
+
+
+class RunLogger:
+    """TensorBoard events in the run folder, ``metrics.jsonl``, and a tqdm progress bar.
+
+    ``purge_step``: on resume, events a crashed run wrote at or after this step are hidden by
+    TensorBoard, so a resumed curve has no doubled segment.
+    """
+
+    def __init__(self, run_dir: PathLike, *, total_iters: int, start_iter: int = 0,
+                 purge_step: Optional[int] = None, progress: bool = True,
+                 enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
+        self.bar = tqdm(total=total_iters, initial=start_iter, disable=not (progress and enabled),
+                        unit="it", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+        self.postfix: dict[str, str] = {}
+
+    # --- TensorBoard ---
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for tag, v in values.items():
+                if v is not None:
+                    self.writer.add_scalar(tag, v, step)
+
+    def image(self, tag: str, image_chw: Tensor, step: int) -> None:
+        """One image [3, H, W] with values in [0, 1]."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image_chw, step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    # --- metrics.jsonl ---
+
+    def metrics_row(self, row: dict) -> None:
+        if self.enabled:
+            append_jsonl(self.metrics_path, row)
+
+    # --- progress bar ---
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def show(self, **values: str) -> None:
+        """Replace some of the bar's postfix fields (e.g. losses at log time, fid at evaluation)."""
+        self.postfix.update(values)
+        self.bar.set_postfix(self.postfix, refresh=False)
+
+    def message(self, text: str) -> None:
+        """A line above the bar (or on stderr when the bar is off)."""
+        if self.enabled:
+            self.bar.write(text, file=sys.stderr)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,463 @@
+"""The training loop: ``train(cfg)`` trains the DCGAN and leaves a run folder.
+
+One iteration = one discriminator step then one generator step on ``cfg.batch_size`` images;
+progress is counted in iterations (generator updates, the paper's unit) and images seen.
+
+The loop never waits for the device except when it has to: losses and D outputs are summed
+into a device tensor and read once per ``--log-every`` iterations; MN telemetry is read at the
+same time. Evaluation, sample grids and checkpoint writes pause the training clock, so
+``train_seconds`` is training time only, carried across resumes.
+
+A run stopped at iteration t (by ``--iters``, SIGINT or SIGTERM) and resumed from its checkpoint
+continues exactly as if it had not stopped: the checkpoint holds every random-number state, the
+data order, the optimizers and the half-filled logging window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig, default_run_name, resume_config
+from .data import BatchSampler, load_dataset
+from .log import RunLogger, drop_rows_after, write_json_atomic
+from .losses import discriminator_loss, generator_loss
+from .models import Discriminator, Generator
+from .norms import MixtureNorm2d
+
+__all__ = [
+    "Evaluator",
+    "TrainResult",
+    "resolve_device",
+    "resolve_run_dir",
+    "load_resume",
+    "train",
+]
+
+# --compile uses TorchInductor; DCGAN_MN_COMPILE_BACKEND picks another torch.compile backend
+# (e.g. "aot_eager" to check a model traces without building kernels, or "cudagraphs").
+
+# evaluator(generator, *, sample_mode, batch_size) -> {"fid": float, "num_samples": int, ...}
+Evaluator = Callable[..., dict]
+
+GRID_SIZE = 64  # the fixed-noise sample grid is 8 x 8
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Evaluator keys that are bookkeeping, not curves worth a TensorBoard scalar.
+_NOT_METRICS = {"num_samples", "metric_samples", "batch_size", "seed", "dims", "prdc_k",
+                "eval_seconds", "iteration", "images_seen", "train_seconds"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    config: TrainConfig
+    iteration: int
+    images_seen: int
+    train_seconds: float
+    stopped_by: Optional[str]  # "SIGINT" / "SIGTERM" when a signal ended the run early
+    checkpoint: Optional[Path]  # the last full checkpoint written
+    best_fid: Optional[float]
+    best_iteration: Optional[int]
+    last_log: dict  # the last logged window's means (losses, D outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up helpers (nothing here writes a file)
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu; a clear error for an unusable device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {spec!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {spec!r}: MPS is not available on this machine")
+    return device
+
+
+def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
+    """(cfg with its run name filled in, the new run's folder), refusing an existing run."""
+    out = Path(cfg.out).expanduser()
+    if cfg.run_name is None:
+        base = default_run_name(cfg)
+        name, n = base, 1
+        while (out / name).exists():  # two runs started in the same second
+            n += 1
+            name = f"{base}-{n}"
+        cfg = cfg.replace(run_name=name)
+    if not cfg.run_name or Path(cfg.run_name).name != cfg.run_name or cfg.run_name in (".", ".."):
+        raise ConfigError(f"--run-name {cfg.run_name!r}: must be a plain folder name")
+    run_dir = out / cfg.run_name
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ConfigError(
+            f"--run-name {cfg.run_name!r}: {run_dir} already exists; continue that run with "
+            f"--resume {run_dir}, or choose another --run-name"
+        )
+    return cfg, run_dir
+
+
+def load_resume(target: Union[str, Path]) -> tuple[Path, Path, dict, TrainConfig]:
+    """(run folder, checkpoint path, checkpoint dict, its config) for ``--resume TARGET``."""
+    run_dir, path = ckpt.resolve_resume(target)
+    payload = ckpt.load_checkpoint(path, map_location="cpu")
+    if payload["kind"] != "full":
+        raise ckpt.CheckpointError(
+            f"--resume {str(target)!r}: a generator-only snapshot cannot be resumed; use a "
+            f"full checkpoint (ckpt-*.pt) or the run folder"
+        )
+    newer = [p.name for i, p in ckpt.list_checkpoints(run_dir) if i > payload["iteration"]]
+    if newer:
+        raise ckpt.CheckpointError(
+            f"--resume {str(target)!r}: the run folder has newer checkpoints ({', '.join(newer)}); "
+            f"resume the folder itself, or copy this checkpoint into a new folder to branch off"
+        )
+    return run_dir, path, payload, ckpt.checkpoint_config(payload, path)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _fixed_noise(cfg: TrainConfig, device: torch.device) -> Tensor:
+    """The grid's latents [64, z_dim]: from their own generator, so no other draw moves them."""
+    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    return torch.randn(GRID_SIZE, cfg.z_dim, generator=gen).to(device)
+
+
+class _Clock:
+    """Training-only wall time: runs from the start, paused while we evaluate or write files."""
+
+    def __init__(self, already: float = 0.0) -> None:
+        self.already = already
+        self.started = time.perf_counter()
+        self.paused_for = 0.0
+
+    def seconds(self) -> float:
+        return self.already + (time.perf_counter() - self.started) - self.paused_for
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_for += time.perf_counter() - t0
+
+
+class _StopOnSignals:
+    """SIGINT / SIGTERM set a flag that the loop checks after each iteration; the loop then
+    saves a checkpoint and returns. A second signal acts as usual (KeyboardInterrupt / exit)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        for sig, handler in self._previous.items():  # the next one is not deferred
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> "_StopOnSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    evaluator: Optional[Evaluator] = None,
+    resume: Union[str, Path, None] = None,
+    images: Optional[Tensor] = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train per ``cfg`` and return where the run stands.
+
+    ``evaluator(generator, *, sample_mode, batch_size) -> {"fid": ..., "num_samples": ..., ...}``
+    is called every ``cfg.fid_every`` iterations (and at the end); without one, nothing is
+    evaluated. ``resume``: a run folder or full checkpoint to continue (``cfg`` must agree with
+    its config on everything in ``config.RESUME_FIXED``). ``images``: uint8 [N, 3, 32, 32]
+    training images, instead of loading ``cfg.dataset``.
+    """
+    # ---- Decide the run folder and read what we resume from. Nothing is written yet, so any
+    # ---- bad input below leaves existing runs untouched.
+    payload = None
+    if resume is not None:
+        run_dir, resume_path, payload, saved = load_resume(resume)
+        changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                   if f.name not in ("out", "run_name", "extra")
+                   and getattr(cfg, f.name) != getattr(saved, f.name)}
+        cfg = resume_config(saved, changed).replace(out=str(run_dir.parent), run_name=run_dir.name)
+    else:
+        cfg, run_dir = resolve_run_dir(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"--amp 'fp16' needs a CUDA device (got {device}); use --amp bf16")
+    if images is None:
+        images = load_dataset(cfg)  # uint8 [N, 3, 32, 32]
+    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (3, 32, 32):
+        raise ConfigError(f"training images must be uint8 [N, 3, 32, 32], got {images.dtype} {tuple(images.shape)}")
+    sampler = BatchSampler(images.to(device), cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip)
+    cfg = cfg.replace(extra={**cfg.extra, "device": str(device), "torch": str(torch.__version__),
+                             "num_train_images": int(images.shape[0])})
+
+    # ---- Build the models, the optimizers and the fixed grid noise, all from cfg.seed.
+    _seed_everything(cfg.seed)
+    G = Generator(**cfg.model_kwargs()).to(device)
+    D = Discriminator(cfg.ndf).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    G.to(memory_format=memory_format)
+    D.to(memory_format=memory_format)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    fixed_noise = _fixed_noise(cfg, device)  # [64, z_dim]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+
+    # ---- Restore the state of the run we resume (weights, optimizers, RNGs, data order).
+    iteration = 0
+    best = {"fid": None, "iteration": None}
+    log_sums = torch.zeros(4, device=device)  # loss_D, loss_G, D(x), D(G(z)) summed over the window
+    log_count = 0
+    train_seconds = 0.0
+    if payload is not None:
+        G.load_state_dict(payload["generator"])
+        D.load_state_dict(payload["discriminator"])
+        opt_g.load_state_dict(payload["opt_g"])
+        opt_d.load_state_dict(payload["opt_d"])
+        if payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
+        sampler.load_state_dict(payload["data"])
+        fixed_noise = payload["fixed_noise"].to(device)
+        best = dict(payload.get("best") or best)
+        iteration = int(payload["iteration"])
+        train_seconds = float(payload.get("train_seconds", 0.0))
+        window = payload.get("log_window") or {}
+        if "sums" in window:
+            log_sums.copy_(window["sums"])
+            log_count = int(window["count"])
+        ckpt.restore_rng_state(payload["rng"], device)  # last: set-up above drew random numbers
+
+    # ---- Open the run folder: config, TensorBoard, metrics.jsonl, progress bar.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", cfg.to_dict())
+    if payload is not None:
+        dropped = drop_rows_after(run_dir / "metrics.jsonl", iteration)
+    logger = RunLogger(run_dir, total_iters=cfg.iters, start_iter=iteration,
+                       purge_step=iteration + 1 if payload is not None else None, progress=progress)
+    if payload is not None:
+        logger.message(f"resuming {run_dir} at iteration {iteration}"
+                       + (f" (dropped {dropped} metrics rows written after that checkpoint)" if dropped else ""))
+    else:
+        logger.text("config", "    " + cfg.to_json().replace("\n", "\n    "))  # markdown code block
+
+    # The step functions may be compiled; sampling, state dicts and telemetry use G and D.
+    compile_backend = os.environ.get("DCGAN_MN_COMPILE_BACKEND", "inductor")
+    G_step = torch.compile(G, backend=compile_backend) if cfg.compile else G
+    D_step = torch.compile(D, backend=compile_backend) if cfg.compile else D
+    evaluating = evaluator is not None and cfg.fid_every > 0
+    cuda_devices = [device] if device.type == "cuda" else []
+    clock = _Clock(train_seconds)
+    last_ckpt: Optional[Path] = None
+    last_log: dict = {}
+    window_start = (time.perf_counter(), iteration)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    def due(every: int) -> bool:
+        return every > 0 and iteration % every == 0
+
+    def write_logs() -> None:
+        """Read the window's device sums (the one sync per --log-every) and log them."""
+        nonlocal log_count, window_start, last_log
+        loss_d, loss_g, d_real, d_fake = (log_sums / log_count).tolist()
+        log_sums.zero_()
+        log_count = 0
+        now = time.perf_counter()
+        it_per_s = (iteration - window_start[1]) / max(now - window_start[0], 1e-9)
+        window_start = (now, iteration)
+        last_log = {"loss_D": loss_d, "loss_G": loss_g, "D_x": d_real, "D_G_z": d_fake}
+        values = {"loss/D": loss_d, "loss/G": loss_g, "D/real": d_real, "D/fake": d_fake,
+                  "time/it_per_s": it_per_s, "time/images_per_s": it_per_s * cfg.batch_size,
+                  "time/train_seconds": clock.seconds(), "progress/images_seen": iteration * cfg.batch_size,
+                  "progress/epoch": sampler.epoch}
+        for i, layer in enumerate(G.norm_layers):  # MN telemetry, per MN layer
+            if isinstance(layer, MixtureNorm2d):
+                t = layer.telemetry()
+                if t:
+                    values[f"mn/layer{i}/posterior_entropy"] = t["posterior_entropy"].item()
+                    values[f"mn/layer{i}/effective_components"] = t["effective_components"].item()
+                    weights = sorted(t["mixture_weight"].tolist(), reverse=True)  # unlabelled: sort
+                    for k, w in enumerate(weights):
+                        values[f"mn/layer{i}/weight_sorted_{k}"] = w
+        logger.scalars(values, iteration)
+        logger.show(D=f"{loss_d:.3f}", G=f"{loss_g:.3f}", Dx=f"{d_real:.2f}", DGz=f"{d_fake:.2f}")
+
+    def write_grid() -> None:
+        """The fixed-noise 8x8 grid in the configured sample mode (buffers and RNG untouched)."""
+        from torchvision.utils import make_grid
+
+        with clock.paused():
+            fake = G.sample(fixed_noise, mode=cfg.sample_mode, batch_size=cfg.batch_size)  # [64, 3, 32, 32]
+            grid = make_grid(fake.float().cpu() * 0.5 + 0.5, nrow=8, padding=2)  # [3, 274, 274]
+            logger.image(f"samples/{cfg.sample_mode}", grid.clamp(0, 1), iteration)
+
+    def evaluate() -> None:
+        """Score G, append a metrics.jsonl row, snapshot G, keep best.pt."""
+        train_s = clock.seconds()
+        with clock.paused():
+            t0 = time.perf_counter()
+            with torch.random.fork_rng(devices=cuda_devices):  # evaluation must not move training's RNG
+                result = dict(evaluator(G, sample_mode=cfg.sample_mode, batch_size=cfg.batch_size))
+            row = {"iteration": iteration, "images_seen": iteration * cfg.batch_size,
+                   "sample_mode": cfg.sample_mode, "train_seconds": round(train_s, 3),
+                   **{k: v for k, v in result.items() if k not in ("iteration", "images_seen", "train_seconds")},
+                   "eval_seconds": round(time.perf_counter() - t0, 3)}
+            logger.metrics_row(row)
+            from .metrics import sample_count_tag  # e.g. 10000 -> "10k"
+
+            tag = sample_count_tag(int(result.get("num_samples", 0)))
+            logger.scalars({f"metrics/{k}_{tag}": float(v) for k, v in result.items()
+                            if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)},
+                           iteration)
+            logger.scalars({"time/eval_seconds": row["eval_seconds"]}, iteration)
+            snapshot = ckpt.generator_payload(G, cfg, iteration, iteration * cfg.batch_size, metrics=row)
+            ckpt.save_checkpoint(ckpt.snapshot_path(run_dir, iteration), snapshot)
+            fid = result.get("fid")
+            if fid is not None and math.isfinite(fid) and (best["fid"] is None or fid < best["fid"]):
+                best.update(fid=float(fid), iteration=iteration)
+                ckpt.save_checkpoint(ckpt.best_path(run_dir), snapshot)
+            if fid is not None:
+                logger.show(fid=f"{fid:.2f}")
+
+    def save() -> Path:
+        """A full checkpoint (and a snapshot when there is no evaluation); prune old ones."""
+        train_s = clock.seconds()
+        with clock.paused():
+            payload = ckpt.generator_payload(G, cfg, iteration, iteration * cfg.batch_size)
+            payload.update(
+                kind="full", discriminator=D.state_dict(), opt_g=opt_g.state_dict(),
+                opt_d=opt_d.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                rng=ckpt.capture_rng_state(device), data=sampler.state_dict(),
+                fixed_noise=fixed_noise.cpu(), best=dict(best), train_seconds=train_s,
+                log_window={"sums": log_sums.cpu(), "count": log_count},
+            )
+            path = ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, iteration), payload)
+            if not evaluating:
+                ckpt.save_checkpoint(ckpt.snapshot_path(run_dir, iteration),
+                                     ckpt.generator_payload(G, cfg, iteration, iteration * cfg.batch_size))
+            ckpt.prune_checkpoints(run_dir, cfg.keep_last)
+            return path
+
+    # ---- Train: one D step then one G step per iteration, until cfg.iters or a signal.
+    start_iteration = iteration
+    stop = _StopOnSignals()
+    try:
+        with stop:
+            while iteration < cfg.iters and stop.received is None:
+                real = sampler.next()  # [B, 3, 32, 32] in [-1, 1], on device
+                if cfg.channels_last:
+                    real = real.contiguous(memory_format=torch.channels_last)
+                z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)  # [B, z_dim]
+
+                # Discriminator step: push D(x) up and D(G(z)) down. G's output is detached here
+                # and reused by the generator step, so G runs forward once per iteration.
+                with autocast():
+                    fake = G_step(z)  # [B, 3, 32, 32]
+                    real_logits = D_step(real)  # [B]
+                    fake_logits = D_step(fake.detach())  # [B]
+                    loss_d = discriminator_loss(real_logits, fake_logits)
+                opt_d.zero_grad(set_to_none=True)
+                scaler.scale(loss_d).backward()
+                scaler.step(opt_d)
+
+                # Generator step: make D call the same fakes real (non-saturating loss). D's
+                # weights are frozen so the backward pass skips their gradients.
+                D.requires_grad_(False)
+                with autocast():
+                    loss_g = generator_loss(D_step(fake))
+                opt_g.zero_grad(set_to_none=True)
+                scaler.scale(loss_g).backward()
+                scaler.step(opt_g)
+                scaler.update()
+                D.requires_grad_(True)
+                iteration += 1
+
+                # Accumulate the numbers to log on the device; read them every --log-every.
+                with torch.no_grad():
+                    log_sums += torch.stack([
+                        loss_d.detach(), loss_g.detach(),
+                        torch.sigmoid(real_logits.detach().float()).mean(),
+                        torch.sigmoid(fake_logits.detach().float()).mean(),
+                    ])
+                log_count += 1
+                logger.advance()
+                if due(cfg.log_every):
+                    write_logs()
+                if due(cfg.sample_every):
+                    write_grid()
+                if evaluating and due(cfg.fid_every):
+                    evaluate()
+                if due(cfg.ckpt_every) or stop.received is not None:
+                    last_ckpt = save()
+
+            # ---- The end of the run: a last grid, evaluation and checkpoint where they are due.
+            finished = stop.received is None
+            if finished and iteration > start_iteration:
+                if cfg.sample_every > 0 and not due(cfg.sample_every):
+                    write_grid()
+                if evaluating and not due(cfg.fid_every):
+                    evaluate()
+            if last_ckpt is None or ckpt.checkpoint_path(run_dir, iteration) != last_ckpt:
+                if iteration > start_iteration or payload is None:
+                    last_ckpt = save()
+    finally:
+        logger.close()
+    if stop.received is not None:
+        logger.message(f"{stop.received}: stopped at iteration {iteration}; checkpoint {last_ckpt}; "
+                       f"continue with: python train.py --resume {run_dir}")
+    return TrainResult(
+        run_dir=run_dir, config=cfg, iteration=iteration, images_seen=iteration * cfg.batch_size,
+        train_seconds=clock.seconds(), stopped_by=stop.received, checkpoint=last_ckpt,
+        best_fid=best["fid"], best_iteration=best["iteration"], last_log=last_log,
+    )

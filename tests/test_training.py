@@ -1,0 +1,255 @@
+"""The training loop on CPU with tiny models: exact resume, the evaluator hook, TensorBoard,
+checkpoint layout, and the speed switches (bf16 autocast, channels_last, torch.compile)."""
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from conftest import read_tensorboard
+from dcgan_mn import checkpoint as C
+from dcgan_mn.config import ConfigError, TrainConfig
+from dcgan_mn.training import train
+
+pytestmark = pytest.mark.usefixtures("train_single_thread")
+
+
+def tiny_images(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+def tiny_cfg(tmp_path, **kw):
+    base = dict(ngf=8, ndf=8, batch_size=8, iters=6, log_every=2, sample_every=0, ckpt_every=0,
+                fid_every=0, device="cpu", out=str(tmp_path / "runs"), run_name="run", mn_fit_points=64)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def state_of(run_dir):
+    """Everything a run's newest checkpoint holds that must match bitwise."""
+    p = C.load_checkpoint(C.find_latest_checkpoint(run_dir))
+    return p
+
+
+def assert_same_tensors(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+class FakeEvaluator:
+    """Deterministic stand-in for the FID evaluator: FID from a fixed table, plus a value that
+    depends on G's weights so a resumed run is checked too; draws random numbers on purpose
+    (training must shield its RNG from the evaluator)."""
+
+    def __init__(self, fids, sleep_s=0.0):
+        self.fids = list(fids)
+        self.calls = []
+        self.sleep_s = sleep_s
+
+    def __call__(self, generator, *, sample_mode, batch_size):
+        torch.randn(100)  # must not change training's random stream
+        time.sleep(self.sleep_s)
+        checksum = float(sum(p.detach().double().sum() for p in generator.parameters()))
+        self.calls.append((sample_mode, batch_size))
+        return {"fid": self.fids[len(self.calls) - 1], "kid": 0.5, "num_samples": 10_000,
+                "sample_mode": sample_mode, "weights_checksum": checksum}
+
+
+@pytest.mark.parametrize("mn_layers,hflip,stop_at,log_every", [
+    ("0,1", True, 3, 2),   # stop in the middle of a logging window
+    ("none", False, 4, 2),
+    ("all", False, 2, 1),
+])
+def test_resume_is_bitwise_identical(tmp_path, mn_layers, hflip, stop_at, log_every):
+    images = tiny_images()
+    kw = dict(mn_layers=mn_layers, hflip=hflip, log_every=log_every, fid_every=3, iters=6)
+    full = train(tiny_cfg(tmp_path, run_name="full", **kw), images=images, progress=False,
+                 evaluator=FakeEvaluator([9, 8]))
+    part = train(tiny_cfg(tmp_path, run_name="part", **{**kw, "iters": stop_at}), images=images,
+                 progress=False, evaluator=FakeEvaluator([9, 8, 7]))
+    assert part.iteration == stop_at
+    resumed = train(tiny_cfg(tmp_path, run_name="part", **kw), images=images, progress=False,
+                    resume=part.run_dir, evaluator=FakeEvaluator([9, 8, 7]))
+    assert resumed.iteration == 6 and resumed.run_dir == part.run_dir
+
+    a, b = state_of(full.run_dir), state_of(resumed.run_dir)
+    for key in ("generator", "discriminator", "opt_g", "opt_d", "rng", "data", "fixed_noise", "log_window"):
+        assert_same_tensors(a[key], b[key], key)
+    # The logged losses and D outputs are the same numbers at every logged step.
+    sa, _, _ = read_tensorboard(full.run_dir)
+    sb, _, _ = read_tensorboard(resumed.run_dir)
+    for tag in ("loss/D", "loss/G", "D/real", "D/fake"):
+        assert sa[tag] == sb[tag], tag
+        assert [s for s, _ in sa[tag]] == list(range(log_every, 7, log_every))
+    # The evaluation at iteration 3 (or 6) saw the same generator in both runs.
+    rows_a = {r["iteration"]: r for r in map(json.loads, (full.run_dir / "metrics.jsonl").read_text().splitlines())}
+    rows_b = {r["iteration"]: r for r in map(json.loads, (resumed.run_dir / "metrics.jsonl").read_text().splitlines())}
+    for it in (3, 6):
+        assert rows_a[it]["weights_checksum"] == rows_b[it]["weights_checksum"]
+
+
+def test_evaluator_hook_metrics_snapshots_best(tmp_path):
+    ev = FakeEvaluator([30.0, 20.0, 25.0], sleep_s=0.2)
+    cfg = tiny_cfg(tmp_path, iters=6, fid_every=2, ckpt_every=3, sample_mode="running", log_every=1)
+    t0 = time.perf_counter()
+    result = train(cfg, evaluator=ev, images=tiny_images(), progress=False)
+    wall = time.perf_counter() - t0
+    run = result.run_dir
+    assert ev.calls == [("running", 8)] * 3
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [2, 4, 6]
+    assert [r["images_seen"] for r in rows] == [16, 32, 48]
+    assert [r["fid"] for r in rows] == [30.0, 20.0, 25.0]
+    for r in rows:
+        assert r["sample_mode"] == "running" and r["num_samples"] == 10_000 and r["kid"] == 0.5
+        assert r["eval_seconds"] >= 0.2
+    seconds = [r["train_seconds"] for r in rows]
+    assert seconds == sorted(seconds) and seconds[-1] < wall - 3 * 0.2  # evaluation excluded
+
+    assert [i for i, _ in C.list_snapshots(run)] == [2, 4, 6]  # at every evaluation only
+    gen, snap_cfg, it = C.load_generator(C.snapshot_path(run, 4))
+    assert it == 4 and snap_cfg.run_name == "run"
+    best = torch.load(C.best_path(run), weights_only=True)
+    assert best["iteration"] == 4 and best["metrics"]["fid"] == 20.0
+    assert_same_tensors(best["generator"], torch.load(C.snapshot_path(run, 4), weights_only=True)["generator"])
+    assert result.best_fid == 20.0 and result.best_iteration == 4
+    full = C.load_checkpoint(C.find_latest_checkpoint(run))
+    assert full["best"] == {"fid": 20.0, "iteration": 4} and full["iteration"] == 6
+
+    scalars, _, _ = read_tensorboard(run)
+    assert scalars["metrics/fid_10k"] == [(2, 30.0), (4, 20.0), (6, 25.0)]
+    assert [s for s, _ in scalars["metrics/kid_10k"]] == [2, 4, 6]
+    assert "metrics/num_samples_10k" not in scalars
+
+
+def test_train_seconds_and_best_survive_resume(tmp_path):
+    images = tiny_images()
+    first = train(tiny_cfg(tmp_path, iters=4, fid_every=2), images=images, progress=False,
+                  evaluator=FakeEvaluator([10.0, 5.0]))
+    second = train(tiny_cfg(tmp_path, iters=8, fid_every=2), images=images, progress=False,
+                   resume=first.run_dir, evaluator=FakeEvaluator([7.0, 6.0]))
+    rows = [json.loads(line) for line in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [2, 4, 6, 8]
+    assert [r["train_seconds"] for r in rows] == sorted(r["train_seconds"] for r in rows)
+    assert second.train_seconds > first.train_seconds
+    assert second.best_fid == 5.0 and second.best_iteration == 4  # 7 and 6 are not better
+    assert torch.load(C.best_path(second.run_dir), weights_only=True)["iteration"] == 4
+
+
+def test_resume_drops_metrics_rows_written_after_the_checkpoint(tmp_path):
+    images = tiny_images()
+    first = train(tiny_cfg(tmp_path, iters=4, fid_every=2, ckpt_every=2), images=images,
+                  progress=False, evaluator=FakeEvaluator([10.0, 5.0]))
+    C.checkpoint_path(first.run_dir, 4).unlink()  # as if the run crashed before its last checkpoint
+    train(tiny_cfg(tmp_path, iters=4, fid_every=2), images=images, progress=False,
+          resume=first.run_dir, evaluator=FakeEvaluator([11.0]))
+    rows = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["fid"]) for r in rows] == [(2, 10.0), (4, 11.0)]
+
+
+def test_tensorboard_contents(tmp_path):
+    cfg = tiny_cfg(tmp_path, mn_layers="0,2", mn_components=3, iters=4, log_every=2, sample_every=2)
+    result = train(cfg, images=tiny_images(), progress=False)
+    scalars, images, texts = read_tensorboard(result.run_dir)
+    for tag in ("loss/D", "loss/G", "D/real", "D/fake", "time/it_per_s", "progress/images_seen"):
+        assert [s for s, _ in scalars[tag]] == [2, 4], tag
+        assert all(math.isfinite(v) for _, v in scalars[tag])
+    assert all(0 < v < 1 for _, v in scalars["D/real"] + scalars["D/fake"])
+    for layer in (0, 2):
+        ent = scalars[f"mn/layer{layer}/posterior_entropy"]
+        eff = scalars[f"mn/layer{layer}/effective_components"]
+        weights = [scalars[f"mn/layer{layer}/weight_sorted_{k}"][-1][1] for k in range(3)]
+        assert 0 <= ent[-1][1] <= math.log(3) + 1e-5 and 1 - 1e-5 <= eff[-1][1] <= 3 + 1e-5
+        assert weights == sorted(weights, reverse=True) and abs(sum(weights) - 1) < 1e-5
+    assert not any(t.startswith("mn/layer1/") for t in scalars)  # layer 1 is BatchNorm
+    assert images == {"samples/batch": [2, 4]}
+    assert any(t.startswith("config") for t in texts)
+
+
+def test_run_folder_layout_and_keep_last(tmp_path):
+    result = train(tiny_cfg(tmp_path, iters=7, ckpt_every=2, keep_last=2), images=tiny_images(),
+                   progress=False)
+    run = result.run_dir
+    assert [i for i, _ in C.list_checkpoints(run)] == [6, 7]  # every 2, the end; last 2 kept
+    assert [i for i, _ in C.list_snapshots(run)] == [2, 4, 6, 7]  # no evaluator: at checkpoints
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["run_name"] == "run" and saved["iters"] == 7 and saved["mn_layers"] == [0, 1]
+    assert list(run.glob("events.out.tfevents.*"))
+    assert not list(run.rglob("*.tmp"))
+    payload = torch.load(C.checkpoint_path(run, 7), weights_only=True)
+    assert payload["kind"] == "full" and payload["images_seen"] == 56
+
+
+def test_existing_run_folder_is_refused_untouched(tmp_path):
+    first = train(tiny_cfg(tmp_path, iters=2), images=tiny_images(), progress=False)
+    before = {p: p.stat().st_mtime_ns for p in first.run_dir.rglob("*")}
+    with pytest.raises(ConfigError, match=r"--run-name 'run': .* already exists; continue that run with --resume"):
+        train(tiny_cfg(tmp_path, iters=2), images=tiny_images(), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in first.run_dir.rglob("*")} == before
+
+
+def test_resume_refuses_other_architecture(tmp_path):
+    first = train(tiny_cfg(tmp_path, iters=2), images=tiny_images(), progress=False)
+    with pytest.raises(ConfigError, match=r"--ngf 16: conflicts with the resumed run's ngf=8"):
+        train(tiny_cfg(tmp_path, iters=4, ngf=16), images=tiny_images(), progress=False, resume=first.run_dir)
+
+
+@pytest.mark.parametrize("speed", [dict(amp="bf16"), dict(channels_last=True),
+                                   dict(amp="bf16", channels_last=True)])
+def test_speed_switches_match_fp32(tmp_path, speed):
+    images = tiny_images()
+    kw = dict(iters=3, log_every=1, mn_layers="0,1")
+    ref = train(tiny_cfg(tmp_path, run_name="ref", **kw), images=images, progress=False)
+    fast = train(tiny_cfg(tmp_path, run_name="fast", **kw, **speed), images=images, progress=False)
+    a, _, _ = read_tensorboard(ref.run_dir)
+    b, _, _ = read_tensorboard(fast.run_dir)
+    tol = 3e-2 if speed.get("amp") == "bf16" else 1e-4
+    for tag in ("loss/D", "loss/G", "D/real", "D/fake"):
+        (_, va), (_, vb) = a[tag][0], b[tag][0]  # the first step: same weights, same batch
+        assert math.isfinite(vb) and abs(va - vb) <= tol * abs(va), (tag, va, vb)
+        assert all(math.isfinite(v) for _, v in b[tag])
+    # Checkpoints are layout-independent: a channels_last run's generator loads anywhere.
+    gen, _, _ = C.load_generator(fast.checkpoint)
+    assert torch.isfinite(gen.sample(torch.randn(8, 100))).all()
+
+
+def test_compile_matches_eager(tmp_path, monkeypatch):
+    # aot_eager traces G and D through dynamo and AOTAutograd like inductor does, without building
+    # C++ kernels (minutes on 2 cores); set DCGAN_MN_COMPILE_BACKEND=inductor to check that too.
+    import os
+
+    monkeypatch.setenv("DCGAN_MN_COMPILE_BACKEND", os.environ.get("DCGAN_MN_COMPILE_BACKEND", "aot_eager"))
+    images = tiny_images()
+    kw = dict(iters=3, log_every=1, mn_layers="none")
+    ref = train(tiny_cfg(tmp_path, run_name="eager", **kw), images=images, progress=False)
+    comp = train(tiny_cfg(tmp_path, run_name="compiled", compile=True, **kw), images=images, progress=False)
+    a, _, _ = read_tensorboard(ref.run_dir)
+    b, _, _ = read_tensorboard(comp.run_dir)
+    for tag in ("loss/D", "loss/G"):
+        for (sa, va), (sb, vb) in zip(a[tag], b[tag]):
+            assert sa == sb and abs(va - vb) <= 1e-4 * abs(va)
+    ga = C.load_checkpoint(ref.checkpoint)["generator"]
+    gb = C.load_checkpoint(comp.checkpoint)["generator"]
+    assert ga.keys() == gb.keys()  # no "_orig_mod." prefixes in a compiled run's checkpoint
+    for k in ga:
+        assert torch.allclose(ga[k].float(), gb[k].float(), atol=1e-4), k
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--amp 'fp16' needs a CUDA device"):
+        train(tiny_cfg(tmp_path, amp="fp16"), images=tiny_images(), progress=False)
+    assert not (tmp_path / "runs" / "run").exists()

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Train the DCGAN on CIFAR-10 (or an image folder) with BN -> MN replacement in the generator.
+
+    python train.py                                # MN in generator layers 0,1 (K = 3), CIFAR-10
+    python train.py --mn-layers none --seed 1      # the BatchNorm baseline
+    python train.py --resume checkpoints/RUN       # continue a run exactly where it stopped
+    python train.py --dry-run                      # print the resolved config and exit
+
+Thin by design: flags -> ``TrainConfig`` -> ``dcgan_mn.training.train``. Every invalid flag
+stops with one line naming the flag and the value, before anything is written.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+from click.core import ParameterSource
+
+from dcgan_mn.config import AMP_MODES, DATASETS, TrainConfig
+
+D = TrainConfig()  # the defaults shown in --help are the config's own
+
+
+def _layers_text(layers) -> str:
+    return ",".join(map(str, layers)) or "none"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                                 "max_content_width": 100})
+# --- model ---
+@click.option("--mn-layers", default=_layers_text(D.mn_layers),
+              help="generator norm layers that use Mixture Normalization: comma list of 0..2 "
+                   "(0 is nearest z), 'none' (all BatchNorm) or 'all'")
+@click.option("--mn-components", default=D.mn_components, type=int, help="K, mixture components per MN layer")
+@click.option("--mn-fit-points", default=D.mn_fit_points, type=int,
+              help="points per batch clustered by k-means++ to fit the mixture")
+@click.option("--mn-kmeans-iters", default=D.mn_kmeans_iters, type=int,
+              help="Lloyd iterations after k-means++ seeding")
+@click.option("--z-dim", default=D.z_dim, type=int, help="latent size")
+@click.option("--ngf", default=D.ngf, type=int, help="generator width")
+@click.option("--ndf", default=D.ndf, type=int, help="discriminator width")
+# --- optimisation ---
+@click.option("--lr", default=D.lr, type=float, help="Adam learning rate (G and D)")
+@click.option("--beta1", default=D.beta1, type=float, help="Adam beta1")
+@click.option("--beta2", default=D.beta2, type=float, help="Adam beta2")
+@click.option("--batch-size", default=D.batch_size, type=int, help="images per iteration")
+@click.option("--iters", default=D.iters, type=int,
+              help="iterations (generator updates) to train to; may be raised on --resume")
+@click.option("--seed", default=D.seed, type=int, help="seed of weights, noise and data order")
+@click.option("--device", default=D.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+# --- data ---
+@click.option("--dataset", default=D.dataset, type=click.Choice(DATASETS),
+              help="cifar10 (downloaded into --data-root on first use) or folder (images under --data-root)")
+@click.option("--data-root", default=D.data_root, help="where CIFAR-10 is/goes, or the image folder")
+@click.option("--hflip/--no-hflip", default=D.hflip, help="random horizontal flips of real images")
+# --- run folder, logging, checkpoints ---
+@click.option("--out", default=D.out, help="folder that holds one sub-folder per run")
+@click.option("--run-name", default=None,
+              help="run folder name under --out  [default: <date>-<time>-<mnLAYERS-kK|bn>-s<seed>]")
+@click.option("--sample-mode", default=D.sample_mode, type=click.Choice(["batch", "running"]),
+              help="how grids and metrics sample G: batch statistics at --batch-size, or running statistics")
+@click.option("--sample-every", default=D.sample_every, type=int, help="fixed-noise grid every N iterations (0: off)")
+@click.option("--log-every", default=D.log_every, type=int, help="log losses and D outputs every N iterations (0: off)")
+@click.option("--ckpt-every", default=D.ckpt_every, type=int,
+              help="full checkpoint every N iterations (0: only at the end)")
+@click.option("--keep-last", default=D.keep_last, type=int, help="full checkpoints to keep")
+# --- periodic evaluation ---
+@click.option("--fid-every", default=D.fid_every, type=int, help="evaluate FID every N iterations (0: off)")
+@click.option("--fid-samples", default=D.fid_samples, type=int, help="generated images per evaluation")
+@click.option("--ref", default=D.ref,
+              help="FID reference: cifar10-train, cifar10-test, an image folder or a pytorch-fid .npz")
+@click.option("--inception-weights", default=None,
+              help="local FID Inception weights file (offline use)  [default: torch hub cache]")
+@click.option("--dims", default=str(D.dims), type=click.Choice(["64", "192", "768", "2048"]),
+              help="Inception feature block for FID")
+# --- speed ---
+@click.option("--amp", default=D.amp, type=click.Choice(AMP_MODES),
+              help="autocast: bf16 (CPU with bf16 units, Ampere+ GPUs) or fp16 (CUDA, with loss scaling)")
+@click.option("--channels-last/--no-channels-last", default=D.channels_last, help="NHWC memory format")
+@click.option("--compile/--no-compile", default=D.compile, help="torch.compile the training step's G and D")
+@click.option("--sync-norm/--no-sync-norm", default=D.sync_norm,
+              help="synchronize BN/MN statistics across ranks (torchrun)")
+# --- what to do ---
+@click.option("--resume", default=None, metavar="PATH",
+              help="continue a run: its folder (newest checkpoint) or a ckpt-*.pt file; the config "
+                   "comes from the checkpoint (--iters and logging flags may change)")
+@click.option("--dry-run", is_flag=True, help="print the resolved config as JSON and exit")
+@click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
+@click.pass_context
+def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
+    """Train a DCGAN whose generator BatchNorm layers can be Mixture Normalization layers."""
+    from dcgan_mn.checkpoint import CheckpointError
+    from dcgan_mn.config import ConfigError, resume_config
+    from dcgan_mn.data import DataError
+    from dcgan_mn.training import load_resume, resolve_run_dir, train
+
+    flags["dims"] = int(flags["dims"])
+    given = {name: value for name, value in flags.items()
+             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+    try:
+        if resume is not None:
+            _, resume_path, _, saved = load_resume(resume)
+            cfg = resume_config(saved, given)
+        else:
+            resume_path = None
+            cfg, _ = resolve_run_dir(TrainConfig(**flags))
+        if dry_run:
+            click.echo(cfg.to_json())
+            return
+        # The periodic FID evaluator (dcgan_mn.metrics.build_evaluator) is wired in here once it
+        # is integrated; until then --fid-every only decides where generator snapshots go.
+        result = train(cfg, evaluator=None, resume=resume_path, progress=progress)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    except (DataError, CheckpointError) as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted before training started; nothing was written", err=True)
+        sys.exit(128 + signal.SIGINT)
+
+    summary = (f"{result.run_dir}: iteration {result.iteration} ({result.images_seen} images), "
+               f"{result.train_seconds:.1f} s training, checkpoint {result.checkpoint}")
+    if result.best_fid is not None:
+        summary += f", best FID {result.best_fid:.3f} at iteration {result.best_iteration}"
+    click.echo(summary, err=True)
+    if result.stopped_by is not None:
+        sys.exit(128 + signal.Signals[result.stopped_by].value)  # 130 for SIGINT, 143 for SIGTERM
+
+
+if __name__ == "__main__":
+    main()
