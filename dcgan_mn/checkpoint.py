@@ -50,6 +50,9 @@ __all__ = [
     "load_checkpoint",
     "generator_payload",
     "load_generator",
+    "build_generator",
+    "check_discriminator",
+    "checkpoint_config",
     "checkpoint_path",
     "snapshot_path",
     "best_path",
@@ -159,6 +162,20 @@ def build_generator(cfg: TrainConfig, state: dict, path: PathLike = "") -> Gener
             f"z_dim={cfg.z_dim}): {detail[:200]}"
         ) from None
     return gen
+
+
+def check_discriminator(cfg: TrainConfig, state: dict, path: PathLike = "") -> None:
+    """A clear error when a checkpoint's discriminator weights do not fit its config."""
+    from .models import Discriminator
+
+    try:
+        Discriminator(cfg.ndf).load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else ""
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: the discriminator weights do not fit ndf={cfg.ndf}: {detail[:200]}"
+        ) from None
 
 
 def load_generator(path: PathLike, device: Any = "cpu") -> tuple[Generator, TrainConfig, int]:

@@ -134,7 +134,10 @@ def load_resume(target: Union[str, Path]) -> tuple[Path, Path, dict, TrainConfig
             f"--resume {str(target)!r}: the run folder has newer checkpoints ({', '.join(newer)}); "
             f"resume the folder itself, or copy this checkpoint into a new folder to branch off"
         )
-    return run_dir, path, payload, ckpt.checkpoint_config(payload, path)
+    cfg = ckpt.checkpoint_config(payload, path)
+    ckpt.build_generator(cfg, payload["generator"], path)  # weights that fit the config's model
+    ckpt.check_discriminator(cfg, payload["discriminator"], path)
+    return run_dir, path, payload, cfg
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,0 +1,223 @@
+"""train.py end to end through click: defaults in --help, --dry-run, one-line errors that touch
+nothing, resume rules, and SIGINT/SIGTERM in a real subprocess."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import write_fake_cifar10
+from dcgan_mn import checkpoint as C
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("train_single_thread")
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+cli = load_cli()
+TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64", "--device", "cpu",
+        "--sample-every", "0", "--fid-every", "0", "--no-progress"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def env(tmp_path):
+    """(data root with a tiny CIFAR-10, output folder)."""
+    return write_fake_cifar10(tmp_path / "data", images_per_batch=16), tmp_path / "runs"
+
+
+def snapshot_tree(folder):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).rglob("*")}
+
+
+def error_line(result):
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_help_shows_every_default():
+    out = run("--help").output
+    for flag in ["--mn-layers", "--mn-components", "--mn-fit-points", "--mn-kmeans-iters", "--z-dim",
+                 "--ngf", "--ndf", "--lr", "--beta1", "--beta2", "--batch-size", "--iters", "--seed",
+                 "--device", "--dataset", "--data-root", "--out", "--run-name", "--sample-mode",
+                 "--sample-every", "--log-every", "--ckpt-every", "--keep-last", "--fid-every",
+                 "--fid-samples", "--ref", "--inception-weights", "--dims", "--amp", "--channels-last",
+                 "--compile", "--sync-norm", "--resume", "--dry-run"]:
+        assert flag in out, flag
+    flat = " ".join(out.split())
+    for default in ["[default: 0,1]", "[default: 64]", "[default: 100000]", "[default: auto]",
+                    "[default: checkpoints]", "[default: cifar10]", "[default: batch]", "[default: 2000]"]:
+        assert default in flat, default
+
+
+def test_dry_run_prints_config_and_writes_nothing(env):
+    data, out = env
+    result = run("--dry-run", "--out", out, "--mn-layers", "all", "--run-name", "x", "--iters", "10")
+    assert result.exit_code == 0, result.output
+    cfg = json.loads(result.output)
+    assert cfg["mn_layers"] == [0, 1, 2] and cfg["iters"] == 10 and cfg["run_name"] == "x"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,flag_value", [
+    (["--mn-layers", "3"], "--mn-layers"),
+    (["--mn-layers", "0,x"], "'x'"),
+    (["--mn-components", "0"], "--mn-components 0"),
+    (["--iters", "-1"], "--iters -1"),
+    (["--batch-size", "1"], "--batch-size 1"),
+    (["--keep-last", "0"], "--keep-last 0"),
+    (["--log-every", "-5"], "--log-every -5"),
+    (["--fid-samples", "1"], "--fid-samples 1"),
+    (["--lr", "0"], "--lr 0.0"),
+    (["--dataset", "imagenet"], "'imagenet'"),
+    (["--sample-mode", "eval"], "'eval'"),
+    (["--dims", "100"], "'100'"),
+    (["--device", "tpu"], "--device 'tpu'"),
+    (["--run-name", "a/b"], "--run-name 'a/b'"),
+    (["--iters", "ten"], "'ten'"),
+])
+def test_bad_flags_are_one_line_and_write_nothing(env, args, flag_value):
+    data, out = env
+    result = run(*TINY, "--data-root", data, "--out", out, *args)
+    assert result.exit_code == 2, result.output
+    assert flag_value in error_line(result)
+    assert not out.exists()
+
+
+def test_cuda_without_cuda(env, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data, out = env
+    result = run(*TINY, "--data-root", data, "--out", out, "--device", "cuda")
+    assert result.exit_code == 2 and "--device 'cuda': CUDA is not available" in error_line(result)
+    result = run(*TINY, "--data-root", data, "--out", out, "--amp", "fp16")
+    assert result.exit_code == 2 and "--amp 'fp16' needs a CUDA device" in error_line(result)
+    assert not out.exists()
+
+
+def test_offline_cifar10_and_empty_folder(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as U
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(U, "download_and_extract_archive", offline)
+    out = tmp_path / "runs"
+    result = run(*TINY, "--data-root", tmp_path / "data", "--out", out)
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in line and "--data-root" in line
+    (tmp_path / "empty").mkdir()
+    result = run(*TINY, "--dataset", "folder", "--data-root", tmp_path / "empty", "--out", out)
+    assert result.exit_code == 1 and "no images" in error_line(result)
+    assert not out.exists()
+
+
+def test_image_folder_training(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for i in range(10):
+        img = torch.randint(0, 256, (48, 40, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(img).save(tmp_path / f"{i}.{'png' if i % 2 else 'JPG'}")
+    result = run(*TINY, "--dataset", "folder", "--data-root", tmp_path, "--out", tmp_path / "runs",
+                 "--run-name", "f", "--iters", "2")
+    assert result.exit_code == 0, result.output
+    payload = C.load_checkpoint(tmp_path / "runs" / "f" / "ckpt-00000002.pt")
+    assert payload["config"]["extra"]["num_train_images"] == 10
+
+
+def test_train_existing_folder_and_resume_rules(env):
+    data, out = env
+    base = [*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--log-every", "1"]
+    first = run(*base, "--iters", "2", "--ckpt-every", "1")
+    assert first.exit_code == 0, first.output
+    run_dir = out / "r"
+    before = snapshot_tree(run_dir)
+
+    again = run(*base, "--iters", "2")  # a new run into an existing folder
+    assert again.exit_code == 2 and "--run-name 'r'" in error_line(again) and "--resume" in error_line(again)
+    for args, expect in [
+        (["--resume", run_dir, "--ngf", "16"], "--ngf 16: conflicts with the resumed run's ngf=8"),
+        (["--resume", run_dir, "--mn-layers", "none"], "--mn-layers 'none': conflicts"),
+        (["--resume", run_dir, "--lr", "0.1"], "--lr 0.1: conflicts"),
+        (["--resume", run_dir, "--run-name", "z"], "--run-name 'z': cannot be combined with --resume"),
+        (["--resume", run_dir / "nope"], "no such file or folder"),
+        (["--resume", C.snapshot_path(run_dir, 2)], "a generator-only snapshot cannot be resumed"),
+        (["--resume", C.checkpoint_path(run_dir, 1)], "newer checkpoints (ckpt-00000002.pt)"),
+    ]:
+        result = run("--no-progress", *args)
+        assert result.exit_code in (1, 2) and expect in error_line(result), (args, result.output)
+    assert snapshot_tree(run_dir) == before  # none of the refusals touched the run
+
+    dry = run("--resume", run_dir, "--iters", "4", "--dry-run")
+    assert json.loads(dry.output)["iters"] == 4 and dry.exit_code == 0
+    resumed = run("--resume", run_dir, "--iters", "4", "--ngf", "8", "--no-progress")  # same value: fine
+    assert resumed.exit_code == 0, resumed.output
+    assert [i for i, _ in C.list_checkpoints(run_dir)][-1] == 4
+    assert json.loads((run_dir / "config.json").read_text())["iters"] == 4
+
+
+@pytest.mark.parametrize("case", ["corrupt", "foreign", "mismatched_weights"])
+def test_bad_resume_checkpoints(env, case):
+    data, out = env
+    assert run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "1").exit_code == 0
+    path = C.checkpoint_path(out / "r", 1)
+    if case == "corrupt":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif case == "foreign":
+        torch.save({"state_dict": {}}, path)
+    else:  # weights of a BN generator under a config that says MN
+        payload = C.load_checkpoint(path)
+        from dcgan_mn.models import Generator
+        payload["generator"] = Generator(z_dim=100, ngf=8, mn_layers="none").state_dict()
+        C.save_checkpoint(path, payload)
+    before = snapshot_tree(out / "r")
+    result = run("--resume", out / "r", "--iters", "3", "--no-progress")
+    assert result.exit_code == 1
+    expect = {"corrupt": "unreadable", "foreign": "not a dcgan_mn checkpoint",
+              "mismatched_weights": "do not fit the architecture"}[case]
+    assert expect in error_line(result) and str(path) in error_line(result)
+    assert snapshot_tree(out / "r") == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_checkpoint_and_exits_cleanly(env, sig):
+    data, out = env
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--data-root", str(data), "--out", str(out),
+           "--run-name", "s", "--iters", "100000", "--ckpt-every", "2", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run_dir = out / "s"
+    deadline = time.time() + 120
+    while not C.checkpoint_path(run_dir, 2).exists():  # the loop is running
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr
+    assert "Traceback" not in stderr
+    stopped = C.find_latest_checkpoint(run_dir)
+    iteration = C.load_checkpoint(stopped)["iteration"]
+    assert iteration >= 2 and f"{sig.name}: stopped at iteration {iteration}" in stderr
+    assert not list(run_dir.rglob("*.tmp"))
+    resumed = run("--resume", run_dir, "--iters", iteration + 2, "--no-progress")
+    assert resumed.exit_code == 0, resumed.output
+    assert C.load_checkpoint(C.find_latest_checkpoint(run_dir))["iteration"] == iteration + 2
