@@ -3,7 +3,6 @@ prefixed ``train_``; other suites add theirs below with their own prefix."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +10,16 @@ import pytest
 
 
 def write_fake_cifar10(root: Path, images_per_batch: int = 40, seed: int = 0) -> Path:
-    """CIFAR-10's python pickles (data_batch_1..5, test_batch) with random images, in the real
-    format: a dict with b"data" uint8 [n, 3072] (R, G, B planes) and b"labels" [n]."""
+    """CIFAR-10's python batches (data_batch_1..5, test_batch) with random images, in the real
+    on-disk format (see ``dcgan_mn.data.write_cifar10_batch``)."""
+    from dcgan_mn.data import write_cifar10_batch, write_cifar10_meta
+
     folder = Path(root) / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        entry = {
-            b"batch_label": name.encode(),
-            b"labels": rng.integers(0, 10, images_per_batch).tolist(),
-            b"data": rng.integers(0, 256, (images_per_batch, 3072), dtype=np.uint8),
-            b"filenames": [f"{name}_{i}.png".encode() for i in range(images_per_batch)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f)
+        images = rng.integers(0, 256, (images_per_batch, 3, 32, 32), dtype=np.uint8)
+        write_cifar10_batch(folder / name, images, rng.integers(0, 10, images_per_batch), name)
+    write_cifar10_meta(folder, images_per_batch)
     return Path(root)
 
 

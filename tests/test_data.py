@@ -135,3 +135,16 @@ def test_sampler_range_flip_and_rank_slices():
 def test_sampler_batch_larger_than_dataset():
     with pytest.raises(D.DataError, match="--batch-size 64: the dataset has only 10 images"):
         D.BatchSampler(torch.zeros(10, 3, 2, 2, dtype=torch.uint8), 64)
+
+
+def test_fake_batches_read_like_the_real_ones_by_torchvision(train_cifar_root, monkeypatch):
+    """Our writer produces Python 2 style pickles: torchvision's own CIFAR10 (latin1) reads them
+    and sees the same pixels as our loader (bytes)."""
+    import torchvision
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a: True)  # not the real MD5s
+    tv = torchvision.datasets.CIFAR10(str(train_cifar_root), train=True, download=False)
+    ours = D.load_cifar10(train_cifar_root, "train", download=False)
+    assert torch.equal(torch.from_numpy(tv.data).permute(0, 3, 1, 2), ours)
+    assert len(tv.targets) == 200
