@@ -74,9 +74,11 @@ def drop_rows_after(path: PathLike, iteration: int) -> int:
     """Remove the rows of ``metrics.jsonl`` past ``iteration`` (written after the checkpoint a
     run resumes from, so the resumed run will write them again); returns how many."""
     path = Path(path)
+    if not path.is_file():
+        return 0
     rows = read_jsonl(path)
     kept = [r for r in rows if r.get("iteration", 0) <= iteration]
-    if len(kept) == len(rows) and path.is_file() and path.read_text().endswith("\n"):
+    if len(kept) == len(rows) and path.read_text().endswith("\n"):
         return 0
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:

@@ -34,6 +34,7 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, default_run_name, resume_config
 from .data import BatchSampler, load_dataset
+from .distributed import launched_with_torchrun
 from .log import RunLogger, drop_rows_after, write_json_atomic
 from .losses import discriminator_loss, generator_loss
 from .models import Discriminator, Generator
@@ -231,6 +232,9 @@ def train(
     else:
         cfg, run_dir = resolve_run_dir(cfg)
     device = resolve_device(cfg.device)
+    if cfg.sync_norm and not launched_with_torchrun():
+        raise ConfigError("--sync-norm: synchronizing norm statistics needs a distributed launch "
+                          "(torchrun --nproc_per_node N train.py ...)")
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ConfigError(f"--amp 'fp16' needs a CUDA device (got {device}); use --amp bf16")
     if images is None:

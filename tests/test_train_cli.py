@@ -95,6 +95,7 @@ def test_dry_run_prints_config_and_writes_nothing(env):
     (["--device", "tpu"], "--device 'tpu'"),
     (["--run-name", "a/b"], "--run-name 'a/b'"),
     (["--iters", "ten"], "'ten'"),
+    (["--sync-norm"], "--sync-norm"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(env, args, flag_value):
     data, out = env

@@ -253,3 +253,18 @@ def test_fp16_on_cpu_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--amp 'fp16' needs a CUDA device"):
         train(tiny_cfg(tmp_path, amp="fp16"), images=tiny_images(), progress=False)
     assert not (tmp_path / "runs" / "run").exists()
+
+
+def test_metrics_jsonl_helpers(tmp_path):
+    from dcgan_mn.log import append_jsonl, drop_rows_after, read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    assert drop_rows_after(path, 5) == 0 and not path.exists()
+    for it in (2, 4, 6):
+        append_jsonl(path, {"iteration": it, "fid": float("nan") if it == 6 else it / 2})
+    with open(path, "a") as f:
+        f.write('{"iteration": 8, "fi')  # a crash in the middle of a line
+    assert [r["iteration"] for r in read_jsonl(path)] == [2, 4, 6]
+    assert read_jsonl(path)[-1]["fid"] is None  # NaN is written as null: every line stays JSON
+    assert drop_rows_after(path, 4) == 1
+    assert [r["iteration"] for r in read_jsonl(path)] == [2, 4] and path.read_text().endswith("\n")
