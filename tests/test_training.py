@@ -268,3 +268,39 @@ def test_metrics_jsonl_helpers(tmp_path):
     assert read_jsonl(path)[-1]["fid"] is None  # NaN is written as null: every line stays JSON
     assert drop_rows_after(path, 4) == 1
     assert [r["iteration"] for r in read_jsonl(path)] == [2, 4] and path.read_text().endswith("\n")
+
+
+class TinyFeatures:
+    """A small injected feature network (uint8 [N, 3, H, W] -> [N, 16]) for the real evaluator."""
+
+    dims, weights_sha256, batch_size = 16, "ab" * 32, 32
+
+    def __init__(self):
+        self.proj = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+
+    def __call__(self, images):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)  # [N, 48]
+        return torch.tanh(pooled @ self.proj)  # [N, 16]
+
+
+def test_with_the_real_evaluator(tmp_path):
+    """train() + metrics.build_evaluator (tiny injected features, an image-folder reference)."""
+    from PIL import Image
+
+    from dcgan_mn import metrics
+
+    images = tiny_images(40)
+    (tmp_path / "ref").mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "ref" / f"{i}.png")
+    cfg = tiny_cfg(tmp_path, iters=4, fid_every=2, fid_samples=24, ref=str(tmp_path / "ref"), dims=64)
+    evaluator = metrics.build_evaluator(cfg, "cpu", feature_extractor=TinyFeatures(),
+                                        cache_dir=tmp_path / "cache")
+    result = train(cfg, evaluator=evaluator, images=images, progress=False)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["num_samples"] == 24 and r["sample_mode"] == "batch" and math.isfinite(r["fid"])
+        assert r["weights_sha256"] == "ab" * 32 and "kid" in r and "precision" in r
+    scalars, _, _ = read_tensorboard(result.run_dir)
+    assert [s for s, _ in scalars["metrics/fid_24"]] == [2, 4]
