@@ -224,7 +224,10 @@ def train(
     # ---- bad input below leaves existing runs untouched.
     payload = None
     if resume is not None:
-        run_dir, resume_path, payload, saved = load_resume(resume)
+        run_dir, _, payload, saved = load_resume(resume)
+        if cfg.iters < payload["iteration"]:
+            raise ConfigError(f"--iters {cfg.iters}: the resumed run is already at iteration "
+                              f"{payload['iteration']}")
         changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                    if f.name not in ("out", "run_name", "extra")
                    and getattr(cfg, f.name) != getattr(saved, f.name)}

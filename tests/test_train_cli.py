@@ -161,6 +161,7 @@ def test_train_existing_folder_and_resume_rules(env):
         (["--resume", run_dir, "--lr", "0.1"], "--lr 0.1: conflicts"),
         (["--resume", run_dir, "--run-name", "z"], "--run-name 'z': cannot be combined with --resume"),
         (["--resume", run_dir / "nope"], "no such file or folder"),
+        (["--resume", run_dir, "--iters", "1"], "--iters 1: the resumed run is already at iteration 2"),
         (["--resume", C.snapshot_path(run_dir, 2)], "a generator-only snapshot cannot be resumed"),
         (["--resume", C.checkpoint_path(run_dir, 1)], "newer checkpoints (ckpt-00000002.pt)"),
     ]:
