@@ -21,6 +21,7 @@ from click.core import ParameterSource
 from dcgan_mn.config import AMP_MODES, DATASETS, TrainConfig
 
 D = TrainConfig()  # the defaults shown in --help are the config's own
+CPU_FID_SAMPLES = 2000  # --fid-samples when training on a CPU and the flag is not given
 
 
 def _layers_text(layers) -> str:
@@ -68,7 +69,8 @@ def _layers_text(layers) -> str:
 @click.option("--keep-last", default=D.keep_last, type=int, help="full checkpoints to keep")
 # --- periodic evaluation ---
 @click.option("--fid-every", default=D.fid_every, type=int, help="evaluate FID every N iterations (0: off)")
-@click.option("--fid-samples", default=D.fid_samples, type=int, help="generated images per evaluation")
+@click.option("--fid-samples", default=D.fid_samples, type=int,
+              help=f"generated images per evaluation (on a CPU device the default is {CPU_FID_SAMPLES})")
 @click.option("--ref", default=D.ref,
               help="FID reference: cifar10-train, cifar10-test, an image folder or a pytorch-fid .npz")
 @click.option("--inception-weights", default=None,
@@ -94,7 +96,9 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
     from dcgan_mn.checkpoint import CheckpointError
     from dcgan_mn.config import ConfigError, resume_config
     from dcgan_mn.data import DataError
-    from dcgan_mn.training import load_resume, resolve_run_dir, train
+    from dcgan_mn.features import InceptionWeightsError
+    from dcgan_mn.metrics import MetricsError, build_evaluator
+    from dcgan_mn.training import load_resume, resolve_device, resolve_run_dir, train
 
     flags["dims"] = int(flags["dims"])
     given = {name: value for name, value in flags.items()
@@ -105,16 +109,24 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
             cfg = resume_config(saved, given)
         else:
             resume_path = None
+            if "fid_samples" not in given and resolve_device(flags["device"]).type == "cpu":
+                # FID Inception runs at ~10 images/s on a CPU: 10k samples per evaluation would
+                # cost longer than the training between evaluations.
+                flags["fid_samples"] = CPU_FID_SAMPLES
             cfg, _ = resolve_run_dir(TrainConfig(**flags))
         if dry_run:
             click.echo(cfg.to_json())
             return
-        # The periodic FID evaluator (dcgan_mn.metrics.build_evaluator) is wired in here once it
-        # is integrated; until then --fid-every only decides where generator snapshots go.
-        result = train(cfg, evaluator=None, resume=resume_path, progress=progress)
+        # The periodic evaluator is built before train() opens the run folder, so missing
+        # Inception weights or a bad --ref stop the run before anything is written.
+        evaluator = None
+        if cfg.fid_every > 0:
+            evaluator = build_evaluator(cfg, resolve_device(cfg.device), progress=progress)
+            cfg = cfg.replace(extra={**cfg.extra, "ref_key": evaluator.ref_key})
+        result = train(cfg, evaluator=evaluator, resume=resume_path, progress=progress)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, InceptionWeightsError, MetricsError) as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         click.echo("interrupted before training started; nothing was written", err=True)

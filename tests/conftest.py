@@ -52,3 +52,28 @@ def read_tensorboard(run_dir):
     scalars = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"]}
     images = {t: [e.step for e in acc.Images(t)] for t in tags["images"]}
     return scalars, images, tags["tensors"]
+
+
+def save_random_fid_inception(path, seed: int = 0):
+    """A random state dict with the FID Inception's keys and shapes, as torch hub stores it
+    (the real weights cannot be downloaded here; the architecture is the real one)."""
+    import math
+
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
+                                          init_weights=False)
+    for m in net.modules():  # variance-preserving init keeps the deep features in a sane range
+        if isinstance(m, torch.nn.Conv2d):
+            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            torch.nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_in))
+    torch.save(net.state_dict(), path)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def fid_weights_file(tmp_path_factory):
+    """One random FID-Inception weights file shared by every test of the session."""
+    return save_random_fid_inception(tmp_path_factory.mktemp("fid_weights") / "random_inception.pth")

@@ -3,13 +3,11 @@ random Inception weights loaded from a file for both), stats export, bad-input e
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torchvision
 from click.testing import CliRunner
 from PIL import Image
 
@@ -30,18 +28,8 @@ cli = load_cli()
 
 
 @pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    """Random FID-Inception-shaped weights in torch hub's format (see tests/test_features.py)."""
-    torch.manual_seed(0)
-    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
-                                          init_weights=False)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-            torch.nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_in))
-    path = tmp_path_factory.mktemp("w") / "random_inception.pth"
-    torch.save(net.state_dict(), path)
-    return path
+def weights_file(fid_weights_file):
+    return fid_weights_file
 
 
 def write_pngs(folder, n, seed, shift=0):

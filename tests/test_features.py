@@ -7,7 +7,6 @@ exactly the FID Inception's parameter names and shapes) in torch hub's format.
 """
 
 import hashlib
-import math
 import urllib.error
 from pathlib import Path
 
@@ -21,22 +20,9 @@ import pytorch_fid.inception as pfi
 from dcgan_mn import features as FT
 
 
-def save_random_fid_inception(path: Path, seed: int = 0) -> Path:
-    """A random state dict with the FID Inception's keys and shapes, as torch hub stores it."""
-    torch.manual_seed(seed)
-    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
-                                          init_weights=False)
-    for m in net.modules():  # variance-preserving init keeps the deep features in a sane range
-        if isinstance(m, torch.nn.Conv2d):
-            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-            torch.nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_in))
-    torch.save(net.state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    return save_random_fid_inception(tmp_path_factory.mktemp("w") / "random_inception.pth")
+def weights_file(fid_weights_file):
+    return fid_weights_file
 
 
 def sha256(path):
