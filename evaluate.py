@@ -13,9 +13,7 @@ tables go to stderr. Bad input stops with one line and a non-zero exit, writing 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -36,20 +34,6 @@ def _device(spec: str):
         return torch.device(spec)
     except RuntimeError:
         _fail(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _extractor(dims: int, weights, device, feature_batch_size, progress):
@@ -174,7 +158,9 @@ def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_
         _fail(str(e))
     text = json.dumps(report, indent=2)
     if out:
-        _write_json_atomic(Path(out), report)
+        from dcgan_mn.log import write_json_atomic
+
+        write_json_atomic(Path(out), report)
     click.echo(text)
 
 

@@ -10,11 +10,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from torch import Tensor
+
+from .fileio import atomic_write
 
 __all__ = ["write_json_atomic", "append_jsonl", "read_jsonl", "drop_rows_after", "RunLogger"]
 
@@ -22,20 +23,11 @@ PathLike = Union[str, Path]
 
 
 def write_json_atomic(path: PathLike, obj: Any) -> Path:
-    """Write JSON to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write JSON to ``path`` atomically (a reader never sees half a file)."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return Path(path)
 
 
 def _json_safe(value: Any) -> Any:
@@ -80,11 +72,9 @@ def drop_rows_after(path: PathLike, iteration: int) -> int:
     kept = [r for r in rows if r.get("iteration", 0) <= iteration]
     if len(kept) == len(rows) and path.read_text().endswith("\n"):
         return 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path, "w") as f:
         for r in kept:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
     return len(rows) - len(kept)
 
 

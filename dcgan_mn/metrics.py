@@ -24,7 +24,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from torch import Tensor
 
 from . import distributed as D
 from .features import PROTOCOL_VERSION, FeatureExtractor, quantize_images
+from .fileio import atomic_write
 
 __all__ = [
     "MetricsError",
@@ -447,22 +447,13 @@ def reference_key(identity: dict, weights_sha256: str, dims: int,
 
 def save_stats_npz(path: Union[str, Path], stats: ReferenceStats, *, with_features: bool = True) -> Path:
     """Write pytorch-fid's ``.npz`` (``mu``, ``sigma``) plus ``meta`` (and ``features``),
-    atomically: a temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    atomically (``fileio.atomic_write``)."""
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "meta": np.array(json.dumps(stats.meta))}
     if with_features and stats.features is not None:
         arrays["features"] = stats.features
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)
 
 
 def load_stats_npz(path: Union[str, Path], flag: str = "--ref") -> ReferenceStats:
