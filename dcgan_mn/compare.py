@@ -20,14 +20,14 @@ iteration evaluated twice, e.g. around a resume, the last row wins).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .fileio import atomic_write
 
 __all__ = ["CompareError", "RunCurve", "read_run", "pair_runs", "acceleration", "compare_runs",
            "render_markdown", "plot_curves", "write_outputs"]
@@ -326,24 +326,14 @@ def plot_curves(report: dict, path) -> None:
     plt.close(fig)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_outputs(report: dict, out_dir, stem: str = "compare") -> dict[str, str]:
     """Write ``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` into ``out_dir`` (atomically)."""
     out = Path(out_dir)
     md, js, png = out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.png"
-    _atomic_write(md, lambda f: f.write(render_markdown(report).encode()))
-    _atomic_write(js, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
-    _atomic_write(png, lambda f: plot_curves(report, f))
+    with atomic_write(md, "w") as f:
+        f.write(render_markdown(report))
+    with atomic_write(js, "w") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
+    with atomic_write(png, "wb") as f:
+        plot_curves(report, f)
     return {"markdown": str(md), "json": str(js), "plot": str(png)}
