@@ -98,12 +98,16 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
     from dcgan_mn.data import DataError
     from dcgan_mn.features import InceptionWeightsError
     from dcgan_mn.metrics import MetricsError, build_evaluator
-    from dcgan_mn.training import load_resume, resolve_device, resolve_run_dir, train
+    from dcgan_mn.distributed import init_distributed, shutdown_distributed
+    from dcgan_mn.training import (check_launch, decided_on_main, load_resume, resolve_device,
+                                   resolve_run_dir, train)
 
     flags["dims"] = int(flags["dims"])
     given = {name: value for name, value in flags.items()
              if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
     try:
+        # Under torchrun: join the process group first (the evaluator shards across it).
+        dist = init_distributed(resolve_device(flags["device"]))
         if resume is not None:
             _, resume_path, _, saved = load_resume(resume)
             cfg = resume_config(saved, given)
@@ -113,7 +117,9 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
                 # FID Inception runs at ~10 images/s on a CPU: 10k samples per evaluation would
                 # cost longer than the training between evaluations.
                 flags["fid_samples"] = CPU_FID_SAMPLES
-            cfg, _ = resolve_run_dir(TrainConfig(**flags))
+            # Rank 0 names the run folder (it holds the start time) for every rank.
+            cfg, _ = decided_on_main(dist, lambda: resolve_run_dir(TrainConfig(**flags)))
+        check_launch(cfg, dist)
         if dry_run:
             click.echo(cfg.to_json())
             return
@@ -131,12 +137,15 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted before training started; nothing was written", err=True)
         sys.exit(128 + signal.SIGINT)
+    finally:
+        shutdown_distributed()
 
     summary = (f"{result.run_dir}: iteration {result.iteration} ({result.images_seen} images), "
                f"{result.train_seconds:.1f} s training, checkpoint {result.checkpoint}")
     if result.best_fid is not None:
         summary += f", best FID {result.best_fid:.3f} at iteration {result.best_iteration}"
-    click.echo(summary, err=True)
+    if dist.is_main:
+        click.echo(summary, err=True)
     if result.stopped_by is not None:
         sys.exit(128 + signal.Signals[result.stopped_by].value)  # 130 for SIGINT, 143 for SIGTERM
 

@@ -23,6 +23,8 @@ __all__ = [
     "broadcast_object",
     "all_gather_rows",
     "all_reduce_sum",
+    "all_reduce_max",
+    "all_gather_objects",
 ]
 
 
@@ -116,3 +118,19 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if _active():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Maximum over ranks in place; returns ``t``."""
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def all_gather_objects(obj: Any) -> list:
+    """Every rank's picklable object, in rank order (``[obj]`` without a process group)."""
+    if not _active():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

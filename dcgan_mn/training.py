@@ -34,7 +34,8 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, default_run_name, resume_config
 from .data import BatchSampler, load_dataset
-from .distributed import launched_with_torchrun
+from . import distributed as dist_utils
+from .distributed import DistInfo, launched_with_torchrun
 from .log import RunLogger, drop_rows_after, write_json_atomic
 from .losses import discriminator_loss, generator_loss
 from .models import Discriminator, Generator
@@ -84,7 +85,9 @@ class TrainResult:
 def resolve_device(spec: str) -> torch.device:
     """``auto`` -> cuda if available, else cpu; a clear error for an unusable device."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and launched_with_torchrun():  # torchrun: one GPU per local rank
+        spec = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
         device = torch.device(spec)
     except RuntimeError:
@@ -139,6 +142,45 @@ def load_resume(target: Union[str, Path]) -> tuple[Path, Path, dict, TrainConfig
     ckpt.build_generator(cfg, payload["generator"], path)  # weights that fit the config's model
     ckpt.check_discriminator(cfg, payload["discriminator"], path)
     return run_dir, path, payload, cfg
+
+
+def check_launch(cfg: TrainConfig, dist: DistInfo) -> None:
+    """Flags that depend on how the processes were launched (one line naming the flag)."""
+    if cfg.sync_norm and not launched_with_torchrun():
+        raise ConfigError("--sync-norm: synchronizing norm statistics needs a distributed launch "
+                          "(torchrun --nproc_per_node N train.py ...)")
+    if cfg.batch_size % dist.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size}: not divisible by the world size "
+                          f"{dist.world_size} (torchrun processes); it is the global batch")
+
+
+def decided_on_main(dist: DistInfo, decide: Callable[[], Any]) -> Any:
+    """``decide()`` on rank 0, its result (or its error) on every rank.
+
+    Used for what must agree and may race: the run folder's name (it holds the start time) and
+    the check that it does not exist yet (rank 0 creates it)."""
+    if not dist.enabled:
+        return decide()
+    outcome = None
+    if dist.is_main:
+        try:
+            outcome = ("ok", decide())
+        except (ConfigError, ckpt.CheckpointError) as e:
+            outcome = ("error", e)
+    kind, value = dist_utils.broadcast_object(outcome)
+    if kind == "error":
+        raise value
+    return value
+
+
+def _check_world_size(payload: dict, dist: DistInfo, target: Union[str, Path]) -> None:
+    saved = int(payload.get("world_size", 1))
+    if saved != dist.world_size:
+        raise ConfigError(
+            f"--resume {str(target)!r}: the run was trained on world size {saved} (processes), "
+            f"this launch has {dist.world_size}; resume it with torchrun --nproc_per_node {saved} "
+            f"(or without torchrun when it is 1)"
+        )
 
 
 def _seed_everything(seed: int) -> None:
@@ -223,8 +265,10 @@ def train(
     # ---- Decide the run folder and read what we resume from. Nothing is written yet, so any
     # ---- bad input below leaves existing runs untouched.
     payload = None
+    dist = dist_utils.init_distributed(resolve_device(cfg.device))  # DistInfo() without torchrun
     if resume is not None:
         run_dir, _, payload, saved = load_resume(resume)
+        _check_world_size(payload, dist, resume)
         if cfg.iters < payload["iteration"]:
             raise ConfigError(f"--iters {cfg.iters}: the resumed run is already at iteration "
                               f"{payload['iteration']}")
@@ -233,20 +277,22 @@ def train(
                    and getattr(cfg, f.name) != getattr(saved, f.name)}
         cfg = resume_config(saved, changed).replace(out=str(run_dir.parent), run_name=run_dir.name)
     else:
-        cfg, run_dir = resolve_run_dir(cfg)
+        cfg, run_dir = decided_on_main(dist, lambda: resolve_run_dir(cfg))
     device = resolve_device(cfg.device)
-    if cfg.sync_norm and not launched_with_torchrun():
-        raise ConfigError("--sync-norm: synchronizing norm statistics needs a distributed launch "
-                          "(torchrun --nproc_per_node N train.py ...)")
+    check_launch(cfg, dist)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ConfigError(f"--amp 'fp16' needs a CUDA device (got {device}); use --amp bf16")
     if images is None:
         images = load_dataset(cfg)  # uint8 [N, 3, 32, 32]
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (3, 32, 32):
         raise ConfigError(f"training images must be uint8 [N, 3, 32, 32], got {images.dtype} {tuple(images.shape)}")
-    sampler = BatchSampler(images.to(device), cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip)
+    # Under DDP every rank takes its slice of the same global batch (--batch-size is global).
+    sampler = BatchSampler(images.to(device), cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip,
+                           rank=dist.rank, world_size=dist.world_size)
     cfg = cfg.replace(extra={**cfg.extra, "device": str(device), "torch": str(torch.__version__),
                              "num_train_images": int(images.shape[0])})
+    if dist.enabled:
+        cfg = cfg.replace(extra={**cfg.extra, "world_size": dist.world_size})
 
     # ---- Build the models, the optimizers and the fixed grid noise, all from cfg.seed.
     _seed_everything(cfg.seed)
@@ -260,6 +306,12 @@ def train(
     amp_dtype = AMP_DTYPES[cfg.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     fixed_noise = _fixed_noise(cfg, device)  # [64, z_dim]
+    if cfg.sync_norm:  # before DDP wraps them; parameters are shared, so the optimizers stay valid
+        from .sync import convert_sync_norms
+
+        G, D = convert_sync_norms(G), convert_sync_norms(D)
+    if dist.enabled:  # same weights everywhere, but each rank its own noise and k-means draws
+        _seed_everything(cfg.seed * 1_000_003 + 104_729 + dist.rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
 
@@ -282,28 +334,54 @@ def train(
         iteration = int(payload["iteration"])
         train_seconds = float(payload.get("train_seconds", 0.0))
         window = payload.get("log_window") or {}
+        if dist.enabled:  # every rank's own RNG streams and logging window
+            window = payload["ranks"][dist.rank]["log_window"]
         if "sums" in window:
             log_sums.copy_(window["sums"])
             log_count = int(window["count"])
-        ckpt.restore_rng_state(payload["rng"], device)  # last: set-up above drew random numbers
+        rng = payload["ranks"][dist.rank]["rng"] if dist.enabled else payload["rng"]
+        ckpt.restore_rng_state(rng, device)  # last: set-up above drew random numbers
 
     # ---- Open the run folder: config, TensorBoard, metrics.jsonl, progress bar.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    if payload is not None:
-        dropped = drop_rows_after(run_dir / "metrics.jsonl", iteration)
+    # ---- Rank 0 alone writes files; the other ranks' logger is silent.
+    dropped = 0
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        if payload is not None:
+            dropped = drop_rows_after(run_dir / "metrics.jsonl", iteration)
     logger = RunLogger(run_dir, total_iters=cfg.iters, start_iter=iteration,
-                       purge_step=iteration + 1 if payload is not None else None, progress=progress)
+                       purge_step=iteration + 1 if payload is not None else None, progress=progress,
+                       enabled=dist.is_main)
     if payload is not None:
         logger.message(f"resuming {run_dir} at iteration {iteration}"
                        + (f" (dropped {dropped} metrics rows written after that checkpoint)" if dropped else ""))
     else:
         logger.text("config", "    " + cfg.to_json().replace("\n", "\n    "))  # markdown code block
 
-    # The step functions may be compiled; sampling, state dicts and telemetry use G and D.
+    # The step functions may be DDP-wrapped and compiled; sampling, state dicts, telemetry and
+    # evaluation use the plain G and D. broadcast_buffers=False: each rank keeps the running
+    # statistics of its own batches (rank 0's are checkpointed), like SyncBatchNorm does.
+    G_train, D_train = G, D
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        G_train = DDP(G, device_ids=device_ids, broadcast_buffers=False)
+        D_train = DDP(D, device_ids=device_ids, broadcast_buffers=False)
     compile_backend = os.environ.get("DCGAN_MN_COMPILE_BACKEND", "inductor")
-    G_step = torch.compile(G, backend=compile_backend) if cfg.compile else G
-    D_step = torch.compile(D, backend=compile_backend) if cfg.compile else D
+    G_step = torch.compile(G_train, backend=compile_backend) if cfg.compile else G_train
+    D_step = torch.compile(D_train, backend=compile_backend) if cfg.compile else D_train
+    # The generator step calls D itself, not its DDP wrapper: D is frozen there and its
+    # gradient reducer must not wait for gradients that never come.
+    D_frozen = D_step
+    if dist.enabled:
+        D_frozen = torch.compile(D, backend=compile_backend) if cfg.compile else D
+    # Grids and evaluation run G on some ranks only or on uneven shares: no collectives there.
+    if cfg.sync_norm:
+        from .sync import unsynchronized as local_norms
+    else:
+        local_norms = contextlib.nullcontext
     evaluating = evaluator is not None and cfg.fid_every > 0
     cuda_devices = [device] if device.type == "cuda" else []
     clock = _Clock(train_seconds)
@@ -320,7 +398,10 @@ def train(
     def write_logs() -> None:
         """Read the window's device sums (the one sync per --log-every) and log them."""
         nonlocal log_count, window_start, last_log
-        loss_d, loss_g, d_real, d_fake = (log_sums / log_count).tolist()
+        window_means = log_sums / log_count  # [4]
+        if dist.enabled:  # the mean over ranks (every rank gets here at the same iteration)
+            window_means = dist_utils.all_reduce_sum(window_means) / dist.world_size
+        loss_d, loss_g, d_real, d_fake = window_means.tolist()
         log_sums.zero_()
         log_count = 0
         now = time.perf_counter()
@@ -347,7 +428,9 @@ def train(
         """The fixed-noise 8x8 grid in the configured sample mode (buffers and RNG untouched)."""
         from torchvision.utils import make_grid
 
-        with clock.paused():
+        if not dist.is_main:
+            return
+        with clock.paused(), local_norms(G):
             fake = G.sample(fixed_noise, mode=cfg.sample_mode, batch_size=cfg.batch_size)  # [64, 3, 32, 32]
             grid = make_grid(fake.float().cpu() * 0.5 + 0.5, nrow=8, padding=2)  # [3, 274, 274]
             logger.image(f"samples/{cfg.sample_mode}", grid.clamp(0, 1), iteration)
@@ -357,7 +440,9 @@ def train(
         train_s = clock.seconds()
         with clock.paused():
             t0 = time.perf_counter()
-            with torch.random.fork_rng(devices=cuda_devices):  # evaluation must not move training's RNG
+            # Evaluation must not move training's RNG. Every rank calls the evaluator (it shards
+            # the samples across ranks and gathers the features).
+            with torch.random.fork_rng(devices=cuda_devices), local_norms(G):
                 result = dict(evaluator(G, sample_mode=cfg.sample_mode, batch_size=cfg.batch_size))
             row = {"iteration": iteration, "images_seen": iteration * cfg.batch_size,
                    "sample_mode": cfg.sample_mode, "train_seconds": round(train_s, 3),
@@ -372,11 +457,13 @@ def train(
                            iteration)
             logger.scalars({"time/eval_seconds": row["eval_seconds"]}, iteration)
             snapshot = ckpt.generator_payload(G, cfg, iteration, iteration * cfg.batch_size, metrics=row)
-            ckpt.save_checkpoint(ckpt.snapshot_path(run_dir, iteration), snapshot)
+            if dist.is_main:
+                ckpt.save_checkpoint(ckpt.snapshot_path(run_dir, iteration), snapshot)
             fid = result.get("fid")
             if fid is not None and math.isfinite(fid) and (best["fid"] is None or fid < best["fid"]):
                 best.update(fid=float(fid), iteration=iteration)
-                ckpt.save_checkpoint(ckpt.best_path(run_dir), snapshot)
+                if dist.is_main:
+                    ckpt.save_checkpoint(ckpt.best_path(run_dir), snapshot)
             if fid is not None:
                 logger.show(fid=f"{fid:.2f}")
 
@@ -384,15 +471,25 @@ def train(
         """A full checkpoint (and a snapshot when there is no evaluation); prune old ones."""
         train_s = clock.seconds()
         with clock.paused():
+            path = ckpt.checkpoint_path(run_dir, iteration)
+            rng = ckpt.capture_rng_state(device)
+            log_window = {"sums": log_sums.cpu(), "count": log_count}
+            ranks = None
+            if dist.enabled:  # every rank's RNG and logging window, so that resume is exact
+                ranks = dist_utils.all_gather_objects({"rng": rng, "log_window": log_window})
+                if not dist.is_main:
+                    return path
             payload = ckpt.generator_payload(G, cfg, iteration, iteration * cfg.batch_size)
             payload.update(
                 kind="full", discriminator=D.state_dict(), opt_g=opt_g.state_dict(),
                 opt_d=opt_d.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                rng=ckpt.capture_rng_state(device), data=sampler.state_dict(),
+                rng=rng, data=sampler.state_dict(),
                 fixed_noise=fixed_noise.cpu(), best=dict(best), train_seconds=train_s,
-                log_window={"sums": log_sums.cpu(), "count": log_count},
+                log_window=log_window,
             )
-            path = ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, iteration), payload)
+            if dist.enabled:
+                payload.update(world_size=dist.world_size, ranks=ranks)
+            path = ckpt.save_checkpoint(path, payload)
             if not evaluating:
                 ckpt.save_checkpoint(ckpt.snapshot_path(run_dir, iteration),
                                      ckpt.generator_payload(G, cfg, iteration, iteration * cfg.batch_size))
@@ -402,13 +499,25 @@ def train(
     # ---- Train: one D step then one G step per iteration, until cfg.iters or a signal.
     start_iteration = iteration
     stop = _StopOnSignals()
+
+    def agreed_stop() -> Optional[str]:
+        """The signal that stops the run; under DDP the ranks agree (a 1-number all-reduce per
+        iteration), so that all of them stop, and save, at the same iteration."""
+        if not dist.enabled:
+            return stop.received
+        signum = signal.Signals[stop.received].value if stop.received else 0
+        agreed = dist_utils.all_reduce_max(torch.tensor([signum], device=device))
+        return signal.Signals(int(agreed.item())).name if agreed.item() else None
+
+    stopping: Optional[str] = None
     try:
         with stop:
-            while iteration < cfg.iters and stop.received is None:
-                real = sampler.next()  # [B, 3, 32, 32] in [-1, 1], on device
+            stopping = agreed_stop()
+            while iteration < cfg.iters and stopping is None:
+                real = sampler.next()  # [B/world, 3, 32, 32] in [-1, 1], on device
                 if cfg.channels_last:
                     real = real.contiguous(memory_format=torch.channels_last)
-                z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)  # [B, z_dim]
+                z = torch.randn(sampler.local_batch, cfg.z_dim, device=device)  # [B/world, z_dim]
 
                 # Discriminator step: push D(x) up and D(G(z)) down. G's output is detached here
                 # and reused by the generator step, so G runs forward once per iteration.
@@ -425,13 +534,14 @@ def train(
                 # weights are frozen so the backward pass skips their gradients.
                 D.requires_grad_(False)
                 with autocast():
-                    loss_g = generator_loss(D_step(fake))
+                    loss_g = generator_loss(D_frozen(fake))
                 opt_g.zero_grad(set_to_none=True)
                 scaler.scale(loss_g).backward()
                 scaler.step(opt_g)
                 scaler.update()
                 D.requires_grad_(True)
                 iteration += 1
+                stopping = agreed_stop()
 
                 # Accumulate the numbers to log on the device; read them every --log-every.
                 with torch.no_grad():
@@ -448,11 +558,11 @@ def train(
                     write_grid()
                 if evaluating and due(cfg.fid_every):
                     evaluate()
-                if due(cfg.ckpt_every) or stop.received is not None:
+                if due(cfg.ckpt_every) or stopping is not None:
                     last_ckpt = save()
 
             # ---- The end of the run: a last grid, evaluation and checkpoint where they are due.
-            finished = stop.received is None
+            finished = stopping is None
             if finished and iteration > start_iteration:
                 if cfg.sample_every > 0 and not due(cfg.sample_every):
                     write_grid()
@@ -463,11 +573,16 @@ def train(
                     last_ckpt = save()
     finally:
         logger.close()
-    if stop.received is not None:
-        logger.message(f"{stop.received}: stopped at iteration {iteration}; checkpoint {last_ckpt}; "
+    if os.environ.get("DCGAN_MN_DEBUG_DUMP"):  # tests: what each rank holds at the end
+        dump = Path(os.environ["DCGAN_MN_DEBUG_DUMP"])
+        dump.mkdir(parents=True, exist_ok=True)
+        torch.save({"generator": G.state_dict(), "discriminator": D.state_dict(),
+                    "iteration": iteration}, dump / f"rank{dist.rank}.pt")
+    if stopping is not None:
+        logger.message(f"{stopping}: stopped at iteration {iteration}; checkpoint {last_ckpt}; "
                        f"continue with: python train.py --resume {run_dir}")
     return TrainResult(
         run_dir=run_dir, config=cfg, iteration=iteration, images_seen=iteration * cfg.batch_size,
-        train_seconds=clock.seconds(), stopped_by=stop.received, checkpoint=last_ckpt,
+        train_seconds=clock.seconds(), stopped_by=stopping, checkpoint=last_ckpt,
         best_fid=best["fid"], best_iteration=best["iteration"], last_log=last_log,
     )
