@@ -183,6 +183,13 @@ def _check_world_size(payload: dict, dist: DistInfo, target: Union[str, Path]) -
         )
 
 
+def _fault_injection(dist: DistInfo, iteration: int) -> None:
+    """Tests: ``DCGAN_MN_FAULT=RANK:ITERATION`` kills that rank there (a crashed process)."""
+    fault = os.environ.get("DCGAN_MN_FAULT")
+    if fault and fault == f"{dist.rank}:{iteration}":
+        os._exit(3)
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # CPU and every CUDA device
     random.seed(seed)
@@ -360,15 +367,21 @@ def train(
         logger.text("config", "    " + cfg.to_json().replace("\n", "\n    "))  # markdown code block
 
     # The step functions may be DDP-wrapped and compiled; sampling, state dicts, telemetry and
-    # evaluation use the plain G and D. broadcast_buffers=False: each rank keeps the running
-    # statistics of its own batches (rank 0's are checkpointed), like SyncBatchNorm does.
+    # evaluation use the plain G and D. forward_sync_buffers=False: each rank keeps the running
+    # statistics of its own batches (rank 0's are checkpointed); --sync-norm makes them agree.
     G_train, D_train = G, D
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device_ids = [device.index] if device.type == "cuda" else None
-        G_train = DDP(G, device_ids=device_ids, broadcast_buffers=False)
-        D_train = DDP(D, device_ids=device_ids, broadcast_buffers=False)
+        G_train = DDP(G, device_ids=device_ids, forward_sync_buffers=False)
+        D_train = DDP(D, device_ids=device_ids, forward_sync_buffers=False)
+        if payload is not None:  # DDP copied rank 0's buffers: put back this rank's own
+            saved_buffers = payload["ranks"][dist.rank]["buffers"]
+            with torch.no_grad():
+                for model, part in ((G, "generator"), (D, "discriminator")):
+                    for name, buf in model.named_buffers():
+                        buf.copy_(saved_buffers[part][name])
     compile_backend = os.environ.get("DCGAN_MN_COMPILE_BACKEND", "inductor")
     G_step = torch.compile(G_train, backend=compile_backend) if cfg.compile else G_train
     D_step = torch.compile(D_train, backend=compile_backend) if cfg.compile else D_train
@@ -476,7 +489,11 @@ def train(
             log_window = {"sums": log_sums.cpu(), "count": log_count}
             ranks = None
             if dist.enabled:  # every rank's RNG and logging window, so that resume is exact
-                ranks = dist_utils.all_gather_objects({"rng": rng, "log_window": log_window})
+                # Running statistics are each rank's own (buffers are not synchronized).
+                buffers = {"generator": {n: b.cpu() for n, b in G.named_buffers()},
+                           "discriminator": {n: b.cpu() for n, b in D.named_buffers()}}
+                ranks = dist_utils.all_gather_objects(
+                    {"rng": rng, "log_window": log_window, "buffers": buffers})
                 if not dist.is_main:
                     return path
             payload = ckpt.generator_payload(G, cfg, iteration, iteration * cfg.batch_size)
@@ -560,6 +577,7 @@ def train(
                     evaluate()
                 if due(cfg.ckpt_every) or stopping is not None:
                     last_ckpt = save()
+                _fault_injection(dist, iteration)
 
             # ---- The end of the run: a last grid, evaluation and checkpoint where they are due.
             finished = stopping is None

@@ -1,0 +1,170 @@
+"""train.py under torchrun: DDP on 2 CPU processes (gloo), real `torch.distributed.run` launches.
+
+Tiny settings (ngf/ndf 8, global batch 8, a few iterations, one intra-op thread) keep each launch
+at a few seconds; one module-scoped run to iteration 4 serves several tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_fake_cifar10
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "train.py")
+TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "8", "--fid-every", "0", "--device", "cpu",
+        "--no-progress", "--log-every", "1", "--sample-every", "0"]
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(nproc), TRAIN, *args]
+    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def single(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, TRAIN, *args], env=_env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _params_equal(a: dict, b: dict, model) -> None:
+    names = {n for n, _ in model.named_parameters()}
+    assert names, "no parameters?"
+    for n in names:
+        assert torch.equal(a[n], b[n]), n
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return write_fake_cifar10(tmp_path_factory.mktemp("ddp_data"), images_per_batch=16)
+
+
+@pytest.fixture(scope="module")
+def run4(tmp_path_factory, data_root):
+    """A 2-rank DDP run to iteration 4 (checkpoints at 2 and 4), each rank's final state dumped."""
+    tmp = tmp_path_factory.mktemp("ddp_run4")
+    proc = torchrun(*TINY, "--data-root", str(data_root), "--out", str(tmp / "out"),
+                    "--run-name", "r", "--iters", "4", "--ckpt-every", "2", "--keep-last", "5",
+                    DCGAN_MN_DEBUG_DUMP=str(tmp / "dump"))
+    _ok(proc)
+    return tmp
+
+
+def test_ranks_hold_identical_parameters(run4):
+    from dcgan_mn.models import Discriminator, Generator
+
+    r0, r1 = (torch.load(run4 / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["iteration"] == r1["iteration"] == 4
+    _params_equal(r0["generator"], r1["generator"], Generator(ngf=8))
+    _params_equal(r0["discriminator"], r1["discriminator"], Discriminator(8))
+    # Rank 0's checkpoint is what rank 0 holds.
+    ckpt = torch.load(run4 / "out" / "r" / "ckpt-00000004.pt", weights_only=True)
+    for k, v in r0["generator"].items():
+        assert torch.equal(ckpt["generator"][k], v), k
+
+
+def test_only_rank0_writes(run4):
+    assert [p.name for p in (run4 / "out").iterdir()] == ["r"]  # one run folder, one name
+    run = run4 / "out" / "r"
+    names = sorted(p.name for p in run.iterdir() if not p.name.startswith("events.out"))
+    assert names == ["ckpt-00000002.pt", "ckpt-00000004.pt", "config.json", "snapshots"]
+    events = [p for p in run.iterdir() if p.name.startswith("events.out")]
+    assert len(events) == 1  # one TensorBoard writer: rank 0's
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["G-00000002.pt", "G-00000004.pt"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["extra"]["world_size"] == 2 and cfg["batch_size"] == 8
+    ckpt = torch.load(run / "ckpt-00000004.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["ranks"]) == 2
+    # Each rank draws its own noise: their RNG states differ.
+    assert not torch.equal(ckpt["ranks"][0]["rng"]["torch"], ckpt["ranks"][1]["rng"]["torch"])
+
+
+def test_resume_under_ddp_is_exact(run4, tmp_path, data_root):
+    straight = torchrun(*TINY, "--data-root", str(data_root), "--out", str(tmp_path / "a"),
+                        "--run-name", "r", "--iters", "6", "--ckpt-every", "2",
+                        DCGAN_MN_DEBUG_DUMP=str(tmp_path / "dump_a"))
+    _ok(straight)
+    resumed_dir = tmp_path / "b" / "r"
+    shutil.copytree(run4 / "out" / "r", resumed_dir)
+    resumed = torchrun("--resume", str(resumed_dir), "--iters", "6", "--no-progress",
+                       DCGAN_MN_DEBUG_DUMP=str(tmp_path / "dump_b"))
+    _ok(resumed)
+    a = torch.load(tmp_path / "a" / "r" / "ckpt-00000006.pt", weights_only=True)
+    b = torch.load(resumed_dir / "ckpt-00000006.pt", weights_only=True)
+    for part in ("generator", "discriminator"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    torch.testing.assert_close(a["opt_g"]["state"], b["opt_g"]["state"], rtol=0, atol=0)
+    for r in range(2):  # rank 1's state too (its running statistics are its own)
+        da = torch.load(tmp_path / "dump_a" / f"rank{r}.pt", weights_only=True)
+        db = torch.load(tmp_path / "dump_b" / f"rank{r}.pt", weights_only=True)
+        for part in ("generator", "discriminator"):
+            for k in da[part]:
+                assert torch.equal(da[part][k], db[part][k]), (r, part, k)
+
+
+def test_sync_norm_under_ddp(tmp_path, data_root):
+    proc = torchrun(*TINY, "--data-root", str(data_root), "--out", str(tmp_path / "out"),
+                    "--run-name", "s", "--iters", "2", "--sync-norm", "--mn-layers", "0",
+                    "--mn-components", "2", DCGAN_MN_DEBUG_DUMP=str(tmp_path / "dump"))
+    _ok(proc)
+    r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # Synchronized norms: the statistics are the global batch's, so buffers agree too.
+    for part in ("generator", "discriminator"):
+        for k in r0[part]:
+            torch.testing.assert_close(r0[part][k], r1[part][k], msg=f"{part} {k}")
+    ckpt = torch.load(tmp_path / "out" / "s" / "ckpt-00000002.pt", weights_only=True)
+    assert set(ckpt["generator"]) == set(r0["generator"])  # plain state-dict keys
+
+
+@pytest.mark.parametrize("batch", [9, 3])
+def test_batch_not_divisible_is_refused(tmp_path, data_root, batch):
+    out = tmp_path / "out"
+    proc = torchrun("--ngf", "8", "--ndf", "8", "--batch-size", str(batch), "--fid-every", "0",
+                    "--device", "cpu", "--data-root", str(data_root), "--out", str(out))
+    assert proc.returncode != 0
+    assert f"--batch-size {batch}: not divisible by the world size 2" in proc.stderr
+    assert not out.exists()
+
+
+def test_resume_with_another_world_size_is_refused(run4, tmp_path):
+    run = tmp_path / "r"
+    shutil.copytree(run4 / "out" / "r", run)
+    before = sorted(p.name for p in run.iterdir())
+    proc = single("--resume", str(run), "--iters", "6", "--no-progress")
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if "world size" in ln]
+    assert len(lines) == 1 and "world size 2" in lines[0] and "--nproc_per_node 2" in lines[0]
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_dead_rank_fails_clearly_and_keeps_the_checkpoint(tmp_path, data_root):
+    out = tmp_path / "out"
+    proc = torchrun(*TINY, "--data-root", str(data_root), "--out", str(out), "--run-name", "d",
+                    "--iters", "8", "--ckpt-every", "2", DCGAN_MN_FAULT="1:3", timeout=90)
+    assert proc.returncode != 0
+    assert "exitcode" in proc.stderr and "3" in proc.stderr  # torchrun's failure report
+    ckpts = sorted((out / "d").glob("ckpt-*.pt"))
+    assert ckpts and ckpts[-1].name == "ckpt-00000002.pt"
+    payload = torch.load(ckpts[-1], weights_only=True)
+    assert payload["iteration"] == 2 and payload["world_size"] == 2
+    assert not list((out / "d").glob(".*.tmp"))  # no half-written file left behind
