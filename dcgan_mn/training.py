@@ -224,18 +224,24 @@ class _Clock:
 
 class _StopOnSignals:
     """SIGINT / SIGTERM set a flag that the loop checks after each iteration; the loop then
-    saves a checkpoint and returns. A second signal acts as usual (KeyboardInterrupt / exit)."""
+    saves a checkpoint and returns. A second signal acts as usual (KeyboardInterrupt / exit),
+    except under torchrun (``keep_deferring``): Ctrl-C reaches a worker twice there (from the
+    terminal and forwarded by torchrun), and torchrun itself escalates to SIGKILL if need be."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, keep_deferring: bool = False) -> None:
         self.received: Optional[str] = None
+        self.keep_deferring = keep_deferring
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
+        if self.received is not None and self.keep_deferring:
+            return
         self.received = signal.Signals(signum).name
-        for sig, handler in self._previous.items():  # the next one is not deferred
-            signal.signal(sig, handler)
+        if not self.keep_deferring:
+            for sig, handler in self._previous.items():  # the next one is not deferred
+                signal.signal(sig, handler)
 
     def __enter__(self) -> "_StopOnSignals":
         if threading.current_thread() is threading.main_thread():
@@ -515,7 +521,7 @@ def train(
 
     # ---- Train: one D step then one G step per iteration, until cfg.iters or a signal.
     start_iteration = iteration
-    stop = _StopOnSignals()
+    stop = _StopOnSignals(keep_deferring=dist.enabled)
 
     def agreed_stop() -> Optional[str]:
         """The signal that stops the run; under DDP the ranks agree (a 1-number all-reduce per

@@ -168,3 +168,29 @@ def test_dead_rank_fails_clearly_and_keeps_the_checkpoint(tmp_path, data_root):
     payload = torch.load(ckpts[-1], weights_only=True)
     assert payload["iteration"] == 2 and payload["world_size"] == 2
     assert not list((out / "d").glob(".*.tmp"))  # no half-written file left behind
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM"])
+def test_signal_to_torchrun_stops_all_ranks_at_one_iteration(tmp_path, data_root, sig):
+    import signal
+    import time
+
+    run = tmp_path / "out" / "s"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           TRAIN, *TINY, "--data-root", str(data_root), "--out", str(tmp_path / "out"),
+           "--run-name", "s", "--iters", "1000000", "--ckpt-every", "0"]
+    proc = subprocess.Popen(cmd, env=_env(DCGAN_MN_DEBUG_DUMP=str(tmp_path / "dump")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (run.is_dir() and any(run.glob("events.out*"))):
+        time.sleep(0.2)
+    time.sleep(1.0)  # some iterations in
+    proc.send_signal(getattr(signal, sig))  # torchrun forwards it to both workers
+    _, err = proc.communicate(timeout=60)
+    ckpts = sorted(run.glob("ckpt-*.pt"))
+    assert len(ckpts) == 1, err[-3000:]
+    payload = torch.load(ckpts[0], weights_only=True)
+    dumps = [torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert payload["iteration"] > 0
+    assert [d["iteration"] for d in dumps] == [payload["iteration"]] * 2  # the same iteration
+    assert f"{sig}: stopped at iteration {payload['iteration']}" in err
