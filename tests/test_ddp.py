@@ -194,3 +194,65 @@ def test_signal_to_torchrun_stops_all_ranks_at_one_iteration(tmp_path, data_root
     assert payload["iteration"] > 0
     assert [d["iteration"] for d in dumps] == [payload["iteration"]] * 2  # the same iteration
     assert f"{sig}: stopped at iteration {payload['iteration']}" in err
+
+
+# ---- train() itself on 2 spawned ranks, with an evaluator that needs every rank ----
+
+
+class _CollectiveEvaluator:
+    """Stands in for metrics.Evaluator: a collective (like its feature gather) plus a G sample,
+    so a rank that skipped a call, or called it at another iteration, would hang or differ."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def __call__(self, generator, *, sample_mode, batch_size):
+        import torch.distributed as dist
+
+        assert not isinstance(generator, torch.nn.parallel.DistributedDataParallel)
+        z = torch.randn(batch_size, generator.z_dim)  # uneven use of G across ranks is fine
+        generator.sample(z[: batch_size // (dist.get_rank() + 1)], mode=sample_mode, batch_size=batch_size)
+        total = torch.tensor([float(len(self.calls) + 1)])
+        dist.all_reduce(total)
+        self.calls.append(total.item())
+        return {"fid": 10.0 - len(self.calls), "num_samples": 100}
+
+
+def _train_worker(rank: int, init_file: str, out: str, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    from dcgan_mn.config import TrainConfig
+    from dcgan_mn.training import train
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    cfg = TrainConfig(ngf=8, ndf=8, batch_size=8, iters=4, log_every=2, sample_every=2,
+                      ckpt_every=0, fid_every=2, device="cpu", out=out, run_name="e",
+                      mn_layers=(0,), mn_components=2, mn_fit_points=32, sync_norm=True)
+    images = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    evaluator = _CollectiveEvaluator()
+    result = train(cfg, evaluator=evaluator, images=images, progress=False)
+    torch.save({"calls": evaluator.calls, "iteration": result.iteration, "best": result.best_fid},
+               os.path.join(result_dir, f"r{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_train_evaluates_on_every_rank_and_rank0_writes(tmp_path):
+    import torch.multiprocessing as mp
+
+    from conftest import read_tensorboard
+
+    mp.spawn(_train_worker, args=(str(tmp_path / "init"), str(tmp_path / "out"), str(tmp_path)),
+             nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt") for r in (0, 1))
+    assert r0["calls"] == r1["calls"] == [2.0, 4.0]  # both ranks, at iterations 2 and 4
+    assert r0["best"] == r1["best"] == 8.0
+    run = tmp_path / "out" / "e"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [2, 4]
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["G-00000002.pt", "G-00000004.pt"]
+    assert (run / "best.pt").exists()
+    _, images, _ = read_tensorboard(run)
+    assert images["samples/batch"] == [2, 4]  # rank 0's grids, G sampled without collectives
