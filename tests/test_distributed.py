@@ -48,3 +48,23 @@ def test_single_process_is_identity(monkeypatch):
     assert D.all_gather_rows(t)[0] is t
     assert D.broadcast_object("x") == "x"
     assert D.all_reduce_sum(t) is t
+
+
+def _max_and_objects_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    biggest = D.all_reduce_max(torch.tensor([[0, 15][rank]]))  # e.g. a stop signal on rank 1 only
+    objects = D.all_gather_objects({"rank": rank, "t": torch.full((2,), float(rank))})
+    torch.save({"max": biggest, "objects": objects}, os.path.join(out_dir, f"m{rank}.pt"))
+    D.shutdown_distributed()
+
+
+def test_all_reduce_max_and_all_gather_objects():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_max_and_objects_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        results = [torch.load(os.path.join(tmp, f"m{r}.pt")) for r in range(2)]
+    for res in results:
+        assert res["max"].item() == 15
+        assert [o["rank"] for o in res["objects"]] == [0, 1]
+        torch.testing.assert_close(res["objects"][1]["t"], torch.ones(2))
+    assert D.all_reduce_max(torch.tensor([3])).item() == 3  # no process group: identity
+    assert D.all_gather_objects("x") == ["x"]
