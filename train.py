@@ -99,7 +99,7 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
     from dcgan_mn.features import InceptionWeightsError
     from dcgan_mn.metrics import MetricsError, build_evaluator
     from dcgan_mn.distributed import init_distributed, shutdown_distributed
-    from dcgan_mn.training import (check_launch, decided_on_main, load_resume, resolve_device,
+    from dcgan_mn.training import (check_launch, check_world_size, decided_on_main, load_resume, resolve_device,
                                    resolve_run_dir, train)
 
     flags["dims"] = int(flags["dims"])
@@ -109,7 +109,8 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
         # Under torchrun: join the process group first (the evaluator shards across it).
         dist = init_distributed(resolve_device(flags["device"]))
         if resume is not None:
-            _, resume_path, _, saved = load_resume(resume)
+            _, resume_path, payload, saved = load_resume(resume)
+            check_world_size(payload, dist, resume)
             cfg = resume_config(saved, given)
         else:
             resume_path = None

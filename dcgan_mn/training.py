@@ -11,6 +11,11 @@ same time. Evaluation, sample grids and checkpoint writes pause the training clo
 A run stopped at iteration t (by ``--iters``, SIGINT or SIGTERM) and resumed from its checkpoint
 continues exactly as if it had not stopped: the checkpoint holds every random-number state, the
 data order, the optimizers and the half-filled logging window.
+
+Under ``torchrun`` the same loop runs on every rank with G and D wrapped in DDP: ``--batch-size``
+is the global batch (each rank takes its slice), each rank has its own noise and k-means random
+stream, rank 0 alone writes files, all ranks evaluate together and agree on when a signal stops
+the run; checkpoints hold every rank's RNG states and running statistics.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ __all__ = [
     "resolve_device",
     "resolve_run_dir",
     "load_resume",
+    "check_launch",
+    "check_world_size",
+    "decided_on_main",
     "train",
 ]
 
@@ -173,7 +181,9 @@ def decided_on_main(dist: DistInfo, decide: Callable[[], Any]) -> Any:
     return value
 
 
-def _check_world_size(payload: dict, dist: DistInfo, target: Union[str, Path]) -> None:
+def check_world_size(payload: dict, dist: DistInfo, target: Union[str, Path]) -> None:
+    """A checkpoint resumes exactly only on the world size that wrote it (per-rank RNG states
+    and running statistics, per-rank batch slices)."""
     saved = int(payload.get("world_size", 1))
     if saved != dist.world_size:
         raise ConfigError(
@@ -281,7 +291,7 @@ def train(
     dist = dist_utils.init_distributed(resolve_device(cfg.device))  # DistInfo() without torchrun
     if resume is not None:
         run_dir, _, payload, saved = load_resume(resume)
-        _check_world_size(payload, dist, resume)
+        check_world_size(payload, dist, resume)
         if cfg.iters < payload["iteration"]:
             raise ConfigError(f"--iters {cfg.iters}: the resumed run is already at iteration "
                               f"{payload['iteration']}")
