@@ -547,17 +547,17 @@ def train(
         with stop:
             stopping = agreed_stop()
             while iteration < cfg.iters and stopping is None:
-                real = sampler.next()  # [B/world, 3, 32, 32] in [-1, 1], on device
+                real = sampler.next()  # [b, 3, 32, 32] in [-1, 1], on device; b = B / world size
                 if cfg.channels_last:
                     real = real.contiguous(memory_format=torch.channels_last)
-                z = torch.randn(sampler.local_batch, cfg.z_dim, device=device)  # [B/world, z_dim]
+                z = torch.randn(sampler.local_batch, cfg.z_dim, device=device)  # [b, z_dim]
 
                 # Discriminator step: push D(x) up and D(G(z)) down. G's output is detached here
                 # and reused by the generator step, so G runs forward once per iteration.
                 with autocast():
-                    fake = G_step(z)  # [B, 3, 32, 32]
-                    real_logits = D_step(real)  # [B]
-                    fake_logits = D_step(fake.detach())  # [B]
+                    fake = G_step(z)  # [b, 3, 32, 32]
+                    real_logits = D_step(real)  # [b]
+                    fake_logits = D_step(fake.detach())  # [b]
                     loss_d = discriminator_loss(real_logits, fake_logits)
                 opt_d.zero_grad(set_to_none=True)
                 scaler.scale(loss_d).backward()
