@@ -27,11 +27,9 @@ Run folder (``<out>/<run_name>/``):
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -40,6 +38,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, TrainConfig, config_from_dict
+from .fileio import atomic_write
 from .models import Generator
 
 __all__ = [
@@ -84,22 +83,11 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: PathLike, payload: dict) -> Path:
-    """``torch.save`` to ``path`` atomically (temporary file in the same folder + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``torch.save`` to ``path`` atomically and durably (``fileio.atomic_write`` with fsync)."""
     payload = {"format": FORMAT, "schema": SCHEMA, **payload}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path, "wb", fsync=True) as f:
+        torch.save(payload, f)
+    return Path(path)
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
