@@ -106,6 +106,26 @@ def _load_generator(path, device):
         _fail(str(e))
 
 
+def _feature_options(command):
+    """The Inception and reference-cache options shared by ``fid`` and ``stats``."""
+    options = [
+        click.option("--dims", default="2048", type=click.Choice(DIMS_CHOICES),
+                     help="Inception feature block"),
+        click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N"),
+        click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
+                     help="local FID Inception weights (else $DCGAN_MN_INCEPTION_WEIGHTS, else the "
+                          "torch hub cache)"),
+        click.option("--data-root", default="data", help="where CIFAR-10 is (downloaded on first use)"),
+        click.option("--cache-dir", default=None,
+                     help="reference-statistics cache (default ~/.cache/dcgan_mn)"),
+        click.option("--feature-batch-size", default=None, type=int,
+                     help="images per Inception pass (default 500 on CUDA, 50 on CPU)"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("target")
 @click.option("--ref", default="cifar10-train",
@@ -116,16 +136,9 @@ def _load_generator(path, device):
               help="generator batch size (default: the run's training batch size)")
 @click.option("--sample-modes", default=None,
               help="comma list of batch,running: scored side by side (default: the run's mode)")
-@click.option("--dims", default="2048", type=click.Choice(DIMS_CHOICES), help="Inception feature block")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
-              help="local FID Inception weights (else $DCGAN_MN_INCEPTION_WEIGHTS, else the torch hub cache)")
-@click.option("--data-root", default="data", help="where CIFAR-10 is (downloaded on first use)")
-@click.option("--cache-dir", default=None, help="reference-statistics cache (default ~/.cache/dcgan_mn)")
+@_feature_options
 @click.option("--no-cache", is_flag=True, help="compute the reference statistics without the cache")
 @click.option("--seed", default=0, type=int, help="seed of the evaluation latents")
-@click.option("--feature-batch-size", default=None, type=int,
-              help="images per Inception pass (default 500 on CUDA, 50 on CPU)")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="also write the JSON here")
 @click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
 def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_weights, data_root,
@@ -245,14 +258,7 @@ def _print_curve(rows) -> None:
               help="also write pytorch-fid's .npz (mu, sigma; plus meta and real features) here")
 @click.option("--stats-only", is_flag=True, help="with --out: write only mu and sigma")
 @click.option("--force", is_flag=True, help="with --out: replace an existing file")
-@click.option("--dims", default="2048", type=click.Choice(DIMS_CHOICES), help="Inception feature block")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-@click.option("--inception-weights", default=None, type=click.Path(dir_okay=False),
-              help="local FID Inception weights (else $DCGAN_MN_INCEPTION_WEIGHTS, else the torch hub cache)")
-@click.option("--data-root", default="data", help="where CIFAR-10 is (downloaded on first use)")
-@click.option("--cache-dir", default=None, help="reference-statistics cache (default ~/.cache/dcgan_mn)")
-@click.option("--feature-batch-size", default=None, type=int,
-              help="images per Inception pass (default 500 on CUDA, 50 on CPU)")
+@_feature_options
 @click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
 def stats(ref, out, stats_only, force, dims, device, inception_weights, data_root, cache_dir,
           feature_batch_size, progress):

@@ -77,3 +77,15 @@ def save_random_fid_inception(path, seed: int = 0):
 def fid_weights_file(tmp_path_factory):
     """One random FID-Inception weights file shared by every test of the session."""
     return save_random_fid_inception(tmp_path_factory.mktemp("fid_weights") / "random_inception.pth")
+
+
+def load_script(filename: str, attribute: str):
+    """The click command ``attribute`` of a repo-root script (train.py, evaluate.py), loaded by
+    file path: the scripts are not part of the installed package."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / filename
+    spec = importlib.util.spec_from_file_location(f"_script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, attribute)

@@ -1,7 +1,6 @@
 """evaluate.py end to end: FID of image folders equals pytorch-fid's on the same PNG files (same
 random Inception weights loaded from a file for both), stats export, bad-input errors."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,17 +13,11 @@ from PIL import Image
 import pytorch_fid.inception as pfi
 from dcgan_mn.features import sha256_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.cli
 
-
-cli = load_cli()
+cli = load_script("evaluate.py", "cli")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """train.py end to end through click: defaults in --help, --dry-run, one-line errors that touch
 nothing, resume rules, and SIGINT/SIGTERM in a real subprocess."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -16,21 +15,14 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import write_fake_cifar10
+from conftest import load_script, write_fake_cifar10
 from dcgan_mn import checkpoint as C
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("train_single_thread")
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
-
-
-cli = load_cli()
+cli = load_script("train.py", "main")
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64", "--device", "cpu",
         "--sample-every", "0", "--fid-every", "0", "--no-progress"]
 

@@ -3,7 +3,6 @@
 which must stop the run before anything is written."""
 
 import hashlib
-import importlib.util
 import json
 import math
 import urllib.error
@@ -14,20 +13,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import read_tensorboard, write_fake_cifar10
+from conftest import load_script, read_tensorboard, write_fake_cifar10
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("train_single_thread")
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location("train_cli_eval", ROOT / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
-
-
-cli = load_cli()
+cli = load_script("train.py", "main")
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64", "--device", "cpu",
         "--sample-every", "0", "--no-progress", "--dims", "64"]
 
