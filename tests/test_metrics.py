@@ -109,8 +109,10 @@ def test_frechet_distance_zero_for_identical(d):
 
 def test_frechet_reference_caches_sqrt_and_checks_dims(monkeypatch):
     calls = []
-    real_sqrt = M._psd_sqrt
-    monkeypatch.setattr(M, "_psd_sqrt", lambda s: calls.append(1) or real_sqrt(s))
+    from dcgan_mn.metrics import frechet
+
+    real_sqrt = frechet._psd_sqrt
+    monkeypatch.setattr(frechet, "_psd_sqrt", lambda s: calls.append(1) or real_sqrt(s))
     rng = np.random.default_rng(3)
     ref = M.FrechetReference(rng.standard_normal(5), random_spd(5, rng))
     for _ in range(3):
@@ -288,7 +290,9 @@ def test_reference_key_changes_with_every_input(tmp_path, monkeypatch):
         "train": M.reference_key(M.reference_identity("cifar10-train"), "a" * 64, 2048),
         "test": M.reference_key(M.reference_identity("cifar10-test"), "a" * 64, 2048),
     }
-    monkeypatch.setattr(M, "PROTOCOL_VERSION", "v-next")
+    from dcgan_mn.metrics import reference
+
+    monkeypatch.setattr(reference, "PROTOCOL_VERSION", "v-next")
     keys["protocol"] = M.reference_key(ident, "a" * 64, 2048)
     monkeypatch.undo()
     assert M.reference_key(ident, "a" * 64, 2048) == base  # deterministic
