@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Train the DCGAN on CIFAR-10 (or an image folder) with BN -> MN replacement in the generator.
+"""Train the DCGAN on CIFAR-10 (an image folder, or stacked digits) with BN -> MN in the generator.
 
     python train.py                                # MN in generator layers 0,1 (K = 3), CIFAR-10
     python train.py --mn-layers none --seed 1      # the BatchNorm baseline
     python train.py --resume checkpoints/RUN       # continue a run exactly where it stopped
+    python train.py --dataset stacked-digits       # offline: 1000-mode stacked digits, mode metrics
     python train.py --dry-run                      # print the resolved config and exit
 
 Thin by design: flags -> ``TrainConfig`` -> ``dcgan_mn.training.train``. Every invalid flag
@@ -18,7 +19,7 @@ import sys
 import click
 from click.core import ParameterSource
 
-from dcgan_mn.config import AMP_MODES, DATASETS, TrainConfig
+from dcgan_mn.config import AMP_MODES, DATASETS, STACKED_DATASETS, TrainConfig
 
 D = TrainConfig()  # the defaults shown in --help are the config's own
 CPU_FID_SAMPLES = 2000  # --fid-samples when training on a CPU and the flag is not given
@@ -53,8 +54,15 @@ def _layers_text(layers) -> str:
 @click.option("--device", default=D.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
 # --- data ---
 @click.option("--dataset", default=D.dataset, type=click.Choice(DATASETS),
-              help="cifar10 (downloaded into --data-root on first use) or folder (images under --data-root)")
-@click.option("--data-root", default=D.data_root, help="where CIFAR-10 is/goes, or the image folder")
+              help="cifar10 (downloaded into --data-root on first use), folder (images under "
+                   "--data-root), stacked-mnist (3 MNIST digits per image, 1000 modes; MNIST is "
+                   "downloaded into --data-root) or stacked-digits (the same from scikit-learn's "
+                   "bundled 8x8 digits: offline, CPU-sized)")
+@click.option("--data-root", default=D.data_root, help="where CIFAR-10 / MNIST is/goes, or the image folder")
+@click.option("--stack-size", default=None, type=int,
+              help="stacked datasets: training images drawn  [default: 128000, PacGAN's]")
+@click.option("--stack-seed", default=D.stack_seed, type=int,
+              help="stacked datasets: seed of the drawn digit triples")
 @click.option("--hflip/--no-hflip", default=D.hflip, help="random horizontal flips of real images")
 # --- run folder, logging, checkpoints ---
 @click.option("--out", default=D.out, help="folder that holds one sub-folder per run")
@@ -68,11 +76,15 @@ def _layers_text(layers) -> str:
               help="full checkpoint every N iterations (0: only at the end)")
 @click.option("--keep-last", default=D.keep_last, type=int, help="full checkpoints to keep")
 # --- periodic evaluation ---
-@click.option("--fid-every", default=D.fid_every, type=int, help="evaluate FID every N iterations (0: off)")
+@click.option("--fid-every", default=D.fid_every, type=int, help="evaluate (FID, and mode metrics on stacked datasets) every N iterations (0: off)")
 @click.option("--fid-samples", default=D.fid_samples, type=int,
               help=f"generated images per evaluation (on a CPU device the default is {CPU_FID_SAMPLES})")
 @click.option("--ref", default=D.ref,
-              help="FID reference: cifar10-train, cifar10-test, an image folder or a pytorch-fid .npz")
+              help="FID reference: cifar10-train, cifar10-test, stacked-mnist, stacked-digits, an "
+                   "image folder or a pytorch-fid .npz  [default: cifar10-train; a stacked "
+                   "dataset's own name for stacked runs]")
+@click.option("--mode-samples", default=D.mode_samples, type=int,
+              help="stacked datasets: samples per mode-metric evaluation (modes, kl_modes, cfd)")
 @click.option("--inception-weights", default=None,
               help="local FID Inception weights file (offline use)  [default: torch hub cache]")
 @click.option("--dims", default=str(D.dims), type=click.Choice(["64", "192", "768", "2048"]),
@@ -114,6 +126,8 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
             cfg = resume_config(saved, given)
         else:
             resume_path = None
+            if "ref" not in given and flags["dataset"] in STACKED_DATASETS:
+                flags["ref"] = flags["dataset"]  # FID against stacked images, not CIFAR-10
             if "fid_samples" not in given and resolve_device(flags["device"]).type == "cpu":
                 # FID Inception runs at ~10 images/s on a CPU: 10k samples per evaluation would
                 # cost longer than the training between evaluations.
@@ -129,7 +143,8 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
         evaluator = None
         if cfg.fid_every > 0:
             evaluator = build_evaluator(cfg, resolve_device(cfg.device), progress=progress)
-            cfg = cfg.replace(extra={**cfg.extra, "ref_key": evaluator.ref_key})
+            cfg = cfg.replace(extra={**cfg.extra, "ref_key": evaluator.ref_key,
+                                     "evaluated": sorted(evaluator.directions)})
         result = train(cfg, evaluator=evaluator, resume=resume_path, progress=progress)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
@@ -143,8 +158,9 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
 
     summary = (f"{result.run_dir}: iteration {result.iteration} ({result.images_seen} images), "
                f"{result.train_seconds:.1f} s training, checkpoint {result.checkpoint}")
-    if result.best_fid is not None:
-        summary += f", best FID {result.best_fid:.3f} at iteration {result.best_iteration}"
+    if result.best_value is not None:
+        summary += (f", best {result.best_metric} {result.best_value:.3f} at iteration "
+                    f"{result.best_iteration}")
     if dist.is_main:
         click.echo(summary, err=True)
     if result.stopped_by is not None:

@@ -9,7 +9,7 @@ weights_only=True)`` reads it (no pickled classes, nothing executed on load):
      # "full" only:
      "discriminator", "opt_g", "opt_d": state dicts,
      "rng": {"torch", "cuda", "python", "numpy"}, "data": BatchSampler.state_dict(),
-     "fixed_noise": [64, z_dim], "best": {"fid", "iteration"},
+     "fixed_noise": [64, z_dim], "best": {"metric", "value", "iteration"},
      "train_seconds": float, "metrics": {...}}  # metrics: the last evaluation, if any
 
 Files are written atomically (a temporary file in the same folder, then ``os.replace``), so a

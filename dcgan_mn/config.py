@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .digits import DEFAULT_STACK_SIZE, STACKED_SOURCES as STACKED_DATASETS
 from .models import NUM_G_NORM_LAYERS, SAMPLE_MODES, parse_mn_layers
 
 __all__ = [
@@ -24,7 +25,8 @@ __all__ = [
     "default_run_name",
 ]
 
-DATASETS = ("cifar10", "folder")
+DATASETS = ("cifar10", "folder", "stacked-mnist", "stacked-digits")
+
 AMP_MODES = ("none", "bf16", "fp16")
 
 
@@ -54,6 +56,8 @@ class TrainConfig:
     dataset: str = "cifar10"
     data_root: str = "data"
     hflip: bool = False
+    stack_size: Optional[int] = None  # stacked datasets: images drawn (None -> DEFAULT_STACK_SIZE)
+    stack_seed: int = 0  # stacked datasets: seed of the drawn digit triples
     # --- run folder, logging, checkpoints ---
     out: str = "checkpoints"
     run_name: Optional[str] = None
@@ -68,6 +72,7 @@ class TrainConfig:
     ref: str = "cifar10-train"
     inception_weights: Optional[str] = None
     dims: int = 2048
+    mode_samples: int = 26_000  # stacked datasets: samples per mode-metric evaluation (PacGAN's)
     # --- speed (GPU-oriented, all correct on CPU) ---
     amp: str = "none"
     channels_last: bool = False
@@ -85,6 +90,8 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(f"--mn-layers: {e}") from None
         object.__setattr__(self, "mn_layers", layers)
+        if self.dataset in STACKED_DATASETS and self.stack_size is None:
+            object.__setattr__(self, "stack_size", DEFAULT_STACK_SIZE)
         self.validate()
 
     def validate(self) -> None:
@@ -107,6 +114,10 @@ class TrainConfig:
         need(self.iters >= 0, "--iters", self.iters, "must be >= 0")
         need(self.seed >= 0, "--seed", self.seed, "must be >= 0")
         need(self.dataset in DATASETS, "--dataset", self.dataset, f"expected one of {DATASETS}")
+        need(self.stack_size is None or self.stack_size >= 1, "--stack-size", self.stack_size, "must be >= 1")
+        need(self.stack_seed >= 0, "--stack-seed", self.stack_seed, "must be >= 0")
+        need(self.mode_samples >= 2, "--mode-samples", self.mode_samples,
+             "mode metrics need at least 2 samples")
         need(self.sample_mode in SAMPLE_MODES, "--sample-mode", self.sample_mode,
              f"expected one of {SAMPLE_MODES}")
         for flag, v in [("--sample-every", self.sample_every), ("--log-every", self.log_every),
@@ -164,7 +175,8 @@ def flag_name(field_name: str) -> str:
 # protocol. Everything else (length, device, logging cadence, speed switches) may change.
 RESUME_FIXED = (
     "z_dim", "ngf", "ndf", "mn_layers", "mn_components", "mn_fit_points", "mn_kmeans_iters",
-    "lr", "beta1", "beta2", "batch_size", "seed", "dataset", "hflip", "sample_mode", "ref", "dims",
+    "lr", "beta1", "beta2", "batch_size", "seed", "dataset", "hflip", "stack_size", "stack_seed",
+    "sample_mode", "ref", "dims", "mode_samples",
 )
 
 

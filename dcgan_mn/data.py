@@ -6,6 +6,8 @@ Loading (once, at start-up):
   ``root/cifar-10-batches-py``; downloaded first (torchvision's helper, MD5-checked) when missing.
   An extracted folder, or the ``.tar.gz`` placed in ``root``, works offline.
 * ``load_image_folder(root, size)``: any tree of images, center-cropped to a square and resized.
+* ``stacked-mnist`` / ``stacked-digits``: three digits per image, one per channel
+  (``dcgan_mn.digits``).
 
 Both return uint8 [N, 3, H, W]. Training keeps that tensor on its device (CIFAR-10 is 150 MB) and
 ``BatchSampler`` gathers a batch with one ``index_select``, flips and scales it to [-1, 1] on the
@@ -210,7 +212,12 @@ def load_dataset(cfg) -> Tensor:
         return load_cifar10(cfg.data_root, "train", download=True)
     if cfg.dataset == "folder":
         return load_image_folder(cfg.data_root, 32)
-    raise DataError(f"--dataset {cfg.dataset!r}: expected cifar10 or folder")
+    if cfg.dataset in ("stacked-mnist", "stacked-digits"):
+        from .digits import load_stacked
+
+        return load_stacked(cfg.dataset, "train", cfg.data_root, size=cfg.stack_size,
+                            seed=cfg.stack_seed).images
+    raise DataError(f"--dataset {cfg.dataset!r}: expected cifar10, folder, stacked-mnist or stacked-digits")
 
 
 # --------------------------------------------------------------------------------------------

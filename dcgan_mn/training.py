@@ -80,9 +80,14 @@ class TrainResult:
     train_seconds: float
     stopped_by: Optional[str]  # "SIGINT" / "SIGTERM" when a signal ended the run early
     checkpoint: Optional[Path]  # the last full checkpoint written
-    best_fid: Optional[float]
+    best_metric: str  # "fid", or "cfd" for a run evaluated with mode metrics only
+    best_value: Optional[float]
     best_iteration: Optional[int]
     last_log: dict  # the last logged window's means (losses, D outputs)
+
+    @property
+    def best_fid(self) -> Optional[float]:
+        return self.best_value if self.best_metric == "fid" else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,6 +203,17 @@ def _fault_injection(dist: DistInfo, iteration: int) -> None:
     fault = os.environ.get("DCGAN_MN_FAULT")
     if fault and fault == f"{dist.rank}:{iteration}":
         os._exit(3)
+
+
+def _metric_names(evaluator, result: dict) -> dict:
+    """{result key: TensorBoard name with its sample count}: the evaluator's own names, or for an
+    injected evaluator without them, every numeric key tagged with ``num_samples``."""
+    if hasattr(evaluator, "metric_names"):
+        return evaluator.metric_names(result)
+    from .metrics import sample_count_tag  # e.g. 10000 -> "10k"
+
+    tag = sample_count_tag(int(result.get("num_samples", 0)))
+    return {k: f"{k}_{tag}" for k in result if k not in _NOT_METRICS}
 
 
 def _seed_everything(seed: int) -> None:
@@ -340,7 +356,10 @@ def train(
 
     # ---- Restore the state of the run we resume (weights, optimizers, RNGs, data order).
     iteration = 0
-    best = {"fid": None, "iteration": None}
+    # The snapshot kept as best.pt: by FID, or by the mode classifier's cfd when the evaluator
+    # has no Inception metrics (a stacked run without Inception weights).
+    best_metric = getattr(evaluator, "primary_metric", "fid") if evaluator is not None else "fid"
+    best = {"metric": best_metric, "value": None, "iteration": None}
     log_sums = torch.zeros(4, device=device)  # loss_D, loss_G, D(x), D(G(z)) summed over the window
     log_count = 0
     train_seconds = 0.0
@@ -353,7 +372,11 @@ def train(
             scaler.load_state_dict(payload["scaler"])
         sampler.load_state_dict(payload["data"])
         fixed_noise = payload["fixed_noise"].to(device)
-        best = dict(payload.get("best") or best)
+        saved_best = dict(payload.get("best") or {})
+        if "fid" in saved_best and "value" not in saved_best:  # checkpoints before best_metric
+            saved_best = {"metric": "fid", "value": saved_best["fid"], "iteration": saved_best["iteration"]}
+        if saved_best.get("metric", best_metric) == best_metric:
+            best = {**best, **saved_best}
         iteration = int(payload["iteration"])
         train_seconds = float(payload.get("train_seconds", 0.0))
         window = payload.get("log_window") or {}
@@ -478,23 +501,21 @@ def train(
                    **{k: v for k, v in result.items() if k not in ("iteration", "images_seen", "train_seconds")},
                    "eval_seconds": round(time.perf_counter() - t0, 3)}
             logger.metrics_row(row)
-            from .metrics import sample_count_tag  # e.g. 10000 -> "10k"
-
-            tag = sample_count_tag(int(result.get("num_samples", 0)))
-            logger.scalars({f"metrics/{k}_{tag}": float(v) for k, v in result.items()
-                            if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)},
-                           iteration)
+            names = _metric_names(evaluator, result)  # e.g. fid -> fid_10k, modes -> modes_26k
+            logger.scalars({f"metrics/{names[k]}": float(v) for k, v in result.items() if k in names
+                            and isinstance(v, (int, float)) and not isinstance(v, bool)}, iteration)
             logger.scalars({"time/eval_seconds": row["eval_seconds"]}, iteration)
             snapshot = ckpt.generator_payload(G, cfg, iteration, iteration * cfg.batch_size, metrics=row)
             if dist.is_main:
                 ckpt.save_checkpoint(ckpt.snapshot_path(run_dir, iteration), snapshot)
-            fid = result.get("fid")
-            if fid is not None and math.isfinite(fid) and (best["fid"] is None or fid < best["fid"]):
-                best.update(fid=float(fid), iteration=iteration)
+            value = result.get(best_metric)
+            if value is not None and math.isfinite(value) and (best["value"] is None or value < best["value"]):
+                best.update(value=float(value), iteration=iteration)
                 if dist.is_main:
                     ckpt.save_checkpoint(ckpt.best_path(run_dir), snapshot)
-            if fid is not None:
-                logger.show(fid=f"{fid:.2f}")
+            for key in ("fid", "modes", "cfd"):
+                if result.get(key) is not None:
+                    logger.show(**{key: f"{result[key]:.2f}" if key != "modes" else str(result[key])})
 
     def save() -> Path:
         """A full checkpoint (and a snapshot when there is no evaluation); prune old ones."""
@@ -618,5 +639,6 @@ def train(
     return TrainResult(
         run_dir=run_dir, config=cfg, iteration=iteration, images_seen=iteration * cfg.batch_size,
         train_seconds=clock.seconds(), stopped_by=stopping, checkpoint=last_ckpt,
-        best_fid=best["fid"], best_iteration=best["iteration"], last_log=last_log,
+        best_metric=best["metric"], best_value=best["value"], best_iteration=best["iteration"],
+        last_log=last_log,
     )

@@ -128,7 +128,7 @@ def test_evaluator_hook_metrics_snapshots_best(tmp_path):
     assert_same_tensors(best["generator"], torch.load(C.snapshot_path(run, 4), weights_only=True)["generator"])
     assert result.best_fid == 20.0 and result.best_iteration == 4
     full = C.load_checkpoint(C.find_latest_checkpoint(run))
-    assert full["best"] == {"fid": 20.0, "iteration": 4} and full["iteration"] == 6
+    assert full["best"] == {"metric": "fid", "value": 20.0, "iteration": 4} and full["iteration"] == 6
 
     scalars, _, _ = read_tensorboard(run)
     assert scalars["metrics/fid_10k"] == [(2, 30.0), (4, 20.0), (6, 25.0)]
