@@ -2,6 +2,7 @@
 """Score generators and compare runs.
 
     python evaluate.py fid TARGET        # TARGET: a checkpoint, a run folder, or an image folder
+    python evaluate.py modes TARGET      # mode collapse on stacked digits (no Inception needed)
     python evaluate.py stats --ref REF   # precompute (and export) reference statistics
     python evaluate.py compare RUN... --baseline RUN...   # acceleration report
 
@@ -65,7 +66,7 @@ def _errors():
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def cli() -> None:
-    """FID / KID / precision-recall / density-coverage evaluation for dcgan_mn."""
+    """FID / KID / precision-recall / density-coverage and stacked-digit mode metrics for dcgan_mn."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +96,18 @@ def _classify_target(target: str) -> tuple[str, object]:
     if len(files) < 2:
         _fail(f"TARGET {target!r}: FID needs at least 2 images, found {len(files)}")
     return "images", files
+
+
+def _parse_modes(sample_modes):
+    from dcgan_mn.models import SAMPLE_MODES
+
+    if not sample_modes:
+        return None
+    modes = [m.strip() for m in sample_modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in SAMPLE_MODES]
+    if bad or not modes:
+        _fail(f"--sample-modes {sample_modes!r}: expected a comma list of {', '.join(SAMPLE_MODES)}")
+    return modes
 
 
 def _load_generator(path, device):
@@ -148,7 +161,6 @@ def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_
     TARGET is a checkpoint file, a run folder (every generator snapshot is scored and the curve
     printed), or a folder of images.
     """
-    from dcgan_mn.models import SAMPLE_MODES
 
     dims = int(dims)
     if samples < 2:
@@ -157,15 +169,10 @@ def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_
         _fail(f"--batch-size {batch_size}: must be >= 1")
     if feature_batch_size is not None and feature_batch_size < 1:
         _fail(f"--feature-batch-size {feature_batch_size}: must be >= 1")
-    modes = None
-    if sample_modes:
-        modes = [m.strip() for m in sample_modes.split(",") if m.strip()]
-        bad = [m for m in modes if m not in SAMPLE_MODES]
-        if bad or not modes:
-            _fail(f"--sample-modes {sample_modes!r}: expected a comma list of {', '.join(SAMPLE_MODES)}")
+    sample_modes = _parse_modes(sample_modes)
     dev = _device(device)
     try:
-        report = _fid(target, ref, samples, batch_size, modes, dims, dev, inception_weights,
+        report = _fid(target, ref, samples, batch_size, sample_modes, dims, dev, inception_weights,
                       data_root, cache_dir, no_cache, seed, feature_batch_size, progress)
     except _errors() as e:
         _fail(str(e))
@@ -234,16 +241,124 @@ def _check_ref(ref: str, dims: int, data_root) -> None:
                 f"--ref {ref!r}: statistics are {stats.dims}-d but the features are {dims}-d (--dims {dims})")
 
 
-def _print_curve(rows) -> None:
-    """The run's FID curve on stderr, one column per sample mode."""
+def _print_curve(rows, metrics=("fid",)) -> None:
+    """A run's curve on stderr: one column per metric and sample mode."""
     modes = sorted({r["sample_mode"] for r in rows})
+    cols = [(m, mode) for m in metrics for mode in modes]
     table = {}
     for r in rows:
-        table.setdefault(r["iteration"], {})[r["sample_mode"]] = r["fid"]
-    print("iteration  " + "  ".join(f"{'fid ' + m:>12}" for m in modes), file=sys.stderr)
+        for m in metrics:
+            table.setdefault(r["iteration"], {})[(m, r["sample_mode"])] = r[m]
+    print("iteration  " + "  ".join(f"{m + ' ' + mode:>16}" for m, mode in cols), file=sys.stderr)
     for it in sorted(table):
-        cells = "  ".join(f"{table[it][m]:12.3f}" if m in table[it] else f"{'-':>12}" for m in modes)
+        cells = "  ".join(f"{table[it][c]:16.3f}" if c in table[it] else f"{'-':>16}" for c in cols)
         print(f"{it:9d}  {cells}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# modes
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--source", default=None, type=click.Choice(["stacked-mnist", "stacked-digits"]),
+              help="which digits the classifier knows  [default: the run's --dataset; required "
+                   "for an image folder]")
+@click.option("--samples", default=26_000, type=int,
+              help="generated images per score (PacGAN: 26,000; ignored for an image folder: all images)")
+@click.option("--batch-size", default=None, type=int,
+              help="generator batch size (default: the run's training batch size)")
+@click.option("--sample-modes", default=None,
+              help="comma list of batch,running: scored side by side (default: the run's mode)")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+@click.option("--data-root", default="data",
+              help="where MNIST is / goes (stacked-mnist; scikit-learn's digits need nothing)")
+@click.option("--cache-dir", default=None,
+              help="where the mode classifier is cached (default ~/.cache/dcgan_mn)")
+@click.option("--seed", default=0, type=int, help="seed of the evaluation latents")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="also write the JSON here")
+@click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
+def modes(target, source, samples, batch_size, sample_modes, device, data_root, cache_dir, seed,
+          out, progress):
+    """Mode collapse on stacked digits: modes (of 1000), kl_modes and cfd of TARGET.
+
+    TARGET is a checkpoint file, a run folder (every generator snapshot: the curve), or a folder
+    of 32x32 RGB images. Each channel of each image is labelled by the source's digit classifier
+    (trained and cached on first use, refused below its accuracy bar); modes counts the distinct
+    digit triples, kl_modes is KL(samples || uniform over 1000) in nats, cfd the Fréchet distance
+    to real stacked images in the classifier's feature space. Needs no Inception weights.
+    """
+    if samples < 2:
+        _fail(f"--samples {samples}: mode metrics need at least 2 samples")
+    if batch_size is not None and batch_size < 1:
+        _fail(f"--batch-size {batch_size}: must be >= 1")
+    sample_modes = _parse_modes(sample_modes)
+    dev = _device(device)
+    try:
+        report = _modes(target, source, samples, batch_size, sample_modes, dev, data_root,
+                        cache_dir, seed, progress)
+    except _errors() as e:
+        _fail(str(e))
+    if out:
+        from dcgan_mn.log import write_json_atomic
+
+        write_json_atomic(Path(out), report)
+    click.echo(json.dumps(report, indent=2))
+
+
+def _modes(target, source, samples, batch_size, sample_modes, dev, data_root, cache_dir, seed,
+           progress) -> dict:
+    from dcgan_mn import metrics as M
+    from dcgan_mn.digits import STACKED_SOURCES
+    from dcgan_mn.metrics.classifier import load_mode_classifier
+    from dcgan_mn.metrics.modes import ModeMetrics
+
+    kind, what = _classify_target(target)
+    jobs = []  # (iteration, path)
+    if kind == "checkpoint":
+        _, cfg, iteration = _load_generator(what, "cpu")
+        jobs = [(iteration, what)]
+    elif kind == "run":
+        for iteration, path in what:
+            _, cfg, _ = _load_generator(path, "cpu")
+            jobs.append((iteration, path))
+    if source is None:
+        if kind == "images":
+            _fail(f"TARGET {target!r}: an image folder needs --source stacked-mnist|stacked-digits")
+        if cfg.dataset not in STACKED_SOURCES:
+            _fail(f"TARGET {target!r}: trained on --dataset {cfg.dataset}, not stacked digits; "
+                  f"pass --source to score it anyway")
+        source = cfg.dataset
+    classifier = load_mode_classifier(source, data_root=data_root, cache_dir=cache_dir, device=dev,
+                                      progress=progress)
+    evaluator = M.Evaluator(families=[ModeMetrics(classifier, num_samples=samples)], seed=seed,
+                            progress=progress)
+    report = {"target": str(target), "kind": kind, "source": source,
+              "classifier_sha256": classifier.sha256, "classifier_accuracy": classifier.accuracy,
+              "results": []}
+    if kind == "images":
+        rows = [evaluator.score_images(M.iter_image_batches(what, classifier.batch_size), total=len(what))]
+    else:
+        rows = []
+        for iteration, path in jobs:
+            gen, cfg, iteration = _load_generator(path, dev)
+            for mode in sample_modes or [cfg.sample_mode]:
+                row = evaluator(gen, sample_mode=mode, batch_size=batch_size or cfg.batch_size)
+                row.update(iteration=iteration, checkpoint=str(path))
+                rows.append(row)
+                if progress:
+                    print(f"iteration {iteration}: modes {row['modes']}, kl_modes "
+                          f"{row['kl_modes']:.3f}, cfd {row['cfd']:.2f} ({mode})", file=sys.stderr)
+    for row in rows:
+        row["num_samples"] = row["mode_samples"]
+        row["tag"] = f"modes_{M.sample_count_tag(row['num_samples'])}"
+    report["results"] = rows
+    if len(rows) == 1:  # one score: its numbers at the top level too
+        report.update({k: v for k, v in rows[0].items() if k not in report})
+    if kind == "run":
+        _print_curve(rows, ("modes", "kl_modes", "cfd"))
+    return report
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,9 +409,12 @@ def stats(ref, out, stats_only, force, dims, device, inception_weights, data_roo
 @click.option("--baseline", "baselines", multiple=True, required=True,
               help="a baseline run folder (repeat the flag for several seeds)")
 @click.option("--out", default="compare", help="folder for compare.md, compare.json, compare.png")
-@click.option("--metric", default="fid", help="the metrics.jsonl column to compare")
+@click.option("--metric", default="fid",
+              help="the metrics.jsonl column to compare: fid, kid, precision, recall, density, "
+                   "coverage, modes (higher is better), kl_modes, cfd")
 @click.option("--sample-mode", default=None, help="which rows to use when a run has several")
-@click.option("--samples", default=None, type=int, help="which rows to use when a run has several counts")
+@click.option("--samples", default=None, type=int,
+              help="which rows to use when a run has several sample counts (the metric's own count)")
 @click.option("--label", default="candidate", help="name of the RUN... arm")
 @click.option("--baseline-label", default="baseline", help="name of the --baseline arm")
 def compare(runs, baselines, out, metric, sample_mode, samples, label, baseline_label):

@@ -4,6 +4,9 @@ Definitions (DESIGN, "Evaluation protocol"), for one baseline run B and one cand
 
 * target = B's best FID; S_base = the first iteration at which B reaches it;
 * S_cand = the first iteration at which C's FID is at or below the target (None if never);
+  for a metric where higher is better (``modes``, precision, recall, density, coverage): best
+  is the maximum and S_cand the first iteration at or above it. Each metric's direction comes
+  from its metric family (``metrics.metric_direction``) and is stated in the report;
 * acceleration = 1 - S_cand / S_base (0.58 means C needed 58% fewer generator updates);
 * time_acceleration = the same ratio in training-only seconds (evaluation time excluded),
   which charges MN for its extra cost per iteration.
@@ -48,10 +51,11 @@ class RunCurve:
     iterations: list[int]
     values: list[float]
     train_seconds: list[Optional[float]]
+    direction: str = "min"  # "min": lower is better (FID, kl_modes, cfd); "max": higher (modes)
 
     @property
     def best_index(self) -> int:
-        best = min(self.values)
+        best = max(self.values) if self.direction == "max" else min(self.values)
         return self.values.index(best)  # the first iteration reaching the best value
 
     @property
@@ -62,9 +66,10 @@ class RunCurve:
     def best_iteration(self) -> int:
         return self.iterations[self.best_index]
 
-    def first_at_or_below(self, target: float) -> Optional[int]:
+    def first_reaching(self, target: float) -> Optional[int]:
+        """Index of the first value at least as good as ``target`` (None if never)."""
         for i, v in enumerate(self.values):
-            if v <= target:
+            if (v >= target) if self.direction == "max" else (v <= target):
                 return i
         return None
 
@@ -82,7 +87,13 @@ def read_run(
     path, *, metric: str = "fid", sample_mode: Optional[str] = None,
     num_samples: Optional[int] = None,
 ) -> RunCurve:
-    """One run folder's curve of ``metric`` against iteration, from ``metrics.jsonl``."""
+    """One run folder's curve of ``metric`` against iteration, from ``metrics.jsonl``.
+
+    ``num_samples`` selects rows by the metric's own sample count (``mode_samples`` for the
+    mode metrics, ``num_samples`` for the Inception ones)."""
+    from .metrics import metric_count_key, metric_direction
+
+    count_key = metric_count_key(metric)
     run = Path(path)
     metrics_file = run / "metrics.jsonl"
     if not run.is_dir():
@@ -126,7 +137,7 @@ def read_run(
         else:
             mode = next(iter(modes))
     rows = [r for r in rows if r.get("sample_mode") == mode]
-    counts = Counter(r.get("num_samples") for r in rows)
+    counts = Counter(r.get(count_key) for r in rows)
     count = num_samples
     if count is None:
         if len(counts) > 1:
@@ -135,7 +146,7 @@ def read_run(
                 f"choose one with --samples"
             )
         count = next(iter(counts))
-    rows = [r for r in rows if r.get("num_samples") == count]
+    rows = [r for r in rows if r.get(count_key) == count]
     if not rows:
         raise CompareError(f"run {str(path)!r}: no {metric!r} rows with sample mode {mode!r} and "
                            f"{count} samples")
@@ -149,6 +160,7 @@ def read_run(
         sample_mode=mode, num_samples=count, iterations=its,
         values=[float(by_iteration[i][metric]) for i in its],
         train_seconds=[by_iteration[i].get("train_seconds") for i in its],
+        direction=metric_direction(metric),
     )
 
 
@@ -168,7 +180,7 @@ def acceleration(candidate: RunCurve, baseline: RunCurve) -> dict:
     target = baseline.best
     s_base = baseline.best_iteration
     t_base = baseline.train_seconds[baseline.best_index]
-    i = candidate.first_at_or_below(target)
+    i = candidate.first_reaching(target)
     s_cand = candidate.iterations[i] if i is not None else None
     t_cand = candidate.train_seconds[i] if i is not None else None
     return {
@@ -211,13 +223,16 @@ def compare_runs(
     reached = [p for p in results if p["reached"]]
     return {
         "metric": metric,
+        "direction": baselines[0].direction,
+        "better": "higher" if baselines[0].direction == "max" else "lower",
         "sample_mode": baselines[0].sample_mode,
         "num_samples": baselines[0].num_samples,
         "labels": {"candidate": candidate_label, "baseline": baseline_label},
         "pairing": pairing,
         "definition": (
             "target = baseline best; S_base = first baseline iteration at its best; S_cand = first "
-            "candidate iteration with value <= target; acceleration = 1 - S_cand / S_base; "
+            f"candidate iteration with value {'>=' if baselines[0].direction == 'max' else '<='} "
+            "target; acceleration = 1 - S_cand / S_base; "
             "time_acceleration likewise in training-only seconds; mean ± std (ddof=1) over pairs "
             "that reached the target"
         ),
@@ -266,7 +281,8 @@ def render_markdown(report: dict) -> str:
     m, s, lab = report["metric"].upper(), report["summary"], report["labels"]
     lines = [
         f"## {m}: {lab['candidate']} vs {lab['baseline']} "
-        f"({report['num_samples']} samples, sample mode {report['sample_mode']})",
+        f"({report['num_samples']} samples, sample mode {report['sample_mode']}; "
+        f"{report.get('better', 'lower')} is better)",
         "",
         f"| arm | runs | best {m} | best at iteration | train s to best | final {m} |",
         "|---|---|---|---|---|---|",

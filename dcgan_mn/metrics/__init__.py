@@ -22,7 +22,7 @@ from .reference import (BUILTIN_REFS, CACHE_ENV_VAR, DEFAULT_REAL_FEATURES, Refe
                         default_cache_dir, load_reference, load_stats_npz, reference_identity,
                         reference_key, save_stats_npz)
 from .inception import InceptionMetrics
-from .evaluator import Evaluator, build_evaluator, metric_direction, sample_count_tag
+from .evaluator import Evaluator, build_evaluator, metric_count_key, metric_direction, sample_count_tag
 
 __all__ = [
     "MetricsError", "StreamingMoments", "FrechetReference", "frechet_distance",
@@ -30,5 +30,5 @@ __all__ = [
     "iter_image_batches", "feature_pass", "ReferenceStats", "BUILTIN_REFS", "CACHE_ENV_VAR",
     "DEFAULT_REAL_FEATURES", "default_cache_dir", "reference_identity", "reference_key",
     "load_reference", "load_stats_npz", "save_stats_npz", "InceptionMetrics", "Evaluator",
-    "build_evaluator", "metric_direction", "sample_count_tag",
+    "build_evaluator", "metric_count_key", "metric_direction", "sample_count_tag",
 ]

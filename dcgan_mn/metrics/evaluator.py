@@ -34,7 +34,7 @@ from .errors import MetricsError
 from .inception import InceptionMetrics
 from .reference import DEFAULT_REAL_FEATURES, ReferenceStats, load_reference
 
-__all__ = ["Evaluator", "build_evaluator", "sample_count_tag", "metric_direction"]
+__all__ = ["Evaluator", "build_evaluator", "sample_count_tag", "metric_direction", "metric_count_key"]
 
 
 def sample_count_tag(num_samples: int) -> str:
@@ -50,6 +50,13 @@ def metric_direction(metric: str) -> str:
     from .modes import DIRECTIONS as modes
 
     return {**inception, **modes}.get(metric, "min")
+
+
+def metric_count_key(metric: str) -> str:
+    """The ``metrics.jsonl`` column that holds ``metric``'s sample count."""
+    from .modes import DIRECTIONS as modes
+
+    return "mode_samples" if metric in modes else "num_samples"
 
 
 def _head(outputs: Any, n: int) -> Any:
