@@ -89,3 +89,21 @@ def load_script(filename: str, attribute: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return getattr(module, attribute)
+
+
+@pytest.fixture(scope="session")
+def modes_cache(tmp_path_factory):
+    """A cache dir holding the stacked-digits mode classifier, trained once per session (~10 s)."""
+    from dcgan_mn.metrics.classifier import load_mode_classifier
+
+    cache = tmp_path_factory.mktemp("modes_cache")
+    load_mode_classifier("stacked-digits", cache_dir=cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def modes_classifier(modes_cache):
+    """The cached stacked-digits mode classifier (CPU)."""
+    from dcgan_mn.metrics.classifier import load_mode_classifier
+
+    return load_mode_classifier("stacked-digits", cache_dir=modes_cache)
