@@ -1,0 +1,138 @@
+"""Stacked digits end to end: exact resume on a stacked dataset, a stacked-digits run with no
+Inception weights (mode metrics only), ``evaluate.py modes`` and ``compare --metric modes``."""
+
+import json
+import urllib.error
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import load_script, read_tensorboard
+from dcgan_mn import checkpoint as C
+from dcgan_mn import digits as DG
+from dcgan_mn.config import TrainConfig
+from dcgan_mn.training import train
+
+pytestmark = pytest.mark.usefixtures("train_single_thread")
+
+train_cli = load_script("train.py", "main")
+eval_cli = load_script("evaluate.py", "cli")
+TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64", "--device", "cpu",
+        "--sample-every", "2", "--log-every", "2", "--no-progress"]
+
+
+def test_stacked_dataset_resumes_exactly(tmp_path):
+    kw = dict(ngf=8, ndf=8, batch_size=8, iters=6, log_every=2, sample_every=0, ckpt_every=0,
+              fid_every=0, device="cpu", out=str(tmp_path / "runs"), mn_fit_points=64,
+              dataset="stacked-digits", stack_size=40, stack_seed=3, hflip=False)
+    full = train(TrainConfig(run_name="full", **kw), progress=False)
+    part = train(TrainConfig(run_name="part", **{**kw, "iters": 3}), progress=False)
+    resumed = train(TrainConfig(run_name="part", **kw), progress=False, resume=part.run_dir)
+    a = C.load_checkpoint(C.find_latest_checkpoint(full.run_dir))
+    b = C.load_checkpoint(C.find_latest_checkpoint(resumed.run_dir))
+    for key in ("generator", "discriminator", "data"):
+        for k in a[key]:
+            va, vb = a[key][k], b[key][k]
+            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, (key, k)
+    cfg = json.loads((full.run_dir / "config.json").read_text())
+    assert (cfg["dataset"], cfg["stack_size"], cfg["stack_seed"]) == ("stacked-digits", 40, 3)
+    assert cfg["extra"]["num_train_images"] == 40
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch, modes_cache):
+    """No Inception weights anywhere and no network; the session's mode classifier cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("DCGAN_MN_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("DCGAN_MN_CACHE_DIR", str(modes_cache))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return tmp_path
+
+
+@pytest.fixture
+def mode_run(offline_hub):
+    out = offline_hub / "runs"
+    result = CliRunner().invoke(train_cli, [*TINY, "--dataset", "stacked-digits", "--stack-size", "64",
+                                            "--iters", "4", "--fid-every", "2", "--mode-samples", "48",
+                                            "--out", str(out), "--run-name", "digits"])
+    assert result.exit_code == 0, result.output
+    return out / "digits", result.output
+
+
+def test_stacked_run_without_inception_writes_mode_rows(mode_run, modes_classifier):
+    run_dir, output = mode_run
+    assert "Inception metrics are off" in output and "mode metrics only" in output
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["mode_samples"] == 48 and "fid" not in r
+        assert 1 <= r["modes"] <= 48 and 0 <= r["kl_modes"] <= 6.91 and r["cfd"] > 0
+        assert r["classifier_sha256"] == modes_classifier.sha256
+    scalars, images, _ = read_tensorboard(run_dir)
+    assert [s for s, _ in scalars["metrics/modes_48"]] == [2, 4]
+    assert "metrics/cfd_48" in scalars and "metrics/kl_modes_48" in scalars
+    assert images["samples/batch"] == [2, 4]
+    best = C.load_checkpoint(C.best_path(run_dir))
+    assert best["metrics"]["cfd"] == min(r["cfd"] for r in rows)
+    assert "best cfd" in output
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["ref"] == "stacked-digits" and cfg["extra"]["evaluated"] == ["cfd", "kl_modes", "modes"]
+
+
+def test_evaluate_modes_on_run_checkpoint_and_images(mode_run, modes_cache, tmp_path):
+    run_dir, _ = mode_run
+    invoke = lambda *a: CliRunner().invoke(eval_cli, [str(x) for x in a])  # noqa: E731
+    common = ["--samples", "48", "--no-progress", "--cache-dir", modes_cache, "--device", "cpu"]
+    # The run folder: every snapshot, the same numbers training logged (same latents, same mode).
+    res = invoke("modes", run_dir, *common)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in report["results"]] == [2, 4]
+    for got, logged in zip(report["results"], rows):
+        assert (got["modes"], got["kl_modes"]) == (logged["modes"], logged["kl_modes"])
+        assert got["cfd"] == pytest.approx(logged["cfd"], rel=1e-9)
+        assert got["num_samples"] == 48
+    # One checkpoint: the numbers at the top level.
+    res = invoke("modes", C.snapshot_path(run_dir, 4), *common)
+    one = json.loads(res.stdout)
+    for key in ("modes", "kl_modes", "cfd", "num_samples", "classifier_sha256", "classifier_accuracy"):
+        assert key in one, key
+    # An image folder of real held-out stacked digits: needs --source.
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    real = DG.load_stacked("stacked-digits", "test", size=30, seed=0)
+    for i, img in enumerate(real.images):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    res = invoke("modes", folder, *common)
+    assert res.exit_code != 0 and "--source" in res.stderr
+    res = invoke("modes", folder, "--source", "stacked-digits", *common)
+    got = json.loads(res.stdout)
+    assert got["num_samples"] == 30 and got["modes"] >= 28  # 30 random triples, nearly all distinct
+    assert invoke("modes", run_dir, "--samples", "1").exit_code != 0
+
+
+def test_compare_modes_knows_higher_is_better(mode_run, tmp_path):
+    run_dir, _ = mode_run
+    res = CliRunner().invoke(eval_cli, ["compare", str(run_dir), "--baseline", str(run_dir),
+                                                        "--metric", "modes", "--out", str(tmp_path / "cmp")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert report["direction"] == "max" and "higher is better" in res.stdout
+    assert report["runs"]["baseline"][0]["best"] == max(r["modes"] for r in rows)
+    assert report["num_samples"] == 48
+
+
+def test_modes_help_explains_every_option():
+    res = CliRunner().invoke(eval_cli, ["modes", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--source", "--samples", "--batch-size", "--sample-modes", "--device", "--data-root",
+                "--cache-dir", "--seed", "--out", "--progress"):
+        assert opt in res.output, opt
