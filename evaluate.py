@@ -119,6 +119,29 @@ def _load_generator(path, device):
         _fail(str(e))
 
 
+def _generator_jobs(kind: str, what) -> tuple[list, object]:
+    """([(iteration, path)], the config of the last one) for a checkpoint or run TARGET; every
+    generator is loaded once on the CPU first, so a bad file fails in seconds."""
+    jobs, cfg = [], None
+    if kind == "checkpoint":
+        what = [(None, what)]
+    if kind in ("checkpoint", "run"):
+        for _, path in what:
+            _, cfg, iteration = _load_generator(path, "cpu")
+            jobs.append((iteration, path))
+    return jobs, cfg
+
+
+def _score_jobs(jobs, evaluator, sample_modes, batch_size, dev):
+    """Evaluator rows for every (iteration, checkpoint) and sample mode (default: the run's)."""
+    for iteration, path in jobs:
+        gen, cfg, iteration = _load_generator(path, dev)
+        for mode in sample_modes or [cfg.sample_mode]:
+            row = evaluator(gen, sample_mode=mode, batch_size=batch_size or cfg.batch_size)
+            row.update(iteration=iteration, checkpoint=str(path))
+            yield row
+
+
 def _feature_options(command):
     """The Inception and reference-cache options shared by ``fid`` and ``stats``."""
     options = [
@@ -189,15 +212,7 @@ def _fid(target, ref, samples, batch_size, modes, dims, dev, weights, data_root,
     from dcgan_mn import metrics as M
 
     kind, what = _classify_target(target)
-    # Check every generator before the expensive part, so a bad file fails in seconds.
-    jobs = []  # (iteration, path)
-    if kind == "checkpoint":
-        _, cfg, iteration = _load_generator(what, "cpu")
-        jobs = [(iteration, what)]
-    elif kind == "run":
-        for iteration, path in what:
-            _load_generator(path, "cpu")
-            jobs.append((iteration, path))
+    jobs, _ = _generator_jobs(kind, what)
 
     _check_ref(ref, dims, data_root)
     extractor = _extractor(dims, weights, dev, feature_batch_size, progress)
@@ -215,15 +230,12 @@ def _fid(target, ref, samples, batch_size, modes, dims, dev, weights, data_root,
         report["results"].append(row)
         return report
 
-    for iteration, path in jobs:
-        gen, cfg, iteration = _load_generator(path, dev)
-        for mode in modes or [cfg.sample_mode]:
-            row = evaluator(gen, sample_mode=mode, batch_size=batch_size or cfg.batch_size)
-            row.update(iteration=iteration, checkpoint=str(path),
-                       tag=f"fid_{M.sample_count_tag(row['num_samples'])}")
-            report["results"].append(row)
-            if progress:
-                print(f"iteration {iteration}: FID {row['fid']:.3f} ({mode})", file=sys.stderr)
+    for row in _score_jobs(jobs, evaluator, modes, batch_size, dev):
+        row["tag"] = f"fid_{M.sample_count_tag(row['num_samples'])}"
+        report["results"].append(row)
+        if progress:
+            print(f"iteration {row['iteration']}: FID {row['fid']:.3f} ({row['sample_mode']})",
+                  file=sys.stderr)
     if kind == "run":
         _print_curve(report["results"])
     return report
@@ -315,14 +327,7 @@ def _modes(target, source, samples, batch_size, sample_modes, dev, data_root, ca
     from dcgan_mn.metrics.modes import ModeMetrics
 
     kind, what = _classify_target(target)
-    jobs = []  # (iteration, path)
-    if kind == "checkpoint":
-        _, cfg, iteration = _load_generator(what, "cpu")
-        jobs = [(iteration, what)]
-    elif kind == "run":
-        for iteration, path in what:
-            _, cfg, _ = _load_generator(path, "cpu")
-            jobs.append((iteration, path))
+    jobs, cfg = _generator_jobs(kind, what)
     if source is None:
         if kind == "images":
             _fail(f"TARGET {target!r}: an image folder needs --source stacked-mnist|stacked-digits")
@@ -341,15 +346,12 @@ def _modes(target, source, samples, batch_size, sample_modes, dev, data_root, ca
         rows = [evaluator.score_images(M.iter_image_batches(what, classifier.batch_size), total=len(what))]
     else:
         rows = []
-        for iteration, path in jobs:
-            gen, cfg, iteration = _load_generator(path, dev)
-            for mode in sample_modes or [cfg.sample_mode]:
-                row = evaluator(gen, sample_mode=mode, batch_size=batch_size or cfg.batch_size)
-                row.update(iteration=iteration, checkpoint=str(path))
-                rows.append(row)
-                if progress:
-                    print(f"iteration {iteration}: modes {row['modes']}, kl_modes "
-                          f"{row['kl_modes']:.3f}, cfd {row['cfd']:.2f} ({mode})", file=sys.stderr)
+        for row in _score_jobs(jobs, evaluator, sample_modes, batch_size, dev):
+            rows.append(row)
+            if progress:
+                print(f"iteration {row['iteration']}: modes {row['modes']}, kl_modes "
+                      f"{row['kl_modes']:.3f}, cfd {row['cfd']:.2f} ({row['sample_mode']})",
+                      file=sys.stderr)
     for row in rows:
         row["num_samples"] = row["mode_samples"]
         row["tag"] = f"modes_{M.sample_count_tag(row['num_samples'])}"
