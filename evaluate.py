@@ -165,7 +165,8 @@ def _feature_options(command):
 @cli.command()
 @click.argument("target")
 @click.option("--ref", default="cifar10-train",
-              help="cifar10-train, cifar10-test, an image folder, or a pytorch-fid/TTUR .npz")
+              help="cifar10-train, cifar10-test, stacked-mnist, stacked-digits, an image folder, "
+                   "or a pytorch-fid/TTUR .npz")
 @click.option("--samples", default=50_000, type=int,
               help="generated images per score (ignored for an image-folder TARGET: all images)")
 @click.option("--batch-size", default=None, type=int,

@@ -16,6 +16,7 @@ the exact statistic of the stacking distribution, not an estimate from one finit
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -182,9 +183,7 @@ def load_mode_classifier(
     train_x, train_y = load_digit_split(source, "train", data_root)  # [n, 32, 32], [n]
     test_x, test_y = load_digit_split(source, "test", data_root)
     key = digits_key(train_x, train_y) + digits_key(test_x, test_y) + RECIPE + f"/e{epochs}"
-    import hashlib
-
-    key = hashlib.sha256(key.encode()).hexdigest()
+    key = hashlib.sha256(key.encode()).hexdigest()  # the training data, recipe and epochs
     path = _cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), source, key)
 
     net, payload = None, None
