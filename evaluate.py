@@ -420,15 +420,35 @@ def stats(ref, out, stats_only, force, dims, device, inception_weights, data_roo
               help="which rows to use when a run has several sample counts (the metric's own count)")
 @click.option("--label", default="candidate", help="name of the RUN... arm")
 @click.option("--baseline-label", default="baseline", help="name of the --baseline arm")
-def compare(runs, baselines, out, metric, sample_mode, samples, label, baseline_label):
-    """Acceleration (1 - S_cand / S_base), best and final FID of RUN... against --baseline."""
+@click.option("--eval-seeds", default=3, type=int,
+              help="evaluation seeds per curve point: seeds beyond the training row's are scored "
+                   "from the run's snapshots once and kept in <run>/eval_seeds.jsonl (1: the "
+                   "training rows only, no evaluation-noise estimate)")
+@click.option("--device", default="auto", help="device for re-scoring: auto, cpu, cuda, cuda:N")
+@click.option("--cache-dir", default=None,
+              help="cache of reference statistics and mode classifiers  [default: ~/.cache/dcgan_mn]")
+@click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
+def compare(runs, baselines, out, metric, sample_mode, samples, label, baseline_label, eval_seeds,
+            device, cache_dir, progress):
+    """Acceleration (1 - S_cand / S_base), best, final and area under the curve of RUN...
+    against --baseline, with seed-bootstrap intervals, evaluation noise, a smoothed rule and a
+    collapse flag per run (see the README, "Comparing runs")."""
     from dcgan_mn import compare as C
+    from dcgan_mn.rescore import RescoreError, rescore_run
 
     try:
-        cands = [C.read_run(r, metric=metric, sample_mode=sample_mode, num_samples=samples) for r in runs]
-        bases = [C.read_run(r, metric=metric, sample_mode=sample_mode, num_samples=samples) for r in baselines]
+        if eval_seeds < 1:
+            raise C.CompareError(f"--eval-seeds {eval_seeds}: must be >= 1")
+        if eval_seeds > 1:  # score what the runs lack (nothing when eval_seeds.jsonl has it all)
+            dev = _device(device)
+            for r in (*runs, *baselines):
+                if (Path(r) / "metrics.jsonl").is_file():  # else read_run says what is wrong
+                    rescore_run(r, metric, eval_seeds, device=dev, cache_dir=cache_dir, progress=progress)
+        read = dict(metric=metric, sample_mode=sample_mode, num_samples=samples, eval_seeds=eval_seeds)
+        cands = [C.read_run(r, **read) for r in runs]
+        bases = [C.read_run(r, **read) for r in baselines]
         report = C.compare_runs(cands, bases, candidate_label=label, baseline_label=baseline_label)
-    except _errors() as e:
+    except (*_errors(), RescoreError) as e:
         _fail(str(e))
     paths = C.write_outputs(report, out)
     click.echo(C.render_markdown(report))

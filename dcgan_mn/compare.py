@@ -1,39 +1,65 @@
-"""Compare runs' FID curves: the paper's acceleration, best / final FID, time to target.
+"""Compare runs' metric curves: the paper's acceleration, with statistics a reviewer accepts.
 
-Definitions (DESIGN, "Evaluation protocol"), for one baseline run B and one candidate run C:
+The paper's rule, for one baseline run B and one candidate run C (DESIGN, "Evaluation protocol"):
 
-* target = B's best FID; S_base = the first iteration at which B reaches it;
-* S_cand = the first iteration at which C's FID is at or below the target (None if never);
-  for a metric where higher is better (``modes``, precision, recall, density, coverage): best
-  is the maximum and S_cand the first iteration at or above it. Each metric's direction comes
-  from its metric family (``metrics.metric_direction``) and is stated in the report;
-* acceleration = 1 - S_cand / S_base (0.58 means C needed 58% fewer generator updates);
-* time_acceleration = the same ratio in training-only seconds (evaluation time excluded),
-  which charges MN for its extra cost per iteration.
+* target = B's best value; S_base = the first iteration at which B reaches it;
+* S_cand = the first iteration at which C is at least as good as the target (None: never);
+  "good" follows the metric's direction (``metrics.metric_direction``): lower FID / kl_modes /
+  cfd, higher modes / precision / recall / density / coverage;
+* acceleration = 1 - S_cand / S_base (0.58: C needed 58% fewer generator updates);
+* time_acceleration = the same ratio in training-only seconds (evaluation excluded), which
+  charges MN for its extra cost per iteration.
 
-Several runs per arm: runs are **paired by seed** when both arms hold the same seeds (one pair per
-seed: same data order and initial noise, so the pair differs only by the normalization), else
-**every candidate is paired with every baseline**. The acceleration is reported per pair and as
-mean ± std (sample std, ddof=1) over the pairs in which the candidate reached the target, with
-the count of pairs that did; per-arm best / final FID and their iterations are mean ± std over
-runs. Each run's curve comes from its ``metrics.jsonl`` (one row per evaluation; for an
-iteration evaluated twice, e.g. around a resume, the last row wins).
+That rule keys on one noisy minimum, so the report adds:
+
+* **evaluation noise** (``eval_seeds`` > 1): every curve point is the mean of the snapshot's
+  scores from that many evaluation seeds (``rescore``), its spread their std; sigma_eval pools
+  the per-point variances of all runs. The *tolerant* rule counts a point within sigma_eval of
+  the target as reaching it (S_base likewise: B's first point within sigma_eval of its best);
+* the *smoothed* rule: the same rule on each curve's running median over 3 evaluations
+  (centred; the 2 available at either end);
+* the *area under the curve* over the iteration range every run covers, as the curve's mean
+  value there (trapezoids on the piecewise-linear curve / range length): lower is better for a
+  "min" metric, as for the metric itself;
+* per run, a **collapse flag**: the largest rebound after the best value (the worst later
+  value and where), flagged when it is a factor ``COLLAPSE_FACTOR`` worse than the best;
+* **bootstrap intervals** (percentile, ``BOOTSTRAP_RESAMPLES`` resamples, 95%, fixed seed) for
+  every mean: with arms sharing seeds, runs are **paired by seed** and the pair is the
+  resampling unit (differences and accelerations are per pair); otherwise every candidate is
+  paired with every baseline and each arm's runs are resampled independently. An acceleration
+  is averaged over the pairs that reached the target (the count is reported next to it).
+  A difference or acceleration whose interval contains 0 is reported as within noise.
+
+Each run's curve comes from its ``metrics.jsonl`` (for an iteration evaluated twice, e.g.
+around a resume, the last row wins) and, for evaluation seeds beyond the first, from its
+``eval_seeds.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+
 from .fileio import atomic_write
 
-__all__ = ["CompareError", "RunCurve", "read_run", "pair_runs", "acceleration", "compare_runs",
-           "render_markdown", "plot_curves", "write_outputs"]
+__all__ = ["CompareError", "RunCurve", "read_run", "pair_runs", "acceleration", "bootstrap_interval",
+           "running_median", "area_under_curve", "evaluation_noise", "compare_runs",
+           "render_markdown", "plot_curves", "write_outputs",
+           "BOOTSTRAP_RESAMPLES", "CONFIDENCE", "COLLAPSE_FACTOR", "SMOOTH_WINDOW"]
+
+BOOTSTRAP_RESAMPLES = 10_000
+CONFIDENCE = 0.95
+BOOTSTRAP_SEED = 0  # the report is a pure function of the metrics files
+SMOOTH_WINDOW = 3
+COLLAPSE_FACTOR = 2.0  # "min" metric: a later value >= 2x the best; "max": <= half the best
 
 
 class CompareError(ValueError):
@@ -49,9 +75,25 @@ class RunCurve:
     sample_mode: Optional[str]
     num_samples: Optional[int]
     iterations: list[int]
-    values: list[float]
+    values: list[float]  # per evaluation; the mean over evaluation seeds when there are several
     train_seconds: list[Optional[float]]
     direction: str = "min"  # "min": lower is better (FID, kl_modes, cfd); "max": higher (modes)
+    seed_values: Optional[list[list[float]]] = None  # per evaluation, one score per eval seed
+
+    @property
+    def eval_seeds(self) -> int:
+        return len(self.seed_values[0]) if self.seed_values else 1
+
+    @property
+    def spread(self) -> Optional[list[float]]:
+        """Per evaluation: the std (ddof=1) of its scores over evaluation seeds."""
+        if not self.seed_values or self.eval_seeds < 2:
+            return None
+        return [statistics.stdev(v) for v in self.seed_values]
+
+    def better(self, a: float, b: float) -> bool:
+        """Is ``a`` at least as good as ``b``?"""
+        return a >= b if self.direction == "max" else a <= b
 
     @property
     def best_index(self) -> int:
@@ -66,12 +108,34 @@ class RunCurve:
     def best_iteration(self) -> int:
         return self.iterations[self.best_index]
 
-    def first_reaching(self, target: float) -> Optional[int]:
-        """Index of the first value at least as good as ``target`` (None if never)."""
+    def first_reaching(self, target: float, tolerance: float = 0.0) -> Optional[int]:
+        """Index of the first value at least as good as ``target`` loosened by ``tolerance``
+        (None if never)."""
+        loosened = target - tolerance if self.direction == "max" else target + tolerance
         for i, v in enumerate(self.values):
-            if (v >= target) if self.direction == "max" else (v <= target):
+            if self.better(v, loosened):
                 return i
         return None
+
+    def smoothed(self, window: int = SMOOTH_WINDOW) -> "RunCurve":
+        return replace(self, values=running_median(self.values, window), seed_values=None)
+
+    def rebound(self) -> dict:
+        """The largest rebound after the best value, and whether it is a collapse."""
+        b = self.best_index
+        after = self.values[b + 1:]
+        out = {"best": self.best, "best_iteration": self.best_iteration, "worst_after": None,
+               "worst_after_iteration": None, "ratio": None, "collapsed": False}
+        if not after:
+            return out
+        worst = min(after) if self.direction == "max" else max(after)
+        i = b + 1 + after.index(worst)
+        out.update(worst_after=worst, worst_after_iteration=self.iterations[i])
+        if self.best > 0:
+            ratio = worst / self.best
+            out["ratio"] = ratio
+            out["collapsed"] = (ratio <= 1 / COLLAPSE_FACTOR) if self.direction == "max" else (ratio >= COLLAPSE_FACTOR)
+        return out
 
     def summary(self) -> dict:
         return {
@@ -80,17 +144,20 @@ class RunCurve:
             "best": self.best, "best_iteration": self.best_iteration,
             "train_seconds_to_best": self.train_seconds[self.best_index],
             "final": self.values[-1], "final_iteration": self.iterations[-1],
+            "rebound": self.rebound(),
         }
 
 
 def read_run(
     path, *, metric: str = "fid", sample_mode: Optional[str] = None,
-    num_samples: Optional[int] = None,
+    num_samples: Optional[int] = None, eval_seeds: int = 1,
 ) -> RunCurve:
     """One run folder's curve of ``metric`` against iteration, from ``metrics.jsonl``.
 
     ``num_samples`` selects rows by the metric's own sample count (``mode_samples`` for the
-    mode metrics, ``num_samples`` for the Inception ones)."""
+    mode metrics, ``num_samples`` for the Inception ones). ``eval_seeds`` > 1: each point is the
+    mean of the training row's score and the scores from the next evaluation seeds, read from
+    ``eval_seeds.jsonl`` (``rescore.rescore_run`` writes them)."""
     from .metrics import metric_count_key, metric_direction
 
     count_key = metric_count_key(metric)
@@ -100,6 +167,8 @@ def read_run(
         raise CompareError(f"run {str(path)!r}: not a folder")
     if not metrics_file.is_file():
         raise CompareError(f"run {str(path)!r}: no metrics.jsonl (was it trained with --fid-every > 0?)")
+    if eval_seeds < 1:
+        raise CompareError(f"--eval-seeds {eval_seeds}: must be >= 1")
     config = {}
     if (run / "config.json").is_file():
         try:
@@ -155,13 +224,110 @@ def read_run(
     for r in rows:  # the last evaluation of an iteration wins
         by_iteration[int(r["iteration"])] = r
     its = sorted(by_iteration)
+    values = [float(by_iteration[i][metric]) for i in its]
+    seed_values = None
+    if eval_seeds > 1:
+        from .rescore import EVAL_SEEDS_FILE, evaluation_seeds, seed_rows
+
+        extra = {(int(r["iteration"]), int(r.get("seed", 0))): float(r[metric]) for r in seed_rows(run)
+                 if r.get(metric) is not None and r.get("sample_mode") == mode
+                 and r.get(count_key) == count}
+        seed_values = []
+        for i, v in zip(its, values):
+            point = [v]
+            for s in evaluation_seeds(int(by_iteration[i].get("seed", 0)), eval_seeds)[1:]:
+                if (i, s) not in extra:
+                    raise CompareError(
+                        f"run {str(path)!r}: iteration {i} has no {metric} score from evaluation "
+                        f"seed {s} in {EVAL_SEEDS_FILE}; `evaluate.py compare --eval-seeds "
+                        f"{eval_seeds}` scores it from the run's snapshots")
+                point.append(extra[(i, s)])
+            seed_values.append(point)
+        values = [statistics.fmean(p) for p in seed_values]
     return RunCurve(
         name=run.name, path=str(run), seed=config.get("seed"), metric=metric,
-        sample_mode=mode, num_samples=count, iterations=its,
-        values=[float(by_iteration[i][metric]) for i in its],
+        sample_mode=mode, num_samples=count, iterations=its, values=values,
         train_seconds=[by_iteration[i].get("train_seconds") for i in its],
-        direction=metric_direction(metric),
+        direction=metric_direction(metric), seed_values=seed_values,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Curve statistics
+# --------------------------------------------------------------------------------------------
+
+
+def running_median(values: Sequence[float], window: int = SMOOTH_WINDOW) -> list[float]:
+    """Centred running median; near the ends the window holds what is there."""
+    half = window // 2
+    return [float(np.median(values[max(0, i - half):i + half + 1])) for i in range(len(values))]
+
+
+def area_under_curve(curve: RunCurve, start: int, stop: int) -> Optional[float]:
+    """The curve's mean value over iterations [start, stop]: the trapezoid area of the
+    piecewise-linear curve divided by the range (its value there when start == stop)."""
+    its = np.asarray(curve.iterations, dtype=np.float64)
+    vals = np.asarray(curve.values, dtype=np.float64)
+    if start < its[0] or stop > its[-1] or start > stop:
+        return None
+    if start == stop:
+        return float(np.interp(start, its, vals))
+    grid = np.unique(np.concatenate([[start, stop], its[(its > start) & (its < stop)]]))
+    v = np.interp(grid, its, vals)
+    return float(((v[1:] + v[:-1]) / 2 * np.diff(grid)).sum() / (stop - start))
+
+
+def evaluation_noise(runs: Sequence[RunCurve]) -> Optional[dict]:
+    """sigma_eval: the root of the mean per-point variance over evaluation seeds, all runs."""
+    variances = [statistics.variance(p) for r in runs if r.eval_seeds > 1 for p in r.seed_values]
+    if not variances:
+        return None
+    return {"eval_seeds": runs[0].eval_seeds, "sigma": math.sqrt(statistics.fmean(variances)),
+            "max_point_std": math.sqrt(max(variances)), "points": len(variances)}
+
+
+def bootstrap_interval(
+    values, *, resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE,
+    seed: int = BOOTSTRAP_SEED,
+) -> Optional[list[float]]:
+    """Percentile-bootstrap interval of a mean.
+
+    ``values``: [n] (one value per resampling unit: a run, or a seed-paired pair) or
+    [n_cand, n_base] (every candidate x baseline pair; candidates and baselines are resampled
+    independently and the statistic is the mean over the resampled pairs). NaN marks an
+    undefined entry (a pair that never reached the target); it is left out of each resample's
+    mean, and resamples with no defined entry are dropped. None with fewer than 2 units."""
+    x = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    if x.ndim == 1:
+        if np.isfinite(x).sum() < 2:
+            return None
+        idx = rng.integers(0, x.shape[0], size=(resamples, x.shape[0]))  # [R, n]
+        draws, axes = x[idx], (1,)  # [R, n]
+    else:
+        if x.shape[0] * x.shape[1] < 2 or np.isfinite(x).sum() < 2:
+            return None
+        ci = rng.integers(0, x.shape[0], size=(resamples, x.shape[0]))  # [R, nc]
+        bi = rng.integers(0, x.shape[1], size=(resamples, x.shape[1]))  # [R, nb]
+        draws, axes = x[ci[:, :, None], bi[:, None, :]], (1, 2)  # [R, nc, nb]
+    defined = np.isfinite(draws)
+    counts = defined.sum(axis=axes)  # [R]
+    sums = np.where(defined, draws, 0.0).sum(axis=axes)  # [R]
+    means = sums[counts > 0] / counts[counts > 0]
+    tail = 100 * (1 - confidence) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
+def _stat(values, matrix=None) -> dict:
+    """mean, std (ddof=1), n over the defined values, and the bootstrap interval of the mean
+    (of ``matrix`` when the resampling is per arm, else of ``values``)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "ci": None}
+    interval = bootstrap_interval(matrix if matrix is not None else vals)
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
+            "n": len(vals), "ci": interval}
 
 
 def pair_runs(candidates: Sequence[RunCurve], baselines: Sequence[RunCurve]) -> tuple[str, list]:
@@ -175,12 +341,13 @@ def pair_runs(candidates: Sequence[RunCurve], baselines: Sequence[RunCurve]) -> 
     return "all", [(c, b) for c in candidates for b in baselines]
 
 
-def acceleration(candidate: RunCurve, baseline: RunCurve) -> dict:
-    """The paper's acceleration of ``candidate`` over ``baseline`` (module docstring)."""
+def acceleration(candidate: RunCurve, baseline: RunCurve, *, tolerance: float = 0.0) -> dict:
+    """The paper's acceleration of ``candidate`` over ``baseline`` (module docstring); with a
+    ``tolerance``, points within it of the target count as reaching it."""
     target = baseline.best
-    s_base = baseline.best_iteration
-    t_base = baseline.train_seconds[baseline.best_index]
-    i = candidate.first_reaching(target)
+    j = baseline.first_reaching(target, tolerance)  # == best_index without a tolerance
+    s_base, t_base = baseline.iterations[j], baseline.train_seconds[j]
+    i = candidate.first_reaching(target, tolerance)
     s_cand = candidate.iterations[i] if i is not None else None
     t_cand = candidate.train_seconds[i] if i is not None else None
     return {
@@ -192,18 +359,21 @@ def acceleration(candidate: RunCurve, baseline: RunCurve) -> dict:
     }
 
 
-def _mean_std(values) -> dict:
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
-            "n": len(vals)}
-
-
-def _arm_summary(runs: Sequence[RunCurve]) -> dict:
-    rows = [r.summary() for r in runs]
-    return {key: _mean_std(r[key] for r in rows)
-            for key in ("best", "best_iteration", "train_seconds_to_best", "final", "final_iteration")}
+def _verdict(stat: dict, better_if_positive: bool, noise: Optional[float] = None) -> str:
+    """One phrase: does the interval exclude 0, and which way."""
+    if stat["mean"] is None:
+        return "no value"
+    ci = stat.get("ci")
+    if ci is None:
+        return "a single pair or run: no interval"
+    if ci[0] <= 0 <= ci[1]:
+        text = "within noise (the interval contains 0)"
+    else:
+        better = (ci[0] > 0) == better_if_positive
+        text = f"the interval excludes 0: the candidate is {'better' if better else 'worse'}"
+    if noise is not None and abs(stat["mean"]) <= noise:
+        text += f"; the mean is within the evaluation noise (sigma_eval {noise:.3g})"
+    return text
 
 
 def compare_runs(
@@ -211,55 +381,133 @@ def compare_runs(
     *, candidate_label: str = "candidate", baseline_label: str = "baseline",
 ) -> dict:
     """Everything the report shows, as one JSON-ready dict."""
-    metric = baselines[0].metric
+    ref = baselines[0]
+    metric, direction = ref.metric, ref.direction
     for r in [*candidates, *baselines]:
-        if (r.sample_mode, r.num_samples) != (baselines[0].sample_mode, baselines[0].num_samples):
+        if (r.sample_mode, r.num_samples) != (ref.sample_mode, ref.num_samples):
             raise CompareError(
-                f"run {r.path!r}: {r.sample_mode}/{r.num_samples} samples, but {baselines[0].path!r} "
-                f"has {baselines[0].sample_mode}/{baselines[0].num_samples}: numbers are not comparable"
+                f"run {r.path!r}: {r.sample_mode}/{r.num_samples} samples, but {ref.path!r} "
+                f"has {ref.sample_mode}/{ref.num_samples}: numbers are not comparable"
             )
+        if r.eval_seeds != ref.eval_seeds:
+            raise CompareError(f"run {r.path!r}: {r.eval_seeds} evaluation seeds, {ref.path!r} "
+                               f"{ref.eval_seeds}")
+    runs = [*candidates, *baselines]
+    noise = evaluation_noise(runs)
+    sigma = noise["sigma"] if noise else 0.0
     pairing, pairs = pair_runs(candidates, baselines)
-    results = [acceleration(c, b) for c, b in pairs]
-    reached = [p for p in results if p["reached"]]
+    c_index = {id(c): i for i, c in enumerate(candidates)}
+    b_index = {id(b): i for i, b in enumerate(baselines)}
+
+    # ---- The common iteration range for the area under the curve.
+    auc_start = max(r.iterations[0] for r in runs)
+    auc_stop = min(r.iterations[-1] for r in runs)
+    auc = {id(r): area_under_curve(r, auc_start, auc_stop) for r in runs}
+
+    # ---- Per pair: the rule raw, tolerant of evaluation noise, and on smoothed curves.
+    smooth = {id(r): r.smoothed() for r in runs}
+    results = []
+    for c, b in pairs:
+        p = acceleration(c, b)
+        tol = acceleration(c, b, tolerance=sigma) if noise else None
+        sm = acceleration(smooth[id(c)], smooth[id(b)])
+        p.update(
+            acceleration_tolerant=tol["acceleration"] if tol else None,
+            s_cand_tolerant=tol["s_cand"] if tol else None, s_base_tolerant=tol["s_base"] if tol else None,
+            acceleration_smoothed=sm["acceleration"], s_cand_smoothed=sm["s_cand"],
+            s_base_smoothed=sm["s_base"], target_smoothed=sm["target"],
+            best_difference=c.best - b.best, final_difference=c.values[-1] - b.values[-1],
+            auc_difference=(auc[id(c)] - auc[id(b)]) if auc[id(c)] is not None and auc[id(b)] is not None else None,
+        )
+        results.append(p)
+
+    def pair_stat(key: str) -> dict:
+        """Mean over pairs of ``key`` with its interval: resampling pairs (seed pairing) or
+        each arm's runs (all pairs)."""
+        vals = [p[key] for p in results]
+        if pairing == "seed":
+            return _stat(vals, [np.nan if v is None else v for v in vals])
+        m = np.full((len(candidates), len(baselines)), np.nan)
+        for (c, b), v in zip(pairs, vals):
+            if v is not None:
+                m[c_index[id(c)], b_index[id(b)]] = v
+        return _stat(vals, m)
+
+    def arm_summary(arm: Sequence[RunCurve]) -> dict:
+        rows = [r.summary() for r in arm]
+        out = {key: _stat([r[key] for r in rows])
+               for key in ("best", "best_iteration", "train_seconds_to_best", "final", "final_iteration")}
+        out["auc"] = _stat([auc[id(r)] for r in arm])
+        out["collapsed"] = sum(r["rebound"]["collapsed"] for r in rows)
+        return out
+
+    accel = {key: pair_stat(key) for key in
+             ("acceleration", "acceleration_tolerant", "acceleration_smoothed", "time_acceleration")}
+    diffs = {key: pair_stat(f"{key}_difference") for key in ("best", "final", "auc")}
+    higher_better = direction == "max"
+    verdicts = {key: _verdict(stat, better_if_positive=True) for key, stat in accel.items()}
+    verdicts.update({f"{key}_difference": _verdict(stat, better_if_positive=higher_better,
+                                                   noise=sigma if noise else None)
+                     for key, stat in diffs.items()})
+    op = ">=" if higher_better else "<="
     return {
         "metric": metric,
-        "direction": baselines[0].direction,
-        "better": "higher" if baselines[0].direction == "max" else "lower",
-        "sample_mode": baselines[0].sample_mode,
-        "num_samples": baselines[0].num_samples,
+        "direction": direction,
+        "better": "higher" if higher_better else "lower",
+        "sample_mode": ref.sample_mode,
+        "num_samples": ref.num_samples,
         "labels": {"candidate": candidate_label, "baseline": baseline_label},
         "pairing": pairing,
         "definition": (
             "target = baseline best; S_base = first baseline iteration at its best; S_cand = first "
-            f"candidate iteration with value {'>=' if baselines[0].direction == 'max' else '<='} "
-            "target; acceleration = 1 - S_cand / S_base; "
-            "time_acceleration likewise in training-only seconds; mean ± std (ddof=1) over pairs "
-            "that reached the target"
+            f"candidate iteration with value {op} target; acceleration = 1 - S_cand / S_base; "
+            "time_acceleration likewise in training-only seconds; tolerant: within sigma_eval of "
+            f"the target; smoothed: on running medians over {SMOOTH_WINDOW} evaluations; auc: mean "
+            "value over the common iteration range; means over pairs that reached the target"
         ),
+        "statistics": {
+            "bootstrap": {"method": "percentile", "resamples": BOOTSTRAP_RESAMPLES,
+                          "confidence": CONFIDENCE, "seed": BOOTSTRAP_SEED,
+                          "unit": "seed-paired pair of runs" if pairing == "seed"
+                          else "run, resampled within each arm"},
+            "smoothing_window": SMOOTH_WINDOW,
+            "auc_range": [auc_start, auc_stop],
+            "collapse_factor": COLLAPSE_FACTOR,
+        },
+        "evaluation_noise": noise,
         "runs": {
-            "candidate": [c.summary() for c in candidates],
-            "baseline": [b.summary() for b in baselines],
+            "candidate": [{**c.summary(), "auc": auc[id(c)]} for c in candidates],
+            "baseline": [{**b.summary(), "auc": auc[id(b)]} for b in baselines],
         },
         "pairs": results,
         "summary": {
-            "candidate": _arm_summary(candidates),
-            "baseline": _arm_summary(baselines),
-            "acceleration": _mean_std(p["acceleration"] for p in reached),
-            "time_acceleration": _mean_std(p["time_acceleration"] for p in reached),
-            "s_cand": _mean_std(p["s_cand"] for p in reached),
-            "s_base": _mean_std(p["s_base"] for p in results),
-            "pairs_reached": len(reached),
+            "candidate": arm_summary(candidates),
+            "baseline": arm_summary(baselines),
+            **accel,
+            "difference": diffs,
+            "verdicts": verdicts,
+            "s_cand": _stat([p["s_cand"] for p in results]),
+            "s_base": _stat([p["s_base"] for p in results]),
+            "pairs_reached": sum(p["reached"] for p in results),
+            "pairs_reached_tolerant": sum(p["s_cand_tolerant"] is not None for p in results) if noise else None,
+            "pairs_reached_smoothed": sum(p["s_cand_smoothed"] is not None for p in results),
             "pairs": len(results),
         },
         "curves": {
-            arm: [{"name": r.name, "iterations": r.iterations, "values": r.values}
-                  for r in runs]
-            for arm, runs in (("candidate", candidates), ("baseline", baselines))
+            arm: [{"name": r.name, "iterations": r.iterations, "values": r.values, "spread": r.spread}
+                  for r in arm_runs]
+            for arm, arm_runs in (("candidate", candidates), ("baseline", baselines))
         },
     }
 
 
-def _fmt(stat: dict, digits: int = 2, pct: bool = False) -> str:
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(stat: dict, digits: int = 2, pct: bool = False, interval: bool = False) -> str:
+    """'mean ± std' (and ' [lo, hi]' with ``interval``); '–' without a value."""
     if stat["mean"] is None:
         return "–"
     scale = 100.0 if pct else 1.0
@@ -267,6 +515,9 @@ def _fmt(stat: dict, digits: int = 2, pct: bool = False) -> str:
     text = f"{stat['mean'] * scale:.{digits}f}{unit}"
     if stat["std"] is not None:
         text += f" ± {stat['std'] * scale:.{digits}f}{unit}"
+    if interval and stat.get("ci"):
+        lo, hi = stat["ci"]
+        text += f" [{lo * scale:.{digits}f}{unit}, {hi * scale:.{digits}f}{unit}]"
     return text
 
 
@@ -276,49 +527,89 @@ def _num(v, digits=2) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
 def render_markdown(report: dict) -> str:
-    """The report as markdown: a per-arm summary, then per-run and per-pair tables."""
+    """The report as markdown: per-arm summary, differences, accelerations, pairs, runs."""
     m, s, lab = report["metric"].upper(), report["summary"], report["labels"]
+    st = report.get("statistics", {})
+    boot = st.get("bootstrap", {})
+    noise = report.get("evaluation_noise")
+    lo_it, hi_it = st.get("auc_range", [None, None])
     lines = [
         f"## {m}: {lab['candidate']} vs {lab['baseline']} "
         f"({report['num_samples']} samples, sample mode {report['sample_mode']}; "
         f"{report.get('better', 'lower')} is better)",
         "",
-        f"| arm | runs | best {m} | best at iteration | train s to best | final {m} |",
-        "|---|---|---|---|---|---|",
+        f"Values are mean ± std over runs (or pairs) [{100 * boot.get('confidence', CONFIDENCE):.0f}% "
+        f"{boot.get('method', 'percentile')} bootstrap interval, {boot.get('resamples', BOOTSTRAP_RESAMPLES)} "
+        f"resamples, unit: {boot.get('unit', '–')}]. "
+        + (f"Evaluation noise: each point is the mean over {noise['eval_seeds']} evaluation seeds; "
+           f"sigma_eval = {noise['sigma']:.3g} (largest point std {noise['max_point_std']:.3g}, "
+           f"{noise['points']} points)." if noise else "One evaluation seed per point (no evaluation-noise estimate)."),
+        "",
+        f"| arm | runs | best {m} | best at iteration | final {m} | AUC {lo_it}-{hi_it} | collapsed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm in ("baseline", "candidate"):
         a = s[arm]
         lines.append(
-            f"| {lab[arm]} | {a['best']['n']} | {_fmt(a['best'])} | {_fmt(a['best_iteration'], 0)} | "
-            f"{_fmt(a['train_seconds_to_best'], 0)} | {_fmt(a['final'])} |"
+            f"| {lab[arm]} | {a['best']['n']} | {_fmt(a['best'], interval=True)} | "
+            f"{_fmt(a['best_iteration'], 0)} | {_fmt(a['final'], interval=True)} | "
+            f"{_fmt(a['auc'], interval=True)} | {a['collapsed']} of {a['best']['n']} |"
         )
+    lines += ["", f"| {lab['candidate']} - {lab['baseline']} | difference | verdict |", "|---|---|---|"]
+    for key in ("best", "final", "auc"):
+        lines.append(f"| {key} | {_fmt(s['difference'][key], interval=True)} | {s['verdicts'][key + '_difference']} |")
     lines += [
         "",
-        f"**Acceleration** (1 - S_cand / S_base, pairing by {report['pairing']}): "
-        f"{_fmt(s['acceleration'], 1, pct=True)} in iterations, "
-        f"{_fmt(s['time_acceleration'], 1, pct=True)} in training time; "
-        f"target reached in {s['pairs_reached']} of {s['pairs']} pairs.",
+        f"**Acceleration** (1 - S_cand / S_base, pairing by {report['pairing']}):",
         "",
-        "| candidate | baseline | target | S_base | S_cand | acceleration | time acceleration |",
-        "|---|---|---|---|---|---|---|",
+        "| rule | acceleration | target reached | verdict |",
+        "|---|---|---|---|",
+        f"| paper's (raw curve) | {_fmt(s['acceleration'], 1, pct=True, interval=True)} | "
+        f"{s['pairs_reached']} of {s['pairs']} | {s['verdicts']['acceleration']} |",
+    ]
+    if noise:
+        lines.append(f"| within sigma_eval of the target | {_fmt(s['acceleration_tolerant'], 1, pct=True, interval=True)} | "
+                     f"{s['pairs_reached_tolerant']} of {s['pairs']} | {s['verdicts']['acceleration_tolerant']} |")
+    lines += [
+        f"| running median of {st.get('smoothing_window', SMOOTH_WINDOW)} | "
+        f"{_fmt(s['acceleration_smoothed'], 1, pct=True, interval=True)} | "
+        f"{s['pairs_reached_smoothed']} of {s['pairs']} | {s['verdicts']['acceleration_smoothed']} |",
+        f"| training time (raw curve) | {_fmt(s['time_acceleration'], 1, pct=True, interval=True)} | "
+        f"{s['pairs_reached']} of {s['pairs']} | {s['verdicts']['time_acceleration']} |",
+        "",
+        "| candidate | baseline | target | S_base | S_cand | acceleration | tolerant | smoothed | time acceleration |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in report["pairs"]:
-        acc = "not reached" if not p["reached"] else _num(
-            None if p["acceleration"] is None else 100 * p["acceleration"], 1) + "%"
-        tacc = "–" if p["time_acceleration"] is None else f"{100 * p['time_acceleration']:.1f}%"
+        acc = _pct(p["acceleration"]) if p["reached"] else "not reached"
+        tol = _pct(p.get("acceleration_tolerant")) if p.get("s_cand_tolerant") is not None else (
+            "not reached" if noise else "–")
+        sm = _pct(p.get("acceleration_smoothed")) if p.get("s_cand_smoothed") is not None else "not reached"
         lines.append(f"| {p['candidate']} | {p['baseline']} | {_num(p['target'])} | {p['s_base']} | "
-                     f"{_num(p['s_cand'])} | {acc} | {tacc} |")
-    lines += ["", "| run | arm | seed | best | best at | final | final at |", "|---|---|---|---|---|---|---|"]
+                     f"{_num(p['s_cand'])} | {acc} | {tol} | {sm} | {_pct(p['time_acceleration'])} |")
+    lines += ["", "| run | arm | seed | best | best at | final | final at | worst after best (at) | collapse |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for arm in ("baseline", "candidate"):
         for r in report["runs"][arm]:
+            rb = r.get("rebound") or {}
+            worst = "–" if rb.get("worst_after") is None else (
+                f"{_num(rb['worst_after'])} ({rb['worst_after_iteration']})")
+            flag = "**yes**" if rb.get("collapsed") else "no"
             lines.append(f"| {r['name']} | {lab[arm]} | {_num(r['seed'])} | {_num(r['best'])} | "
-                         f"{r['best_iteration']} | {_num(r['final'])} | {r['final_iteration']} |")
+                         f"{r['best_iteration']} | {_num(r['final'])} | {r['final_iteration']} | {worst} | {flag} |")
+    lines += ["", f"Collapse: a value after the best that is {COLLAPSE_FACTOR:g}x worse "
+                  f"({'half the best or less' if report['direction'] == 'max' else 'twice the best or more'})."]
     return "\n".join(lines) + "\n"
 
 
 def plot_curves(report: dict, path) -> None:
-    """PNG: every run's curve against iteration; the mean baseline target as a dotted line."""
+    """PNG: every run's curve against iteration (with its evaluation-seed spread as a band);
+    the mean baseline best as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,14 +618,19 @@ def plot_curves(report: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     styles = {"baseline": ("tab:blue", "--"), "candidate": ("tab:red", "-")}
     for arm, (color, ls) in styles.items():
-        for i, c in enumerate(report["curves"][arm]):
+        for c in report["curves"][arm]:
             label = f"{report['labels'][arm]}: {c['name']}"
             ax.plot(c["iterations"], c["values"], ls, color=color, alpha=0.85, marker=".", label=label)
+            if c.get("spread"):
+                v, sd = np.asarray(c["values"]), np.asarray(c["spread"])
+                ax.fill_between(c["iterations"], v - sd, v + sd, color=color, alpha=0.12, lw=0)
     target = report["summary"]["baseline"]["best"]["mean"]
     if target is not None:
         ax.axhline(target, color="gray", ls=":", lw=1, label=f"baseline best (mean) {target:.2f}")
+    noise = report.get("evaluation_noise")
     ax.set_xlabel("iteration (generator updates)")
-    ax.set_ylabel(f"{report['metric'].upper()} ({report['num_samples']} samples, {report['sample_mode']})")
+    ax.set_ylabel(f"{report['metric']} ({report['num_samples']} samples, {report['sample_mode']})"
+                  + (f", mean of {noise['eval_seeds']} eval seeds ± std" if noise else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

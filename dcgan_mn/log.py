@@ -17,7 +17,10 @@ from torch import Tensor
 
 from .fileio import atomic_write
 
-__all__ = ["write_json_atomic", "append_jsonl", "read_jsonl", "drop_rows_after", "RunLogger"]
+__all__ = ["write_json_atomic", "append_jsonl", "read_jsonl", "drop_rows_after", "write_hparams",
+           "RunLogger"]
+
+HPARAMS_DIR = "hparams"  # the run's HParams session: one sub-folder, rewritten whole
 
 PathLike = Union[str, Path]
 
@@ -76,6 +79,29 @@ def drop_rows_after(path: PathLike, iteration: int) -> int:
         for r in kept:
             f.write(json.dumps(r) + "\n")
     return len(rows) - len(kept)
+
+
+def write_hparams(run_dir: PathLike, hparams: dict, metrics: dict) -> Path:
+    """TensorBoard's HParams summary of one run in ``<run_dir>/hparams``: its settings and its
+    outcome (e.g. best and final metrics), so the HParams dashboard over a sweep shows runs
+    side by side. Replaced whole on each call (a resumed run rewrites it when it ends), so the
+    folder always holds exactly one session."""
+    import shutil
+
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    folder = Path(run_dir) / HPARAMS_DIR
+    if folder.exists():
+        shutil.rmtree(folder)
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    experiment, session_start, session_end = hparams_summary(hparams, metrics)
+    with SummaryWriter(log_dir=str(folder)) as writer:
+        for summary in (experiment, session_start, session_end):
+            writer.file_writer.add_summary(summary)
+        for tag, value in metrics.items():  # the dashboard reads each metric's last scalar
+            writer.add_scalar(tag, value, 0)
+    return folder
 
 
 class RunLogger:

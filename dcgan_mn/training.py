@@ -41,7 +41,7 @@ from .config import ConfigError, TrainConfig, default_run_name, resume_config
 from .data import BatchSampler, load_dataset
 from . import distributed as dist_utils
 from .distributed import DistInfo, launched_with_torchrun
-from .log import RunLogger, drop_rows_after, write_json_atomic
+from .log import RunLogger, drop_rows_after, read_jsonl, write_hparams, write_json_atomic
 from .losses import discriminator_loss, generator_loss
 from .models import Discriminator, Generator
 from .norms import MixtureNorm2d
@@ -246,6 +246,32 @@ class _Clock:
             yield
         finally:
             self.paused_for += time.perf_counter() - t0
+
+
+def run_hparams(cfg: TrainConfig, generator: Generator) -> dict:
+    """What the HParams dashboard shows of a run's settings: the norm of every generator layer,
+    K, the seed, the data and the optimisation (numbers and strings only)."""
+    norms = {f"norm_layer{i}": "mn" if isinstance(layer, MixtureNorm2d) else "bn"
+             for i, layer in enumerate(generator.norm_layers)}
+    return {**norms, "mn_layers": ",".join(map(str, cfg.mn_layers)) or "none",
+            "mn_components": cfg.mn_components, "seed": cfg.seed, "dataset": cfg.dataset,
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "iters": cfg.iters,
+            "sample_mode": cfg.sample_mode}
+
+
+def run_outcome(rows: list[dict], directions: dict, iteration: int) -> dict:
+    """``{"hparams/best_<m>": ..., "hparams/final_<m>": ...}`` for every evaluated metric m, over
+    the run's ``metrics.jsonl`` rows up to ``iteration`` (best by the metric's direction), plus
+    the iteration reached."""
+    out: dict[str, float] = {"hparams/iteration": float(iteration)}
+    rows = [r for r in rows if r.get("iteration", 0) <= iteration]
+    for metric, direction in directions.items():
+        values = [float(r[metric]) for r in rows if isinstance(r.get(metric), (int, float))
+                  and math.isfinite(r[metric])]
+        if values:
+            out[f"hparams/best_{metric}"] = max(values) if direction == "max" else min(values)
+            out[f"hparams/final_{metric}"] = values[-1]
+    return out
 
 
 class _StopOnSignals:
@@ -628,6 +654,10 @@ def train(
                     last_ckpt = save()
     finally:
         logger.close()
+    if dist.is_main and evaluating:
+        directions = getattr(evaluator, "directions", None) or {best_metric: "min"}
+        write_hparams(run_dir, run_hparams(cfg, G),
+                      run_outcome(read_jsonl(run_dir / "metrics.jsonl"), directions, iteration))
     if os.environ.get("DCGAN_MN_DEBUG_DUMP"):  # tests: what each rank holds at the end
         dump = Path(os.environ["DCGAN_MN_DEBUG_DUMP"])
         dump.mkdir(parents=True, exist_ok=True)

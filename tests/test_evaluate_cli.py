@@ -146,13 +146,18 @@ def test_compare_cli(tmp_path):
 
     bn = make_run("bn", [60, 50, 40, 45], seed=0)
     mn = make_run("mn", [55, 39, 35, 33], seed=0)
+    # Three evaluation seeds (the default) need snapshots to score the extra seeds from.
+    res = run("compare", mn, "--baseline", bn, "--out", tmp_path / "report")
+    assert res.exit_code != 0 and "no generator snapshot for iteration(s) [1000, 2000, 3000, 4000]" in res.stderr
+    assert "--eval-seeds 1" in res.stderr and not (tmp_path / "report").exists()
     res = run("compare", mn, "--baseline", bn, "--out", tmp_path / "report", "--label", "MN",
-              "--baseline-label", "BN")
+              "--baseline-label", "BN", "--eval-seeds", "1")
     assert res.exit_code == 0, res.output
     assert "33.3%" in res.stdout  # 1 - 2000 / 3000
     report = json.loads((tmp_path / "report" / "compare.json").read_text())
     assert report["pairs"][0]["acceleration"] == pytest.approx(1 / 3)
-    res = run("compare", mn, "--baseline", tmp_path / "nothing", "--out", tmp_path / "report2")
+    res = run("compare", mn, "--baseline", tmp_path / "nothing", "--out", tmp_path / "report2",
+              "--eval-seeds", "1")
     assert res.exit_code != 0 and "not a folder" in res.stderr
     assert not (tmp_path / "report2").exists()
 

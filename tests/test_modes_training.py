@@ -2,6 +2,7 @@
 Inception weights (mode metrics only), ``evaluate.py modes`` and ``compare --metric modes``."""
 
 import json
+import statistics
 import urllib.error
 
 import pytest
@@ -11,6 +12,8 @@ from PIL import Image
 
 from conftest import load_script, read_tensorboard
 from dcgan_mn import checkpoint as C
+from dcgan_mn import compare as C_
+from dcgan_mn import rescore as RS
 from dcgan_mn import digits as DG
 from dcgan_mn.config import TrainConfig
 from dcgan_mn.training import train
@@ -120,14 +123,56 @@ def test_evaluate_modes_on_run_checkpoint_and_images(mode_run, modes_cache, tmp_
 
 def test_compare_modes_knows_higher_is_better(mode_run, tmp_path):
     run_dir, _ = mode_run
-    res = CliRunner().invoke(eval_cli, ["compare", str(run_dir), "--baseline", str(run_dir),
-                                                        "--metric", "modes", "--out", str(tmp_path / "cmp")])
+    res = CliRunner().invoke(eval_cli, ["compare", str(run_dir), "--baseline", str(run_dir), "--metric",
+                                        "modes", "--out", str(tmp_path / "cmp"), "--no-progress"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert report["direction"] == "max" and "higher is better" in res.stdout
-    assert report["runs"]["baseline"][0]["best"] == max(r["modes"] for r in rows)
     assert report["num_samples"] == 48
+    # The default three evaluation seeds: seeds 1 and 2 were scored from the snapshots once.
+    extra = [json.loads(line) for line in (run_dir / RS.EVAL_SEEDS_FILE).read_text().splitlines()]
+    assert sorted((r["iteration"], r["seed"]) for r in extra) == [(2, 1), (2, 2), (4, 1), (4, 2)]
+    means = [statistics.fmean([row["modes"]] + [r["modes"] for r in extra if r["iteration"] == row["iteration"]])
+             for row in rows]
+    assert report["runs"]["baseline"][0]["best"] == pytest.approx(max(means))
+    assert report["evaluation_noise"]["eval_seeds"] == 3 and report["evaluation_noise"]["points"] == 4
+    # A second compare scores nothing more; --eval-seeds 1 reads the training rows alone.
+    before = (run_dir / RS.EVAL_SEEDS_FILE).read_text()
+    res = CliRunner().invoke(eval_cli, ["compare", str(run_dir), "--baseline", str(run_dir), "--metric",
+                                        "cfd", "--out", str(tmp_path / "cmp2"), "--no-progress"])
+    assert res.exit_code == 0 and (run_dir / RS.EVAL_SEEDS_FILE).read_text() == before
+    one = C_.read_run(run_dir, metric="modes", eval_seeds=1)
+    assert one.values == [float(r["modes"]) for r in rows] and one.spread is None
+
+
+def test_rescoring_the_training_seed_reproduces_the_training_rows(mode_run, modes_classifier, tmp_path):
+    from dcgan_mn.metrics import build_evaluator
+    from dcgan_mn.config import config_from_dict
+
+    run_dir, _ = mode_run
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    evaluator = build_evaluator(cfg, "cpu", feature_extractor=None, mode_classifier=modes_classifier)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        G, _, _ = C.load_generator(C.snapshot_path(run_dir, row["iteration"]))
+        again = evaluator.with_seed(0)(G, sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
+        assert (again["modes"], again["kl_modes"], again["cfd"]) == (row["modes"], row["kl_modes"], row["cfd"])
+        other = evaluator.with_seed(1)(G, sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
+        assert other["seed"] == 1 and other["cfd"] != row["cfd"]  # other latents, other score
+    assert evaluator.seed == 0  # with_seed leaves the original alone
+    # Re-scoring: the missing seeds once, then nothing; a run without snapshots says what to do.
+    assert RS.rescore_run(run_dir, "cfd", 2, evaluator=evaluator) == 2
+    assert RS.rescore_run(run_dir, "cfd", 2, evaluator=evaluator) == 0
+    assert RS.rescore_run(run_dir, "modes", 2, evaluator=evaluator) == 0  # one pass scored all metrics
+    for snap in (run_dir / "snapshots").iterdir():
+        snap.unlink()
+    with pytest.raises(RS.RescoreError, match=r"iteration\(s\) \[2, 4\].*--eval-seeds 1"):
+        RS.rescore_run(run_dir, "cfd", 3, evaluator=evaluator)
+    curve = C_.read_run(run_dir, metric="cfd", eval_seeds=2)  # from eval_seeds.jsonl alone
+    assert len(curve.seed_values) == 2 and all(len(p) == 2 for p in curve.seed_values)
+    with pytest.raises(C_.CompareError, match="evaluation seed 2 .*--eval-seeds 3"):
+        C_.read_run(run_dir, metric="cfd", eval_seeds=3)
 
 
 def test_modes_help_explains_every_option():

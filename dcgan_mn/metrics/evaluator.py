@@ -163,6 +163,21 @@ class Evaluator:
                 names["kid_std"] = f"kid_std_{sample_count_tag(int(count))}"
         return names
 
+    def with_seed(self, seed: int) -> "Evaluator":
+        """The same evaluator (shared networks and references) scoring from evaluation seed
+        ``seed``: other latents, other MN k-means draws, other KID subsets."""
+        import copy
+
+        other = copy.copy(self)
+        other.seed = seed
+        other.families = []
+        for f in self.families:
+            f = copy.copy(f)
+            if hasattr(f, "seed"):
+                f.seed = seed
+            other.families.append(f)
+        return other
+
     # --- generators ---
 
     def latents(self, z_dim: int) -> Tensor:

@@ -1,0 +1,97 @@
+"""Evaluation noise: re-score a run's evaluated snapshots with more evaluation seeds.
+
+A training run scores each snapshot once, from the evaluator's seed (0): one draw of latents,
+MN k-means draws and KID subsets. Scoring the same snapshot from seeds 0, 1, ..., N-1 measures
+how much of a curve's wiggle is the evaluation itself. The extra scores go to
+``<run>/eval_seeds.jsonl`` (rows shaped like ``metrics.jsonl``'s, plus their ``seed``), so
+``compare --eval-seeds N`` computes each one once, and a run folder shipped without its
+snapshots (the committed experiment) still compares from the file.
+
+Seed s's scored latents are disjoint from seed 0's (each seed has its own latent stream), and
+re-scoring with the training seed reproduces the training row exactly (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Union
+
+from .checkpoint import list_snapshots, load_generator
+from .config import config_from_dict
+from .log import append_jsonl, read_jsonl
+
+__all__ = ["EVAL_SEEDS_FILE", "RescoreError", "evaluation_seeds", "seed_rows", "rescore_run"]
+
+EVAL_SEEDS_FILE = "eval_seeds.jsonl"
+
+
+class RescoreError(ValueError):
+    """A run that cannot be re-scored; one line naming the run and what is missing."""
+
+
+def evaluation_seeds(training_seed: int, count: int) -> list[int]:
+    """The ``count`` evaluation seeds of a curve point whose training row used ``training_seed``."""
+    return [training_seed + j for j in range(count)]
+
+
+def seed_rows(run_dir: Union[str, Path]) -> list[dict]:
+    """The run's re-scored rows (empty when it was never re-scored)."""
+    return read_jsonl(Path(run_dir) / EVAL_SEEDS_FILE)
+
+
+def _has(rows: list[dict], metric: str) -> set[tuple[int, int, Optional[str]]]:
+    return {(int(r["iteration"]), int(r.get("seed", 0)), r.get("sample_mode"))
+            for r in rows if r.get(metric) is not None and r.get("iteration") is not None}
+
+
+def rescore_run(
+    run_dir: Union[str, Path], metric: str, count: int, *, device="cpu", evaluator=None,
+    cache_dir=None, progress: bool = False,
+) -> int:
+    """Score every evaluated snapshot of ``run_dir`` that lacks ``metric`` for one of its
+    ``count`` evaluation seeds; returns how many (snapshot, seed) scores it added.
+
+    ``evaluator``: the run's evaluator (default: ``build_evaluator`` from the run's config, as
+    training built it; tests inject a small one). All metrics of the evaluator are stored, so
+    one re-scoring serves ``compare`` for each of them."""
+    run = Path(run_dir)
+    config_file = run / "config.json"
+    if not config_file.is_file():
+        raise RescoreError(f"run {str(run)!r}: no config.json to re-score with")
+    cfg = config_from_dict({k: v for k, v in json.loads(config_file.read_text()).items()})
+    trained = [r for r in read_jsonl(run / "metrics.jsonl")
+               if r.get(metric) is not None and r.get("sample_mode") == cfg.sample_mode]
+    have = _has(trained, metric) | _has(seed_rows(run), metric)
+    todo = []  # (iteration, seed)
+    for row in trained:
+        it = int(row["iteration"])
+        for s in evaluation_seeds(int(row.get("seed", 0)), count):
+            if (it, s, cfg.sample_mode) not in have and (it, s) not in todo:
+                todo.append((it, s))
+    if not todo:
+        return 0
+    snapshots = dict(list_snapshots(run))
+    missing = sorted({it for it, _ in todo if it not in snapshots})
+    if missing:
+        raise RescoreError(
+            f"run {str(run)!r}: no generator snapshot for iteration(s) {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''} to score with {count} evaluation seeds "
+            f"(use --eval-seeds 1 to compare the training rows only)")
+    if evaluator is None:
+        from .metrics import build_evaluator
+
+        evaluator = build_evaluator(cfg, device, cache_dir=cache_dir, progress=progress)
+    if progress:
+        print(f"{run.name}: {len(todo)} re-scorings ({metric} and the rest of its evaluator)",
+              file=sys.stderr)
+    loaded: tuple = (None, None)
+    for it, s in todo:
+        if loaded[0] != it:
+            loaded = (it, load_generator(snapshots[it], device)[0])
+        result = evaluator.with_seed(s)(loaded[1], sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
+        append_jsonl(run / EVAL_SEEDS_FILE, {
+            "iteration": it, "images_seen": it * cfg.batch_size, "sample_mode": cfg.sample_mode,
+            **{k: v for k, v in result.items() if k not in ("iteration", "images_seen")}})
+    return len(todo)

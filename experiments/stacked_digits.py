@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""The shipped experiment: BatchNorm vs Mixture Normalization on stacked digits, on a CPU.
+
+    python experiments/stacked_digits.py                      # bn vs mn, seeds 0,1,2, then compare
+    python experiments/stacked_digits.py --seeds 0-4          # more seeds (finished runs are kept)
+    python experiments/stacked_digits.py --arm bn="--mn-layers none" \\
+        --arm mn-all="--mn-layers all" --arm mn-k5="--mn-layers 0,1 --mn-components 5"
+    python experiments/stacked_digits.py --dry-run            # print the plan and exit
+
+Each run is ``train.py`` in a subprocess: the shared flags (``--dataset stacked-digits``, the
+iterations, the evaluation cadence) plus its arm's flags and ``--seed``, in ``<out>/<arm>-s<seed>``.
+The arms differ only by their flags (the defaults: ``--mn-layers none`` vs ``--mn-layers 0,1``,
+i.e. K = 3 and every other MN setting at train.py's defaults); nothing is tuned per arm.
+
+The sweep can be stopped at any time (Ctrl-C) and started again with the same command: a run
+that reached ``--iters`` is skipped, a cut run resumes from its newest checkpoint (exactly, as
+``train.py --resume`` does), and a run folder that was trained with other settings stops the
+script rather than being mixed in. When every run is done the script re-scores each evaluated
+snapshot with ``--eval-seeds`` evaluation seeds and writes ``evaluate.py compare`` reports for
+``modes``, ``kl_modes`` and ``cfd`` under ``<out>/compare/<metric>/``, plus one sample grid per
+arm (``<out>/samples-<arm>.png``, the first seed's final generator).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dcgan_mn.checkpoint import list_checkpoints, list_snapshots  # noqa: E402
+from dcgan_mn.config import RESUME_FIXED  # noqa: E402
+from dcgan_mn.log import read_jsonl  # noqa: E402
+
+DEFAULT_ARMS = ("bn=--mn-layers none", "mn=--mn-layers 0,1")
+METRICS = ("modes", "kl_modes", "cfd")
+GRID_SEED = 0  # latents of the per-arm sample grids
+
+
+@dataclass(frozen=True)
+class Run:
+    arm: str
+    seed: int
+    flags: tuple[str, ...]  # the arm's own train.py flags
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+
+def parse_arm(text: str) -> tuple[str, tuple[str, ...]]:
+    """``NAME=FLAGS`` -> (NAME, the flags split as a shell would)."""
+    name, sep, flags = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise click.BadParameter(f"{text!r}: expected NAME=FLAGS, e.g. mn=\"--mn-layers 0,1\" "
+                                 f"(NAME: letters, digits, - and _)", param_hint="--arm")
+    return name, tuple(shlex.split(flags))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` or ``0-4`` (or a mix: ``0-2,7``)."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected e.g. 0,1,2 or 0-4", param_hint="--seeds") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise click.BadParameter(f"{text!r}: seeds must be distinct and >= 0", param_hint="--seeds")
+    return seeds
+
+
+def shared_flags(iters: int, eval_every: int, mode_samples: int, batch_size: int, device: str,
+                 extra: tuple[str, ...]) -> list[str]:
+    """train.py flags every run gets. Checkpoints at every evaluation, so a cut run loses at
+    most one evaluation interval; every evaluated snapshot is kept for re-scoring."""
+    return ["--dataset", "stacked-digits", "--iters", str(iters), "--fid-every", str(eval_every),
+            "--ckpt-every", str(eval_every), "--mode-samples", str(mode_samples),
+            "--batch-size", str(batch_size), "--device", device, "--log-every", "50",
+            "--sample-every", str(eval_every), *extra]
+
+
+def train_command(run: Run, shared: list[str], progress: bool) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), *shared, *run.flags, "--seed", str(run.seed),
+            "--out", str(run.folder.parent), "--run-name", run.name,
+            "--progress" if progress else "--no-progress"]
+
+
+def planned_config(command: list[str]) -> dict:
+    """The config train.py would use (its --dry-run output)."""
+    out = subprocess.run([*command, "--dry-run"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise click.ClickException(f"train.py refused the flags {shlex.join(command[2:])}: "
+                                   f"{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+    return json.loads(out.stdout)
+
+
+def run_state(run: Run, iters: int) -> tuple[str, int]:
+    """("new" | "done" | "resume" | "restart", iteration reached)."""
+    if not run.folder.exists():
+        return "new", 0
+    checkpoints = list_checkpoints(run.folder)
+    if not checkpoints:
+        return "restart", 0  # died before its first checkpoint: nothing to resume from
+    reached = checkpoints[-1][0]
+    return ("done" if reached >= iters else "resume"), reached
+
+
+def check_same_settings(run: Run, planned: dict) -> None:
+    """A run folder trained with other settings (another arm's flags, another cadence) must not
+    be mixed into this experiment."""
+    config_file = run.folder / "config.json"
+    if not config_file.is_file():
+        return
+    saved = json.loads(config_file.read_text())
+    keys = [*RESUME_FIXED, "fid_every"]
+    differ = [f"{k}: {saved.get(k)!r} there, {planned.get(k)!r} here" for k in keys
+              if saved.get(k) != planned.get(k)]
+    if differ:
+        raise click.ClickException(f"{run.folder}: trained with other settings ({'; '.join(differ)}); "
+                                   f"use another --out or remove that folder")
+
+
+def evaluation_share(run: Run) -> dict:
+    """Training and evaluation seconds of a run, from its metrics rows."""
+    rows = read_jsonl(run.folder / "metrics.jsonl")
+    train_s = max((r.get("train_seconds") or 0.0 for r in rows), default=0.0)
+    eval_s = sum(r.get("eval_seconds") or 0.0 for r in rows)
+    return {"train_seconds": train_s, "eval_seconds": eval_s,
+            "eval_share": eval_s / (train_s + eval_s) if train_s + eval_s else None}
+
+
+def write_sample_grid(folder: Path, path: Path, sample_mode: str, batch_size: int) -> None:
+    """8x8 grid of the run's final generator snapshot, from fixed latents (GRID_SEED)."""
+    import torch
+    from torchvision.utils import save_image
+
+    from dcgan_mn.checkpoint import load_generator
+
+    snapshots = list_snapshots(folder)
+    if not snapshots:
+        raise click.ClickException(f"{folder}: no generator snapshots for a sample grid")
+    G, _, _ = load_generator(snapshots[-1][1])
+    z = torch.randn(64, G.z_dim, generator=torch.Generator().manual_seed(GRID_SEED))  # [64, z_dim]
+    torch.manual_seed(GRID_SEED)  # MN's k-means++ draws in batch mode
+    with torch.no_grad():
+        images = G.sample(z, mode=sample_mode, batch_size=batch_size)  # [64, 3, 32, 32] in [-1, 1]
+    save_image(images * 0.5 + 0.5, str(path), nrow=8, padding=2)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
+                                 "max_content_width": 100})
+@click.option("--out", default="experiments/stacked-digits", type=click.Path(file_okay=False),
+              help="folder of the runs (<arm>-s<seed>) and of compare/")
+@click.option("--arm", "arms", multiple=True, default=DEFAULT_ARMS,
+              help="NAME=FLAGS: one arm and its train.py flags (repeat); the first is the baseline")
+@click.option("--seeds", default="0,1,2", help="training seeds, paired across arms: 0,1,2 or 0-4")
+@click.option("--iters", default=2000, type=int, help="iterations (generator updates) per run")
+@click.option("--eval-every", default=200, type=int, help="evaluate (modes, kl_modes, cfd) every N iterations")
+@click.option("--mode-samples", default=10_000, type=int, help="generated samples per evaluation")
+@click.option("--eval-seeds", default=3, type=int,
+              help="evaluation latent seeds per snapshot for compare (1: the training rows only)")
+@click.option("--batch-size", default=64, type=int, help="images per iteration")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+@click.option("--train-flags", default="", help="more train.py flags for every arm, e.g. '--amp bf16'")
+@click.option("--compare/--no-compare", "run_compare", default=True,
+              help="re-score and write the compare reports when every run is done")
+@click.option("--dry-run", is_flag=True, help="print the plan (what runs, what is skipped) and exit")
+@click.option("--progress/--no-progress", default=True, help="train.py's progress bars")
+def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_size, device,
+         train_flags, run_compare, dry_run, progress) -> None:
+    """Run BN vs MN (or any list of arms) on stacked digits over seeds, then compare them."""
+    out = Path(out)
+    parsed = [parse_arm(a) for a in arms]
+    names = [n for n, _ in parsed]
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"arm names repeat: {names}", param_hint="--arm")
+    if len(parsed) < 2:
+        raise click.BadParameter("give at least two arms (the first is the baseline)", param_hint="--arm")
+    for flag, value in (("--iters", iters), ("--eval-every", eval_every), ("--eval-seeds", eval_seeds)):
+        if value < 1:
+            raise click.BadParameter(f"{value}: must be >= 1", param_hint=flag)
+    seed_list = parse_seeds(seeds)
+    shared = shared_flags(iters, eval_every, mode_samples, batch_size, device,
+                          tuple(shlex.split(train_flags)))
+    runs = [Run(name, seed, flags, out / f"{name}-s{seed}") for name, flags in parsed for seed in seed_list]
+
+    # ---- Plan: what each run needs, checked against what its folder already holds.
+    click.echo(f"experiment: {len(parsed)} arms x {len(seed_list)} seeds, {iters} iterations each, "
+               f"mode metrics on {mode_samples} samples every {eval_every} iterations, in {out}")
+    for name, flags in parsed:
+        click.echo(f"  arm {name}: {shlex.join(flags) or '(train.py defaults)'}")
+    plan = []
+    for run in runs:
+        command = train_command(run, shared, progress)
+        planned = planned_config(command)
+        check_same_settings(run, planned)
+        state, reached = run_state(run, iters)
+        plan.append((run, command, state, reached))
+        click.echo(f"  {run.name}: {state}" + (f" (at iteration {reached})" if reached else ""))
+    if dry_run:
+        for run, command, state, _ in plan:
+            if state != "done":
+                click.echo("  $ " + shlex.join(command))
+        return
+
+    # ---- Train what is not done, one run at a time (each uses every core).
+    t_start = time.perf_counter()
+    for i, (run, command, state, reached) in enumerate(plan, 1):
+        if state == "done":
+            continue
+        if state == "restart":
+            click.echo(f"[{i}/{len(plan)}] {run.name}: no checkpoint to resume from; starting it again")
+            shutil.rmtree(run.folder)
+        if state == "resume":  # the run's settings come from its checkpoint
+            command = [sys.executable, str(ROOT / "train.py"), "--resume", str(run.folder),
+                       "--iters", str(iters), "--progress" if progress else "--no-progress"]
+        click.echo(f"[{i}/{len(plan)}] {run.name}: {'resuming at ' + str(reached) if state == 'resume' else 'training'}"
+                   f" ({time.strftime('%H:%M:%S')})")
+        t0 = time.perf_counter()
+        code = subprocess.call(command)
+        if code != 0:
+            raise click.ClickException(f"{run.name}: train.py exited with {code}; run the same "
+                                       f"command again to resume")
+        share = evaluation_share(run)
+        click.echo(f"[{i}/{len(plan)}] {run.name}: done in {time.perf_counter() - t0:.0f} s "
+                   f"({share['train_seconds']:.0f} s training, {share['eval_seconds']:.0f} s evaluation)")
+    total = {k: sum(evaluation_share(r)[k] for r in runs) for k in ("train_seconds", "eval_seconds")}
+    click.echo(f"all runs done ({time.perf_counter() - t_start:.0f} s in this session); over the sweep: "
+               f"{total['train_seconds']:.0f} s training, {total['eval_seconds']:.0f} s evaluation "
+               f"({100 * total['eval_seconds'] / max(sum(total.values()), 1e-9):.0f}% of the two)")
+    if not run_compare:
+        return
+
+    # ---- Compare every arm with the baseline, per metric; one sample grid per arm.
+    baseline = parsed[0][0]
+    base_runs = [str(r.folder) for r in runs if r.arm == baseline]
+    for name, _ in parsed[1:]:
+        cand_runs = [str(r.folder) for r in runs if r.arm == name]
+        for metric in METRICS:
+            dest = out / "compare" / (metric if len(parsed) == 2 else f"{name}-vs-{baseline}" + f"/{metric}")
+            command = [sys.executable, str(ROOT / "evaluate.py"), "compare", *cand_runs,
+                       *[x for b in base_runs for x in ("--baseline", b)], "--metric", metric,
+                       "--eval-seeds", str(eval_seeds), "--label", name, "--baseline-label", baseline,
+                       "--out", str(dest), "--device", device]
+            click.echo(f"compare {metric}: {name} vs {baseline} -> {dest}")
+            t0 = time.perf_counter()
+            if subprocess.call(command) != 0:
+                raise click.ClickException(f"evaluate.py compare failed for {metric}")
+            click.echo(f"  ({time.perf_counter() - t0:.0f} s)")
+    sample_mode = planned_config(plan[0][1]).get("sample_mode", "batch")
+    for name, _ in parsed:
+        first = next(r for r in runs if r.arm == name)
+        path = out / f"samples-{name}.png"
+        write_sample_grid(first.folder, path, sample_mode, batch_size)
+        click.echo(f"sample grid {name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
