@@ -99,12 +99,31 @@ def train_command(run: Run, shared: list[str], progress: bool) -> list[str]:
 
 
 def planned_config(command: list[str]) -> dict:
-    """The config train.py would use (its --dry-run output)."""
-    out = subprocess.run([*command, "--dry-run"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise click.ClickException(f"train.py refused the flags {shlex.join(command[2:])}: "
-                                   f"{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
-    return json.loads(out.stdout)
+    """The config train.py would use for ``command`` (its --dry-run output, computed in this
+    process: the same flag parsing, without a second interpreter per run). The dry run names
+    its folder under a scratch --out, since train.py refuses a new run in an existing folder."""
+    import contextlib
+    import importlib.util
+    import io
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("_train_cli", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = io.StringIO()
+    args = list(command[2:])
+    try:
+        with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(out):
+            args[args.index("--out") + 1] = scratch
+            module.main.main(args=[*args, "--dry-run"], standalone_mode=False)
+    except click.ClickException as e:
+        raise click.ClickException(f"train.py refused {shlex.join(command[2:])}: {e.format_message()}") from None
+    return json.loads(out.getvalue())
+
+
+def run_command(command: list[str]) -> int:
+    """Run one train.py / evaluate.py command line; its exit status (tests run it in-process)."""
+    return subprocess.call(command)
 
 
 def run_state(run: Run, iters: int) -> tuple[str, int]:
@@ -230,7 +249,7 @@ def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_si
         click.echo(f"[{i}/{len(plan)}] {run.name}: {'resuming at ' + str(reached) if state == 'resume' else 'training'}"
                    f" ({time.strftime('%H:%M:%S')})")
         t0 = time.perf_counter()
-        code = subprocess.call(command)
+        code = run_command(command)
         if code != 0:
             raise click.ClickException(f"{run.name}: train.py exited with {code}; run the same "
                                        f"command again to resume")
@@ -257,7 +276,7 @@ def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_si
                        "--out", str(dest), "--device", device]
             click.echo(f"compare {metric}: {name} vs {baseline} -> {dest}")
             t0 = time.perf_counter()
-            if subprocess.call(command) != 0:
+            if run_command(command) != 0:
                 raise click.ClickException(f"evaluate.py compare failed for {metric}")
             click.echo(f"  ({time.perf_counter() - t0:.0f} s)")
     sample_mode = planned_config(plan[0][1]).get("sample_mode", "batch")

@@ -107,3 +107,21 @@ def modes_classifier(modes_cache):
     from dcgan_mn.metrics.classifier import load_mode_classifier
 
     return load_mode_classifier("stacked-digits", cache_dir=modes_cache)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch, modes_cache):
+    """No Inception weights anywhere and no network; the session's mode classifier cache."""
+    import urllib.error
+
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("DCGAN_MN_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("DCGAN_MN_CACHE_DIR", str(modes_cache))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return tmp_path

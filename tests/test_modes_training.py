@@ -3,7 +3,6 @@ Inception weights (mode metrics only), ``evaluate.py modes`` and ``compare --met
 
 import json
 import statistics
-import urllib.error
 
 import pytest
 import torch
@@ -42,20 +41,6 @@ def test_stacked_dataset_resumes_exactly(tmp_path):
     cfg = json.loads((full.run_dir / "config.json").read_text())
     assert (cfg["dataset"], cfg["stack_size"], cfg["stack_seed"]) == ("stacked-digits", 40, 3)
     assert cfg["extra"]["num_train_images"] == 40
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch, modes_cache):
-    """No Inception weights anywhere and no network; the session's mode classifier cache."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.delenv("DCGAN_MN_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setenv("DCGAN_MN_CACHE_DIR", str(modes_cache))
-
-    def offline(*a, **k):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    return tmp_path
 
 
 @pytest.fixture
@@ -181,3 +166,30 @@ def test_modes_help_explains_every_option():
     for opt in ("--source", "--samples", "--batch-size", "--sample-modes", "--device", "--data-root",
                 "--cache-dir", "--seed", "--out", "--progress"):
         assert opt in res.output, opt
+
+
+def test_run_writes_one_hparams_session(mode_run):
+    """TensorBoard's HParams dashboard: the run's norms, K, seed and data as hparams, and its
+    best / final metrics as the session's metrics (read back with TensorBoard's own parsers)."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import metadata
+
+    run_dir, _ = mode_run
+    files = list((run_dir / "hparams").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    acc = event_accumulator.EventAccumulator(str(files[0]), size_guidance={"tensors": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    hp = {k: v.string_value or v.number_value for k, v in start.hparams.items()}
+    assert hp["norm_layer0"] == "mn" and hp["norm_layer1"] == "mn" and hp["norm_layer2"] == "bn"
+    assert (hp["mn_layers"], hp["mn_components"], hp["seed"], hp["dataset"]) == ("0,1", 3, 0, "stacked-digits")
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    tags = {m.name.tag for m in experiment.metric_infos}
+    assert {"hparams/best_modes", "hparams/final_cfd", "hparams/best_kl_modes"} <= tags
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scalars = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"]}
+    assert scalars["hparams/best_modes"] == max(r["modes"] for r in rows)
+    assert scalars["hparams/best_cfd"] == pytest.approx(min(r["cfd"] for r in rows), rel=1e-6)
+    assert scalars["hparams/final_cfd"] == pytest.approx(rows[-1]["cfd"], rel=1e-6)
+    assert scalars["hparams/iteration"] == 4

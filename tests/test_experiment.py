@@ -1,0 +1,109 @@
+"""experiments/stacked_digits.py on tiny runs: new runs, cut runs resumed, finished runs
+skipped, a folder without a checkpoint restarted, other settings refused, and the compare
+stage (evaluation seeds, one report per metric, a sample grid per arm). Commands run in-process
+through the script's ``run_command`` seam."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import load_script
+from dcgan_mn import checkpoint as C
+
+pytestmark = pytest.mark.usefixtures("train_single_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("_stacked_digits", ROOT / "experiments" / "stacked_digits.py")
+experiment = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = experiment  # dataclasses look their module up there
+spec.loader.exec_module(experiment)
+CLIS = {"train.py": load_script("train.py", "main"), "evaluate.py": load_script("evaluate.py", "cli")}
+TINY = ["--iters", "2", "--eval-every", "2", "--mode-samples", "40", "--batch-size", "8",
+        "--device", "cpu", "--no-progress", "--seeds", "0",
+        "--train-flags", "--ngf 8 --ndf 8 --mn-fit-points 64 --stack-size 64",
+        "--arm", "bn=--mn-layers none", "--arm", "mn=--mn-layers 0"]
+
+
+@pytest.fixture
+def launched(monkeypatch, offline_hub):
+    """Every command the script launches, run in this process."""
+    commands = []
+
+    def run_command(command):
+        commands.append(command)
+        result = CliRunner().invoke(CLIS[Path(command[1]).name], command[2:])
+        assert result.exit_code == 0, result.output
+        return result.exit_code
+
+    monkeypatch.setattr(experiment, "run_command", run_command)
+    return commands
+
+
+def invoke(*args):
+    return CliRunner().invoke(experiment.main, [str(a) for a in args])
+
+
+def test_runs_new_then_resumes_cut_runs_then_skips_done_ones(launched, tmp_path):
+    out = tmp_path / "exp"
+    res = invoke(*TINY, "--out", out, "--no-compare")
+    assert res.exit_code == 0, res.output
+    assert "bn-s0: new" in res.output and "mn-s0: new" in res.output
+    assert [c[1].endswith("train.py") for c in launched] == [True, True]
+    for name in ("bn-s0", "mn-s0"):
+        rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in rows] == [2] and "modes" in rows[0]
+    assert json.loads((out / "mn-s0" / "config.json").read_text())["mn_layers"] == [0]
+    assert json.loads((out / "bn-s0" / "config.json").read_text())["mn_layers"] == []
+
+    # Raising --iters leaves both runs cut at 2: they resume from their checkpoints.
+    launched.clear()
+    res = invoke(*TINY, "--out", out, "--no-compare", "--iters", "4")
+    assert res.exit_code == 0, res.output
+    assert "bn-s0: resume (at iteration 2)" in res.output
+    assert all("--resume" in c and c[c.index("--iters") + 1] == "4" for c in launched) and len(launched) == 2
+    assert [i for i, _ in C.list_checkpoints(out / "mn-s0")][-1] == 4
+    rows = [json.loads(x) for x in (out / "mn-s0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [2, 4]
+    assert len(list((out / "mn-s0" / "hparams").glob("events.out.tfevents.*"))) == 1  # rewritten whole
+
+    # Everything done: nothing runs.
+    launched.clear()
+    res = invoke(*TINY, "--out", out, "--no-compare", "--iters", "4")
+    assert res.exit_code == 0 and "bn-s0: done (at iteration 4)" in res.output and launched == []
+
+    # Another arm definition under the same name is refused, not mixed in.
+    res = invoke(*[a if a != "mn=--mn-layers 0" else "mn=--mn-layers 1" for a in TINY], "--out", out, "--iters", "4")
+    assert res.exit_code != 0 and "mn-s0: trained with other settings (mn_layers: [0] there, [1] here)" in res.output
+
+
+def test_restarts_a_run_without_checkpoint_and_compares(launched, tmp_path):
+    out = tmp_path / "exp"
+    (out / "mn-s0").mkdir(parents=True)  # died before its first checkpoint
+    (out / "mn-s0" / "stray.txt").write_text("x")
+    res = invoke(*TINY, "--out", out, "--eval-seeds", "2")
+    assert res.exit_code == 0, res.output
+    assert "mn-s0: restart" in res.output and "starting it again" in res.output
+    assert not (out / "mn-s0" / "stray.txt").exists()
+    assert "evaluation)" in res.output  # the evaluation's share is printed
+    for metric in ("modes", "kl_modes", "cfd"):
+        report = json.loads((out / "compare" / metric / "compare.json").read_text())
+        assert report["labels"] == {"candidate": "mn", "baseline": "bn"}
+        assert report["evaluation_noise"]["eval_seeds"] == 2
+    for run in ("bn-s0", "mn-s0"):
+        seeds = [json.loads(x)["seed"] for x in (out / run / "eval_seeds.jsonl").read_text().splitlines()]
+        assert seeds == [1]  # one extra seed at the one evaluated iteration, scored once for all metrics
+        assert (out / run / "hparams").is_dir()
+    for arm in ("bn", "mn"):
+        assert (out / f"samples-{arm}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments():
+    assert "expected NAME=FLAGS" in invoke("--arm", "nonsense", "--arm", "b=").output
+    assert "at least two arms" in invoke("--arm", "a=--mn-layers 0").output
+    assert "seeds must be distinct" in invoke("--seeds", "1,1").output
+    assert "expected e.g. 0,1,2 or 0-4" in invoke("--seeds", "x").output
+    assert experiment.parse_seeds("0-2,7") == [0, 1, 2, 7]
