@@ -394,6 +394,9 @@ def compare_runs(
                                f"{ref.eval_seeds}")
     runs = [*candidates, *baselines]
     noise = evaluation_noise(runs)
+    # The rule only sees evaluated iterations: an S is as fine as the evaluation interval.
+    gaps = [b - a for r in runs for a, b in zip(r.iterations, r.iterations[1:])]
+    interval = min(gaps) if gaps else None
     sigma = noise["sigma"] if noise else 0.0
     pairing, pairs = pair_runs(candidates, baselines)
     c_index = {id(c): i for i, c in enumerate(candidates)}
@@ -412,6 +415,7 @@ def compare_runs(
         tol = acceleration(c, b, tolerance=sigma) if noise else None
         sm = acceleration(smooth[id(c)], smooth[id(b)])
         p.update(
+            resolution=(interval / p["s_base"]) if interval and p["s_base"] else None,
             acceleration_tolerant=tol["acceleration"] if tol else None,
             s_cand_tolerant=tol["s_cand"] if tol else None, s_base_tolerant=tol["s_base"] if tol else None,
             acceleration_smoothed=sm["acceleration"], s_cand_smoothed=sm["s_cand"],
@@ -475,6 +479,7 @@ def compare_runs(
             "collapse_factor": COLLAPSE_FACTOR,
         },
         "evaluation_noise": noise,
+        "evaluation_interval": interval,
         "runs": {
             "candidate": [{**c.summary(), "auc": auc[id(c)]} for c in candidates],
             "baseline": [{**b.summary(), "auc": auc[id(b)]} for b in baselines],
@@ -488,6 +493,7 @@ def compare_runs(
             "verdicts": verdicts,
             "s_cand": _stat([p["s_cand"] for p in results]),
             "s_base": _stat([p["s_base"] for p in results]),
+            "resolution": _stat([p["resolution"] for p in results]),
             "pairs_reached": sum(p["reached"] for p in results),
             "pairs_reached_tolerant": sum(p["s_cand_tolerant"] is not None for p in results) if noise else None,
             "pairs_reached_smoothed": sum(p["s_cand_smoothed"] is not None for p in results),
@@ -565,7 +571,9 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {key} | {_fmt(s['difference'][key], interval=True)} | {s['verdicts'][key + '_difference']} |")
     lines += [
         "",
-        f"**Acceleration** (1 - S_cand / S_base, pairing by {report['pairing']}):",
+        f"**Acceleration** (1 - S_cand / S_base, pairing by {report['pairing']}). Evaluations every "
+        f"{report.get('evaluation_interval')} iterations: an acceleration is only as fine as "
+        f"interval / S_base = {_fmt(s['resolution'], 1, pct=True)} here.",
         "",
         "| rule | acceleration | target reached | verdict |",
         "|---|---|---|---|",

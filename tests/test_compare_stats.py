@@ -98,6 +98,9 @@ def test_shifted_arm_gives_intervals_excluding_zero(tmp_path):
     # Per pair by hand: baseline best 50 (+n) at 800; the candidate is below it from 200 on.
     assert [p["s_cand"] for p in report["pairs"]] == [400, 400, 400, 400, 400]
     assert [p["acceleration"] for p in report["pairs"]] == pytest.approx([0.5] * 5)
+    # Evaluations 200 iterations apart: an S is only that fine, 200 / 800 of the acceleration.
+    assert report["evaluation_interval"] == 200 and s["resolution"]["mean"] == pytest.approx(0.25)
+    assert "only as fine as interval / S_base = 25.0%" in C.render_markdown(report)
     # Higher-is-better metric: the same numbers read the other way round.
     assert C._verdict({"mean": -1.0, "ci": [-2.0, -0.5]}, better_if_positive=True).endswith("worse")
 
