@@ -226,6 +226,11 @@ def load_fid_inception(weights: InceptionWeights, dims: int = 2048) -> nn.Module
         raise InceptionWeightsError(
             f"{weights.path}: not FID Inception weights ({first[0] if first else e})"
         ) from None
+    # The 2015 graph's 1008-way classifier (pytorch-fid builds it, then keeps only the blocks):
+    # its weight matrix, for the Inception Score. Like the original IS code (and torch-fidelity's
+    # "logits_unbiased") we use pool3 @ W without the bias.
+    fc = state_dict.get("fc.weight")
+    net.register_buffer("logits_weight", fc.detach().float().clone() if isinstance(fc, Tensor) else None)
     return net.eval()
 
 
@@ -300,13 +305,28 @@ class InceptionFeatureExtractor:
             net = net.to(memory_format=torch.channels_last)
         self.net = net.to(self.device)
 
-    @torch.inference_mode()
+    @property
+    def has_logits(self) -> bool:
+        """Whether ``features_and_logits`` can give the 1008-way logits (pool3 features, and a
+        weights file holding the classifier)."""
+        return self.dims == 2048 and getattr(self.net, "logits_weight", None) is not None
+
     def __call__(self, images: Tensor) -> Tensor:
+        return self._forward(images, logits=False)[0]
+
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(features [N, 2048], the 2015 graph's logits [N, 1008]) from one forward pass."""
+        if not self.has_logits:
+            raise ValueError("Inception Score logits need --dims 2048 and weights with the classifier (fc.weight)")
+        return self._forward(images, logits=True)
+
+    @torch.inference_mode()
+    def _forward(self, images: Tensor, logits: bool) -> tuple[Tensor, Optional[Tensor]]:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(
                 f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}"
             )
-        out = []
+        out, out_logits = [], []
         for chunk in images.split(self.batch_size):
             x = chunk.to(self.device, non_blocking=True).float().div_(255)  # [B, 3, H, W] in [0, 1]
             if self.channels_last:
@@ -314,7 +334,11 @@ class InceptionFeatureExtractor:
             feat = self.net(x)[0]  # [B, dims, h, w]
             if feat.shape[2] != 1 or feat.shape[3] != 1:  # dims < 2048: pytorch-fid pools
                 feat = F.adaptive_avg_pool2d(feat, output_size=(1, 1))
-            out.append(feat.flatten(1).float())  # [B, dims]
+            feat = feat.flatten(1).float()  # [B, dims]
+            out.append(feat)
+            if logits:
+                out_logits.append(feat @ self.net.logits_weight.t())  # [B, 1008]
         if not out:
-            return torch.empty(0, self.dims, device=self.device)
-        return torch.cat(out)
+            empty = torch.empty(0, self.dims, device=self.device)
+            return empty, (torch.empty(0, 1008, device=self.device) if logits else None)
+        return torch.cat(out), (torch.cat(out_logits) if logits else None)

@@ -6,9 +6,9 @@ needs once per chunk, and let every family score its share of the pass.
 
 A metric family (``inception.InceptionMetrics``, ``modes.ModeMetrics``) declares:
 
-* ``needs``: the name of the feature provider it reads, and ``extractor``: that provider
-  (uint8 images [B, 3, H, W] -> its outputs); families that need the same provider share one
-  call per chunk;
+* ``needs``: the name of the feature provider it reads, and ``provider``: that provider
+  (uint8 images [B, 3, H, W] -> its outputs; ``batch_size``: the images it takes at once);
+  families that need the same provider share one call per chunk;
 * ``num_samples``: how many images of the pass it scores (the first ones), and ``count_key``:
   the result key that reports the count (metric names carry it: ``fid_10k``, ``modes_26k``);
 * ``directions``: its metrics and whether lower or higher is better;
@@ -186,7 +186,7 @@ class Evaluator:
         return torch.randn(self.num_samples, z_dim, generator=gen)
 
     def _chunk_images(self) -> int:
-        return max(getattr(f.extractor, "batch_size", 256) for f in self.families)
+        return max(getattr(f, "batch_size", 256) for f in self.families)
 
     def _generated_batches(self, generator, sample_mode: str, batch_size: int) -> Iterator[tuple[int, Tensor]]:
         device = next(generator.parameters()).device
@@ -228,8 +228,8 @@ class Evaluator:
             outputs = {}  # provider name -> outputs for the longest prefix any family wants
             for f, n in want.items():
                 if n > outputs.get(f.needs, (0, None))[0]:
-                    outputs[f.needs] = (n, f.extractor)
-            outputs = {name: extractor(images[:n]) for name, (n, extractor) in outputs.items()}
+                    outputs[f.needs] = (n, f.provider)
+            outputs = {name: provider(images[:n]) for name, (n, provider) in outputs.items()}
             for f, n in want.items():
                 f.update(offset, _head(outputs[f.needs], n))
             seen += images.shape[0]

@@ -1,8 +1,9 @@
-"""The Inception metric family: FID, KID and precision / recall / density / coverage.
+"""The Inception metric family: FID, KID, precision / recall / density / coverage and IS.
 
 All from one pass of pytorch-fid's FID Inception over the generated images: FID from the
 streaming moments of every sample, KID and PRDC from the first ``metric_samples`` feature rows
-against the reference's cached real rows.
+against the reference's cached real rows, the Inception Score from the same pass's 1008-way
+logits of every sample (when the extractor has them: ``--dims 2048``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from .. import distributed as D
 from ..features import FeatureExtractor
 from .errors import MetricsError
 from .frechet import StreamingMoments
+from .inception_score import IS_SPLITS, inception_score
 from .kid_prdc import kernel_inception_distance, prdc
 from .reference import DEFAULT_REAL_FEATURES, ReferenceStats
 
 __all__ = ["InceptionMetrics", "DIRECTIONS"]
 
 DIRECTIONS = {"fid": "min", "kid": "min", "precision": "max", "recall": "max", "density": "max",
-              "coverage": "max"}
+              "coverage": "max", "inception_score": "max"}
 
 
 class InceptionMetrics:
@@ -66,6 +68,22 @@ class InceptionMetrics:
         return self.extractor.dims
 
     @property
+    def scores_is(self) -> bool:
+        """Whether this pass also gives the Inception Score (the extractor has the logits)."""
+        return bool(getattr(self.extractor, "has_logits", False))
+
+    def provider(self, images: Tensor):
+        """What the evaluator calls once per chunk: features [b, dims], with the logits
+        [b, 1008] from the same forward pass when the Inception Score is on."""
+        if self.scores_is:
+            return self.extractor.features_and_logits(images)
+        return self.extractor(images)
+
+    @property
+    def batch_size(self) -> int:
+        return getattr(self.extractor, "batch_size", 256)
+
+    @property
     def keep_rows(self) -> int:
         """Feature rows (the first of the pass) kept for KID and PRDC."""
         n_real = 0 if self.reference.features is None else self.reference.features.shape[0]
@@ -77,8 +95,14 @@ class InceptionMetrics:
         self._moments = StreamingMoments(self.dims, getattr(self.extractor, "device", "cpu"))
         self._idx: list[Tensor] = []
         self._rows: list[Tensor] = []
+        self._logits: list[Tensor] = []  # every sample's logits (the score needs all of them)
+        self._logits_idx: list[Tensor] = []
 
-    def update(self, offset: int, feats: Tensor) -> None:
+    def update(self, offset: int, outputs) -> None:
+        feats, logits = outputs if isinstance(outputs, tuple) else (outputs, None)
+        if logits is not None:
+            self._logits_idx.append(torch.arange(offset, offset + logits.shape[0]))
+            self._logits.append(logits.float().cpu())  # [b, 1008]
         self._moments.update(feats)  # [b, D]
         keep = min(feats.shape[0], max(0, self.keep_rows - offset))
         if keep:
@@ -93,11 +117,24 @@ class InceptionMetrics:
         self._moments.all_reduce()
         self._idx = [torch.cat(D.all_gather_rows(idx.to(device))).cpu()]
         self._rows = [torch.cat(D.all_gather_rows(rows.to(device))).cpu()]
+        if self.scores_is:
+            lidx = torch.cat(self._logits_idx) if self._logits_idx else torch.empty(0, dtype=torch.long)
+            logits = torch.cat(self._logits) if self._logits else torch.empty(0, 1008)
+            self._logits_idx = [torch.cat(D.all_gather_rows(lidx.to(device))).cpu()]
+            self._logits = [torch.cat(D.all_gather_rows(logits.to(device))).cpu()]
 
     def result(self) -> dict:
         idx = torch.cat(self._idx) if self._idx else torch.empty(0, dtype=torch.long)
         rows = torch.cat(self._rows) if self._rows else torch.empty(0, self.dims)
-        return self.score(self._moments, rows[idx.argsort()])  # generation order, any rank count
+        result = self.score(self._moments, rows[idx.argsort()])  # generation order, any rank count
+        result.update(inception_score=None, inception_score_std=None)
+        if self._logits:
+            order = torch.cat(self._logits_idx).argsort()
+            logits = torch.cat(self._logits)[order]  # [N, 1008], generation order
+            if logits.shape[0] >= IS_SPLITS:
+                result["inception_score"], result["inception_score_std"] = inception_score(logits, IS_SPLITS)
+                result["is_splits"] = IS_SPLITS
+        return result
 
     # --- scoring ---
 

@@ -63,11 +63,15 @@ class ModeMetrics:
     def __init__(self, classifier: ModeClassifier, *, num_samples: int = DEFAULT_MODE_SAMPLES) -> None:
         if num_samples < 2:
             raise MetricsError(f"--mode-samples {num_samples}: mode metrics need at least 2 samples")
-        self.extractor = classifier
+        self.provider = classifier  # images -> (labels, features)
         self.classifier = classifier
         self.num_samples = num_samples
         self.reference = FrechetReference(classifier.ref_mu, classifier.ref_sigma)
         self.reset()
+
+    @property
+    def batch_size(self) -> int:
+        return getattr(self.classifier, "batch_size", 256)
 
     @property
     def tags(self) -> dict:
