@@ -182,8 +182,7 @@ def test_run_writes_one_hparams_session(mode_run):
     content = acc.PluginTagToContent(metadata.PLUGIN_NAME)
     start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
     hp = {k: v.string_value or v.number_value for k, v in start.hparams.items()}
-    assert hp["norm_layer0"] == "mn" and hp["norm_layer1"] == "mn" and hp["norm_layer2"] == "bn"
-    assert (hp["mn_layers"], hp["mn_components"], hp["seed"], hp["dataset"]) == ("0,1", 3, 0, "stacked-digits")
+    assert hp == {"norms": "mn,mn,bn", "mn_components": 3, "seed": 0, "dataset": "stacked-digits"}
     experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
     tags = {m.name.tag for m in experiment.metric_infos}
     assert {"hparams/best_modes", "hparams/final_cfd", "hparams/best_kl_modes"} <= tags
