@@ -403,6 +403,62 @@ def stats(ref, out, stats_only, force, dims, device, inception_weights, data_roo
 
 
 # --------------------------------------------------------------------------------------------
+# samples
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--num", default=10_000, type=int, help="images to write")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="a new (or empty) folder for the images")
+@click.option("--format", "fmt", default="png", type=click.Choice(["png", "npz"]),
+              help="png: one file per image; npz: one samples.npz holding images, uint8 [N, 32, 32, 3]")
+@click.option("--which", default="best", type=click.Choice(["best", "latest"]),
+              help="for a run folder: best.pt, or the newest snapshot")
+@click.option("--seed", default=0, type=int, help="seed of the evaluation latents (0: what training scored)")
+@click.option("--sample-mode", default=None, type=click.Choice(["batch", "running"]),
+              help="how G is sampled  [default: the run's]")
+@click.option("--batch-size", default=None, type=int, help="generator batch  [default: the run's]")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+@click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
+def samples(target, num, out, fmt, which, seed, sample_mode, batch_size, device, progress):
+    """Write a generator's samples exactly as the evaluator scores them (same latents for the
+    same --seed, same sample mode, same uint8 quantization), e.g. for torch-fidelity, clean-fid
+    or TensorFlow code. TARGET: a checkpoint, or a run folder (--which best|latest)."""
+    from dcgan_mn import metrics as M
+
+    path = Path(target)
+    if path.is_dir():
+        from dcgan_mn.checkpoint import best_path, list_snapshots
+
+        snaps = list_snapshots(path)
+        if which == "best" and best_path(path).is_file():
+            path = best_path(path)
+        elif snaps:
+            path = snaps[-1][1]
+        else:
+            _fail(f"TARGET {target!r}: no best.pt and no snapshots in this run folder")
+    elif not path.is_file():
+        _fail(f"TARGET {target!r}: no such file or folder")
+    if num < 1:
+        _fail(f"--num {num}: must be >= 1")
+    if batch_size is not None and batch_size < 1:
+        _fail(f"--batch-size {batch_size}: must be >= 1")
+    dev = _device(device)
+    gen, cfg, iteration = _load_generator(path, dev)
+    mode, batch = sample_mode or cfg.sample_mode, batch_size or cfg.batch_size
+    batches = (images for _, images in M.generated_images(
+        gen, num_samples=num, seed=seed, sample_mode=mode, batch_size=batch, shard=False))
+    try:
+        written = M.write_samples(batches, out, fmt, total=num, progress=progress)
+    except M.MetricsError as e:
+        _fail(str(e))
+    print(f"wrote {num} samples of {path} (iteration {iteration}, sample mode {mode}, seed {seed}) "
+          f"to {written}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
 # compare
 # --------------------------------------------------------------------------------------------
 

@@ -304,3 +304,44 @@ def test_cifar10_reference_offline_and_missing(tiny_features, folders, tmp_path,
               "--cache-dir", tmp_path / "c2", "--data-root", tmp_path / "nodata")
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.exit_code != 0 and len(lines) == 1 and "cifar-10-python.tar.gz" in lines[0], res.stderr
+
+
+# --- samples: export what the evaluator scores ----------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["batch", "running"])
+def test_exported_samples_score_as_the_generator_does(tiny_features, folders, tmp_path, mode):
+    _, b = folders
+    run_dir = tmp_path / "run"
+    make_run_folder(run_dir, [100, 200], mn_layers="0")  # MN: batch mode draws k-means seeds
+    common = ["--ref", b, "--device", "cpu", "--dims", 64, "--no-progress", "--cache-dir", tmp_path / "c"]
+    res = run("samples", run_dir, "--num", 20, "--out", tmp_path / "png", "--sample-mode", mode,
+              "--seed", 3, "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "G-00000200.pt" in res.stderr  # no best.pt: the newest snapshot
+    files = sorted((tmp_path / "png").iterdir())
+    assert [f.name for f in files[:2]] == ["000000.png", "000001.png"] and len(files) == 20
+    from_pngs = json.loads(run("fid", tmp_path / "png", *common).stdout)["results"][0]
+    from_gen = json.loads(run("fid", run_dir / "snapshots" / "G-00000200.pt", "--samples", 20, "--seed", 3,
+                              "--sample-modes", mode, *common).stdout)["results"][0]
+    assert from_pngs["fid"] == pytest.approx(from_gen["fid"], rel=1e-6)
+    # npz: the same pixels, NHWC.
+    res = run("samples", run_dir, "--num", 20, "--out", tmp_path / "npz", "--format", "npz",
+              "--sample-mode", mode, "--seed", 3, "--which", "latest", "--no-progress")
+    assert res.exit_code == 0, res.output
+    arr = np.load(tmp_path / "npz" / "samples.npz")["images"]
+    assert arr.dtype == np.uint8 and arr.shape == (20, 32, 32, 3)
+    np.testing.assert_array_equal(arr[7], np.asarray(Image.open(files[7])))
+
+
+def test_samples_refuses_a_non_empty_folder_and_bad_targets(tmp_path):
+    run_dir = tmp_path / "run"
+    make_run_folder(run_dir, [100])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("keep me")
+    res = run("samples", run_dir, "--num", 4, "--out", tmp_path / "full", "--no-progress")
+    assert res.exit_code != 0 and "exists and is not an empty folder" in res.stderr
+    assert (tmp_path / "full" / "x.txt").read_text() == "keep me"
+    assert "no such file" in run("samples", tmp_path / "nope", "--out", tmp_path / "o").stderr
+    assert "--num 0" in run("samples", run_dir, "--num", 0, "--out", tmp_path / "o").stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()

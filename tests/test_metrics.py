@@ -425,3 +425,21 @@ def test_evaluator_sharded_over_two_ranks_equals_one_process(tiny_reference, tmp
         assert got["fid"] == pytest.approx(single["fid"], rel=1e-9)
         for name in ("kid", "precision", "recall", "density", "coverage", "num_samples"):
             assert got[name] == pytest.approx(single[name], rel=1e-9), name
+
+
+def test_generated_images_do_not_depend_on_chunking():
+    """MN in batch mode draws k-means seeds: seeded per generator batch, the evaluation images
+    are the same whatever the chunk size (a device's feature batch size)."""
+    from dcgan_mn.models import Generator
+
+    torch.manual_seed(0)
+    G = Generator(z_dim=8, ngf=4, mn_layers=(0, 1), fit_points=32)
+    def images(chunk):
+        return torch.cat([im for _, im in M.generated_images(G, num_samples=37, seed=5, sample_mode="batch",
+                                                             batch_size=8, chunk_images=chunk)])
+    a, b = images(8), images(64)
+    assert a.shape == (37, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, b)
+    other = torch.cat([im for _, im in M.generated_images(G, num_samples=37, seed=6, sample_mode="batch",
+                                                          batch_size=8)])
+    assert not torch.equal(a, other)

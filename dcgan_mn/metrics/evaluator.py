@@ -34,7 +34,7 @@ from .errors import MetricsError
 from .inception import InceptionMetrics
 from .reference import DEFAULT_REAL_FEATURES, ReferenceStats, load_reference
 
-__all__ = ["Evaluator", "build_evaluator", "sample_count_tag", "metric_direction", "metric_count_key"]
+__all__ = ["Evaluator", "build_evaluator", "generated_images", "sample_count_tag", "metric_direction", "metric_count_key"]
 
 
 def sample_count_tag(num_samples: int) -> str:
@@ -66,6 +66,44 @@ def _head(outputs: Any, n: int) -> Any:
     return outputs[:n]
 
 
+def generated_images(
+    generator, *, num_samples: int, seed: int, sample_mode: str, batch_size: int,
+    chunk_images: int = 256, shard: bool = True,
+) -> Iterator[tuple[int, Tensor]]:
+    """(offset, uint8 images [B, 3, 32, 32]) of the ``num_samples`` evaluation images of ``seed``:
+    what every evaluation scores and ``evaluate.py samples`` writes.
+
+    Latents come from their own seeded ``torch.Generator`` (the same z for every call). Every
+    image comes from a full batch of ``batch_size`` (batch statistics as in training): the last
+    batch is topped up with extra latents from a second stream and cut off. The global RNG (MN's
+    k-means++ draws in batch mode) is forked and seeded per generator batch, so the images do
+    not depend on ``chunk_images`` (how many are handed out at once) or on the rank count.
+    ``shard``: under torchrun each rank yields its share of the chunks."""
+    device = next(generator.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    z_all = torch.randn(num_samples, generator.z_dim, generator=gen)  # [num_samples, z_dim]
+    num_batches = math.ceil(num_samples / batch_size)
+    extra = num_batches * batch_size - num_samples
+    if extra:
+        gen = torch.Generator().manual_seed(seed + 1)
+        z_all = torch.cat([z_all, torch.randn(extra, generator.z_dim, generator=gen)])
+    batches_per_chunk = max(1, chunk_images // batch_size)
+    chunk_size = batches_per_chunk * batch_size
+    num_chunks = math.ceil(z_all.shape[0] / chunk_size)
+    rank, world = _rank_world() if shard else (0, 1)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for c in range(rank, num_chunks, world):
+            parts = []
+            for b in range(c * batches_per_chunk, min((c + 1) * batches_per_chunk, num_batches)):
+                torch.manual_seed(seed * 1_000_003 + b)
+                z = z_all[b * batch_size:(b + 1) * batch_size].to(device)  # [batch_size, z_dim]
+                parts.append(generator.sample(z, mode=sample_mode, batch_size=batch_size))
+            images = torch.cat(parts)  # [<= chunk_size, 3, 32, 32]
+            keep = min(images.shape[0], num_samples - c * chunk_size)
+            yield c * chunk_size, quantize_images(images[:keep])
+
+
 class Evaluator:
     """Scores generators (or images) with a list of metric families in one pass.
 
@@ -75,7 +113,7 @@ class Evaluator:
     ``evaluator(generator, sample_mode="batch", batch_size=64)`` draws as many latents as the
     hungriest family scores from its own seeded ``torch.Generator`` (the same z for every call,
     every run and every rank count), generates in chunks of whole ``batch_size`` batches with the
-    global RNG forked and seeded per chunk (MN's k-means++ draws), quantizes to uint8 as a PNG
+    global RNG forked and seeded per generator batch (MN's k-means++ draws), quantizes to uint8 as a PNG
     would, and feeds each family its first ``num_samples`` images. Under torchrun the chunks are
     split across ranks and the families gather: call it on every rank (with the unwrapped
     generator, not the DDP wrapper); every rank gets the same result.
@@ -189,27 +227,9 @@ class Evaluator:
         return max(getattr(f, "batch_size", 256) for f in self.families)
 
     def _generated_batches(self, generator, sample_mode: str, batch_size: int) -> Iterator[tuple[int, Tensor]]:
-        device = next(generator.parameters()).device
-        z_all = self.latents(generator.z_dim)  # [num_samples, z_dim]
-        # Every image comes from a full batch of batch_size (batch statistics as in training):
-        # the last batch is topped up with extra latents from a second stream and cut off.
-        num_batches = math.ceil(self.num_samples / batch_size)
-        extra = num_batches * batch_size - self.num_samples
-        if extra:
-            gen = torch.Generator().manual_seed(self.seed + 1)
-            z_all = torch.cat([z_all, torch.randn(extra, generator.z_dim, generator=gen)])
-        batches_per_chunk = max(1, self._chunk_images() // batch_size)
-        chunk_size = batches_per_chunk * batch_size
-        num_chunks = math.ceil(z_all.shape[0] / chunk_size)
-        rank, world = _rank_world()
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            for c in range(rank, num_chunks, world):
-                torch.manual_seed(self.seed * 1_000_003 + c)
-                z = z_all[c * chunk_size:(c + 1) * chunk_size].to(device)
-                images = generator.sample(z, mode=sample_mode, batch_size=batch_size)  # [B, 3, 32, 32]
-                keep = min(images.shape[0], self.num_samples - c * chunk_size)
-                yield c * chunk_size, quantize_images(images[:keep])
+        yield from generated_images(generator, num_samples=self.num_samples, seed=self.seed,
+                                    sample_mode=sample_mode, batch_size=batch_size,
+                                    chunk_images=self._chunk_images())
 
     # --- the pass ---
 

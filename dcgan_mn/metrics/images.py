@@ -11,7 +11,9 @@ from torch import Tensor
 
 from .errors import MetricsError
 
-__all__ = ["IMAGE_EXTENSIONS", "image_folder_files", "iter_image_batches"]
+__all__ = ["IMAGE_EXTENSIONS", "SAMPLE_FORMATS", "image_folder_files", "iter_image_batches", "write_samples"]
+
+SAMPLE_FORMATS = ("png", "npz")
 
 # pytorch-fid's image extensions (it globs the folder itself, not its subfolders).
 IMAGE_EXTENSIONS = frozenset({"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"})
@@ -53,3 +55,44 @@ def iter_image_batches(files: Sequence[Path], batch_size: int) -> Iterator[Tenso
     if batch:
         yield torch.stack(batch)
 
+
+def write_samples(batches, out: Union[str, Path], fmt: str = "png", total: int | None = None,
+                  progress: bool = False) -> Path:
+    """Write uint8 batches [B, 3, H, W] to the folder ``out``: ``000000.png``, ... (lossless, the
+    bytes our evaluator scores), or one ``samples.npz`` holding ``images``, uint8 [N, H, W, 3]
+    (the layout TensorFlow code and clean-fid read). Written into ``<out>.partial`` and renamed
+    when complete, so a cut export never looks finished; refuses an existing non-empty ``out``."""
+    import os
+    import shutil
+    import sys
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    if fmt not in SAMPLE_FORMATS:
+        raise MetricsError(f"--format {fmt!r}: expected one of {SAMPLE_FORMATS}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MetricsError(f"--out {str(out)!r}: exists and is not an empty folder; choose a new one")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)  # an earlier export that was cut
+    partial.mkdir(parents=True)
+    arrays, count = [], 0
+    with tqdm(total=total, desc=f"write {fmt}", unit="img", disable=not progress, file=sys.stderr,
+              leave=False) as bar:
+        for images in batches:
+            hwc = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # [B, H, W, 3] uint8
+            if fmt == "png":
+                for i, img in enumerate(hwc):
+                    Image.fromarray(img).save(partial / f"{count + i:06d}.png")
+            else:
+                arrays.append(hwc)
+            count += hwc.shape[0]
+            bar.update(hwc.shape[0])
+    if fmt == "npz":
+        np.savez(partial / "samples.npz", images=np.concatenate(arrays))
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    os.replace(partial, out)
+    return out
