@@ -37,12 +37,12 @@ def _device(spec: str):
         _fail(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
 
 
-def _extractor(dims: int, weights, device, feature_batch_size, progress):
+def _extractor(dims: int, weights, device, feature_batch_size, progress, fid_protocol="pytorch-fid"):
     from dcgan_mn.features import InceptionFeatureExtractor, InceptionWeightsError
 
     try:
         return InceptionFeatureExtractor(dims, weights, device=device, batch_size=feature_batch_size,
-                                         progress=progress)
+                                         progress=progress, fid_protocol=fid_protocol)
     except InceptionWeightsError as e:
         _fail(str(e))
 
@@ -156,6 +156,9 @@ def _feature_options(command):
                      help="reference-statistics cache (default ~/.cache/dcgan_mn)"),
         click.option("--feature-batch-size", default=None, type=int,
                      help="images per Inception pass (default 500 on CUDA, 50 on CPU)"),
+        click.option("--fid-protocol", default="pytorch-fid", type=click.Choice(["pytorch-fid", "clean"]),
+                     help="pytorch-fid's bilinear resize inside the network, or clean-fid's PIL "
+                          "bicubic resize first (absolute numbers differ between the two)"),
     ]
     for option in reversed(options):
         command = option(command)
@@ -179,7 +182,7 @@ def _feature_options(command):
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="also write the JSON here")
 @click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
 def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_weights, data_root,
-        cache_dir, no_cache, seed, feature_batch_size, out, progress):
+        cache_dir, no_cache, seed, feature_batch_size, fid_protocol, out, progress):
     """FID (+ KID, precision/recall, density/coverage) of TARGET against --ref.
 
     TARGET is a checkpoint file, a run folder (every generator snapshot is scored and the curve
@@ -197,7 +200,7 @@ def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_
     dev = _device(device)
     try:
         report = _fid(target, ref, samples, batch_size, sample_modes, dims, dev, inception_weights,
-                      data_root, cache_dir, no_cache, seed, feature_batch_size, progress)
+                      data_root, cache_dir, no_cache, seed, feature_batch_size, progress, fid_protocol)
     except _errors() as e:
         _fail(str(e))
     text = json.dumps(report, indent=2)
@@ -209,20 +212,21 @@ def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_
 
 
 def _fid(target, ref, samples, batch_size, modes, dims, dev, weights, data_root, cache_dir,
-         no_cache, seed, feature_batch_size, progress) -> dict:
+         no_cache, seed, feature_batch_size, progress, fid_protocol="pytorch-fid") -> dict:
     from dcgan_mn import metrics as M
 
     kind, what = _classify_target(target)
     jobs, _ = _generator_jobs(kind, what)
 
     _check_ref(ref, dims, data_root)
-    extractor = _extractor(dims, weights, dev, feature_batch_size, progress)
+    extractor = _extractor(dims, weights, dev, feature_batch_size, progress, fid_protocol)
     reference = M.load_reference(ref, extractor, data_root=data_root, cache_dir=cache_dir,
                                  progress=progress, use_cache=not no_cache)
     evaluator = M.Evaluator(extractor, reference, num_samples=samples, seed=seed, progress=progress)
     report = {
         "target": str(target), "kind": kind, "ref": ref, "ref_key": reference.key, "dims": dims,
         "weights_sha256": extractor.weights_sha256, "weights_standard": _standard(extractor),
+        "fid_protocol": getattr(extractor, "fid_protocol", "pytorch-fid"),
         "results": [],
     }
     if kind == "images":
@@ -379,7 +383,7 @@ def _modes(target, source, samples, batch_size, sample_modes, dev, data_root, ca
 @_feature_options
 @click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
 def stats(ref, out, stats_only, force, dims, device, inception_weights, data_root, cache_dir,
-          feature_batch_size, progress):
+          feature_batch_size, fid_protocol, progress):
     """Compute (or find in the cache) the reference statistics of --ref."""
     from dcgan_mn import metrics as M
 
@@ -387,7 +391,8 @@ def stats(ref, out, stats_only, force, dims, device, inception_weights, data_roo
         _fail(f"--out {out!r}: file exists (pass --force to replace it)")
     try:
         _check_ref(ref, int(dims), data_root)
-        extractor = _extractor(int(dims), inception_weights, _device(device), feature_batch_size, progress)
+        extractor = _extractor(int(dims), inception_weights, _device(device), feature_batch_size, progress,
+                               fid_protocol)
         reference = M.load_reference(ref, extractor, data_root=data_root, cache_dir=cache_dir,
                                      progress=progress)
         if out:
@@ -398,6 +403,7 @@ def stats(ref, out, stats_only, force, dims, device, inception_weights, data_roo
         "ref": ref, "ref_key": reference.key, "dims": reference.dims,
         "num_images": reference.meta.get("num_images"),
         "weights_sha256": extractor.weights_sha256, "weights_standard": _standard(extractor),
+        "fid_protocol": getattr(extractor, "fid_protocol", "pytorch-fid"),
         "cache_path": str(reference.path) if reference.path else None, "out": out,
     }, indent=2))
 

@@ -89,6 +89,9 @@ def _layers_text(layers) -> str:
               help="local FID Inception weights file (offline use)  [default: torch hub cache]")
 @click.option("--dims", default=str(D.dims), type=click.Choice(["64", "192", "768", "2048"]),
               help="Inception feature block for FID")
+@click.option("--fid-protocol", default=D.fid_protocol, type=click.Choice(["pytorch-fid", "clean"]),
+              help="image protocol before Inception: pytorch-fid's bilinear resize, or clean-fid's "
+                   "PIL bicubic (absolute numbers differ; recorded in every row)")
 # --- speed ---
 @click.option("--amp", default=D.amp, type=click.Choice(AMP_MODES),
               help="autocast: bf16 (CPU with bf16 units, Ampere+ GPUs) or fp16 (CUDA, with loss scaling)")

@@ -28,6 +28,7 @@ __all__ = [
 DATASETS = ("cifar10", "folder", "stacked-mnist", "stacked-digits")
 
 AMP_MODES = ("none", "bf16", "fp16")
+FID_PROTOCOL_NAMES = ("pytorch-fid", "clean")  # features.FID_PROTOCOLS (not imported: no torch here)
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,7 @@ class TrainConfig:
     ref: str = "cifar10-train"
     inception_weights: Optional[str] = None
     dims: int = 2048
+    fid_protocol: str = "pytorch-fid"  # or "clean": clean-fid's PIL-bicubic resize before Inception
     mode_samples: int = 26_000  # stacked datasets: samples per mode-metric evaluation (PacGAN's)
     # --- speed (GPU-oriented, all correct on CPU) ---
     amp: str = "none"
@@ -128,6 +130,8 @@ class TrainConfig:
              "FID needs at least 2 samples")
         need(self.dims in (64, 192, 768, 2048), "--dims", self.dims,
              "expected one of 64, 192, 768, 2048 (pytorch-fid's Inception blocks)")
+        need(self.fid_protocol in FID_PROTOCOL_NAMES, "--fid-protocol", self.fid_protocol,
+             f"expected one of {FID_PROTOCOL_NAMES}")
         need(self.amp in AMP_MODES, "--amp", self.amp, f"expected one of {AMP_MODES}")
         need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
              "--device", self.device, "expected auto, cpu, cuda or cuda:N")
@@ -176,7 +180,7 @@ def flag_name(field_name: str) -> str:
 RESUME_FIXED = (
     "z_dim", "ngf", "ndf", "mn_layers", "mn_components", "mn_fit_points", "mn_kmeans_iters",
     "lr", "beta1", "beta2", "batch_size", "seed", "dataset", "hflip", "stack_size", "stack_seed",
-    "sample_mode", "ref", "dims", "mode_samples",
+    "sample_mode", "ref", "dims", "mode_samples", "fid_protocol",
 )
 
 

@@ -37,6 +37,8 @@ __all__ = [
     "WEIGHTS_ENV_VAR",
     "FEATURE_DIMS",
     "PROTOCOL_VERSION",
+    "FID_PROTOCOLS",
+    "clean_resize",
     "InceptionWeightsError",
     "InceptionWeights",
     "FeatureExtractor",
@@ -60,6 +62,10 @@ FEATURE_DIMS = (64, 192, 768, 2048)  # pytorch_fid.inception.InceptionV3.BLOCK_I
 # Everything between "an image" and "a feature vector" that is not the weights or the dims:
 # bump it whenever quantization, resizing or pooling changes, so cached statistics are redone.
 PROTOCOL_VERSION = "uint8-png/pytorch-fid-0.3-resize299-bilinear/v1"
+# --fid-protocol: pytorch-fid's (bilinear resize of float images inside the network) or
+# clean-fid's "clean" mode (PIL bicubic resize of each uint8 channel as float, before it).
+FID_PROTOCOLS = {"pytorch-fid": PROTOCOL_VERSION,
+                 "clean": "uint8-png/clean-fid-pil-bicubic299-float/v1"}
 
 # torch.hub's convention: the file name ends in "-<first hex digits of its SHA-256>.<ext>".
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
@@ -78,7 +84,8 @@ class InceptionWeights:
 
 
 class FeatureExtractor(Protocol):
-    """What the metrics need from a feature network (tests inject small ones)."""
+    """What the metrics need from a feature network (tests inject small ones). Extractors may
+    also say which ``fid_protocol`` they follow (default: pytorch-fid's)."""
 
     dims: int
     weights_sha256: str
@@ -263,6 +270,24 @@ def quantize_images(x: Tensor) -> Tensor:
     return x.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
+def clean_resize(images: Tensor, size: int = 299) -> Tensor:
+    """clean-fid's "clean" resize: uint8 [N, 3, H, W] -> float32 [N, 3, size, size] in [0, 255],
+    each channel resized by PIL's bicubic filter as a 32-bit float image, clipped, not
+    quantized (``cleanfid.resize.make_resizer("PIL", False, "bicubic", (size, size))``)."""
+    import numpy as np
+    from PIL import Image
+
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    arr = images.cpu().numpy().astype(np.float32)  # [N, 3, H, W]
+    out = np.empty((arr.shape[0], 3, size, size), dtype=np.float32)
+    for i in range(arr.shape[0]):
+        for c in range(3):
+            img = Image.fromarray(arr[i, c], mode="F").resize((size, size), resample=Image.BICUBIC)
+            out[i, c] = np.asarray(img).clip(0, 255)
+    return torch.from_numpy(out)
+
+
 # --------------------------------------------------------------------------------------------
 # The extractor.
 # --------------------------------------------------------------------------------------------
@@ -278,6 +303,9 @@ class InceptionFeatureExtractor:
         batch_size: images per forward pass (default 500 on CUDA, 50 on CPU, where larger
             batches are slower).
         fold_bn, channels_last: speed-ups that change results only at fp32 rounding level.
+        fid_protocol: "pytorch-fid" (default: the network's bilinear resize of float images) or
+            "clean" (clean-fid's PIL bicubic resize to 299 first, on the CPU). The two give
+            different absolute numbers; caches and rows keep them apart.
     """
 
     def __init__(
@@ -289,7 +317,12 @@ class InceptionFeatureExtractor:
         fold_bn: bool = True,
         channels_last: bool = True,
         progress: bool = True,
+        fid_protocol: str = "pytorch-fid",
     ) -> None:
+        if fid_protocol not in FID_PROTOCOLS:
+            raise ValueError(f"--fid-protocol {fid_protocol!r}: expected one of {sorted(FID_PROTOCOLS)}")
+        self.fid_protocol = fid_protocol
+        self.protocol = FID_PROTOCOLS[fid_protocol]
         if not isinstance(weights, InceptionWeights):
             weights = resolve_inception_weights(weights, progress=progress)
         self.weights = weights
@@ -328,7 +361,10 @@ class InceptionFeatureExtractor:
             )
         out, out_logits = [], []
         for chunk in images.split(self.batch_size):
-            x = chunk.to(self.device, non_blocking=True).float().div_(255)  # [B, 3, H, W] in [0, 1]
+            if self.fid_protocol == "clean":  # [B, 3, 299, 299]; the network's resize is then a no-op
+                x = clean_resize(chunk).to(self.device).div_(255)
+            else:
+                x = chunk.to(self.device, non_blocking=True).float().div_(255)  # [B, 3, H, W] in [0, 1]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             feat = self.net(x)[0]  # [B, dims, h, w]

@@ -345,7 +345,7 @@ def build_evaluator(
 
         try:
             extractor = InceptionFeatureExtractor(cfg.dims, cfg.inception_weights, device=device,
-                                                  progress=progress)
+                                                  progress=progress, fid_protocol=cfg.fid_protocol)
         except InceptionWeightsError as e:
             if not stacked or cfg.inception_weights:  # weights asked for by name must be there
                 raise

@@ -151,6 +151,7 @@ class InceptionMetrics:
             "metric_samples": 0,
             "prdc_k": self.prdc_k,
             "weights_sha256": self.extractor.weights_sha256,
+            "fid_protocol": getattr(self.extractor, "fid_protocol", "pytorch-fid"),
             "ref_key": self.reference.key,
             "dims": self.dims,
         }
