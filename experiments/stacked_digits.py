@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dcgan_mn.checkpoint import list_checkpoints, list_snapshots  # noqa: E402
-from dcgan_mn.config import RESUME_FIXED  # noqa: E402
+from dcgan_mn.config import RESUME_FIXED, config_from_dict  # noqa: E402
 from dcgan_mn.log import read_jsonl  # noqa: E402
 
 DEFAULT_ARMS = ("bn=--mn-layers none", "mn=--mn-layers 0,1")
@@ -143,7 +143,8 @@ def check_same_settings(run: Run, planned: dict) -> None:
     config_file = run.folder / "config.json"
     if not config_file.is_file():
         return
-    saved = json.loads(config_file.read_text())
+    # Through TrainConfig, so a key an older version did not write reads as its default.
+    saved = config_from_dict(json.loads(config_file.read_text())).to_dict()
     keys = [*RESUME_FIXED, "fid_every"]
     differ = [f"{k}: {saved.get(k)!r} there, {planned.get(k)!r} here" for k in keys
               if saved.get(k) != planned.get(k)]
