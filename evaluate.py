@@ -47,6 +47,13 @@ def _extractor(dims: int, weights, device, feature_batch_size, progress, fid_pro
         _fail(str(e))
 
 
+def _environment(device) -> dict:
+    """Versions, device and CPU capability of this process (every report records them)."""
+    from dcgan_mn.provenance import environment
+
+    return environment(device)
+
+
 def _standard(extractor):
     """Whether the features come from pytorch-fid's published weights (None: unknown)."""
     return getattr(getattr(extractor, "weights", None), "standard", None)
@@ -227,7 +234,7 @@ def _fid(target, ref, samples, batch_size, modes, dims, dev, weights, data_root,
         "target": str(target), "kind": kind, "ref": ref, "ref_key": reference.key, "dims": dims,
         "weights_sha256": extractor.weights_sha256, "weights_standard": _standard(extractor),
         "fid_protocol": getattr(extractor, "fid_protocol", "pytorch-fid"),
-        "results": [],
+        "environment": _environment(dev), "results": [],
     }
     if kind == "images":
         row = evaluator.score_images(M.iter_image_batches(what, extractor.batch_size), total=len(what))
@@ -346,7 +353,7 @@ def _modes(target, source, samples, batch_size, sample_modes, dev, data_root, ca
                             progress=progress)
     report = {"target": str(target), "kind": kind, "source": source,
               "classifier_sha256": classifier.sha256, "classifier_accuracy": classifier.accuracy,
-              "results": []}
+              "environment": _environment(dev), "results": []}
     if kind == "images":
         rows = [evaluator.score_images(M.iter_image_batches(what, classifier.batch_size), total=len(what))]
     else:
@@ -512,6 +519,8 @@ def compare(runs, baselines, out, metric, sample_mode, samples, label, baseline_
         report = C.compare_runs(cands, bases, candidate_label=label, baseline_label=baseline_label)
     except (*_errors(), RescoreError) as e:
         _fail(str(e))
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     paths = C.write_outputs(report, out)
     click.echo(C.render_markdown(report))
     print(f"wrote {paths['markdown']}, {paths['json']}, {paths['plot']}", file=sys.stderr)

@@ -51,6 +51,7 @@ import numpy as np
 from .fileio import atomic_write
 
 __all__ = ["CompareError", "RunCurve", "read_run", "pair_runs", "acceleration", "bootstrap_interval",
+           "provenance_warnings",
            "running_median", "area_under_curve", "evaluation_noise", "compare_runs",
            "render_markdown", "plot_curves", "write_outputs",
            "BOOTSTRAP_RESAMPLES", "CONFIDENCE", "COLLAPSE_FACTOR", "SMOOTH_WINDOW"]
@@ -79,6 +80,7 @@ class RunCurve:
     train_seconds: list[Optional[float]]
     direction: str = "min"  # "min": lower is better (FID, kl_modes, cfd); "max": higher (modes)
     seed_values: Optional[list[list[float]]] = None  # per evaluation, one score per eval seed
+    provenance: Optional[dict] = None  # what computed the rows used: environments, protocols, weights
 
     @property
     def eval_seeds(self) -> int:
@@ -225,6 +227,7 @@ def read_run(
         by_iteration[int(r["iteration"])] = r
     its = sorted(by_iteration)
     values = [float(by_iteration[i][metric]) for i in its]
+    used = [by_iteration[i] for i in its]  # the rows behind the curve (and their seed rows below)
     seed_values = None
     if eval_seeds > 1:
         from .rescore import EVAL_SEEDS_FILE, evaluation_seeds, seed_rows
@@ -244,12 +247,50 @@ def read_run(
                 point.append(extra[(i, s)])
             seed_values.append(point)
         values = [statistics.fmean(p) for p in seed_values]
+        used = [*used, *(r for r in seed_rows(run) if r.get(metric) is not None and r.get("sample_mode") == mode
+                         and r.get(count_key) == count)]
     return RunCurve(
         name=run.name, path=str(run), seed=config.get("seed"), metric=metric,
         sample_mode=mode, num_samples=count, iterations=its, values=values,
         train_seconds=[by_iteration[i].get("train_seconds") for i in its],
         direction=metric_direction(metric), seed_values=seed_values,
+        provenance=_provenance(run, used),
     )
+
+
+def _provenance(run: Path, rows: list[dict]) -> dict:
+    from .provenance import read_environments
+
+    def values(key):
+        return sorted({str(r[key]) for r in rows if r.get(key) is not None})
+
+    keys = values("env_key")
+    known = read_environments(run)
+    return {"env_keys": keys, "environments": {k: known[k] for k in keys if k in known},
+            "fid_protocols": values("fid_protocol"),
+            "weights": sorted({*values("weights_sha256"), *values("classifier_sha256")})}
+
+
+def provenance_warnings(runs: Sequence[RunCurve]) -> list[str]:
+    """One line per way the compared numbers were computed differently (protocol, weights or
+    classifier, library versions, device, CPU): such numbers may differ for that reason alone."""
+    provs = [r.provenance for r in runs if r.provenance]
+    warnings = []
+    protocols = sorted({p for pr in provs for p in pr["fid_protocols"]})
+    if len(protocols) > 1:
+        warnings.append(f"the rows mix FID protocols {protocols}: their numbers are not comparable")
+    weights = sorted({w[:12] for pr in provs for w in pr["weights"]})
+    if len(weights) > 1:
+        warnings.append(f"the rows come from different Inception weights or mode classifiers {weights}")
+    envs = [env for pr in provs for env in pr["environments"].values()]
+    differ = []
+    for field in sorted({f for env in envs for f in env}):
+        seen = sorted({str(env.get(field)) for env in envs})
+        if len(seen) > 1:
+            differ.append(f"{field} ({', '.join(seen)})")
+    if differ:
+        warnings.append("the rows were computed in environments that differ in " + "; ".join(differ))
+    return warnings
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,6 +434,7 @@ def compare_runs(
             raise CompareError(f"run {r.path!r}: {r.eval_seeds} evaluation seeds, {ref.path!r} "
                                f"{ref.eval_seeds}")
     runs = [*candidates, *baselines]
+    warnings = provenance_warnings(runs)
     noise = evaluation_noise(runs)
     # The rule only sees evaluated iterations: an S is as fine as the evaluation interval.
     gaps = [b - a for r in runs for a, b in zip(r.iterations, r.iterations[1:])]
@@ -480,6 +522,7 @@ def compare_runs(
         },
         "evaluation_noise": noise,
         "evaluation_interval": interval,
+        "warnings": warnings,
         "runs": {
             "candidate": [{**c.summary(), "auc": auc[id(c)]} for c in candidates],
             "baseline": [{**b.summary(), "auc": auc[id(b)]} for b in baselines],
@@ -556,6 +599,8 @@ def render_markdown(report: dict) -> str:
            f"sigma_eval = {noise['sigma']:.3g} (largest point std {noise['max_point_std']:.3g}, "
            f"{noise['points']} points)." if noise else "One evaluation seed per point (no evaluation-noise estimate)."),
         "",
+        *[f"**Warning:** {w}." for w in report.get("warnings", [])],
+        *([""] if report.get("warnings") else []),
         f"| arm | runs | best {m} | best at iteration | final {m} | AUC {lo_it}-{hi_it} | collapsed |",
         "|---|---|---|---|---|---|---|",
     ]

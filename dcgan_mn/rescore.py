@@ -86,6 +86,9 @@ def rescore_run(
     if progress:
         print(f"{run.name}: {len(todo)} re-scorings ({metric} and the rest of its evaluator)",
               file=sys.stderr)
+    from .provenance import environment, record_environment
+
+    key = record_environment(run, environment(device), max(it for it, _ in todo))
     loaded: tuple = (None, None)
     for it, s in todo:
         if loaded[0] != it:
@@ -93,5 +96,5 @@ def rescore_run(
         result = evaluator.with_seed(s)(loaded[1], sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
         append_jsonl(run / EVAL_SEEDS_FILE, {
             "iteration": it, "images_seen": it * cfg.batch_size, "sample_mode": cfg.sample_mode,
-            **{k: v for k, v in result.items() if k not in ("iteration", "images_seen")}})
+            **{k: v for k, v in result.items() if k not in ("iteration", "images_seen")}, "env_key": key})
     return len(todo)

@@ -45,6 +45,7 @@ from .log import RunLogger, drop_rows_after, read_jsonl, write_hparams, write_js
 from .losses import discriminator_loss, generator_loss
 from .models import Discriminator, Generator
 from .norms import MixtureNorm2d
+from .provenance import environment, record_environment
 
 __all__ = [
     "Evaluator",
@@ -414,11 +415,13 @@ def train(
     # ---- Open the run folder: config, TensorBoard, metrics.jsonl, progress bar.
     # ---- Rank 0 alone writes files; the other ranks' logger is silent.
     dropped = 0
+    env_key = None  # the environment every metrics row of this process points to
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "config.json", cfg.to_dict())
         if payload is not None:
             dropped = drop_rows_after(run_dir / "metrics.jsonl", iteration)
+        env_key = record_environment(run_dir, environment(device), iteration)
     logger = RunLogger(run_dir, total_iters=cfg.iters, start_iter=iteration,
                        purge_step=iteration + 1 if payload is not None else None, progress=progress,
                        enabled=dist.is_main)
@@ -522,7 +525,7 @@ def train(
             row = {"iteration": iteration, "images_seen": iteration * cfg.batch_size,
                    "sample_mode": cfg.sample_mode, "train_seconds": round(train_s, 3),
                    **{k: v for k, v in result.items() if k not in ("iteration", "images_seen", "train_seconds")},
-                   "eval_seconds": round(time.perf_counter() - t0, 3)}
+                   "eval_seconds": round(time.perf_counter() - t0, 3), "env_key": env_key}
             logger.metrics_row(row)
             names = _metric_names(evaluator, result)  # e.g. fid -> fid_10k, modes -> modes_26k
             logger.scalars({f"metrics/{names[k]}": float(v) for k, v in result.items() if k in names

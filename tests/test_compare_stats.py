@@ -194,3 +194,27 @@ def test_report_is_reproducible_and_states_its_rule(tmp_path):
     assert "95% percentile bootstrap interval, 10000 resamples, unit: seed-paired pair of runs" in md
     assert "running median of 3" in md and "AUC 200-1200" in md
     assert statistics.fmean([-5.0, -3.0]) == a["summary"]["difference"]["best"]["mean"]
+
+
+def test_warns_when_numbers_come_from_different_environments(tmp_path):
+    from dcgan_mn.provenance import PROVENANCE_FILE, env_key
+
+    def with_env(run, env, protocol="pytorch-fid"):
+        key = env_key(env)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({**r, "env_key": key, "fid_protocol": protocol}) + "\n" for r in rows))
+        (run / PROVENANCE_FILE).write_text(json.dumps({"env_key": key, "first_iteration": 0,
+                                                       "environment": env}) + "\n")
+
+    env = {"torch": "2.14.1", "numpy": "2.4.6", "cpu_capability": "AVX512", "device": "cpu"}
+    a, b = make_run(tmp_path, "a", BASE), make_run(tmp_path, "b", BASE, seed=1)
+    with_env(a, env)
+    with_env(b, env)
+    assert C.compare_runs([C.read_run(a, metric="cfd")], [C.read_run(b, metric="cfd")])["warnings"] == []
+    with_env(b, {**env, "torch": "2.13.0", "cpu_capability": "AVX2"}, protocol="clean")
+    report = C.compare_runs([C.read_run(a, metric="cfd")], [C.read_run(b, metric="cfd")])
+    assert report["warnings"] == [
+        "the rows mix FID protocols ['clean', 'pytorch-fid']: their numbers are not comparable",
+        "the rows were computed in environments that differ in cpu_capability (AVX2, AVX512); torch (2.13.0, 2.14.1)"]
+    assert "**Warning:** the rows mix FID protocols" in C.render_markdown(report)

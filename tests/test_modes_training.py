@@ -168,6 +168,22 @@ def test_modes_help_explains_every_option():
         assert opt in res.output, opt
 
 
+def test_rows_point_to_the_environment_that_computed_them(mode_run):
+    import torch as T
+
+    from dcgan_mn.provenance import PROVENANCE_FILE, read_environments
+
+    run_dir, _ = mode_run
+    envs = read_environments(run_dir)
+    assert len(envs) == 1 and len((run_dir / PROVENANCE_FILE).read_text().splitlines()) == 1
+    (key, env), = envs.items()
+    assert env["torch"] == T.__version__.split("+")[0] or env["torch"] == T.__version__
+    assert env["cpu_capability"] == T.backends.cpu.get_cpu_capability() and env["device"] == "cpu"
+    assert {"numpy", "scipy", "pytorch-fid", "torchvision", "python"} <= set(env)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["env_key"] == key for r in rows)
+
+
 def test_run_writes_one_hparams_session(mode_run):
     """TensorBoard's HParams dashboard: the run's norms, K, seed and data as hparams, and its
     best / final metrics as the session's metrics (read back with TensorBoard's own parsers)."""
