@@ -416,6 +416,102 @@ def stats(ref, out, stats_only, force, dims, device, inception_weights, data_roo
 
 
 # --------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--dataset", default="cifar10",
+              type=click.Choice(["cifar10", "folder", "stacked-mnist", "stacked-digits"]),
+              help="the training data a run will read")
+@click.option("--ref", default=None,
+              help="FID reference to compute and cache  [default: cifar10-train; a stacked dataset's own name]")
+@click.option("--no-inception", is_flag=True,
+              help="skip the Inception weights and the reference (stacked runs evaluated by mode metrics only)")
+@_feature_options
+@click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
+def prepare(dataset, ref, no_inception, dims, device, inception_weights, data_root, cache_dir,
+            feature_batch_size, fid_protocol, progress):
+    """Fetch and verify everything a run needs (dataset, FID Inception weights, reference
+    statistics, mode classifier) so that a compute node without internet never needs the
+    network; say where each lies and how to point a node at it. Exits 1 naming what failed."""
+    import os
+
+    from dcgan_mn import metrics as M
+    from dcgan_mn.features import WEIGHTS_ENV_VAR, resolve_inception_weights
+
+    stacked = dataset in ("stacked-mnist", "stacked-digits")
+    ref = ref or (dataset if stacked else "cifar10-train")
+    cache = Path(cache_dir).expanduser() if cache_dir else M.default_cache_dir()
+    got, failed = [], []  # (what, where) and (what, why)
+
+    def step(what, fn):
+        try:
+            got.append((what, fn()))
+        except (*_errors(), OSError, ValueError) as e:
+            failed.append((what, str(e)))
+
+    def dataset_step():
+        from dcgan_mn import data as DATA
+
+        if dataset == "cifar10":
+            for split in ("train", "test"):
+                DATA.load_cifar10(data_root, split, download=True)  # MD5-checked archive
+            return f"{Path(data_root) / DATA.CIFAR10_FOLDER} (--data-root {data_root})"
+        if dataset == "folder":
+            return f"{len(DATA.find_images(data_root))} images under {data_root} (--data-root {data_root})"
+        from dcgan_mn.digits import load_digit_split
+
+        for split in ("train", "test"):
+            load_digit_split(dataset, split, data_root, download=True)
+        if dataset == "stacked-digits":
+            return "scikit-learn's bundled digits (nothing to download)"
+        return f"{Path(data_root) / 'MNIST' / 'raw'} (--data-root {data_root})"
+
+    step(f"dataset {dataset}", dataset_step)
+    weights = None
+    if not no_inception:
+        def weights_step():
+            nonlocal weights
+            weights = resolve_inception_weights(inception_weights, progress=progress)
+            return f"{weights.path} (sha256 {weights.sha256[:12]}..., {'pytorch-fid' if weights.standard else 'NOT pytorch-fid'}'s file)"
+
+        step("FID Inception weights", weights_step)
+        if weights is not None:
+            def reference_step():
+                extractor = _extractor(int(dims), weights, _device(device), feature_batch_size, progress,
+                                       fid_protocol)
+                stats = M.load_reference(ref, extractor, data_root=data_root, cache_dir=cache, progress=progress)
+                return f"{cache / 'ref_stats'} (key {stats.key[:16]}, {int(dims)}-d, {fid_protocol})"
+
+            step(f"reference statistics {ref}", reference_step)
+        else:
+            failed.append((f"reference statistics {ref}", "needs the Inception weights"))
+    if stacked:
+        from dcgan_mn.metrics.classifier import load_mode_classifier
+
+        def classifier_step():
+            clf = load_mode_classifier(dataset, data_root=data_root, cache_dir=cache, device=_device(device),
+                                       progress=progress)
+            return f"{clf.path} (held-out accuracy {clf.accuracy:.3f})"
+
+        step(f"mode classifier {dataset}", classifier_step)
+
+    for what, where in got:
+        click.echo(f"ok      {what}: {where}")
+    for what, why in failed:
+        click.echo(f"FAILED  {what}: {why}")
+    click.echo("\nOn a compute node without internet, copy these and point the run at them:")
+    click.echo(f"  --data-root {data_root}")
+    click.echo(f"  export {M.CACHE_ENV_VAR}={cache}      # reference statistics and mode classifiers")
+    if weights is not None:
+        click.echo(f"  export {WEIGHTS_ENV_VAR}={weights.path}  # or --inception-weights {weights.path}"
+                   + ("" if os.environ.get(WEIGHTS_ENV_VAR) else "; or keep the torch hub cache as it is"))
+    if failed:
+        _fail("could not get: " + ", ".join(what for what, _ in failed))
+
+
+# --------------------------------------------------------------------------------------------
 # samples
 # --------------------------------------------------------------------------------------------
 

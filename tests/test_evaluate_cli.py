@@ -345,3 +345,49 @@ def test_samples_refuses_a_non_empty_folder_and_bad_targets(tmp_path):
     assert "no such file" in run("samples", tmp_path / "nope", "--out", tmp_path / "o").stderr
     assert "--num 0" in run("samples", run_dir, "--num", 0, "--out", tmp_path / "o").stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+# --- prepare: everything a compute node without internet needs --------------------------------
+
+
+def test_prepare_offline_names_what_it_could_not_get(tmp_path, monkeypatch):
+    import urllib.error
+
+    import dcgan_mn.data
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("DCGAN_MN_INCEPTION_WEIGHTS", raising=False)
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
+    res = run("prepare", "--data-root", tmp_path / "data", "--cache-dir", tmp_path / "cache", "--no-progress")
+    assert res.exit_code == 1
+    assert "FAILED  dataset cifar10: --data-root" in res.stdout and "cifar-10-python.tar.gz" in res.stdout
+    assert "FAILED  FID Inception weights" in res.stdout and "pt_inception-2015-12-05" in res.stdout
+    assert ("could not get: dataset cifar10, FID Inception weights, reference statistics cifar10-train"
+            in res.stderr)
+    assert dcgan_mn.data.CIFAR10_FOLDER not in {p.name for p in (tmp_path / "data").glob("*")}
+
+
+def test_prepare_fetches_and_caches_then_points_a_node_at_it(tiny_features, fid_weights_file, tmp_path,
+                                                            modes_cache):
+    from conftest import write_fake_cifar10
+
+    data = write_fake_cifar10(tmp_path / "data")
+    res = run("prepare", "--data-root", data, "--cache-dir", tmp_path / "cache", "--inception-weights",
+              fid_weights_file, "--dims", 64, "--device", "cpu", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "ok      dataset cifar10" in res.stdout and "ok      FID Inception weights" in res.stdout
+    assert "ok      reference statistics cifar10-train" in res.stdout and "FAILED" not in res.stdout
+    assert len(list((tmp_path / "cache" / "ref_stats").glob("*.npz"))) == 1
+    assert f"export DCGAN_MN_CACHE_DIR={tmp_path / 'cache'}" in res.stdout
+    assert f"export DCGAN_MN_INCEPTION_WEIGHTS={fid_weights_file}" in res.stdout
+    # A stacked dataset without Inception: its mode classifier (here: already in the cache).
+    res = run("prepare", "--dataset", "stacked-digits", "--no-inception", "--cache-dir", modes_cache,
+              "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "ok      dataset stacked-digits: scikit-learn's bundled digits" in res.stdout
+    assert "ok      mode classifier stacked-digits" in res.stdout and "held-out accuracy" in res.stdout
