@@ -94,7 +94,8 @@ def _layers_text(layers) -> str:
                    "PIL bicubic (absolute numbers differ; recorded in every row)")
 # --- speed ---
 @click.option("--amp", default=D.amp, type=click.Choice(AMP_MODES),
-              help="autocast: bf16 (CPU with bf16 units, Ampere+ GPUs) or fp16 (CUDA, with loss scaling)")
+              help="autocast: bf16 (CPUs with native bf16, Ampere+ GPUs; elsewhere it warns, ~20x "
+                   "slower), fp16 (CUDA, with loss scaling), or auto (bf16 where the hardware has it)")
 @click.option("--channels-last/--no-channels-last", default=D.channels_last, help="NHWC memory format")
 @click.option("--compile/--no-compile", default=D.compile, help="torch.compile the training step's G and D")
 @click.option("--sync-norm/--no-sync-norm", default=D.sync_norm,

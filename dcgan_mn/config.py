@@ -27,7 +27,7 @@ __all__ = [
 
 DATASETS = ("cifar10", "folder", "stacked-mnist", "stacked-digits")
 
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("none", "bf16", "fp16", "auto")  # auto: bf16 where the hardware has it, else none
 FID_PROTOCOL_NAMES = ("pytorch-fid", "clean")  # features.FID_PROTOCOLS (not imported: no torch here)
 
 

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -114,6 +115,32 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {spec!r}: MPS is not available on this machine")
     return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX); without it, bf16 autocast
+    is emulated and much slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> tuple[str, Optional[str]]:
+    """(the autocast precision a run uses for ``--amp amp`` on ``device``, a warning or None).
+
+    ``auto``: bf16 on CUDA devices that support it and on CPUs with native bf16, else none.
+    ``bf16`` on a CPU without native bf16 runs (it is correct) but warns: it is ~20x slower
+    than fp32 there (measured on an AVX2-only CPU)."""
+    if amp == "auto":
+        if device.type == "cuda":
+            return ("bf16" if torch.cuda.is_bf16_supported() else "none"), None
+        return ("bf16" if device.type == "cpu" and cpu_has_native_bf16() else "none"), None
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        return amp, (f"--amp bf16: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, "
+                     f"so autocast emulates it: expect it ~20x slower than fp32 (--amp none, or --amp "
+                     f"auto to choose by hardware)")
+    return amp, None
 
 
 def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
@@ -345,6 +372,9 @@ def train(
     check_launch(cfg, dist)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ConfigError(f"--amp 'fp16' needs a CUDA device (got {device}); use --amp bf16")
+    amp, amp_warning = resolve_amp(cfg.amp, device)
+    if amp_warning and dist.is_main:
+        print(f"warning: {amp_warning}", file=sys.stderr)
     if images is None:
         images = load_dataset(cfg)  # uint8 [N, 3, 32, 32]
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (3, 32, 32):
@@ -353,6 +383,7 @@ def train(
     sampler = BatchSampler(images.to(device), cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip,
                            rank=dist.rank, world_size=dist.world_size)
     cfg = cfg.replace(extra={**cfg.extra, "device": str(device), "torch": str(torch.__version__),
+                             "amp": amp, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                              "num_train_images": int(images.shape[0])})
     if dist.enabled:
         cfg = cfg.replace(extra={**cfg.extra, "world_size": dist.world_size})
@@ -366,7 +397,7 @@ def train(
     D.to(memory_format=memory_format)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    amp_dtype = AMP_DTYPES[cfg.amp]
+    amp_dtype = AMP_DTYPES[amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     fixed_noise = _fixed_noise(cfg, device)  # [64, z_dim]
     if cfg.sync_norm:  # before DDP wraps them; parameters are shared, so the optimizers stay valid

@@ -255,6 +255,28 @@ def test_fp16_on_cpu_is_refused(tmp_path):
     assert not (tmp_path / "runs" / "run").exists()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_follows_the_cpus_bf16(tmp_path, monkeypatch, capsys, native):
+    """--amp auto picks bf16 only where the CPU has it; --amp bf16 without it warns (emulated
+    bf16 is ~20x slower); the run records what it chose and the CPU capability."""
+    import dcgan_mn.training as T
+
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert T.resolve_amp("auto", cpu) == ("bf16" if native else "none", None)
+    assert T.resolve_amp("none", cpu) == ("none", None)
+    chosen, warning = T.resolve_amp("bf16", cpu)
+    assert chosen == "bf16" and (warning is None) == native
+    if not native:
+        assert "has no native bf16" in warning and "~20x slower" in warning and "--amp auto" in warning
+    train(tiny_cfg(tmp_path, amp="bf16", iters=2, run_name="bf16"), images=tiny_images(), progress=False)
+    assert ("has no native bf16" in capsys.readouterr().err) == (not native)
+    train(tiny_cfg(tmp_path, amp="auto", iters=2, run_name="auto"), images=tiny_images(), progress=False)
+    cfg = json.loads((tmp_path / "runs" / "auto" / "config.json").read_text())
+    assert cfg["amp"] == "auto" and cfg["extra"]["amp"] == ("bf16" if native else "none")
+    assert cfg["extra"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
 def test_metrics_jsonl_helpers(tmp_path):
     from dcgan_mn.log import append_jsonl, drop_rows_after, read_jsonl
 
