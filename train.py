@@ -23,6 +23,7 @@ from dcgan_mn.config import AMP_MODES, DATASETS, STACKED_DATASETS, TrainConfig
 
 D = TrainConfig()  # the defaults shown in --help are the config's own
 CPU_FID_SAMPLES = 2000  # --fid-samples when training on a CPU and the flag is not given
+EXIT_NONFINITE = 4  # training went non-finite (NaN / Inf losses or D outputs); 130 / 143: signals
 
 
 def _layers_text(layers) -> str:
@@ -167,6 +168,8 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
                     f"{result.best_iteration}")
     if dist.is_main:
         click.echo(summary, err=True)
+    if result.stopped_by == "non-finite":
+        sys.exit(EXIT_NONFINITE)
     if result.stopped_by is not None:
         sys.exit(128 + signal.Signals[result.stopped_by].value)  # 130 for SIGINT, 143 for SIGTERM
 

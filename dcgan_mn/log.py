@@ -104,6 +104,23 @@ def write_hparams(run_dir: PathLike, hparams: dict, metrics: dict) -> Path:
     return folder
 
 
+def _after_existing_event_files(run_dir: Path) -> None:
+    """Wait (at most a second) until the clock is past the newest event file's timestamp.
+    TensorBoard reads a folder's event files in name order, ``...tfevents.<unix seconds>.<host>
+    .<pid>.<counter>``; a resumed run's file written in the same second as the one before it
+    could sort first (the counter compares as text: "10" < "9"), and TensorBoard would then
+    drop the earlier steps as out of order."""
+    import time
+
+    stamps = []
+    for f in run_dir.glob("events.out.tfevents.*"):
+        parts = f.name.split(".")
+        if len(parts) > 3 and parts[3].isdigit():
+            stamps.append(int(parts[3]))
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 class RunLogger:
     """TensorBoard events in the run folder, ``metrics.jsonl``, and a tqdm progress bar.
 
@@ -123,6 +140,8 @@ class RunLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            if purge_step is not None:
+                _after_existing_event_files(self.run_dir)
             self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
         self.bar = tqdm(total=total_iters, initial=start_iter, disable=not (progress and enabled),
                         unit="it", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)

@@ -80,7 +80,7 @@ class TrainResult:
     iteration: int
     images_seen: int
     train_seconds: float
-    stopped_by: Optional[str]  # "SIGINT" / "SIGTERM" when a signal ended the run early
+    stopped_by: Optional[str]  # "SIGINT" / "SIGTERM" / "non-finite" when the run ended early
     checkpoint: Optional[Path]  # the last full checkpoint written
     best_metric: str  # "fid", or "cfd" for a run evaluated with mode metrics only
     best_value: Optional[float]
@@ -343,6 +343,7 @@ def train(
     resume: Union[str, Path, None] = None,
     images: Optional[Tensor] = None,
     progress: bool = True,
+    step_hook: Optional[Callable[[int, Any, Any], None]] = None,
 ) -> TrainResult:
     """Train per ``cfg`` and return where the run stands.
 
@@ -350,7 +351,13 @@ def train(
     is called every ``cfg.fid_every`` iterations (and at the end); without one, nothing is
     evaluated. ``resume``: a run folder or full checkpoint to continue (``cfg`` must agree with
     its config on everything in ``config.RESUME_FIXED``). ``images``: uint8 [N, 3, 32, 32]
-    training images, instead of loading ``cfg.dataset``.
+    training images, instead of loading ``cfg.dataset``. ``step_hook(iteration, G, D)`` runs after
+    every iteration (tests inject faults with it, e.g. a NaN weight).
+
+    Non-finite losses or D outputs stop the run (``stopped_by="non-finite"``) at the next log
+    window, evaluation or checkpoint, whichever comes first (the check reads one device flag
+    there, never per iteration): nothing is written from the non-finite state, so every
+    checkpoint on disk stays finite and none is pruned.
     """
     # ---- Decide the run folder and read what we resume from. Nothing is written yet, so any
     # ---- bad input below leaves existing runs untouched.
@@ -620,7 +627,23 @@ def train(
         agreed = dist_utils.all_reduce_max(torch.tensor([signum], device=device))
         return signal.Signals(int(agreed.item())).name if agreed.item() else None
 
+    # The first iteration whose losses or D outputs were not finite (-1: none), on the device.
+    first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
+
+    def nonfinite_iteration(check_weights: bool = False) -> Optional[int]:
+        """Read the flag (one sync); ``check_weights``: also G's and D's parameters (before an
+        evaluation or a checkpoint reads them). Under DDP any rank's counts."""
+        flag = first_nonfinite
+        if check_weights:
+            finite = torch.stack([torch.isfinite(p).all() for p in (*G.parameters(), *D.parameters())]).all()
+            flag = torch.where(finite | (flag >= 0), flag, iteration)
+        if dist.enabled:
+            flag = dist_utils.all_reduce_max(flag.reshape(1))[0]
+        value = int(flag.item())
+        return value if value >= 0 else None
+
     stopping: Optional[str] = None
+    nonfinite_at: Optional[int] = None
     try:
         with stop:
             stopping = agreed_stop()
@@ -653,16 +676,27 @@ def train(
                 D.requires_grad_(True)
                 iteration += 1
                 stopping = agreed_stop()
+                if step_hook is not None:
+                    step_hook(iteration, G, D)
 
                 # Accumulate the numbers to log on the device; read them every --log-every.
                 with torch.no_grad():
-                    log_sums += torch.stack([
-                        loss_d.detach(), loss_g.detach(),
+                    step_numbers = torch.stack([
+                        loss_d.detach().float(), loss_g.detach().float(),
                         torch.sigmoid(real_logits.detach().float()).mean(),
                         torch.sigmoid(fake_logits.detach().float()).mean(),
-                    ])
+                    ])  # [4]
+                    log_sums += step_numbers
+                    bad = ~torch.isfinite(step_numbers).all() & (first_nonfinite < 0)
+                    first_nonfinite = torch.where(bad, iteration, first_nonfinite)
                 log_count += 1
                 logger.advance()
+                # Before anything reads or writes this state: is it still finite?
+                writes = (evaluating and due(cfg.fid_every)) or due(cfg.ckpt_every) or stopping is not None
+                if writes or due(cfg.log_every):
+                    nonfinite_at = nonfinite_iteration(check_weights=writes)
+                    if nonfinite_at is not None:
+                        break
                 if due(cfg.log_every):
                     write_logs()
                 if due(cfg.sample_every):
@@ -674,13 +708,18 @@ def train(
                 _fault_injection(dist, iteration)
 
             # ---- The end of the run: a last grid, evaluation and checkpoint where they are due.
+            if nonfinite_at is None:
+                nonfinite_at = nonfinite_iteration(check_weights=True)
+            if nonfinite_at is not None:
+                stopping = "non-finite"
             finished = stopping is None
             if finished and iteration > start_iteration:
                 if cfg.sample_every > 0 and not due(cfg.sample_every):
                     write_grid()
                 if evaluating and not due(cfg.fid_every):
                     evaluate()
-            if last_ckpt is None or ckpt.checkpoint_path(run_dir, iteration) != last_ckpt:
+            if nonfinite_at is None and (last_ckpt is None
+                                         or ckpt.checkpoint_path(run_dir, iteration) != last_ckpt):
                 if iteration > start_iteration or payload is None:
                     last_ckpt = save()
     finally:
@@ -694,7 +733,11 @@ def train(
         dump.mkdir(parents=True, exist_ok=True)
         torch.save({"generator": G.state_dict(), "discriminator": D.state_dict(),
                     "iteration": iteration}, dump / f"rank{dist.rank}.pt")
-    if stopping is not None:
+    if nonfinite_at is not None:
+        newest = ckpt.find_latest_checkpoint(run_dir)
+        logger.message(f"non-finite losses or D outputs at iteration {nonfinite_at} (noticed at "
+                       f"{iteration}): stopped without writing; newest finite checkpoint: {newest}")
+    elif stopping is not None:
         logger.message(f"{stopping}: stopped at iteration {iteration}; checkpoint {last_ckpt}; "
                        f"continue with: python train.py --resume {run_dir}")
     return TrainResult(

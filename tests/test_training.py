@@ -277,6 +277,48 @@ def test_amp_follows_the_cpus_bf16(tmp_path, monkeypatch, capsys, native):
     assert cfg["extra"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
+@pytest.mark.parametrize("nan_at, log_every", [(5, 2), (3, 100)])
+def test_nonfinite_training_stops_and_keeps_finite_checkpoints(tmp_path, nan_at, log_every):
+    """A NaN injected into G's weights after iteration ``nan_at``: the run stops at the next
+    check, writes nothing from the NaN state, prunes nothing, and says where it happened."""
+    def poison(iteration, G, D):
+        if iteration == nan_at:
+            with torch.no_grad():
+                next(G.parameters()).fill_(float("nan"))
+
+    cfg = tiny_cfg(tmp_path, iters=12, ckpt_every=2, keep_last=2, log_every=log_every,
+                   fid_every=2)
+    result = train(cfg, images=tiny_images(), progress=False, step_hook=poison,
+                   evaluator=FakeEvaluator([50.0 - i for i in range(6)]))
+    assert result.stopped_by == "non-finite"
+    run_dir = tmp_path / "runs" / "run"
+    kept = C.list_checkpoints(run_dir)
+    assert [i for i, _ in kept] == list(range(2, nan_at + 1, 2))[-2:]  # the finite ones, none pruned
+    for _, path in kept:  # finite and loadable
+        payload = C.load_checkpoint(path)
+        assert all(torch.isfinite(t).all() for t in payload["generator"].values() if t.is_floating_point())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["iteration"] for r in rows) <= nan_at
+    assert all(i <= nan_at for i, _ in C.list_snapshots(run_dir))
+
+
+def test_train_cli_exit_code_for_nonfinite(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import load_script
+    import dcgan_mn.training as T
+
+    def fake_train(cfg, **kw):
+        return T.TrainResult(run_dir=tmp_path, config=cfg, iteration=3, images_seen=24, train_seconds=1.0,
+                             stopped_by="non-finite", checkpoint=None, best_metric="fid", best_value=None,
+                             best_iteration=None, last_log={})
+
+    monkeypatch.setattr(T, "train", fake_train)
+    cli = load_script("train.py", "main")
+    res = CliRunner().invoke(cli, ["--fid-every", "0", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
+    assert res.exit_code == 4
+
+
 def test_metrics_jsonl_helpers(tmp_path):
     from dcgan_mn.log import append_jsonl, drop_rows_after, read_jsonl
 
