@@ -115,6 +115,7 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
     from dcgan_mn.data import DataError
     from dcgan_mn.features import InceptionWeightsError
     from dcgan_mn.metrics import MetricsError, build_evaluator
+    from dcgan_mn.runlock import RunFolderBusy
     from dcgan_mn.distributed import init_distributed, shutdown_distributed
     from dcgan_mn.training import (check_launch, check_world_size, decided_on_main, load_resume, resolve_device,
                                    resolve_run_dir, train)
@@ -153,7 +154,7 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
         result = train(cfg, evaluator=evaluator, resume=resume_path, progress=progress)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
-    except (DataError, CheckpointError, InceptionWeightsError, MetricsError) as e:
+    except (DataError, CheckpointError, InceptionWeightsError, MetricsError, RunFolderBusy) as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         click.echo("interrupted before training started; nothing was written", err=True)

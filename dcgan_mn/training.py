@@ -47,6 +47,7 @@ from .losses import discriminator_loss, generator_loss
 from .models import Discriminator, Generator
 from .norms import MixtureNorm2d
 from .provenance import environment, record_environment
+from .runlock import RunLock, create_run_folder
 
 __all__ = [
     "Evaluator",
@@ -454,8 +455,11 @@ def train(
     # ---- Rank 0 alone writes files; the other ranks' logger is silent.
     dropped = 0
     env_key = None  # the environment every metrics row of this process points to
+    lock = RunLock(run_dir)  # held by rank 0 until the run ends; a second process stops here
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if payload is None:
+            create_run_folder(run_dir)  # one mkdir: of two runs racing for a name, one wins
+        lock.acquire()
         write_json_atomic(run_dir / "config.json", cfg.to_dict())
         if payload is not None:
             dropped = drop_rows_after(run_dir / "metrics.jsonl", iteration)
@@ -724,6 +728,7 @@ def train(
                     last_ckpt = save()
     finally:
         logger.close()
+        lock.release()
     if dist.is_main and evaluating:
         directions = getattr(evaluator, "directions", None) or {best_metric: "min"}
         write_hparams(run_dir, run_hparams(cfg, G),
