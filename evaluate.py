@@ -450,6 +450,8 @@ def prepare(dataset, ref, no_inception, dims, device, inception_weights, data_ro
             got.append((what, fn()))
         except (*_errors(), OSError, ValueError) as e:
             failed.append((what, str(e)))
+        except click.ClickException as e:  # from a helper that fails the command itself
+            failed.append((what, e.format_message()))
 
     def dataset_step():
         from dcgan_mn import data as DATA

@@ -88,6 +88,9 @@ def _layers_text(layers) -> str:
               help="stacked datasets: samples per mode-metric evaluation (modes, kl_modes, cfd)")
 @click.option("--inception-weights", default=None,
               help="local FID Inception weights file (offline use)  [default: torch hub cache]")
+@click.option("--inception-metrics/--no-inception-metrics", default=D.inception_metrics,
+              help="stacked datasets: also compute FID/KID/PRDC/IS (when the Inception weights are "
+                   "there), or mode metrics only on every machine")
 @click.option("--dims", default=str(D.dims), type=click.Choice(["64", "192", "768", "2048"]),
               help="Inception feature block for FID")
 @click.option("--fid-protocol", default=D.fid_protocol, type=click.Choice(["pytorch-fid", "clean"]),

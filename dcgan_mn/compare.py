@@ -61,6 +61,10 @@ CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0  # the report is a pure function of the metrics files
 SMOOTH_WINDOW = 3
 COLLAPSE_FACTOR = 2.0  # "min" metric: a later value >= 2x the best; "max": <= half the best
+# Metrics whose ratio to their best reads as collapse; kl_modes lives near its sampling floor and
+# KID can be <= 0, so for them the rebound is reported but never flagged.
+COLLAPSE_METRICS = ("fid", "cfd", "modes", "inception_score", "coverage", "recall")
+MIN_UNITS_FOR_INTERVAL_VERDICT = 5  # below: a sign count, not a 95% claim
 
 
 class CompareError(ValueError):
@@ -136,7 +140,8 @@ class RunCurve:
         if self.best > 0:
             ratio = worst / self.best
             out["ratio"] = ratio
-            out["collapsed"] = (ratio <= 1 / COLLAPSE_FACTOR) if self.direction == "max" else (ratio >= COLLAPSE_FACTOR)
+            if self.metric in COLLAPSE_METRICS:
+                out["collapsed"] = ratio <= 1 / COLLAPSE_FACTOR if self.direction == "max" else ratio >= COLLAPSE_FACTOR
         return out
 
     def summary(self) -> dict:
@@ -254,11 +259,12 @@ def read_run(
         sample_mode=mode, num_samples=count, iterations=its, values=values,
         train_seconds=[by_iteration[i].get("train_seconds") for i in its],
         direction=metric_direction(metric), seed_values=seed_values,
-        provenance=_provenance(run, used),
+        provenance=_provenance(run, used, metric),
     )
 
 
-def _provenance(run: Path, rows: list[dict]) -> dict:
+def _provenance(run: Path, rows: list[dict], metric: str) -> dict:
+    from .metrics import metric_count_key
     from .provenance import read_environments
 
     def values(key):
@@ -266,9 +272,11 @@ def _provenance(run: Path, rows: list[dict]) -> dict:
 
     keys = values("env_key")
     known = read_environments(run)
+    # The network behind the compared metric: the mode classifier, or the Inception weights.
+    weights_key = "classifier_sha256" if metric_count_key(metric) == "mode_samples" else "weights_sha256"
     return {"env_keys": keys, "environments": {k: known[k] for k in keys if k in known},
-            "fid_protocols": values("fid_protocol"),
-            "weights": sorted({*values("weights_sha256"), *values("classifier_sha256")})}
+            "fid_protocols": values("fid_protocol") if weights_key == "weights_sha256" else [],
+            "weights": values(weights_key)}
 
 
 def provenance_warnings(runs: Sequence[RunCurve]) -> list[str]:
@@ -281,7 +289,7 @@ def provenance_warnings(runs: Sequence[RunCurve]) -> list[str]:
         warnings.append(f"the rows mix FID protocols {protocols}: their numbers are not comparable")
     weights = sorted({w[:12] for pr in provs for w in pr["weights"]})
     if len(weights) > 1:
-        warnings.append(f"the rows come from different Inception weights or mode classifiers {weights}")
+        warnings.append(f"the rows come from different networks (Inception weights or mode classifier) {weights}")
     envs = [env for pr in provs for env in pr["environments"].values()]
     differ = []
     for field in sorted({f for env in envs for f in env}):
@@ -335,7 +343,7 @@ def bootstrap_interval(
 
     ``values``: [n] (one value per resampling unit: a run, or a seed-paired pair) or
     [n_cand, n_base] (every candidate x baseline pair; candidates and baselines are resampled
-    independently and the statistic is the mean over the resampled pairs). NaN marks an
+    independently and the statistic is the mean over the resampled pairs; both arms need 2 runs). NaN marks an
     undefined entry (a pair that never reached the target); it is left out of each resample's
     mean, and resamples with no defined entry are dropped. None with fewer than 2 units."""
     x = np.asarray(values, dtype=np.float64)
@@ -346,7 +354,7 @@ def bootstrap_interval(
         idx = rng.integers(0, x.shape[0], size=(resamples, x.shape[0]))  # [R, n]
         draws, axes = x[idx], (1,)  # [R, n]
     else:
-        if x.shape[0] * x.shape[1] < 2 or np.isfinite(x).sum() < 2:
+        if min(x.shape) < 2 or np.isfinite(x).sum() < 2:  # each arm's variation must show
             return None
         ci = rng.integers(0, x.shape[0], size=(resamples, x.shape[0]))  # [R, nc]
         bi = rng.integers(0, x.shape[1], size=(resamples, x.shape[1]))  # [R, nb]
@@ -400,18 +408,39 @@ def acceleration(candidate: RunCurve, baseline: RunCurve, *, tolerance: float = 
     }
 
 
-def _verdict(stat: dict, better_if_positive: bool, noise: Optional[float] = None) -> str:
-    """One phrase: does the interval exclude 0, and which way."""
+def _verdict(stat: dict, better_if_positive: bool, values=(), noise: Optional[float] = None,
+             of: Optional[int] = None) -> str:
+    """One phrase on a mean difference or acceleration (positive = ``better_if_positive``).
+
+    With at least MIN_UNITS_FOR_INTERVAL_VERDICT pairs (or runs per arm) the bootstrap
+    interval decides. Below that a percentile interval is no 95% interval (with 3 units it is
+    exactly [min, max], covering the mean ~75% of the time), so the phrase counts signs and
+    gives the two-sided sign-test p instead."""
     if stat["mean"] is None:
-        return "no value"
-    ci = stat.get("ci")
-    if ci is None:
-        return "a single pair or run: no interval"
-    if ci[0] <= 0 <= ci[1]:
-        text = "within noise (the interval contains 0)"
+        return "no value" if not of else f"no value: none of {of} pairs reached the target"
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    n = len(vals)
+    if n < 2:
+        return ("a single pair or run: no interval" if not of or of < 2
+                else f"only {n} of {of} pairs reached the target: no interval")
+    if n < MIN_UNITS_FOR_INTERVAL_VERDICT:
+        pos, neg = sum(v > 0 for v in vals), sum(v < 0 for v in vals)
+        untied, k = pos + neg, max(pos, neg)  # the sign test leaves ties out
+        side = "candidate" if (pos > neg) == better_if_positive else "baseline"
+        if pos == neg:
+            text = f"within noise: of {n} pairs, {pos} favour each arm"
+        else:
+            p = min(1.0, 2 * sum(math.comb(untied, j) for j in range(k, untied + 1)) / 2 ** untied)
+            ties = f", {n - untied} tied" if n > untied else ""
+            text = (f"{k} of {n} pairs favour the {side}{ties} (sign test p = {p:.2f}): too few "
+                    f"seeds to call a difference")
     else:
-        better = (ci[0] > 0) == better_if_positive
-        text = f"the interval excludes 0: the candidate is {'better' if better else 'worse'}"
+        ci = stat.get("ci")
+        if ci is None or ci[0] <= 0 <= ci[1]:
+            text = "within noise (the interval contains 0)"
+        else:
+            better = (ci[0] > 0) == better_if_positive
+            text = f"the interval excludes 0: the candidate is {'better' if better else 'worse'}"
     if noise is not None and abs(stat["mean"]) <= noise:
         text += f"; the mean is within the evaluation noise (sigma_eval {noise:.3g})"
     return text
@@ -437,8 +466,8 @@ def compare_runs(
     warnings = provenance_warnings(runs)
     noise = evaluation_noise(runs)
     # The rule only sees evaluated iterations: an S is as fine as the evaluation interval.
-    gaps = [b - a for r in runs for a, b in zip(r.iterations, r.iterations[1:])]
-    interval = min(gaps) if gaps else None
+    gaps = Counter(b - a for r in runs for a, b in zip(r.iterations, r.iterations[1:]))
+    interval = gaps.most_common(1)[0][0] if gaps else None  # an extra final evaluation aside
     sigma = noise["sigma"] if noise else 0.0
     pairing, pairs = pair_runs(candidates, baselines)
     c_index = {id(c): i for i, c in enumerate(candidates)}
@@ -491,8 +520,18 @@ def compare_runs(
              ("acceleration", "acceleration_tolerant", "acceleration_smoothed", "time_acceleration")}
     diffs = {key: pair_stat(f"{key}_difference") for key in ("best", "final", "auc")}
     higher_better = direction == "max"
-    verdicts = {key: _verdict(stat, better_if_positive=True) for key, stat in accel.items()}
-    verdicts.update({f"{key}_difference": _verdict(stat, better_if_positive=higher_better,
+
+    def units(key: str) -> list:
+        """The resampling units' values: one per pair (seed pairing), or the smaller arm's
+        count of them (all pairs: the per-arm variation is what the verdict can rest on)."""
+        vals = [p[key] for p in results]
+        if pairing == "seed":
+            return vals
+        defined = [v for v in vals if v is not None]
+        return defined[:min(len(candidates), len(baselines))] if defined else []
+
+    verdicts = {key: _verdict(stat, True, units(key), of=len(results)) for key, stat in accel.items()}
+    verdicts.update({f"{key}_difference": _verdict(stat, higher_better, units(f"{key}_difference"),
                                                    noise=sigma if noise else None)
                      for key, stat in diffs.items()})
     op = ">=" if higher_better else "<="

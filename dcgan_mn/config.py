@@ -72,6 +72,7 @@ class TrainConfig:
     fid_samples: int = 10_000
     ref: str = "cifar10-train"
     inception_weights: Optional[str] = None
+    inception_metrics: bool = True  # False: a stacked run evaluates mode metrics only, on any machine
     dims: int = 2048
     fid_protocol: str = "pytorch-fid"  # or "clean": clean-fid's PIL-bicubic resize before Inception
     mode_samples: int = 26_000  # stacked datasets: samples per mode-metric evaluation (PacGAN's)
@@ -130,6 +131,8 @@ class TrainConfig:
              "FID needs at least 2 samples")
         need(self.dims in (64, 192, 768, 2048), "--dims", self.dims,
              "expected one of 64, 192, 768, 2048 (pytorch-fid's Inception blocks)")
+        need(self.inception_metrics or self.dataset in STACKED_DATASETS, "--no-inception-metrics",
+             self.dataset, "leaves nothing to evaluate except on a stacked dataset (mode metrics)")
         need(self.fid_protocol in FID_PROTOCOL_NAMES, "--fid-protocol", self.fid_protocol,
              f"expected one of {FID_PROTOCOL_NAMES}")
         need(self.amp in AMP_MODES, "--amp", self.amp, f"expected one of {AMP_MODES}")

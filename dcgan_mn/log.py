@@ -50,18 +50,20 @@ def append_jsonl(path: PathLike, row: dict) -> None:
 
 
 def read_jsonl(path: PathLike) -> list[dict]:
-    """Rows of a JSON-lines file; a truncated last line (a crash mid-write) is skipped."""
+    """Rows of a JSON-lines file. A truncated last line (a crash mid-write) is skipped with a
+    warning naming the file and line; a malformed line elsewhere is a ValueError naming them."""
     path = Path(path)
     if not path.is_file():
         return []
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    numbered = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
     rows = []
-    for i, line in enumerate(lines):
+    for i, (line_no, line) in enumerate(numbered):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise
+            if i != len(numbered) - 1:
+                raise ValueError(f"{path}: line {line_no} is not JSON") from None
+            print(f"warning: {path}: ignoring line {line_no}, cut short (a crash mid-write?)", file=sys.stderr)
     return rows
 
 

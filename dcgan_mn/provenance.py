@@ -29,14 +29,31 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
+def _code_version() -> str:
+    """This code's git commit (with "+dirty" for uncommitted changes), else the package version."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                                capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return commit.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return _version("dcgan_mn") or "unknown"
+
+
 def environment(device=None) -> dict:
     """The versions and hardware that can change a number computed here."""
     import torch
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     env = {"python": platform.python_version(), **{name: _version(name) for name in LIBRARIES},
-           "device": device.type, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "machine": platform.machine()}
+           "dcgan_mn": _code_version(), "device": device.type,
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda

@@ -38,7 +38,10 @@ def evaluation_seeds(training_seed: int, count: int) -> list[int]:
 
 def seed_rows(run_dir: Union[str, Path]) -> list[dict]:
     """The run's re-scored rows (empty when it was never re-scored)."""
-    return read_jsonl(Path(run_dir) / EVAL_SEEDS_FILE)
+    try:
+        return read_jsonl(Path(run_dir) / EVAL_SEEDS_FILE)
+    except ValueError as e:  # a malformed line: name it, no traceback
+        raise RescoreError(str(e)) from None
 
 
 def _has(rows: list[dict], metric: str) -> set[tuple[int, int, Optional[str]]]:
@@ -61,9 +64,14 @@ def rescore_run(
     if not config_file.is_file():
         raise RescoreError(f"run {str(run)!r}: no config.json to re-score with")
     cfg = config_from_dict({k: v for k, v in json.loads(config_file.read_text()).items()})
+    from .metrics import metric_count_key
+
+    count_key = metric_count_key(metric)
+    samples = cfg.mode_samples if count_key == "mode_samples" else cfg.fid_samples
     trained = [r for r in read_jsonl(run / "metrics.jsonl")
-               if r.get(metric) is not None and r.get("sample_mode") == cfg.sample_mode]
-    have = _has(trained, metric) | _has(seed_rows(run), metric)
+               if r.get(metric) is not None and r.get("sample_mode") == cfg.sample_mode
+               and r.get(count_key) == samples]  # the rows the run's own evaluator wrote
+    have = _has(trained, metric) | _has([r for r in seed_rows(run) if r.get(count_key) == samples], metric)
     todo = []  # (iteration, seed)
     for row in trained:
         it = int(row["iteration"])
@@ -83,6 +91,10 @@ def rescore_run(
         from .metrics import build_evaluator
 
         evaluator = build_evaluator(cfg, device, cache_dir=cache_dir, progress=progress)
+    if metric not in getattr(evaluator, "directions", {metric: None}):
+        raise RescoreError(
+            f"run {str(run)!r}: its evaluator here cannot score --metric {metric!r} (it scores "
+            f"{sorted(evaluator.directions)}; e.g. no Inception weights on this machine)")
     if progress:
         print(f"{run.name}: {len(todo)} re-scorings ({metric} and the rest of its evaluator)",
               file=sys.stderr)

@@ -44,6 +44,7 @@ from dcgan_mn.log import read_jsonl  # noqa: E402
 DEFAULT_ARMS = ("bn=--mn-layers none", "mn=--mn-layers 0,1")
 METRICS = ("modes", "kl_modes", "cfd")
 GRID_SEED = 0  # latents of the per-arm sample grids
+EXIT_NONFINITE = 4  # train.py's exit code for a run that went non-finite
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,9 @@ def shared_flags(iters: int, eval_every: int, mode_samples: int, batch_size: int
                  extra: tuple[str, ...]) -> list[str]:
     """train.py flags every run gets. Checkpoints at every evaluation, so a cut run loses at
     most one evaluation interval; every evaluated snapshot is kept for re-scoring."""
-    return ["--dataset", "stacked-digits", "--iters", str(iters), "--fid-every", str(eval_every),
+    # Mode metrics only, whether or not this machine has the FID Inception weights: the same
+    # evaluation (and cost) everywhere.
+    return ["--dataset", "stacked-digits", "--no-inception-metrics", "--iters", str(iters), "--fid-every", str(eval_every),
             "--ckpt-every", str(eval_every), "--mode-samples", str(mode_samples),
             "--batch-size", str(batch_size), "--device", device, "--log-every", "50",
             "--sample-every", str(eval_every), *extra]
@@ -122,17 +125,37 @@ def planned_config(command: list[str]) -> dict:
 
 
 def run_command(command: list[str]) -> int:
-    """Run one train.py / evaluate.py command line; its exit status (tests run it in-process)."""
-    return subprocess.call(command)
+    """Run one train.py / evaluate.py command line; its exit status (tests run it in-process).
+
+    Ctrl-C reaches the child too (same process group); we then wait for it to finish its
+    iteration and write its checkpoint (``subprocess.call`` would kill it after 0.25 s)."""
+    proc = subprocess.Popen(command)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue  # the child got the signal as well: let it save and exit
 
 
 def run_state(run: Run, iters: int) -> tuple[str, int]:
-    """("new" | "done" | "resume" | "restart", iteration reached)."""
+    """("new" | "done" | "resume" | "restart", iteration reached).
+
+    A folder's checkpoints say how far it got; without them (a clone of the committed
+    experiment keeps only the small files) its ``metrics.jsonl`` does. A folder with neither
+    died before its first checkpoint and evaluation: it is restarted."""
     if not run.folder.exists():
         return "new", 0
     checkpoints = list_checkpoints(run.folder)
+    rows = read_jsonl(run.folder / "metrics.jsonl")
+    evaluated = max((int(r["iteration"]) for r in rows if "iteration" in r), default=0)
     if not checkpoints:
-        return "restart", 0  # died before its first checkpoint: nothing to resume from
+        if evaluated >= iters:
+            return "done", evaluated
+        if rows:
+            raise click.ClickException(
+                f"{run.folder}: evaluated up to iteration {evaluated} but has no checkpoint to "
+                f"resume from (were the checkpoints removed?); move the folder away to retrain it")
+        return "restart", 0
     reached = checkpoints[-1][0]
     return ("done" if reached >= iters else "resume"), reached
 
@@ -170,8 +193,9 @@ def write_sample_grid(folder: Path, path: Path, sample_mode: str, batch_size: in
     from dcgan_mn.checkpoint import load_generator
 
     snapshots = list_snapshots(folder)
-    if not snapshots:
-        raise click.ClickException(f"{folder}: no generator snapshots for a sample grid")
+    if not snapshots:  # a clone of the committed experiment: keep the committed grid
+        click.echo(f"sample grid: {folder} has no snapshots; {path} left as it is")
+        return
     G, _, _ = load_generator(snapshots[-1][1])
     z = torch.randn(64, G.z_dim, generator=torch.Generator().manual_seed(GRID_SEED))  # [64, z_dim]
     torch.manual_seed(GRID_SEED)  # MN's k-means++ draws in batch mode
@@ -251,6 +275,9 @@ def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_si
                    f" ({time.strftime('%H:%M:%S')})")
         t0 = time.perf_counter()
         code = run_command(command)
+        if code == EXIT_NONFINITE:
+            raise click.ClickException(f"{run.name}: training went non-finite (see above); resuming "
+                                       f"would repeat it: inspect {run.folder}")
         if code != 0:
             raise click.ClickException(f"{run.name}: train.py exited with {code}; run the same "
                                        f"command again to resume")

@@ -107,3 +107,18 @@ def test_bad_arguments():
     assert "seeds must be distinct" in invoke("--seeds", "1,1").output
     assert "expected e.g. 0,1,2 or 0-4" in invoke("--seeds", "x").output
     assert experiment.parse_seeds("0-2,7") == [0, 1, 2, 7]
+
+
+def test_a_clone_of_the_committed_experiment_is_done_not_restarted(tmp_path):
+    """A clone keeps metrics.jsonl but no checkpoints: finished runs count as done; a
+    half-evaluated run without a checkpoint is refused, never deleted."""
+    run = experiment.Run("bn", 0, (), tmp_path / "bn-s0")
+    run.folder.mkdir()
+    rows = "".join(json.dumps({"iteration": i, "modes": 900}) + "\n" for i in (200, 400))
+    (run.folder / "metrics.jsonl").write_text(rows)
+    assert experiment.run_state(run, 400) == ("done", 400)
+    with pytest.raises(experiment.click.ClickException, match="no checkpoint to resume from"):
+        experiment.run_state(run, 600)
+    assert (run.folder / "metrics.jsonl").read_text() == rows
+    (run.folder / "metrics.jsonl").unlink()
+    assert experiment.run_state(run, 600) == ("restart", 0)

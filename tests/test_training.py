@@ -319,7 +319,7 @@ def test_train_cli_exit_code_for_nonfinite(monkeypatch, tmp_path):
     assert res.exit_code == 4
 
 
-def test_metrics_jsonl_helpers(tmp_path):
+def test_metrics_jsonl_helpers(tmp_path, capsys):
     from dcgan_mn.log import append_jsonl, drop_rows_after, read_jsonl
 
     path = tmp_path / "metrics.jsonl"
@@ -329,9 +329,13 @@ def test_metrics_jsonl_helpers(tmp_path):
     with open(path, "a") as f:
         f.write('{"iteration": 8, "fi')  # a crash in the middle of a line
     assert [r["iteration"] for r in read_jsonl(path)] == [2, 4, 6]
+    assert f"{path}: ignoring line 4, cut short" in capsys.readouterr().err  # said, not silent
     assert read_jsonl(path)[-1]["fid"] is None  # NaN is written as null: every line stays JSON
     assert drop_rows_after(path, 4) == 1
     assert [r["iteration"] for r in read_jsonl(path)] == [2, 4] and path.read_text().endswith("\n")
+    path.write_text('{"iteration": 2}\nnot json\n{"iteration": 4}\n')
+    with pytest.raises(ValueError, match=f"{path}: line 2 is not JSON"):
+        read_jsonl(path)
 
 
 class TinyFeatures:

@@ -66,6 +66,9 @@ def _head(outputs: Any, n: int) -> Any:
     return outputs[:n]
 
 
+PADDING_SEED_OFFSET = 2 ** 40  # latents that top up the last batch: seed s -> 2**40 + s
+
+
 def generated_images(
     generator, *, num_samples: int, seed: int, sample_mode: str, batch_size: int,
     chunk_images: int = 256, shard: bool = True,
@@ -84,8 +87,8 @@ def generated_images(
     z_all = torch.randn(num_samples, generator.z_dim, generator=gen)  # [num_samples, z_dim]
     num_batches = math.ceil(num_samples / batch_size)
     extra = num_batches * batch_size - num_samples
-    if extra:
-        gen = torch.Generator().manual_seed(seed + 1)
+    if extra:  # a stream no evaluation seed uses for its own latents
+        gen = torch.Generator().manual_seed(PADDING_SEED_OFFSET + seed)
         z_all = torch.cat([z_all, torch.randn(extra, generator.z_dim, generator=gen)])
     batches_per_chunk = max(1, chunk_images // batch_size)
     chunk_size = batches_per_chunk * batch_size
@@ -340,7 +343,9 @@ def build_evaluator(
 
     families: list[Any] = []
     extractor = feature_extractor
-    if extractor is None:
+    if extractor is None and not getattr(cfg, "inception_metrics", True):
+        pass  # --no-inception-metrics: mode metrics only, whatever weights this machine has
+    elif extractor is None:
         from ..features import InceptionFeatureExtractor, InceptionWeightsError
 
         try:
