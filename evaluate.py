@@ -580,8 +580,8 @@ def samples(target, num, out, fmt, which, seed, sample_mode, batch_size, device,
               help="a baseline run folder (repeat the flag for several seeds)")
 @click.option("--out", default="compare", help="folder for compare.md, compare.json, compare.png")
 @click.option("--metric", default="fid",
-              help="the metrics.jsonl column to compare: fid, kid, precision, recall, density, "
-                   "coverage, modes (higher is better), kl_modes, cfd")
+              help="the metrics.jsonl column to compare: fid, kid, kl_modes, cfd (lower is better); "
+                   "inception_score, precision, recall, density, coverage, modes (higher is better)")
 @click.option("--sample-mode", default=None, help="which rows to use when a run has several")
 @click.option("--samples", default=None, type=int,
               help="which rows to use when a run has several sample counts (the metric's own count)")

@@ -5,7 +5,7 @@ The paper's rule, for one baseline run B and one candidate run C (DESIGN, "Evalu
 * target = B's best value; S_base = the first iteration at which B reaches it;
 * S_cand = the first iteration at which C is at least as good as the target (None: never);
   "good" follows the metric's direction (``metrics.metric_direction``): lower FID / kl_modes /
-  cfd, higher modes / precision / recall / density / coverage;
+  cfd / KID, higher modes / inception_score / precision / recall / density / coverage;
 * acceleration = 1 - S_cand / S_base (0.58: C needed 58% fewer generator updates);
 * time_acceleration = the same ratio in training-only seconds (evaluation excluded), which
   charges MN for its extra cost per iteration.
@@ -24,11 +24,13 @@ That rule keys on one noisy minimum, so the report adds:
 * per run, a **collapse flag**: the largest rebound after the best value (the worst later
   value and where), flagged when it is a factor ``COLLAPSE_FACTOR`` worse than the best;
 * **bootstrap intervals** (percentile, ``BOOTSTRAP_RESAMPLES`` resamples, 95%, fixed seed) for
-  every mean: with arms sharing seeds, runs are **paired by seed** and the pair is the
+  every mean (verdicts rest on them from MIN_UNITS_FOR_INTERVAL_VERDICT units on; below, on a
+  sign count, since 3 units make the interval exactly their range): with arms sharing seeds, runs are **paired by seed** and the pair is the
   resampling unit (differences and accelerations are per pair); otherwise every candidate is
   paired with every baseline and each arm's runs are resampled independently. An acceleration
   is averaged over the pairs that reached the target (the count is reported next to it).
-  A difference or acceleration whose interval contains 0 is reported as within noise.
+  A difference or acceleration whose interval contains 0 is reported as within noise. The
+  collapse flag applies to COLLAPSE_METRICS only.
 
 Each run's curve comes from its ``metrics.jsonl`` (for an iteration evaluated twice, e.g.
 around a resume, the last row wins) and, for evaluation seeds beyond the first, from its

@@ -95,9 +95,8 @@ def rescore_run(
         raise RescoreError(
             f"run {str(run)!r}: its evaluator here cannot score --metric {metric!r} (it scores "
             f"{sorted(evaluator.directions)}; e.g. no Inception weights on this machine)")
-    if progress:
-        print(f"{run.name}: {len(todo)} re-scorings ({metric} and the rest of its evaluator)",
-              file=sys.stderr)
+    print(f"{run.name}: {len(todo)} re-scorings of {samples} samples each ({metric} and the rest of "
+          f"its evaluator; once, kept in {EVAL_SEEDS_FILE})", file=sys.stderr)
     from .provenance import environment, record_environment
 
     key = record_environment(run, environment(device), max(it for it, _ in todo))
