@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -118,6 +119,7 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
     from dcgan_mn.data import DataError
     from dcgan_mn.features import InceptionWeightsError
     from dcgan_mn.metrics import MetricsError, build_evaluator
+    from dcgan_mn.fileio import WriteError
     from dcgan_mn.runlock import RunFolderBusy
     from dcgan_mn.distributed import init_distributed, shutdown_distributed
     from dcgan_mn.training import (check_launch, check_world_size, decided_on_main, load_resume, resolve_device,
@@ -126,6 +128,7 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
     flags["dims"] = int(flags["dims"])
     given = {name: value for name, value in flags.items()
              if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+    cfg = resume_path = None
     try:
         # Under torchrun: join the process group first (the evaluator shards across it).
         dist = init_distributed(resolve_device(flags["device"]))
@@ -158,6 +161,12 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     except (DataError, CheckpointError, InceptionWeightsError, MetricsError, RunFolderBusy) as e:
+        raise click.ClickException(str(e)) from None
+    except WriteError as e:  # full disk, permissions, read-only or over quota
+        run = Path(resume_path).parent if resume_path else (Path(cfg.out) / cfg.run_name if cfg else None)
+        if run is not None and (run / "config.json").is_file():
+            raise click.ClickException(f"{e}; the newest complete checkpoint is intact: fix that, then "
+                                       f"python train.py --resume {run}") from None
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         click.echo("interrupted before training started; nothing was written", err=True)

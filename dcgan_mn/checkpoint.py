@@ -27,6 +27,7 @@ Run folder (``<out>/<run_name>/``):
 
 from __future__ import annotations
 
+import io
 import pickle
 import random
 import re
@@ -85,8 +86,12 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: PathLike, payload: dict) -> Path:
     """``torch.save`` to ``path`` atomically and durably (``fileio.atomic_write`` with fsync)."""
     payload = {"format": FORMAT, "schema": SCHEMA, **payload}
+    # Serialize in memory, then write the bytes: a full disk then fails as an OSError with its
+    # errno (torch.save writing to the file itself reports it as "unexpected pos").
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_write(path, "wb", fsync=True) as f:
-        torch.save(payload, f)
+        f.write(buffer.getbuffer())
     return Path(path)
 
 

@@ -1,15 +1,39 @@
 """Atomic file writes: every file we write (checkpoints, config, reports, cached statistics)
-appears whole or not at all, so a crash or Ctrl-C never leaves a half-written file behind."""
+appears whole or not at all, so a crash or Ctrl-C never leaves a half-written file behind; a
+write that fails (ENOSPC, EACCES, EROFS, EDQUOT, ...) removes its temporary file and raises one
+``WriteError`` naming the file and the reason."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Union
 
-__all__ = ["atomic_write"]
+__all__ = ["WriteError", "atomic_write", "write_failure"]
+
+
+class WriteError(OSError):
+    """A file could not be written (full disk, no permission, read-only filesystem, quota):
+    one line naming the file and the operating system's reason."""
+
+    def __init__(self, path: Union[str, Path], reason: str, code: int | None = None) -> None:
+        super().__init__(code, reason)
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.reason}"
+
+
+def write_failure(path: Union[str, Path], e: OSError) -> WriteError:
+    """The WriteError for ``e`` raised while writing ``path``."""
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno in errno.errorcode:
+        reason += f" [{errno.errorcode[e.errno]}]"
+    return WriteError(path, reason, e.errno)
 
 
 @contextlib.contextmanager
@@ -21,8 +45,13 @@ def atomic_write(path: Union[str, Path], mode: str = "wb", fsync: bool = False) 
     power loss as well as a crash).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except WriteError:
+        raise
+    except OSError as e:
+        raise write_failure(path, e) from None
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -30,7 +59,9 @@ def atomic_write(path: Union[str, Path], mode: str = "wb", fsync: bool = False) 
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise write_failure(path, e) from None
         raise

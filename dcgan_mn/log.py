@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from torch import Tensor
 
-from .fileio import atomic_write
+from .fileio import atomic_write, write_failure
 
 __all__ = ["write_json_atomic", "append_jsonl", "read_jsonl", "drop_rows_after", "write_hparams",
            "RunLogger"]
@@ -43,10 +43,13 @@ def _json_safe(value: Any) -> Any:
 def append_jsonl(path: PathLike, row: dict) -> None:
     """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
     line = json.dumps({k: _json_safe(v) for k, v in row.items()})
-    with open(path, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_failure(path, e) from None
 
 
 def read_jsonl(path: PathLike) -> list[dict]:

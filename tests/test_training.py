@@ -2,6 +2,7 @@
 checkpoint layout, and the speed switches (bf16 autocast, channels_last, torch.compile)."""
 
 import json
+import os
 import math
 import time
 
@@ -372,3 +373,40 @@ def test_with_the_real_evaluator(tmp_path):
         assert r["weights_sha256"] == "ab" * 32 and "kid" in r and "precision" in r
     scalars, _, _ = read_tensorboard(result.run_dir)
     assert [s for s, _ in scalars["metrics/fid_24"]] == [2, 4]
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, monkeypatch):
+    """ENOSPC injected at the writer (the fsync of the iteration-4 checkpoint): one error naming
+    the file and the reason, no temporary file left, the iteration-2 checkpoint intact; train.py
+    says how to continue."""
+    import errno
+
+    import dcgan_mn.fileio as F
+    from click.testing import CliRunner
+
+    from conftest import load_script
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp") and "ckpt-00000004" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(F.os, "fsync", fsync)
+    cfg = tiny_cfg(tmp_path, iters=6, ckpt_every=2)
+    with pytest.raises(F.WriteError, match=r"cannot write .*ckpt-00000004\.pt: No space left on device \[ENOSPC\]"):
+        train(cfg, images=tiny_images(), progress=False)
+    run_dir = tmp_path / "runs" / "run"
+    assert [i for i, _ in C.list_checkpoints(run_dir)] == [2]
+    assert C.load_checkpoint(C.checkpoint_path(run_dir, 2))["iteration"] == 2
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+    # The CLI: one line, the command to continue, exit 1.
+    cli = load_script("train.py", "main")
+    res = CliRunner().invoke(cli, ["--dataset", "stacked-digits", "--stack-size", "64", "--ngf", "8", "--ndf", "8",
+                                   "--batch-size", "8", "--mn-fit-points", "64", "--iters", "6", "--ckpt-every", "2",
+                                   "--fid-every", "0", "--device", "cpu", "--no-progress",
+                                   "--out", str(tmp_path / "cli"), "--run-name", "r"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "No space left on device [ENOSPC]" in res.output
+    assert f"python train.py --resume {tmp_path / 'cli' / 'r'}" in res.output
