@@ -108,11 +108,15 @@ def _layers_text(layers) -> str:
 # --- what to do ---
 @click.option("--resume", default=None, metavar="PATH",
               help="continue a run: its folder (newest checkpoint) or a ckpt-*.pt file; the config "
-                   "comes from the checkpoint (--iters and logging flags may change)")
+                   "comes from the checkpoint (--iters and logging flags may change); a folder "
+                   "with no checkpoint yet restarts from iteration 0 with its saved config")
+@click.option("--resume-if-exists", is_flag=True,
+              help="with --run-name: continue <out>/<run-name> if it exists, else start it (one "
+                   "command line for a pre-emptible job)")
 @click.option("--dry-run", is_flag=True, help="print the resolved config as JSON and exit")
 @click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
 @click.pass_context
-def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
+def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flags) -> None:
     """Train a DCGAN whose generator BatchNorm layers can be Mixture Normalization layers."""
     from dcgan_mn.checkpoint import CheckpointError
     from dcgan_mn.config import ConfigError, resume_config
@@ -129,11 +133,19 @@ def main(ctx: click.Context, resume, dry_run, progress, **flags) -> None:
     given = {name: value for name, value in flags.items()
              if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
     cfg = resume_path = None
+    if resume_if_exists:
+        if resume is not None or not flags.get("run_name"):
+            raise click.UsageError("--resume-if-exists: give --run-name (and no --resume)")
+        folder = Path(flags["out"]).expanduser() / flags["run_name"]
+        if folder.exists():
+            resume = str(folder)
+            given = {k: v for k, v in given.items() if k not in ("out", "run_name")}
     try:
         # Under torchrun: join the process group first (the evaluator shards across it).
         dist = init_distributed(resolve_device(flags["device"]))
         if resume is not None:
-            _, resume_path, payload, saved = load_resume(resume)
+            run_folder, resume_path, payload, saved = load_resume(resume)
+            resume_path = resume_path or run_folder  # no checkpoint yet: restart the folder
             check_world_size(payload, dist, resume)
             cfg = resume_config(saved, given)
         else:

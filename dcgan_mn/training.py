@@ -165,8 +165,22 @@ def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     return cfg, run_dir
 
 
-def load_resume(target: Union[str, Path]) -> tuple[Path, Path, dict, TrainConfig]:
-    """(run folder, checkpoint path, checkpoint dict, its config) for ``--resume TARGET``."""
+def load_resume(target: Union[str, Path]) -> tuple[Path, Optional[Path], Optional[dict], TrainConfig]:
+    """(run folder, checkpoint path, checkpoint dict, its config) for ``--resume TARGET``.
+
+    A run folder with its ``config.json`` but no checkpoint yet (a run killed before its first
+    one) gives (folder, None, None, that config): the run restarts from iteration 0."""
+    folder = Path(target).expanduser()
+    if folder.is_dir() and not ckpt.list_checkpoints(folder) and (folder / "config.json").is_file():
+        from .config import config_from_dict
+        import json
+
+        try:
+            cfg = config_from_dict(json.loads((folder / "config.json").read_text()))
+        except (ValueError, ConfigError) as e:
+            raise ckpt.CheckpointError(f"--resume {str(target)!r}: no checkpoint, and its config.json "
+                                       f"is unreadable ({e})") from None
+        return folder, None, None, cfg
     run_dir, path = ckpt.resolve_resume(target)
     payload = ckpt.load_checkpoint(path, map_location="cpu")
     if payload["kind"] != "full":
@@ -215,9 +229,11 @@ def decided_on_main(dist: DistInfo, decide: Callable[[], Any]) -> Any:
     return value
 
 
-def check_world_size(payload: dict, dist: DistInfo, target: Union[str, Path]) -> None:
+def check_world_size(payload: Optional[dict], dist: DistInfo, target: Union[str, Path]) -> None:
     """A checkpoint resumes exactly only on the world size that wrote it (per-rank RNG states
     and running statistics, per-rank batch slices)."""
+    if payload is None:  # restarting from iteration 0: any world size
+        return
     saved = int(payload.get("world_size", 1))
     if saved != dist.world_size:
         raise ConfigError(
@@ -363,11 +379,13 @@ def train(
     # ---- Decide the run folder and read what we resume from. Nothing is written yet, so any
     # ---- bad input below leaves existing runs untouched.
     payload = None
+    restarting = False  # --resume of a claimed folder that never wrote a checkpoint
     dist = dist_utils.init_distributed(resolve_device(cfg.device))  # DistInfo() without torchrun
     if resume is not None:
         run_dir, _, payload, saved = load_resume(resume)
+        restarting = payload is None
         check_world_size(payload, dist, resume)
-        if cfg.iters < payload["iteration"]:
+        if payload is not None and cfg.iters < payload["iteration"]:
             raise ConfigError(f"--iters {cfg.iters}: the resumed run is already at iteration "
                               f"{payload['iteration']}")
         changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
@@ -457,19 +475,23 @@ def train(
     env_key = None  # the environment every metrics row of this process points to
     lock = RunLock(run_dir)  # held by rank 0 until the run ends; a second process stops here
     if dist.is_main:
-        if payload is None:
+        if payload is None and not restarting:
             create_run_folder(run_dir)  # one mkdir: of two runs racing for a name, one wins
         lock.acquire()
         write_json_atomic(run_dir / "config.json", cfg.to_dict())
-        if payload is not None:
+        if payload is not None or restarting:
             dropped = drop_rows_after(run_dir / "metrics.jsonl", iteration)
         env_key = record_environment(run_dir, environment(device), iteration)
     logger = RunLogger(run_dir, total_iters=cfg.iters, start_iter=iteration,
-                       purge_step=iteration + 1 if payload is not None else None, progress=progress,
+                       purge_step=iteration + 1 if payload is not None or restarting else None, progress=progress,
                        enabled=dist.is_main)
     if payload is not None:
         logger.message(f"resuming {run_dir} at iteration {iteration}"
                        + (f" (dropped {dropped} metrics rows written after that checkpoint)" if dropped else ""))
+    elif restarting:
+        logger.message(f"{run_dir} has no checkpoint yet: restarting it from iteration 0 with its saved config"
+                       + (f" (dropped {dropped} metrics rows)" if dropped else ""))
+        logger.text("config", "    " + cfg.to_json().replace("\n", "\n    "))
     else:
         logger.text("config", "    " + cfg.to_json().replace("\n", "\n    "))  # markdown code block
 

@@ -410,3 +410,49 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, 
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "No space left on device [ENOSPC]" in res.output
     assert f"python train.py --resume {tmp_path / 'cli' / 'r'}" in res.output
+
+
+def test_resume_of_a_folder_without_checkpoint_restarts_it(tmp_path, capsys):
+    """A run killed before its first checkpoint: --resume FOLDER starts it again from iteration
+    0 with its saved config, and ends exactly where an uninterrupted run does."""
+    class Killed(Exception):
+        pass
+
+    def die(iteration, G, D):
+        if iteration == 3:
+            raise Killed
+
+    kw = dict(iters=6, ckpt_every=0, fid_every=2, log_every=2)
+    with pytest.raises(Killed):
+        train(tiny_cfg(tmp_path, run_name="cut", **kw), images=tiny_images(), progress=False,
+              evaluator=FakeEvaluator([9, 8, 7, 6]), step_hook=die)
+    cut = tmp_path / "runs" / "cut"
+    assert (cut / "config.json").is_file() and not C.list_checkpoints(cut)
+    resumed = train(tiny_cfg(tmp_path, run_name="cut", **kw), images=tiny_images(), progress=False,
+                    evaluator=FakeEvaluator([9, 8, 7]), resume=cut)
+    assert "has no checkpoint yet: restarting it from iteration 0" in capsys.readouterr().err
+    full = train(tiny_cfg(tmp_path, run_name="full", **kw), images=tiny_images(), progress=False,
+                 evaluator=FakeEvaluator([9, 8, 7]))
+    assert resumed.iteration == 6
+    for key in ("generator", "discriminator", "opt_g", "rng"):
+        assert_same_tensors(state_of(full.run_dir)[key], state_of(cut)[key], key)
+    rows = [json.loads(x)["iteration"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [2, 4, 6]  # the dead run's row at 2 was dropped, not doubled
+
+
+def test_resume_if_exists_starts_or_continues(tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import load_script
+
+    cli = load_script("train.py", "main")
+    args = ["--dataset", "stacked-digits", "--stack-size", "64", "--ngf", "8", "--ndf", "8", "--batch-size", "8",
+            "--mn-fit-points", "64", "--fid-every", "0", "--device", "cpu", "--no-progress",
+            "--out", str(tmp_path), "--run-name", "job", "--resume-if-exists"]
+    first = CliRunner().invoke(cli, [*args, "--iters", "2"])
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(cli, [*args, "--iters", "4"])
+    assert second.exit_code == 0, second.output
+    assert "resuming" in second.output and [i for i, _ in C.list_checkpoints(tmp_path / "job")][-1] == 4
+    bad = CliRunner().invoke(cli, ["--resume-if-exists", "--no-progress"])
+    assert bad.exit_code == 2 and "give --run-name" in bad.output
