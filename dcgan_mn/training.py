@@ -243,13 +243,6 @@ def check_world_size(payload: Optional[dict], dist: DistInfo, target: Union[str,
         )
 
 
-def _fault_injection(dist: DistInfo, iteration: int) -> None:
-    """Tests: ``DCGAN_MN_FAULT=RANK:ITERATION`` kills that rank there (a crashed process)."""
-    fault = os.environ.get("DCGAN_MN_FAULT")
-    if fault and fault == f"{dist.rank}:{iteration}":
-        os._exit(3)
-
-
 def _metric_names(evaluator, result: dict) -> dict:
     """{result key: TensorBoard name with its sample count}: the evaluator's own names, or for an
     injected evaluator without them, every numeric key tagged with ``num_samples``."""
@@ -731,7 +724,6 @@ def train(
                     evaluate()
                 if due(cfg.ckpt_every) or stopping is not None:
                     last_ckpt = save()
-                _fault_injection(dist, iteration)
 
             # ---- The end of the run: a last grid, evaluation and checkpoint where they are due.
             if nonfinite_at is None:
@@ -755,11 +747,6 @@ def train(
         directions = getattr(evaluator, "directions", None) or {best_metric: "min"}
         write_hparams(run_dir, run_hparams(cfg, G),
                       run_outcome(read_jsonl(run_dir / "metrics.jsonl"), directions, iteration))
-    if os.environ.get("DCGAN_MN_DEBUG_DUMP"):  # tests: what each rank holds at the end
-        dump = Path(os.environ["DCGAN_MN_DEBUG_DUMP"])
-        dump.mkdir(parents=True, exist_ok=True)
-        torch.save({"generator": G.state_dict(), "discriminator": D.state_dict(),
-                    "iteration": iteration}, dump / f"rank{dist.rank}.pt")
     if nonfinite_at is not None:
         newest = ckpt.find_latest_checkpoint(run_dir)
         logger.message(f"non-finite losses or D outputs at iteration {nonfinite_at} (noticed at "

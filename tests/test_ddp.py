@@ -20,6 +20,7 @@ from conftest import write_fake_cifar10
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
+WORKER = str(REPO / "tests" / "ddp_worker.py")  # train.py with the test seams (dump, fault)
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "8", "--fid-every", "0", "--device", "cpu",
         "--no-progress", "--log-every", "1", "--sample-every", "0"]
 
@@ -31,10 +32,11 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+def torchrun(*args: str, nproc: int = 2, timeout: float = 120, dump=None, fault=None) -> subprocess.CompletedProcess:
+    seams = [*(["--test-dump", str(dump)] if dump else []), *(["--test-fault", fault] if fault else [])]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), TRAIN, *args]
-    return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+           str(nproc), WORKER, *seams, *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def single(*args: str) -> subprocess.CompletedProcess:
@@ -64,7 +66,7 @@ def run4(tmp_path_factory, data_root):
     tmp = tmp_path_factory.mktemp("ddp_run4")
     proc = torchrun(*TINY, "--data-root", str(data_root), "--out", str(tmp / "out"),
                     "--run-name", "r", "--iters", "4", "--ckpt-every", "2", "--keep-last", "5",
-                    DCGAN_MN_DEBUG_DUMP=str(tmp / "dump"))
+                    dump=tmp / "dump")
     _ok(proc)
     return tmp
 
@@ -86,7 +88,8 @@ def test_only_rank0_writes(run4):
     assert [p.name for p in (run4 / "out").iterdir()] == ["r"]  # one run folder, one name
     run = run4 / "out" / "r"
     names = sorted(p.name for p in run.iterdir() if not p.name.startswith("events.out"))
-    assert names == ["ckpt-00000002.pt", "ckpt-00000004.pt", "config.json", "snapshots"]
+    assert names == ["ckpt-00000002.pt", "ckpt-00000004.pt", "config.json", "provenance.jsonl", "run.lock",
+                     "snapshots"]
     events = [p for p in run.iterdir() if p.name.startswith("events.out")]
     assert len(events) == 1  # one TensorBoard writer: rank 0's
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["G-00000002.pt", "G-00000004.pt"]
@@ -101,12 +104,12 @@ def test_only_rank0_writes(run4):
 def test_resume_under_ddp_is_exact(run4, tmp_path, data_root):
     straight = torchrun(*TINY, "--data-root", str(data_root), "--out", str(tmp_path / "a"),
                         "--run-name", "r", "--iters", "6", "--ckpt-every", "2",
-                        DCGAN_MN_DEBUG_DUMP=str(tmp_path / "dump_a"))
+                        dump=tmp_path / "dump_a")
     _ok(straight)
     resumed_dir = tmp_path / "b" / "r"
     shutil.copytree(run4 / "out" / "r", resumed_dir)
     resumed = torchrun("--resume", str(resumed_dir), "--iters", "6", "--no-progress",
-                       DCGAN_MN_DEBUG_DUMP=str(tmp_path / "dump_b"))
+                       dump=tmp_path / "dump_b")
     _ok(resumed)
     a = torch.load(tmp_path / "a" / "r" / "ckpt-00000006.pt", weights_only=True)
     b = torch.load(resumed_dir / "ckpt-00000006.pt", weights_only=True)
@@ -125,7 +128,7 @@ def test_resume_under_ddp_is_exact(run4, tmp_path, data_root):
 def test_sync_norm_under_ddp(tmp_path, data_root):
     proc = torchrun(*TINY, "--data-root", str(data_root), "--out", str(tmp_path / "out"),
                     "--run-name", "s", "--iters", "2", "--sync-norm", "--mn-layers", "0",
-                    "--mn-components", "2", DCGAN_MN_DEBUG_DUMP=str(tmp_path / "dump"))
+                    "--mn-components", "2", dump=tmp_path / "dump")
     _ok(proc)
     r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     # Synchronized norms: the statistics are the global batch's, so buffers agree too.
@@ -160,7 +163,7 @@ def test_resume_with_another_world_size_is_refused(run4, tmp_path):
 def test_dead_rank_fails_clearly_and_keeps_the_checkpoint(tmp_path, data_root):
     out = tmp_path / "out"
     proc = torchrun(*TINY, "--data-root", str(data_root), "--out", str(out), "--run-name", "d",
-                    "--iters", "8", "--ckpt-every", "2", DCGAN_MN_FAULT="1:3", timeout=90)
+                    "--iters", "8", "--ckpt-every", "2", fault="1:3", timeout=90)
     assert proc.returncode != 0
     assert "exitcode" in proc.stderr and "3" in proc.stderr  # torchrun's failure report
     ckpts = sorted((out / "d").glob("ckpt-*.pt"))
@@ -177,9 +180,9 @@ def test_signal_to_torchrun_stops_all_ranks_at_one_iteration(tmp_path, data_root
 
     run = tmp_path / "out" / "s"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           TRAIN, *TINY, "--data-root", str(data_root), "--out", str(tmp_path / "out"),
-           "--run-name", "s", "--iters", "1000000", "--ckpt-every", "0"]
-    proc = subprocess.Popen(cmd, env=_env(DCGAN_MN_DEBUG_DUMP=str(tmp_path / "dump")),
+           WORKER, "--test-dump", str(tmp_path / "dump"), *TINY, "--data-root", str(data_root),
+           "--out", str(tmp_path / "out"), "--run-name", "s", "--iters", "1000000", "--ckpt-every", "0"]
+    proc = subprocess.Popen(cmd, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not (run.is_dir() and any(run.glob("events.out*"))):
