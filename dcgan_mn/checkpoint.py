@@ -106,9 +106,9 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
             ValueError, AttributeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint {str(path)!r}: unreadable (corrupt, truncated or not a torch file: {first[:200]})"
+        raise CheckpointError(  # our sentence and the exception's class, not torch's internals
+            f"checkpoint {str(path)!r}: unreadable: corrupt, truncated or not a torch file "
+            f"({type(e).__name__})"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r}: not a dcgan_mn checkpoint")
