@@ -71,6 +71,11 @@ def rescore_run(
     trained = [r for r in read_jsonl(run / "metrics.jsonl")
                if r.get(metric) is not None and r.get("sample_mode") == cfg.sample_mode
                and r.get(count_key) == samples]  # the rows the run's own evaluator wrote
+    if not trained and any(r.get(metric) is not None for r in read_jsonl(run / "metrics.jsonl")):
+        raise RescoreError(
+            f"run {str(run)!r}: its {metric} rows were not scored with the {samples} samples and sample "
+            f"mode {cfg.sample_mode!r} of its config.json, so they cannot be re-scored alike "
+            f"(use --eval-seeds 1)")
     have = _has(trained, metric) | _has([r for r in seed_rows(run) if r.get(count_key) == samples], metric)
     todo = []  # (iteration, seed)
     for row in trained:

@@ -138,7 +138,7 @@ def test_compare_cli(tmp_path):
     def make_run(name, fids, seed):
         run_dir = tmp_path / name
         run_dir.mkdir()
-        (run_dir / "config.json").write_text(json.dumps({"seed": seed, "sample_mode": "batch"}))
+        (run_dir / "config.json").write_text(json.dumps({"seed": seed, "sample_mode": "batch", "fid_samples": 100}))
         rows = [{"iteration": 1000 * (i + 1), "fid": f, "num_samples": 100, "sample_mode": "batch",
                  "train_seconds": 5.0 * (i + 1)} for i, f in enumerate(fids)]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

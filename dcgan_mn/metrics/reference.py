@@ -132,12 +132,12 @@ def reference_identity(spec: str, data_root: Union[str, Path] = "data") -> dict:
 
 
 def reference_key(identity: dict, weights_sha256: str, dims: int,
-                  num_real_features: int = DEFAULT_REAL_FEATURES, protocol: str = PROTOCOL_VERSION) -> str:
+                  num_real_features: int = DEFAULT_REAL_FEATURES, protocol: Optional[str] = None) -> str:
     """Hex key of everything that changes a reference's statistics (``protocol``: the
     extractor's image protocol, ``FID_PROTOCOLS``)."""
     payload = {
         "source": identity, "weights_sha256": weights_sha256, "dims": dims,
-        "protocol": protocol, "num_real_features": num_real_features,
+        "protocol": protocol or PROTOCOL_VERSION, "num_real_features": num_real_features,
         "real_subset_seed": REAL_SUBSET_SEED,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -230,13 +230,13 @@ def load_reference(
                 f"these features use {extractor.weights_sha256[:12]}... (--inception-weights)"
             )
         ref_protocol = stats.meta.get("protocol")
-        protocol = getattr(extractor, "protocol", PROTOCOL_VERSION)
+        protocol = getattr(extractor, "protocol", None) or PROTOCOL_VERSION
         if ref_protocol and ref_protocol != protocol:
             raise MetricsError(f"--ref {spec!r}: computed with image protocol {ref_protocol!r}, but "
                                f"these features use {protocol!r} (--fid-protocol)")
         return stats
 
-    protocol = getattr(extractor, "protocol", PROTOCOL_VERSION)
+    protocol = getattr(extractor, "protocol", None) or PROTOCOL_VERSION
     key = reference_key(identity, extractor.weights_sha256, dims, num_real_features, protocol)
     cache_path = _cache_file(Path(cache_dir) if cache_dir else default_cache_dir(), spec, identity, dims, key)
     if use_cache and cache_path.is_file():
