@@ -72,6 +72,11 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInf
 
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            try:  # every rank is done with the group before any tears it down: gloo can abort
+                dist.barrier()  # a rank whose peer closed its sockets first ("terminate called")
+            except Exception:  # a peer already died (torchrun then stops us): nothing to wait for
+                pass
         dist.destroy_process_group()
 
 
