@@ -239,9 +239,9 @@ def read_run(
     if eval_seeds > 1:
         from .rescore import EVAL_SEEDS_FILE, evaluation_seeds, seed_rows
 
-        extra = {(int(r["iteration"]), int(r.get("seed", 0))): float(r[metric]) for r in seed_rows(run)
-                 if r.get(metric) is not None and r.get("sample_mode") == mode
-                 and r.get(count_key) == count}
+        matching = [r for r in seed_rows(run) if r.get(metric) is not None
+                    and r.get("sample_mode") == mode and r.get(count_key) == count]
+        extra = {(int(r["iteration"]), int(r.get("seed", 0))): float(r[metric]) for r in matching}
         seed_values = []
         for i, v in zip(its, values):
             point = [v]
@@ -254,8 +254,7 @@ def read_run(
                 point.append(extra[(i, s)])
             seed_values.append(point)
         values = [statistics.fmean(p) for p in seed_values]
-        used = [*used, *(r for r in seed_rows(run) if r.get(metric) is not None and r.get("sample_mode") == mode
-                         and r.get(count_key) == count)]
+        used = [*used, *matching]
     return RunCurve(
         name=run.name, path=str(run), seed=config.get("seed"), metric=metric,
         sample_mode=mode, num_samples=count, iterations=its, values=values,

@@ -68,10 +68,11 @@ def rescore_run(
 
     count_key = metric_count_key(metric)
     samples = cfg.mode_samples if count_key == "mode_samples" else cfg.fid_samples
-    trained = [r for r in read_jsonl(run / "metrics.jsonl")
+    rows = read_jsonl(run / "metrics.jsonl")
+    trained = [r for r in rows
                if r.get(metric) is not None and r.get("sample_mode") == cfg.sample_mode
                and r.get(count_key) == samples]  # the rows the run's own evaluator wrote
-    if not trained and any(r.get(metric) is not None for r in read_jsonl(run / "metrics.jsonl")):
+    if not trained and any(r.get(metric) is not None for r in rows):
         raise RescoreError(
             f"run {str(run)!r}: its {metric} rows were not scored with the {samples} samples and sample "
             f"mode {cfg.sample_mode!r} of its config.json, so they cannot be re-scored alike "

@@ -23,6 +23,7 @@ arm (``<out>/samples-<arm>.png``, the first seed's final generator).
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import shutil
@@ -101,18 +102,26 @@ def train_command(run: Run, shared: list[str], progress: bool) -> list[str]:
             "--progress" if progress else "--no-progress"]
 
 
+@functools.lru_cache(maxsize=1)
+def _train_cli():
+    """train.py as a module, loaded once (every run's plan uses its flag parsing)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_train_cli", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def planned_config(command: list[str]) -> dict:
     """The config train.py would use for ``command`` (its --dry-run output, computed in this
     process: the same flag parsing, without a second interpreter per run). The dry run names
     its folder under a scratch --out, since train.py refuses a new run in an existing folder."""
     import contextlib
-    import importlib.util
     import io
     import tempfile
 
-    spec = importlib.util.spec_from_file_location("_train_cli", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _train_cli()
     out = io.StringIO()
     args = list(command[2:])
     try:
