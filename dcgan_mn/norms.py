@@ -562,7 +562,8 @@ def match_components(batch_mean: Tensor, running_mean: Tensor) -> Tensor:
     greedy nearest-pair matching beyond that.
     """
     k = batch_mean.shape[0]
-    cost = torch.cdist(running_mean, batch_mean).square()  # [K_run, K_batch]
+    # Squared distances spelled out: torch.cdist reads a size on the host (a sync on a GPU).
+    cost = (running_mean.unsqueeze(1) - batch_mean.unsqueeze(0)).square().sum(2)  # [K_run, K_batch]
     if k <= 6:
         key = (k, str(cost.device))
         perms = _PERMS.get(key)
@@ -570,15 +571,17 @@ def match_components(batch_mean: Tensor, running_mean: Tensor) -> Tensor:
             perms = torch.tensor(list(itertools.permutations(range(k))), device=cost.device)
             _PERMS[key] = perms  # [K!, K]
         total = cost.gather(1, perms.t()).sum(0)  # [K!]
-        return perms[total.argmin()]  # [K]
-    perm = torch.empty(k, dtype=torch.long, device=cost.device)
+        # index_select with a 1-element index, not perms[argmin]: indexing by a 0-d tensor
+        # reads it on the host.
+        return perms.index_select(0, total.argmin().view(1)).view(k)  # [K]
+    # Greedy beyond K = 6: repeatedly take the closest remaining pair, all on the device.
+    perm = torch.zeros(k, dtype=torch.long, device=cost.device)
     cost = cost.clone()
-    for _ in range(k):  # greedy: repeatedly take the closest remaining pair
-        flat = int(cost.argmin())
-        r, b = divmod(flat, k)
-        perm[r] = b
-        cost[r, :] = float("inf")
-        cost[:, b] = float("inf")
+    for _ in range(k):
+        flat = cost.view(-1).argmin().view(1)  # [1]
+        r, b = flat // k, flat % k  # [1], [1]
+        perm.scatter_(0, r, b)
+        cost.index_fill_(0, r, float("inf")).index_fill_(1, b, float("inf"))
     return perm
 
 
@@ -734,6 +737,8 @@ class MixtureNorm2d(nn.Module):
                 f"Expected more than 1 value per channel when training, got input size "
                 f"{tuple(x.shape)}"
             )
+        if self.num_components == 1 and self._moments_stay_local():
+            return self._batch_norm(x, use_batch_stats)
         # MN's statistics are always computed in fp32 (or fp64): bf16 posteriors and variances
         # lose too much precision, exactly as BatchNorm keeps fp32 statistics under autocast.
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -758,6 +763,40 @@ class MixtureNorm2d(nn.Module):
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             y = y.contiguous(memory_format=torch.channels_last)
         return y
+
+    def _moments_stay_local(self) -> bool:
+        """True when no subclass or hook sums the moments across processes."""
+        return (self.reduce_moments is None
+                and type(self)._reduce_moments is MixtureNorm2d._reduce_moments)
+
+    def _batch_norm(self, x: Tensor, use_batch_stats: bool) -> Tensor:
+        """K = 1 is BatchNorm, so it runs BatchNorm's own kernel: one posterior equal to 1, one
+        component with the batch mean and biased variance, running variance unbiased by
+        P / (P - 1) = n_eff / (n_eff - 1), the weight staying 1. Two kernels forward instead of
+        the mixture path's dozens (``test_k1_mixture_path_equals_batchnorm`` keeps the mixture
+        path itself equal to BatchNorm at K = 1). Dtypes as nn.BatchNorm2d: a bf16 input under
+        autocast is normalized with float32 statistics by the kernel itself."""
+        factor = 0.0
+        running_mean = running_var = None
+        if self.track_running_stats:
+            running_mean, running_var = self.running_mean.view(-1), self.running_var.view(-1)  # [C]
+            if self.training:
+                self.num_batches_tracked.add_(1)
+                # As nn.BatchNorm2d: momentum=None is a cumulative average (one host read).
+                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                          else self.momentum)
+        if self.training:
+            self.last_batch_weight = self._unit_weight(x.device)
+        return torch.nn.functional.batch_norm(
+            x, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps,
+        )  # [N, C, H, W], memory format kept
+
+    def _unit_weight(self, device) -> Tensor:
+        """The constant [1] mixture weight of K = 1 (made once, not every step)."""
+        one = getattr(self, "_one", None)
+        if one is None or one.device != device:
+            one = self._one = torch.ones(1, device=device)
+        return one
 
     @torch.no_grad()
     def _record_batch(self, tau: Tensor, stats: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
@@ -798,6 +837,10 @@ class MixtureNorm2d(nn.Module):
         if self.last_batch_weight is None:
             return {}
         lam = self.last_batch_weight.clamp_min(_TINY)
+        if self.num_components == 1:  # one posterior equal to 1: zero entropy
+            return {"mixture_weight": self.last_batch_weight,
+                    "posterior_entropy": torch.zeros_like(lam[0]),
+                    "effective_components": torch.ones_like(lam[0])}
         return {
             "mixture_weight": self.last_batch_weight,
             "posterior_entropy": self.last_posterior_entropy,

@@ -126,6 +126,36 @@ def test_k1_equals_batchnorm(shape, affine, track, momentum):
     torch.testing.assert_close(mn(x), bn(x), rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (3, 6, 2, 1)])
+def test_k1_mixture_path_equals_batchnorm(shape):
+    """The module runs BatchNorm's kernel at K = 1; the mixture path it bypasses is BatchNorm
+    too: output, input and affine gradients, and the statistics (n_eff = P)."""
+    torch.manual_seed(0)
+    c = shape[1]
+    bn = nn.BatchNorm2d(c).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+    x = (torch.randn(shape, dtype=F64) * 3 + 2).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    gamma = bn.weight.detach().clone().requires_grad_()
+    beta = bn.bias.detach().clone().requires_grad_()
+    points = x2.detach().transpose(0, 1).reshape(c, -1).t()  # [P, C]
+    mixture = Mixture(torch.ones(1, dtype=F64), points.mean(0, keepdim=True),
+                      points.var(0, unbiased=False, keepdim=True))
+    y, tau, (lam, mean, var, n_eff) = mixture_norm2d(x2.flatten(2), mixture, bn.eps, gamma, beta)
+    y_bn = bn(x)
+    torch.testing.assert_close(y.view(shape), y_bn, rtol=1e-10, atol=1e-10)
+    g = torch.randn(shape, dtype=F64)
+    y_bn.backward(g), y.view(shape).backward(g)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(gamma.grad, bn.weight.grad, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(beta.grad, bn.bias.grad, rtol=1e-8, atol=1e-10)
+    assert torch.equal(tau, torch.ones_like(tau)) and lam.item() == 1.0
+    assert n_eff.item() == pytest.approx(points.shape[0])
+    torch.testing.assert_close(mean[0], points.mean(0))
+    torch.testing.assert_close(var[0], points.var(0, unbiased=False))
+
+
 def test_k1_float32_close_to_batchnorm():
     torch.manual_seed(1)
     bn, mn = nn.BatchNorm2d(16), MixtureNorm2d(16, num_components=1)
