@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from dcgan_mn.config import AMP_MODES, DATASETS, STACKED_DATASETS, TrainConfig
+from dcgan_mn.config import AMP_MODES, COMPILE_MODES, DATASETS, STACKED_DATASETS, TrainConfig
 
 D = TrainConfig()  # the defaults shown in --help are the config's own
 CPU_FID_SAMPLES = 2000  # --fid-samples when training on a CPU and the flag is not given
@@ -102,7 +102,12 @@ def _layers_text(layers) -> str:
               help="autocast: bf16 (CPUs with native bf16, Ampere+ GPUs; elsewhere it warns, ~20x "
                    "slower), fp16 (CUDA, with loss scaling), or auto (bf16 where the hardware has it)")
 @click.option("--channels-last/--no-channels-last", default=D.channels_last, help="NHWC memory format")
-@click.option("--compile/--no-compile", default=D.compile, help="torch.compile the training step's G and D")
+@click.option("--compile/--no-compile", default=D.compile,
+              help="torch.compile the whole training iteration into one graph (fullgraph; G and D "
+                   "separately under torchrun or --amp fp16)")
+@click.option("--compile-mode", default=D.compile_mode, type=click.Choice(COMPILE_MODES),
+              help="torch.compile mode; on a GPU reduce-overhead replays the iteration as a CUDA "
+                   "graph (MN launches many small kernels: this removes their launch cost)")
 @click.option("--sync-norm/--no-sync-norm", default=D.sync_norm,
               help="synchronize BN/MN statistics across ranks (torchrun)")
 # --- what to do ---

@@ -28,6 +28,7 @@ __all__ = [
 DATASETS = ("cifar10", "folder", "stacked-mnist", "stacked-digits")
 
 AMP_MODES = ("none", "bf16", "fp16", "auto")  # auto: bf16 where the hardware has it, else none
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile(mode=...)
 FID_PROTOCOL_NAMES = ("pytorch-fid", "clean")  # features.FID_PROTOCOLS (not imported: no torch here)
 
 
@@ -80,6 +81,7 @@ class TrainConfig:
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
     # --- distributed ---
     sync_norm: bool = False
     # Free-form record of derived facts (reference-statistics key, world size, ...), filled in
@@ -136,6 +138,8 @@ class TrainConfig:
         need(self.fid_protocol in FID_PROTOCOL_NAMES, "--fid-protocol", self.fid_protocol,
              f"expected one of {FID_PROTOCOL_NAMES}")
         need(self.amp in AMP_MODES, "--amp", self.amp, f"expected one of {AMP_MODES}")
+        need(self.compile_mode in COMPILE_MODES, "--compile-mode", self.compile_mode,
+             f"expected one of {COMPILE_MODES}")
         need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
              "--device", self.device, "expected auto, cpu, cuda or cuda:N")
 

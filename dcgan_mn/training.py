@@ -43,9 +43,9 @@ from .data import BatchSampler, load_dataset
 from . import distributed as dist_utils
 from .distributed import DistInfo, launched_with_torchrun
 from .log import RunLogger, drop_rows_after, read_jsonl, write_hparams, write_json_atomic
-from .losses import discriminator_loss, generator_loss
 from .models import Discriminator, Generator
 from .norms import MixtureNorm2d
+from .step import TrainStep
 from .provenance import environment, record_environment
 from .runlock import RunLock, create_run_folder
 
@@ -414,8 +414,10 @@ def train(
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     G.to(memory_format=memory_format)
     D.to(memory_format=memory_format)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # capturable: Adam's step counter lives on the GPU, as a CUDA graph (--compile) needs.
+    capturable = cfg.compile and device.type == "cuda"
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), capturable=capturable)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), capturable=capturable)
     amp_dtype = AMP_DTYPES[amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     fixed_noise = _fixed_noise(cfg, device)  # [64, z_dim]
@@ -504,14 +506,17 @@ def train(
                 for model, part in ((G, "generator"), (D, "discriminator")):
                     for name, buf in model.named_buffers():
                         buf.copy_(saved_buffers[part][name])
-    compile_backend = os.environ.get("DCGAN_MN_COMPILE_BACKEND", "inductor")
-    G_step = torch.compile(G_train, backend=compile_backend) if cfg.compile else G_train
-    D_step = torch.compile(D_train, backend=compile_backend) if cfg.compile else D_train
-    # The generator step calls D itself, not its DDP wrapper: D is frozen there and its
-    # gradient reducer must not wait for gradients that never come.
-    D_frozen = D_step
-    if dist.enabled:
-        D_frozen = torch.compile(D, backend=compile_backend) if cfg.compile else D
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    # One iteration as one function; --compile makes it one graph (G and D separately where
+    # DDP or fp16 loss scaling need backward()).
+    train_step = TrainStep(G, D, opt_g, opt_d, autocast=autocast, scaler=scaler,
+                           capturable=not dist.enabled, G_forward=G_train, D_forward=D_train,
+                           D_frozen=D if dist.enabled else None)
+    if cfg.compile:
+        train_step.compile(cfg.compile_mode, backend=os.environ.get("DCGAN_MN_COMPILE_BACKEND", "inductor"))
     # Grids and evaluation run G on some ranks only or on uneven shares: no collectives there.
     if cfg.sync_norm:
         from .sync import unsynchronized as local_norms
@@ -523,9 +528,6 @@ def train(
     last_ckpt: Optional[Path] = None
     last_log: dict = {}
     window_start = (time.perf_counter(), iteration)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     def due(every: int) -> bool:
         return every > 0 and iteration % every == 0
@@ -672,27 +674,8 @@ def train(
                     real = real.contiguous(memory_format=torch.channels_last)
                 z = torch.randn(sampler.local_batch, cfg.z_dim, device=device)  # [b, z_dim]
 
-                # Discriminator step: push D(x) up and D(G(z)) down. G's output is detached here
-                # and reused by the generator step, so G runs forward once per iteration.
-                with autocast():
-                    fake = G_step(z)  # [b, 3, 32, 32]
-                    real_logits = D_step(real)  # [b]
-                    fake_logits = D_step(fake.detach())  # [b]
-                    loss_d = discriminator_loss(real_logits, fake_logits)
-                opt_d.zero_grad(set_to_none=True)
-                scaler.scale(loss_d).backward()
-                scaler.step(opt_d)
-
-                # Generator step: make D call the same fakes real (non-saturating loss). D's
-                # weights are frozen so the backward pass skips their gradients.
-                D.requires_grad_(False)
-                with autocast():
-                    loss_g = generator_loss(D_frozen(fake))
-                opt_g.zero_grad(set_to_none=True)
-                scaler.scale(loss_g).backward()
-                scaler.step(opt_g)
-                scaler.update()
-                D.requires_grad_(True)
+                # One D step then one G step (dcgan_mn.step); the outputs stay on the device.
+                loss_d, loss_g, real_logits, fake_logits = train_step(real, z)
                 iteration += 1
                 stopping = agreed_stop()
                 if step_hook is not None:
