@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from dcgan_mn.config import AMP_MODES, COMPILE_MODES, DATASETS, STACKED_DATASETS, TrainConfig
+from dcgan_mn.config import AMP_MODES, COMPILE_MODES, MN_ESTIMATORS, DATASETS, STACKED_DATASETS, TrainConfig
 
 D = TrainConfig()  # the defaults shown in --help are the config's own
 CPU_FID_SAMPLES = 2000  # --fid-samples when training on a CPU and the flag is not given
@@ -41,7 +41,12 @@ def _layers_text(layers) -> str:
 @click.option("--mn-fit-points", default=D.mn_fit_points, type=int,
               help="points per batch clustered by k-means++ to fit the mixture")
 @click.option("--mn-kmeans-iters", default=D.mn_kmeans_iters, type=int,
-              help="Lloyd iterations after k-means++ seeding")
+              help="Lloyd iterations after k-means++ seeding (--mn-estimator kmeans)")
+@click.option("--mn-estimator", default=D.mn_estimator, type=click.Choice(MN_ESTIMATORS),
+              help="how each batch's mixture is fitted: kmeans (hard k-means++ clusters; our "
+                   "assumption) or em (EM iterations after k-means++ seeding)")
+@click.option("--mn-em-iters", default=D.mn_em_iters, type=int,
+              help="EM iterations after seeding (--mn-estimator em)")
 @click.option("--z-dim", default=D.z_dim, type=int, help="latent size")
 @click.option("--ngf", default=D.ngf, type=int, help="generator width")
 @click.option("--ndf", default=D.ndf, type=int, help="discriminator width")

@@ -28,6 +28,7 @@ __all__ = [
 DATASETS = ("cifar10", "folder", "stacked-mnist", "stacked-digits")
 
 AMP_MODES = ("none", "bf16", "fp16", "auto")  # auto: bf16 where the hardware has it, else none
+MN_ESTIMATORS = ("kmeans", "em")  # dcgan_mn.norms.ESTIMATORS
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile(mode=...)
 FID_PROTOCOL_NAMES = ("pytorch-fid", "clean")  # features.FID_PROTOCOLS (not imported: no torch here)
 
@@ -46,6 +47,8 @@ class TrainConfig:
     mn_components: int = 3  # K
     mn_fit_points: int = 1024  # points clustered per batch by k-means++
     mn_kmeans_iters: int = 2  # Lloyd iterations after seeding
+    mn_estimator: str = "kmeans"  # how the batch mixture is fitted: kmeans (our assumption) | em
+    mn_em_iters: int = 3  # EM iterations after seeding (mn_estimator = em)
     # --- optimisation ---
     lr: float = 2e-4
     beta1: float = 0.5
@@ -111,6 +114,9 @@ class TrainConfig:
         need(self.mn_fit_points >= self.mn_components, "--mn-fit-points", self.mn_fit_points,
              f"must be >= --mn-components ({self.mn_components})")
         need(self.mn_kmeans_iters >= 0, "--mn-kmeans-iters", self.mn_kmeans_iters, "must be >= 0")
+        need(self.mn_estimator in MN_ESTIMATORS, "--mn-estimator", self.mn_estimator,
+             f"expected one of {MN_ESTIMATORS}")
+        need(self.mn_em_iters >= 0, "--mn-em-iters", self.mn_em_iters, "must be >= 0")
         need(self.lr > 0, "--lr", self.lr, "must be > 0")
         need(0 <= self.beta1 < 1, "--beta1", self.beta1, "must be in [0, 1)")
         need(0 <= self.beta2 < 1, "--beta2", self.beta2, "must be in [0, 1)")
@@ -161,7 +167,8 @@ class TrainConfig:
         return dict(
             z_dim=self.z_dim, ngf=self.ngf, mn_layers=self.mn_layers,
             num_components=self.mn_components, fit_points=self.mn_fit_points,
-            kmeans_iters=self.mn_kmeans_iters,
+            kmeans_iters=self.mn_kmeans_iters, estimator=self.mn_estimator,
+            em_iters=self.mn_em_iters,
         )
 
 
@@ -186,6 +193,7 @@ def flag_name(field_name: str) -> str:
 # protocol. Everything else (length, device, logging cadence, speed switches) may change.
 RESUME_FIXED = (
     "z_dim", "ngf", "ndf", "mn_layers", "mn_components", "mn_fit_points", "mn_kmeans_iters",
+    "mn_estimator", "mn_em_iters",
     "lr", "beta1", "beta2", "batch_size", "seed", "dataset", "hflip", "stack_size", "stack_seed",
     "sample_mode", "ref", "dims", "mode_samples", "fid_protocol",
 )

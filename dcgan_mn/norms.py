@@ -40,7 +40,11 @@ __all__ = [
     "Mixture",
     "MixtureMoments",
     "sample_fit_points",
+    "ESTIMATORS",
+    "kmeans_pp_seeds",
     "kmeans_mixture",
+    "em_mixture",
+    "estimate_mixture",
     "fit_mixture",
     "mixture_posteriors",
     "mixture_moments",
@@ -118,6 +122,42 @@ def sample_fit_points(
     return x.detach()[idx // length, :, idx % length]  # [M, C]
 
 
+def _centred_subset(points: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(centre [C], centred points [M, C], their squares [M, C], subset variance [C]).
+
+    Both estimators work on centred points: one-pass variances then do not cancel for inputs
+    far from zero (1e4 + small noise). The centre is added back to the means at the end.
+    """
+    points = points.detach()
+    centre = points.mean(0)  # [C]
+    sub = points - centre  # [M, C]
+    sub_sq = sub * sub  # [M, C]
+    return centre, sub, sub_sq, sub_sq.mean(0).clamp_min(eps)
+
+
+def kmeans_pp_seeds(
+    sub: Tensor, sub_sq: Tensor, num_components: int, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """k-means++ seeds [K, C] among the points ``sub`` [M, C] (``sub_sq`` = sub * sub).
+
+    Each new centre is drawn with probability proportional to the squared distance to the
+    nearest centre chosen so far (inverse-CDF draw; cheaper than multinomial). The small floor
+    keeps the draw defined when every distance is zero (constant input). No host sync.
+    """
+    m, k = sub.shape[0], num_components
+    sq_norm = sub_sq.sum(1)  # [M]
+    picks = [torch.randint(m, (1,), device=sub.device, generator=generator)]  # K x [1]
+    nearest = None
+    for _ in range(1, k):
+        last = picks[-1]
+        dist = torch.addmv(sq_norm + sq_norm[last], sub, sub[last].squeeze(0), alpha=-2.0)  # [M]
+        nearest = dist if nearest is None else torch.minimum(nearest, dist)  # [M]
+        cdf = (nearest.clamp_min(0.0) + 1e-12 * (1.0 + nearest.max())).cumsum(0)  # [M]
+        u = torch.rand(1, device=sub.device, dtype=sub.dtype, generator=generator) * cdf[-1]
+        picks.append(torch.searchsorted(cdf, u, right=True).clamp_max_(m - 1))
+    return sub[torch.cat(picks)]  # [K, C]
+
+
 @torch.no_grad()
 def kmeans_mixture(
     points: Tensor,
@@ -135,32 +175,11 @@ def kmeans_mixture(
     empty clusters, which keep their centre, a tiny weight and the subset's variance, so every
     later step stays finite.
     """
-    points = points.detach()
-    m = points.shape[0]
-    k = num_components
-    # Cluster centred points: the one-pass variances below then do not cancel for inputs far
-    # from zero (1e4 + small noise). The centre is added back to the means at the end.
-    centre = points.mean(0)  # [C]
-    sub = points - centre  # [M, C]
-    sub_sq = sub * sub  # [M, C]
-    subset_var = sub_sq.mean(0).clamp_min(eps)  # [C]
+    centre, sub, sub_sq, subset_var = _centred_subset(points, eps)
+    m, k = sub.shape[0], num_components
     if k == 1:
         return Mixture(sub.new_ones(1), centre.unsqueeze(0), subset_var.unsqueeze(0))
-    sq_norm = sub_sq.sum(1)  # [M]
-
-    # k-means++ seeding: each new centre is drawn with probability proportional to the squared
-    # distance to the nearest centre chosen so far (inverse-CDF draw; cheaper than multinomial).
-    # The small floor keeps the draw defined when every distance is zero (constant input).
-    picks = [torch.randint(m, (1,), device=sub.device, generator=generator)]  # K x [1]
-    nearest = None
-    for _ in range(1, k):
-        last = picks[-1]
-        dist = torch.addmv(sq_norm + sq_norm[last], sub, sub[last].squeeze(0), alpha=-2.0)  # [M]
-        nearest = dist if nearest is None else torch.minimum(nearest, dist)  # [M]
-        cdf = (nearest.clamp_min(0.0) + 1e-12 * (1.0 + nearest.max())).cumsum(0)  # [M]
-        u = torch.rand(1, device=sub.device, dtype=sub.dtype, generator=generator) * cdf[-1]
-        picks.append(torch.searchsorted(cdf, u, right=True).clamp_max_(m - 1))
-    mean = sub[torch.cat(picks)]  # [K, C]
+    mean = kmeans_pp_seeds(sub, sub_sq, k, generator)  # [K, C]
 
     # Lloyd iterations; an empty cluster keeps its previous centre. The last pass only assigns
     # (against the final centres) and reads the clusters off. (A one-hot matrix product rather
@@ -180,6 +199,73 @@ def kmeans_mixture(
 
 
 @torch.no_grad()
+def em_mixture(
+    points: Tensor,
+    num_components: int,
+    *,
+    em_iters: int = 3,
+    eps: float = 1e-5,
+    generator: Optional[torch.Generator] = None,
+    init_mean: Optional[Tensor] = None,
+) -> Mixture:
+    """A K-component diagonal Gaussian mixture fitted to ``points`` [M, C] by EM.
+
+    Starts from k-means++ seeds (or ``init_mean`` [K, C]) with equal weights and the subset's
+    variance in every component, then ``em_iters`` EM iterations, each an E-step (posteriors
+    from two matrix products, as ``mixture_posteriors``) and an M-step (posterior-weighted
+    weights, means and variances, floored by ``eps``), all K at once: no Python loop over
+    points or components, no host sync. A component that loses all its mass keeps its previous
+    mean and variance with a tiny weight, as an empty k-means cluster does.
+    """
+    centre, sub, sub_sq, subset_var = _centred_subset(points, eps)
+    m, k = sub.shape[0], num_components
+    if k == 1:  # EM's fixed point at K = 1 is the subset's mean and variance: BatchNorm
+        return Mixture(sub.new_ones(1), centre.unsqueeze(0), subset_var.unsqueeze(0))
+    if init_mean is None:
+        mean = kmeans_pp_seeds(sub, sub_sq, k, generator)  # [K, C]
+    else:
+        mean = init_mean.detach().to(sub.dtype) - centre  # [K, C]
+    var = subset_var.expand(k, -1)  # [K, C]
+    weight = sub.new_full((k,), 1.0 / k)  # [K]
+    for _ in range(em_iters):
+        tau = mixture_posteriors(sub, Mixture(weight, mean, var))  # [M, K]  E-step
+        mass = tau.sum(0)  # [K]                                            M-step
+        inv_mass = mass.clamp_min(_TINY).reciprocal().unsqueeze(1)  # [K, 1]
+        new_mean = (tau.t() @ sub) * inv_mass  # [K, C]
+        new_var = ((tau.t() @ sub_sq) * inv_mass - new_mean * new_mean).clamp_min(eps)  # [K, C]
+        alive = (mass > _TINY).unsqueeze(1)  # [K, 1]
+        mean = torch.where(alive, new_mean, mean)
+        var = torch.where(alive, new_var, var)
+        weight = (mass / m).clamp_min(_TINY)
+        weight = weight / weight.sum()  # [K]
+    return Mixture(weight, mean + centre, var)
+
+
+ESTIMATORS = ("kmeans", "em")
+
+
+def estimate_mixture(
+    points: Tensor,
+    num_components: int,
+    *,
+    estimator: str = "kmeans",
+    kmeans_iters: int = 2,
+    em_iters: int = 3,
+    eps: float = 1e-5,
+    generator: Optional[torch.Generator] = None,
+) -> Mixture:
+    """The mixture of fitting points [M, C] by ``estimator``: ``kmeans`` (k-means++ seeding,
+    ``kmeans_iters`` Lloyd iterations, hard clusters; our reading of the paper) or ``em``
+    (k-means++ seeding, ``em_iters`` EM iterations)."""
+    if estimator == "kmeans":
+        return kmeans_mixture(points, num_components, kmeans_iters=kmeans_iters, eps=eps,
+                              generator=generator)
+    if estimator == "em":
+        return em_mixture(points, num_components, em_iters=em_iters, eps=eps, generator=generator)
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
+@torch.no_grad()
 def fit_mixture(
     points: Tensor,
     num_components: int,
@@ -188,16 +274,16 @@ def fit_mixture(
     kmeans_iters: int = 2,
     eps: float = 1e-5,
     generator: Optional[torch.Generator] = None,
+    estimator: str = "kmeans",
+    em_iters: int = 3,
 ) -> Mixture:
     """Fit a K-component diagonal Gaussian mixture to ``points`` [P, C] (or a batch [N, C, L]).
 
-    A random subset of at most ``fit_points`` points is clustered with k-means++ and
-    ``kmeans_iters`` Lloyd iterations (``kmeans_mixture``).
+    A random subset of at most ``fit_points`` points is fitted by ``estimate_mixture``.
     """
     sub = sample_fit_points(points, fit_points, generator)  # [M, C]
-    return kmeans_mixture(
-        sub, num_components, kmeans_iters=kmeans_iters, eps=eps, generator=generator
-    )
+    return estimate_mixture(sub, num_components, estimator=estimator, kmeans_iters=kmeans_iters,
+                            em_iters=em_iters, eps=eps, generator=generator)
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,7 +698,10 @@ class MixtureNorm2d(nn.Module):
         eps, momentum, affine, track_running_stats: as in ``nn.BatchNorm2d``
             (``momentum=None`` is a cumulative moving average).
         fit_points: at most this many random points are clustered per batch.
-        kmeans_iters: Lloyd iterations after k-means++ seeding.
+        kmeans_iters: Lloyd iterations after k-means++ seeding (``estimator="kmeans"``).
+        estimator: how the batch mixture is fitted: ``"kmeans"`` (hard k-means++ clusters, our
+            assumption) or ``"em"`` (``em_iters`` EM iterations after k-means++ seeding).
+        em_iters: EM iterations (``estimator="em"``).
 
     Synchronized MN (``dcgan_mn.sync``) overrides ``_fit_batch_mixture`` and
     ``_reduce_moments``; ``reduce_moments`` is a lower-level hook (a callable summing
@@ -621,7 +710,7 @@ class MixtureNorm2d(nn.Module):
 
     _version = 1
     __constants__ = ["num_features", "num_components", "eps", "momentum", "affine",
-                     "track_running_stats", "fit_points", "kmeans_iters"]
+                     "track_running_stats", "fit_points", "kmeans_iters", "estimator", "em_iters"]
 
     def __init__(
         self,
@@ -633,6 +722,8 @@ class MixtureNorm2d(nn.Module):
         track_running_stats: bool = True,
         fit_points: int = 1024,
         kmeans_iters: int = 2,
+        estimator: str = "kmeans",
+        em_iters: int = 3,
         device=None,
         dtype=None,
     ) -> None:
@@ -647,6 +738,10 @@ class MixtureNorm2d(nn.Module):
             )
         if kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if em_iters < 0:
+            raise ValueError(f"em_iters must be >= 0, got {em_iters}")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         factory = {"device": device, "dtype": dtype}
@@ -658,6 +753,8 @@ class MixtureNorm2d(nn.Module):
         self.track_running_stats = track_running_stats
         self.fit_points = fit_points
         self.kmeans_iters = kmeans_iters
+        self.estimator = estimator
+        self.em_iters = em_iters
         self.reduce_moments: Optional[Callable[[MixtureMoments], MixtureMoments]] = None
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -702,7 +799,8 @@ class MixtureNorm2d(nn.Module):
         return (
             "{num_features}, num_components={num_components}, eps={eps}, momentum={momentum}, "
             "affine={affine}, track_running_stats={track_running_stats}, "
-            "fit_points={fit_points}, kmeans_iters={kmeans_iters}".format(**self.__dict__)
+            "fit_points={fit_points}, kmeans_iters={kmeans_iters}, estimator={estimator}, "
+            "em_iters={em_iters}".format(**self.__dict__)
         )
 
     def _check_input(self, x: Tensor) -> None:
@@ -717,10 +815,12 @@ class MixtureNorm2d(nn.Module):
 
     def _fit_batch_mixture(self, x: Tensor, dtype: torch.dtype) -> Mixture:
         """The mixture (in ``dtype``) for this batch x [N, C, L], without gradient."""
-        sub = sample_fit_points(x, self.fit_points).to(dtype)  # [M, C]
-        return kmeans_mixture(
-            sub, self.num_components, kmeans_iters=self.kmeans_iters, eps=self.eps
-        )
+        return self._estimate(sample_fit_points(x, self.fit_points).to(dtype))  # [M, C] points
+
+    def _estimate(self, points: Tensor) -> Mixture:
+        """The mixture of fitting points [M, C] by this layer's estimator."""
+        return estimate_mixture(points, self.num_components, estimator=self.estimator,
+                                kmeans_iters=self.kmeans_iters, em_iters=self.em_iters, eps=self.eps)
 
     def _reduce_moments(self, moments: MixtureMoments) -> MixtureMoments:
         """Sum the moments over the processes that share this batch (identity by default)."""

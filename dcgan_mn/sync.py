@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .norms import Mixture, MixtureMoments, MixtureNorm2d, kmeans_mixture, sample_fit_points
+from .norms import Mixture, MixtureMoments, MixtureNorm2d, sample_fit_points
 
 __all__ = [
     "convert_sync_norms",
@@ -117,7 +117,7 @@ class SyncMixtureNorm2d(MixtureNorm2d):
             dist.gather(packed, parts, dst=src, group=group)
             rows = torch.cat(parts)  # [R * share, C + 1] in rank order
             points = rows[rows[:, c] > 0, :c]  # [M, C]
-            mixture = kmeans_mixture(points, k, kmeans_iters=self.kmeans_iters, eps=self.eps)
+            mixture = self._estimate(points)
             flat = torch.cat([mixture.weight, mixture.mean.reshape(-1), mixture.var.reshape(-1)])
         else:
             dist.gather(packed, None, dst=src, group=group)
@@ -145,7 +145,8 @@ class SyncMixtureNorm2d(MixtureNorm2d):
             module.num_features, module.num_components, eps=module.eps,
             momentum=module.momentum, affine=module.affine,
             track_running_stats=module.track_running_stats, fit_points=module.fit_points,
-            kmeans_iters=module.kmeans_iters, process_group=process_group,
+            kmeans_iters=module.kmeans_iters, estimator=module.estimator,
+            em_iters=module.em_iters, process_group=process_group,
         )
         _share_state(module, new)
         new.reduce_moments = module.reduce_moments

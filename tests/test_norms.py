@@ -16,6 +16,7 @@ from torch import nn
 from dcgan_mn.norms import (
     Mixture,
     MixtureNorm2d,
+    em_mixture,
     fit_mixture,
     kmeans_mixture,
     make_norm2d,
@@ -405,6 +406,66 @@ def test_fit_mixture_degenerate_and_reproducible():
     b = fit_mixture(pts, 3, fit_points=100, generator=torch.Generator().manual_seed(3))
     for s, t in zip(a, b):
         torch.testing.assert_close(s, t)
+
+
+def naive_em(points, init_mean, iters, eps):
+    """Diagonal-GMM EM written per component with torch.distributions (the reference)."""
+    m, c = points.shape
+    k = init_mean.shape[0]
+    mean = [init_mean[j].clone() for j in range(k)]
+    var = [points.var(0, unbiased=False).clamp_min(eps) for _ in range(k)]
+    weight = [torch.tensor(1.0 / k, dtype=points.dtype) for _ in range(k)]
+    for _ in range(iters):
+        log_joint = torch.stack([
+            torch.distributions.Normal(mean[j], var[j].sqrt()).log_prob(points).sum(1) + weight[j].log()
+            for j in range(k)], 1)  # [M, K]
+        resp = (log_joint - log_joint.logsumexp(1, keepdim=True)).exp()
+        for j in range(k):
+            r = resp[:, j]
+            mass = r.sum()
+            mean[j] = (r[:, None] * points).sum(0) / mass
+            var[j] = ((r[:, None] * (points - mean[j]) ** 2).sum(0) / mass).clamp_min(eps)
+            weight[j] = mass / m
+    return torch.stack(weight), torch.stack(mean), torch.stack(var)
+
+
+@pytest.mark.parametrize("k,iters", [(2, 1), (3, 4), (5, 2)])
+def test_em_mixture_matches_naive_em(k, iters):
+    points = to_points(bimodal((6, 4, 5, 5), dtype=F64, seed=k))  # [150, 4]
+    init = points[torch.randperm(points.shape[0], generator=torch.Generator().manual_seed(0))[:k]]
+    got = em_mixture(points, k, em_iters=iters, eps=1e-5, init_mean=init)
+    weight, mean, var = naive_em(points, init, iters, 1e-5)
+    torch.testing.assert_close(got.weight, weight, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.mean, mean, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(got.var, var, rtol=1e-9, atol=1e-10)
+
+
+def test_em_estimator_in_the_module():
+    """estimator="em" fits with EM (the module's output is MN under em_mixture's fit), K = 1
+    stays BatchNorm, and it is finite on a constant batch."""
+    torch.manual_seed(0)
+    x = bimodal((4, 3, 6, 6), dtype=F64)
+    mn = MixtureNorm2d(3, num_components=3, estimator="em", em_iters=2, fit_points=64).double()
+    torch.manual_seed(1)
+    y = mn(x)
+    torch.manual_seed(1)
+    mixture = fit_mixture(to_points(x), 3, fit_points=64, estimator="em", em_iters=2, eps=mn.eps)
+    x_hat, _, _ = mixture_norm(to_points(x), mixture, mn.eps)
+    torch.testing.assert_close(to_points(y), x_hat)
+    assert "estimator=em, em_iters=2" in repr(mn)
+    km = em_mixture(to_points(x), 1)
+    torch.testing.assert_close(km.mean[0], to_points(x).mean(0))
+    const = MixtureNorm2d(3, num_components=3, estimator="em")(torch.ones(2, 3, 4, 4))
+    assert torch.isfinite(const).all()
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        MixtureNorm2d(3, estimator="gibbs")
+
+
+def test_config_estimators_are_the_layers():
+    from dcgan_mn.config import MN_ESTIMATORS
+    from dcgan_mn.norms import ESTIMATORS
+
+    assert MN_ESTIMATORS == ESTIMATORS
 
 
 def test_kmeans_finds_separated_clusters():
