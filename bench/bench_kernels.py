@@ -9,7 +9,9 @@ op that makes the host wait for the device. Three parts, each with ratios to Bat
   update included) at the generator's three shapes: nn.BatchNorm2d, MN K=1, MN K=3 (and any
   ``--components``), eager.
 * ``step``: a whole training iteration (``dcgan_mn.step.TrainStep``: G and D forward and
-  backward, both Adam updates) with MN in no layer, layers 0,1, and all, eager.
+  backward, both Adam updates) with MN in no layer, layers 0,1, and all, eager; and its
+  forward and backward passes alone (``passes_only``), whose host syncs are ours (the step's
+  include Adam reading its CPU-resident step counters, which involves no device).
 * ``compiled`` (``--compiled``): the same layers and steps under ``torch.compile(fullgraph=True)``
   with TorchInductor's C++ kernels profiled (``cpp.enable_kernel_profile``); on a GPU the
   Triton kernels of the same graph. Takes a few minutes on 2 CPU cores (compilation).
@@ -70,6 +72,25 @@ def step_fn(mn_layers, batch_size: int, components: int, compiled: bool):
     return lambda: step(real, z)
 
 
+def passes_fn(mn_layers, batch_size: int, components: int):
+    """The iteration's forward and backward passes without the Adam updates: on a CPU, Adam's
+    step counters are host tensors (read with .item(), no device involved; under --compile on
+    a GPU they live on the device), so the step's own host syncs are counted here."""
+    from dcgan_mn.losses import discriminator_loss, generator_loss
+
+    torch.manual_seed(0)
+    G, D = Generator(mn_layers=mn_layers, num_components=components), Discriminator()
+    real = torch.rand(batch_size, 3, 32, 32) * 2 - 1
+    z = torch.randn(batch_size, G.z_dim)
+
+    def run():
+        fake = G(z)
+        loss_d = discriminator_loss(D(real), D(fake.detach()))
+        torch.autograd.grad(loss_d, list(D.parameters()))
+        torch.autograd.grad(generator_loss(D(fake)), list(G.parameters()))
+    return run
+
+
 def measure(fn, warmup: int = 2) -> dict:
     for _ in range(warmup):  # Adam's state, compilation, the permutation table
         fn()
@@ -97,6 +118,9 @@ def count_layers(components: list[int], compiled: bool) -> dict:
 def count_steps(batch_size: int, components: int, compiled: bool) -> dict:
     rows = {name: measure(step_fn(spec, batch_size, components, compiled))
             for name, spec in STEP_CONFIGS.items()}
+    if not compiled:
+        for name, spec in STEP_CONFIGS.items():
+            rows[name]["passes_only"] = measure(passes_fn(spec, batch_size, components), warmup=1)
     return with_ratios(rows, "bn")
 
 
