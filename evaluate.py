@@ -88,10 +88,10 @@ def _classify_target(target: str) -> tuple[str, object]:
         return "checkpoint", p
     if not p.is_dir():
         _fail(f"TARGET {target!r}: no such file or folder")
-    if (p / "config.json").is_file() or (p / "snapshots").is_dir():
-        from dcgan_mn.checkpoint import list_snapshots
+    from dcgan_mn.runfolder import RunFolder
 
-        snaps = list_snapshots(p)
+    if RunFolder(p).is_run():
+        snaps = RunFolder(p).snapshots()
         if not snaps:
             _fail(f"TARGET {target!r}: run folder has no generator snapshots (snapshots/G-*.pt)")
         return "run", snaps
@@ -212,7 +212,7 @@ def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_
         _fail(str(e))
     text = json.dumps(report, indent=2)
     if out:
-        from dcgan_mn.log import write_json_atomic
+        from dcgan_mn.fileio import write_json_atomic
 
         write_json_atomic(Path(out), report)
     click.echo(text)
@@ -325,7 +325,7 @@ def modes(target, source, samples, batch_size, sample_modes, device, data_root, 
     except _errors() as e:
         _fail(str(e))
     if out:
-        from dcgan_mn.log import write_json_atomic
+        from dcgan_mn.fileio import write_json_atomic
 
         write_json_atomic(Path(out), report)
     click.echo(json.dumps(report, indent=2))
@@ -541,11 +541,12 @@ def samples(target, num, out, fmt, which, seed, sample_mode, batch_size, device,
 
     path = Path(target)
     if path.is_dir():
-        from dcgan_mn.checkpoint import best_path, list_snapshots
+        from dcgan_mn.runfolder import RunFolder
 
-        snaps = list_snapshots(path)
-        if which == "best" and best_path(path).is_file():
-            path = best_path(path)
+        folder = RunFolder(path)
+        snaps = folder.snapshots()
+        if which == "best" and folder.best_file.is_file():
+            path = folder.best_file
         elif snaps:
             path = snaps[-1][1]
         else:
@@ -602,6 +603,7 @@ def compare(runs, baselines, out, metric, sample_mode, samples, label, baseline_
     collapse flag per run (see the README, "Comparing runs")."""
     from dcgan_mn import compare as C
     from dcgan_mn.rescore import RescoreError, rescore_run
+    from dcgan_mn.runfolder import RunFolder
 
     try:
         if eval_seeds < 1:
@@ -609,7 +611,7 @@ def compare(runs, baselines, out, metric, sample_mode, samples, label, baseline_
         if eval_seeds > 1:  # score what the runs lack (nothing when eval_seeds.jsonl has it all)
             dev = _device(device)
             for r in (*runs, *baselines):
-                if (Path(r) / "metrics.jsonl").is_file():  # else read_run says what is wrong
+                if RunFolder(r).metrics_file.is_file():  # else read_run says what is wrong
                     rescore_run(r, metric, eval_seeds, device=dev, cache_dir=cache_dir, progress=progress)
         read = dict(metric=metric, sample_mode=sample_mode, num_samples=samples, eval_seeds=eval_seeds)
         cands = [C.read_run(r, **read) for r in runs]

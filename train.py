@@ -134,7 +134,7 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
     from dcgan_mn.features import InceptionWeightsError
     from dcgan_mn.metrics import MetricsError, build_evaluator
     from dcgan_mn.fileio import WriteError
-    from dcgan_mn.runlock import RunFolderBusy
+    from dcgan_mn.runfolder import RunFolder, RunFolderBusy
     from dcgan_mn.distributed import init_distributed, shutdown_distributed
     from dcgan_mn.training import (check_launch, check_world_size, decided_on_main, load_resume, resolve_device,
                                    resolve_run_dir, train)
@@ -186,7 +186,7 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
         raise click.ClickException(str(e)) from None
     except WriteError as e:  # full disk, permissions, read-only or over quota
         run = Path(resume_path).parent if resume_path else (Path(cfg.out) / cfg.run_name if cfg else None)
-        if run is not None and (run / "config.json").is_file():
+        if run is not None and RunFolder(run).config_file.is_file():
             raise click.ClickException(f"{e}; the newest complete checkpoint is intact: fix that, then "
                                        f"python train.py --resume {run}") from None
         raise click.ClickException(str(e)) from None

@@ -46,7 +46,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from dcgan_mn.checkpoint import load_generator, snapshot_path
+    from dcgan_mn.checkpoint import load_generator
+    from dcgan_mn.runfolder import RunFolder
     from dcgan_mn.config import TrainConfig
     from dcgan_mn.metrics import Evaluator
     from dcgan_mn.metrics import classifier as CL
@@ -78,7 +79,7 @@ def main() -> None:
     out["train_iter_s"] = round((timed.train_seconds - warm.train_seconds) / args.iters, 4)
 
     # Mode evaluation of that generator on --mode-samples samples.
-    gen, cfg, _ = load_generator(snapshot_path(timed.run_dir, timed.iteration), "cpu")
+    gen, cfg, _ = load_generator(RunFolder(timed.run_dir).snapshot_file(timed.iteration), "cpu")
     ev = Evaluator(families=[ModeMetrics(clf, num_samples=args.mode_samples)])
     times = []
     for _ in range(args.reps):

@@ -60,7 +60,8 @@ def run_chaos(kills: int, iters: int, seed: int, out: Path, eval_every: int = 20
               min_delay: float = 2.0, max_delay: float = 9.0, env=None) -> dict:
     import torch
 
-    from dcgan_mn.checkpoint import list_checkpoints, load_checkpoint
+    from dcgan_mn.checkpoint import load_checkpoint
+    from dcgan_mn.runfolder import RunFolder
 
     rng = random.Random(seed)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -70,7 +71,7 @@ def run_chaos(kills: int, iters: int, seed: int, out: Path, eval_every: int = 20
         proc = subprocess.Popen(chaos, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(min_delay, max_delay))
         if proc.poll() is None:
-            had_checkpoint = bool(list_checkpoints(out / "chaos"))
+            had_checkpoint = bool(RunFolder(out / "chaos").checkpoints())
             proc.send_signal(signal.SIGKILL)
             after_first_checkpoint += had_checkpoint
         proc.wait()
@@ -82,16 +83,16 @@ def run_chaos(kills: int, iters: int, seed: int, out: Path, eval_every: int = 20
     if final.returncode or straight.returncode:
         report["error"] = (final.stderr or straight.stderr)[-2000:]
         return report
-    a = load_checkpoint(list_checkpoints(out / "chaos")[-1][1])
-    b = load_checkpoint(list_checkpoints(out / "straight")[-1][1])
+    a = load_checkpoint(RunFolder(out / "chaos").checkpoints()[-1][1])
+    b = load_checkpoint(RunFolder(out / "straight").checkpoints()[-1][1])
     ta, tb = dict(tensors({k: a[k] for k in ("generator", "discriminator", "opt_g", "opt_d", "rng", "data")})), \
         dict(tensors({k: b[k] for k in ("generator", "discriminator", "opt_g", "opt_d", "rng", "data")}))
     differ = sorted(k for k in ta.keys() | tb.keys() if k not in ta or k not in tb or not torch.equal(ta[k], tb[k]))
     loads = 0
-    for _, path in list_checkpoints(out / "chaos"):
+    for _, path in RunFolder(out / "chaos").checkpoints():
         torch.load(path, weights_only=True)
         loads += 1
-    rows = [json.loads(x)["iteration"] for x in (out / "chaos" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x)["iteration"] for x in RunFolder(out / "chaos").metrics_file.read_text().splitlines()]
     expected = sorted({*range(eval_every, iters + 1, eval_every), iters})
     report.update(tensors_compared=len(ta), tensors_differing=len(differ), differing=differ[:10],
                   checkpoints_loaded=loads, metrics_rows=len(rows), metrics_rows_expected=len(expected),

@@ -1,4 +1,4 @@
-"""Checkpoints and the run-folder layout.
+"""Checkpoints: what they hold, writing and reading them (``runfolder`` decides where).
 
 A checkpoint is a plain dict of tensors and Python primitives, so ``torch.load(path,
 weights_only=True)`` reads it (no pickled classes, nothing executed on load):
@@ -14,15 +14,6 @@ weights_only=True)`` reads it (no pickled classes, nothing executed on load):
 
 Files are written atomically (a temporary file in the same folder, then ``os.replace``), so a
 crash or a signal never leaves a half-written checkpoint under a real name.
-
-Run folder (``<out>/<run_name>/``):
-
-    config.json                 the run's TrainConfig
-    metrics.jsonl               one JSON line per evaluation
-    events.out.tfevents.*       TensorBoard
-    ckpt-{iteration:08d}.pt     full checkpoints, the last --keep-last kept
-    best.pt                     generator of the evaluation with the lowest FID
-    snapshots/G-{iteration:08d}.pt   generator-only, at every evaluation (or checkpoint)
 """
 
 from __future__ import annotations
@@ -30,10 +21,9 @@ from __future__ import annotations
 import io
 import pickle
 import random
-import re
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -53,14 +43,6 @@ __all__ = [
     "build_generator",
     "check_discriminator",
     "checkpoint_config",
-    "checkpoint_path",
-    "snapshot_path",
-    "best_path",
-    "list_checkpoints",
-    "find_latest_checkpoint",
-    "list_snapshots",
-    "prune_checkpoints",
-    "resolve_resume",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -70,8 +52,6 @@ SCHEMA = 1
 KINDS = ("full", "generator")
 
 PathLike = Union[str, Path]
-_CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
-_SNAP_RE = re.compile(r"^G-(\d{8,})\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -211,68 +191,3 @@ def restore_rng_state(state: dict, device: Any = None) -> None:
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-# --------------------------------------------------------------------------------------------
-# The run folder
-# --------------------------------------------------------------------------------------------
-
-
-def checkpoint_path(run_dir: PathLike, iteration: int) -> Path:
-    return Path(run_dir) / f"ckpt-{iteration:08d}.pt"
-
-
-def snapshot_path(run_dir: PathLike, iteration: int) -> Path:
-    return Path(run_dir) / "snapshots" / f"G-{iteration:08d}.pt"
-
-
-def best_path(run_dir: PathLike) -> Path:
-    return Path(run_dir) / "best.pt"
-
-
-def _numbered(folder: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.iterdir():
-        m = pattern.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def list_checkpoints(run_dir: PathLike) -> list[tuple[int, Path]]:
-    """[(iteration, path)] of the run's full checkpoints, oldest first."""
-    return _numbered(Path(run_dir), _CKPT_RE)
-
-
-def find_latest_checkpoint(run_dir: PathLike) -> Optional[Path]:
-    """The run's newest full checkpoint, or None."""
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
-def list_snapshots(run_dir: PathLike) -> list[tuple[int, Path]]:
-    """[(iteration, path)] of the run's generator snapshots, oldest first."""
-    return _numbered(Path(run_dir) / "snapshots", _SNAP_RE)
-
-
-def prune_checkpoints(run_dir: PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` full checkpoints; returns the deleted paths."""
-    doomed = [p for _, p in list_checkpoints(run_dir)[:-keep_last]] if keep_last > 0 else []
-    for p in doomed:
-        p.unlink(missing_ok=True)
-    return doomed
-
-
-def resolve_resume(target: PathLike) -> tuple[Path, Path]:
-    """(run folder, checkpoint file) for ``--resume TARGET`` (a run folder or a checkpoint)."""
-    p = Path(target).expanduser()
-    if p.is_dir():
-        ckpt = find_latest_checkpoint(p)
-        if ckpt is None:
-            raise CheckpointError(f"--resume {str(target)!r}: no full checkpoints (ckpt-*.pt) in this folder")
-        return p, ckpt
-    if p.is_file():
-        return p.parent, p
-    raise CheckpointError(f"--resume {str(target)!r}: no such file or folder")

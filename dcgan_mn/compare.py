@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,6 +50,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .fileio import atomic_write
+from .runfolder import RunFolder
 
 __all__ = ["CompareError", "RunCurve", "read_run", "pair_runs", "acceleration", "bootstrap_interval",
            "provenance_warnings",
@@ -170,33 +170,24 @@ def read_run(
     from .metrics import metric_count_key, metric_direction
 
     count_key = metric_count_key(metric)
-    run = Path(path)
-    metrics_file = run / "metrics.jsonl"
+    folder = RunFolder(path)
+    run = folder.path
     if not run.is_dir():
         raise CompareError(f"run {str(path)!r}: not a folder")
-    if not metrics_file.is_file():
-        raise CompareError(f"run {str(path)!r}: no metrics.jsonl (was it trained with --fid-every > 0?)")
+    if not folder.metrics_file.is_file():
+        raise CompareError(f"run {str(path)!r}: no {RunFolder.METRICS} (was it trained with --fid-every > 0?)")
     if eval_seeds < 1:
         raise CompareError(f"--eval-seeds {eval_seeds}: must be >= 1")
-    config = {}
-    if (run / "config.json").is_file():
-        try:
-            config = json.loads((run / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CompareError(f"run {str(path)!r}: unreadable config.json ({e})") from None
+    try:
+        config = folder.read_config() or {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise CompareError(f"run {str(path)!r}: unreadable {RunFolder.CONFIG} ({e})") from None
+    try:  # a cut last line (a run killed mid-write) is reported and skipped
+        all_rows = folder.metrics_rows()
+    except ValueError as e:  # a malformed line elsewhere
+        raise CompareError(f"run {str(path)!r}: {e}") from None
     rows = []
-    lines = metrics_file.read_text().splitlines()
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            # A run killed mid-write can leave a truncated last line; anything else is an error.
-            if line_no == len(lines):
-                print(f"warning: {metrics_file}: ignoring a truncated last line", file=sys.stderr)
-                continue
-            raise CompareError(f"run {str(path)!r}: metrics.jsonl line {line_no} is not JSON") from None
+    for row in all_rows:
         if isinstance(row, dict) and row.get(metric) is not None and row.get("iteration") is not None:
             rows.append(row)
     if not rows:
@@ -237,9 +228,9 @@ def read_run(
     used = [by_iteration[i] for i in its]  # the rows behind the curve (and their seed rows below)
     seed_values = None
     if eval_seeds > 1:
-        from .rescore import EVAL_SEEDS_FILE, evaluation_seeds, seed_rows
+        from .rescore import evaluation_seeds, seed_rows
 
-        matching = [r for r in seed_rows(run) if r.get(metric) is not None
+        matching = [r for r in seed_rows(folder) if r.get(metric) is not None
                     and r.get("sample_mode") == mode and r.get(count_key) == count]
         extra = {(int(r["iteration"]), int(r.get("seed", 0))): float(r[metric]) for r in matching}
         seed_values = []
@@ -249,7 +240,7 @@ def read_run(
                 if (i, s) not in extra:
                     raise CompareError(
                         f"run {str(path)!r}: iteration {i} has no {metric} score from evaluation "
-                        f"seed {s} in {EVAL_SEEDS_FILE}; `evaluate.py compare --eval-seeds "
+                        f"seed {s} in {RunFolder.EVAL_SEEDS}; `evaluate.py compare --eval-seeds "
                         f"{eval_seeds}` scores it from the run's snapshots")
                 point.append(extra[(i, s)])
             seed_values.append(point)

@@ -1,4 +1,4 @@
-"""Atomic file writes: every file we write (checkpoints, config, reports, cached statistics)
+"""Atomic file writes and JSON(-lines) files: every file we write (checkpoints, config, reports, cached statistics)
 appears whole or not at all, so a crash or Ctrl-C never leaves a half-written file behind; a
 write that fails (ENOSPC, EACCES, EROFS, EDQUOT, ...) removes its temporary file and raises one
 ``WriteError`` naming the file and the reason."""
@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Any, Iterator, Union
 
-__all__ = ["WriteError", "atomic_write", "write_failure"]
+__all__ = ["WriteError", "atomic_write", "write_failure", "write_json_atomic", "append_jsonl",
+           "read_jsonl"]
+
+PathLike = Union[str, Path]
 
 
 class WriteError(OSError):
@@ -65,3 +71,48 @@ def atomic_write(path: Union[str, Path], mode: str = "wb", fsync: bool = False) 
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             raise write_failure(path, e) from None
         raise
+
+
+def write_json_atomic(path: PathLike, obj: Any) -> Path:
+    """Write JSON to ``path`` atomically (a reader never sees half a file)."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return Path(path)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/Inf are not JSON: write them as null so every line stays parseable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def append_jsonl(path: PathLike, row: dict) -> None:
+    """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
+    line = json.dumps({k: _json_safe(v) for k, v in row.items()})
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_failure(path, e) from None
+
+
+def read_jsonl(path: PathLike) -> list[dict]:
+    """Rows of a JSON-lines file. A truncated last line (a crash mid-write) is skipped with a
+    warning naming the file and line; a malformed line elsewhere is a ValueError naming them."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    numbered = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
+    rows = []
+    for i, (line_no, line) in enumerate(numbered):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(numbered) - 1:
+                raise ValueError(f"{path}: line {line_no} is not JSON") from None
+            print(f"warning: {path}: ignoring line {line_no}, cut short (a crash mid-write?)", file=sys.stderr)
+    return rows

@@ -6,88 +6,22 @@ reads its device accumulators only at log time), so nothing here forces a device
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from torch import Tensor
 
-from .fileio import atomic_write, write_failure
+from .runfolder import RunFolder, as_run_folder
 
-__all__ = ["write_json_atomic", "append_jsonl", "read_jsonl", "drop_rows_after", "write_hparams",
-           "RunLogger"]
-
-HPARAMS_DIR = "hparams"  # the run's HParams session: one sub-folder, rewritten whole
+__all__ = ["write_hparams", "RunLogger"]
 
 PathLike = Union[str, Path]
 
 
-def write_json_atomic(path: PathLike, obj: Any) -> Path:
-    """Write JSON to ``path`` atomically (a reader never sees half a file)."""
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return Path(path)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/Inf are not JSON: write them as null so every line stays parseable."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def append_jsonl(path: PathLike, row: dict) -> None:
-    """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
-    line = json.dumps({k: _json_safe(v) for k, v in row.items()})
-    try:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise write_failure(path, e) from None
-
-
-def read_jsonl(path: PathLike) -> list[dict]:
-    """Rows of a JSON-lines file. A truncated last line (a crash mid-write) is skipped with a
-    warning naming the file and line; a malformed line elsewhere is a ValueError naming them."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    numbered = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
-    rows = []
-    for i, (line_no, line) in enumerate(numbered):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(numbered) - 1:
-                raise ValueError(f"{path}: line {line_no} is not JSON") from None
-            print(f"warning: {path}: ignoring line {line_no}, cut short (a crash mid-write?)", file=sys.stderr)
-    return rows
-
-
-def drop_rows_after(path: PathLike, iteration: int) -> int:
-    """Remove the rows of ``metrics.jsonl`` past ``iteration`` (written after the checkpoint a
-    run resumes from, so the resumed run will write them again); returns how many."""
-    path = Path(path)
-    if not path.is_file():
-        return 0
-    rows = read_jsonl(path)
-    kept = [r for r in rows if r.get("iteration", 0) <= iteration]
-    if len(kept) == len(rows) and path.read_text().endswith("\n"):
-        return 0
-    with atomic_write(path, "w") as f:
-        for r in kept:
-            f.write(json.dumps(r) + "\n")
-    return len(rows) - len(kept)
-
-
-def write_hparams(run_dir: PathLike, hparams: dict, metrics: dict) -> Path:
-    """TensorBoard's HParams summary of one run in ``<run_dir>/hparams``: its settings and its
+def write_hparams(run: Union[RunFolder, PathLike], hparams: dict, metrics: dict) -> Path:
+    """TensorBoard's HParams summary of one run in ``<run>/hparams``: its settings and its
     outcome (e.g. best and final metrics), so the HParams dashboard over a sweep shows runs
     side by side. Replaced whole on each call (a resumed run rewrites it when it ends), so the
     folder always holds exactly one session."""
@@ -96,7 +30,7 @@ def write_hparams(run_dir: PathLike, hparams: dict, metrics: dict) -> Path:
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-    folder = Path(run_dir) / HPARAMS_DIR
+    folder = as_run_folder(run).hparams_dir
     if folder.exists():
         shutil.rmtree(folder)
     metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
@@ -133,13 +67,13 @@ class RunLogger:
     TensorBoard, so a resumed curve has no doubled segment.
     """
 
-    def __init__(self, run_dir: PathLike, *, total_iters: int, start_iter: int = 0,
+    def __init__(self, run: Union[RunFolder, PathLike], *, total_iters: int, start_iter: int = 0,
                  purge_step: Optional[int] = None, progress: bool = True,
                  enabled: bool = True) -> None:
         from tqdm import tqdm
 
-        self.run_dir = Path(run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.folder = as_run_folder(run)
+        self.run_dir = self.folder.path
         self.enabled = enabled
         self.writer = None
         if enabled:
@@ -173,7 +107,7 @@ class RunLogger:
 
     def metrics_row(self, row: dict) -> None:
         if self.enabled:
-            append_jsonl(self.metrics_path, row)
+            self.folder.append_metrics(row)
 
     # --- progress bar ---
 

@@ -16,9 +16,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["PROVENANCE_FILE", "LIBRARIES", "environment", "env_key", "record_environment", "read_environments"]
+from .runfolder import RunFolder, as_run_folder
 
-PROVENANCE_FILE = "provenance.jsonl"
+__all__ = ["LIBRARIES", "environment", "env_key", "record_environment", "read_environments"]
+
 LIBRARIES = ("torch", "torchvision", "pytorch-fid", "numpy", "scipy", "scikit-learn", "pillow")
 
 
@@ -65,20 +66,16 @@ def env_key(env: dict) -> str:
     return hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def read_environments(run_dir: Union[str, Path]) -> dict[str, dict]:
+def read_environments(run: Union[RunFolder, str, Path]) -> dict[str, dict]:
     """{env_key: environment} of a run folder's manifest (empty without one)."""
-    from .log import read_jsonl
-
-    return {row["env_key"]: row["environment"] for row in read_jsonl(Path(run_dir) / PROVENANCE_FILE)
+    return {row["env_key"]: row["environment"] for row in as_run_folder(run).provenance_rows()
             if "env_key" in row and "environment" in row}
 
 
-def record_environment(run_dir: Union[str, Path], env: dict, iteration: int) -> str:
+def record_environment(run: Union[RunFolder, str, Path], env: dict, iteration: int) -> str:
     """Add ``env`` to the run's manifest unless it is already there; returns its key."""
-    from .log import append_jsonl
-
+    folder = as_run_folder(run)
     key = env_key(env)
-    if key not in read_environments(run_dir):
-        append_jsonl(Path(run_dir) / PROVENANCE_FILE,
-                     {"env_key": key, "first_iteration": iteration, "environment": env})
+    if key not in read_environments(folder):
+        folder.append_provenance({"env_key": key, "first_iteration": iteration, "environment": env})
     return key

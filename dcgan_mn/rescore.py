@@ -13,18 +13,15 @@ re-scoring with the training seed reproduces the training row exactly (tested).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Union
 
-from .checkpoint import list_snapshots, load_generator
+from .checkpoint import load_generator
 from .config import config_from_dict
-from .log import append_jsonl, read_jsonl
+from .runfolder import RunFolder, as_run_folder
 
-__all__ = ["EVAL_SEEDS_FILE", "RescoreError", "evaluation_seeds", "seed_rows", "rescore_run"]
-
-EVAL_SEEDS_FILE = "eval_seeds.jsonl"
+__all__ = ["RescoreError", "evaluation_seeds", "seed_rows", "rescore_run"]
 
 
 class RescoreError(ValueError):
@@ -36,10 +33,10 @@ def evaluation_seeds(training_seed: int, count: int) -> list[int]:
     return [training_seed + j for j in range(count)]
 
 
-def seed_rows(run_dir: Union[str, Path]) -> list[dict]:
+def seed_rows(run: Union[RunFolder, str, Path]) -> list[dict]:
     """The run's re-scored rows (empty when it was never re-scored)."""
     try:
-        return read_jsonl(Path(run_dir) / EVAL_SEEDS_FILE)
+        return as_run_folder(run).eval_seed_rows()
     except ValueError as e:  # a malformed line: name it, no traceback
         raise RescoreError(str(e)) from None
 
@@ -50,7 +47,7 @@ def _has(rows: list[dict], metric: str) -> set[tuple[int, int, Optional[str]]]:
 
 
 def rescore_run(
-    run_dir: Union[str, Path], metric: str, count: int, *, device="cpu", evaluator=None,
+    run_dir: Union[RunFolder, str, Path], metric: str, count: int, *, device="cpu", evaluator=None,
     cache_dir=None, progress: bool = False,
 ) -> int:
     """Score every evaluated snapshot of ``run_dir`` that lacks ``metric`` for one of its
@@ -59,16 +56,17 @@ def rescore_run(
     ``evaluator``: the run's evaluator (default: ``build_evaluator`` from the run's config, as
     training built it; tests inject a small one). All metrics of the evaluator are stored, so
     one re-scoring serves ``compare`` for each of them."""
-    run = Path(run_dir)
-    config_file = run / "config.json"
-    if not config_file.is_file():
-        raise RescoreError(f"run {str(run)!r}: no config.json to re-score with")
-    cfg = config_from_dict({k: v for k, v in json.loads(config_file.read_text()).items()})
+    folder = as_run_folder(run_dir)
+    run = folder.path
+    saved = folder.read_config()
+    if saved is None:
+        raise RescoreError(f"run {str(run)!r}: no {RunFolder.CONFIG} to re-score with")
+    cfg = config_from_dict(saved)
     from .metrics import metric_count_key
 
     count_key = metric_count_key(metric)
     samples = cfg.mode_samples if count_key == "mode_samples" else cfg.fid_samples
-    rows = read_jsonl(run / "metrics.jsonl")
+    rows = folder.metrics_rows()
     trained = [r for r in rows
                if r.get(metric) is not None and r.get("sample_mode") == cfg.sample_mode
                and r.get(count_key) == samples]  # the rows the run's own evaluator wrote
@@ -77,7 +75,7 @@ def rescore_run(
             f"run {str(run)!r}: its {metric} rows were not scored with the {samples} samples and sample "
             f"mode {cfg.sample_mode!r} of its config.json, so they cannot be re-scored alike "
             f"(use --eval-seeds 1)")
-    have = _has(trained, metric) | _has([r for r in seed_rows(run) if r.get(count_key) == samples], metric)
+    have = _has(trained, metric) | _has([r for r in seed_rows(folder) if r.get(count_key) == samples], metric)
     todo = []  # (iteration, seed)
     for row in trained:
         it = int(row["iteration"])
@@ -86,7 +84,7 @@ def rescore_run(
                 todo.append((it, s))
     if not todo:
         return 0
-    snapshots = dict(list_snapshots(run))
+    snapshots = dict(folder.snapshots())
     missing = sorted({it for it, _ in todo if it not in snapshots})
     if missing:
         raise RescoreError(
@@ -102,16 +100,16 @@ def rescore_run(
             f"run {str(run)!r}: its evaluator here cannot score --metric {metric!r} (it scores "
             f"{sorted(evaluator.directions)}; e.g. no Inception weights on this machine)")
     print(f"{run.name}: {len(todo)} re-scorings of {samples} samples each ({metric} and the rest of "
-          f"its evaluator; once, kept in {EVAL_SEEDS_FILE})", file=sys.stderr)
+          f"its evaluator; once, kept in {RunFolder.EVAL_SEEDS})", file=sys.stderr)
     from .provenance import environment, record_environment
 
-    key = record_environment(run, environment(device), max(it for it, _ in todo))
+    key = record_environment(folder, environment(device), max(it for it, _ in todo))
     loaded: tuple = (None, None)
     for it, s in todo:
         if loaded[0] != it:
             loaded = (it, load_generator(snapshots[it], device)[0])
         result = evaluator.with_seed(s)(loaded[1], sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
-        append_jsonl(run / EVAL_SEEDS_FILE, {
+        folder.append_eval_seed_row({
             "iteration": it, "images_seen": it * cfg.batch_size, "sample_mode": cfg.sample_mode,
             **{k: v for k, v in result.items() if k not in ("iteration", "images_seen")}, "env_key": key})
     return len(todo)

@@ -23,25 +23,9 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["LOCK_FILE", "RunFolderBusy", "RunLock", "create_run_folder"]
+from .runfolder import RunFolderBusy
 
-LOCK_FILE = "run.lock"
-
-
-class RunFolderBusy(RuntimeError):
-    """The run folder is taken: by another live process, or (new runs) it already exists."""
-
-
-def create_run_folder(run_dir: Union[str, Path]) -> Path:
-    """Create a new run's folder atomically; refuse one that exists (another run has it)."""
-    run_dir = Path(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        run_dir.mkdir()
-    except FileExistsError:
-        raise RunFolderBusy(f"{run_dir}: already exists (another run took this --run-name); continue "
-                            f"it with --resume {run_dir}, or choose another --run-name") from None
-    return run_dir
+__all__ = ["RunFolderBusy", "RunLock"]
 
 
 def _alive(pid: int) -> bool:
@@ -55,10 +39,11 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    """``with RunLock(run_dir):`` holds the folder's exclusive lock (or raises RunFolderBusy)."""
+    """``with RunFolder(run).claim():`` holds the folder's exclusive lock on its lock file
+    (``<run>/run.lock``), or raises RunFolderBusy."""
 
-    def __init__(self, run_dir: Union[str, Path]) -> None:
-        self.path = Path(run_dir) / LOCK_FILE
+    def __init__(self, lock_file: Union[str, Path]) -> None:
+        self.path = Path(lock_file)
         self._fd: Optional[int] = None
 
     def holder(self) -> dict:

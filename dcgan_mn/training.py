@@ -42,12 +42,12 @@ from .config import ConfigError, TrainConfig, default_run_name, resume_config
 from .data import BatchSampler, load_dataset
 from . import distributed as dist_utils
 from .distributed import DistInfo, launched_with_torchrun
-from .log import RunLogger, drop_rows_after, read_jsonl, write_hparams, write_json_atomic
+from .log import RunLogger, write_hparams
 from .models import Discriminator, Generator
 from .norms import MixtureNorm2d
 from .step import TrainStep
 from .provenance import environment, record_environment
-from .runlock import RunLock, create_run_folder
+from .runfolder import RunFolder, resolve_resume
 
 __all__ = [
     "Evaluator",
@@ -170,25 +170,24 @@ def load_resume(target: Union[str, Path]) -> tuple[Path, Optional[Path], Optiona
 
     A run folder with its ``config.json`` but no checkpoint yet (a run killed before its first
     one) gives (folder, None, None, that config): the run restarts from iteration 0."""
-    folder = Path(target).expanduser()
-    if folder.is_dir() and not ckpt.list_checkpoints(folder) and (folder / "config.json").is_file():
+    folder = RunFolder(Path(target).expanduser())
+    if folder.path.is_dir() and not folder.checkpoints() and folder.config_file.is_file():
         from .config import config_from_dict
-        import json
 
         try:
-            cfg = config_from_dict(json.loads((folder / "config.json").read_text()))
+            cfg = config_from_dict(folder.read_config())
         except (ValueError, ConfigError) as e:
-            raise ckpt.CheckpointError(f"--resume {str(target)!r}: no checkpoint, and its config.json "
+            raise ckpt.CheckpointError(f"--resume {str(target)!r}: no checkpoint, and its {RunFolder.CONFIG} "
                                        f"is unreadable ({e})") from None
-        return folder, None, None, cfg
-    run_dir, path = ckpt.resolve_resume(target)
+        return folder.path, None, None, cfg
+    folder, path = resolve_resume(target)
     payload = ckpt.load_checkpoint(path, map_location="cpu")
     if payload["kind"] != "full":
         raise ckpt.CheckpointError(
             f"--resume {str(target)!r}: a generator-only snapshot cannot be resumed; use a "
             f"full checkpoint (ckpt-*.pt) or the run folder"
         )
-    newer = [p.name for i, p in ckpt.list_checkpoints(run_dir) if i > payload["iteration"]]
+    newer = [p.name for i, p in folder.checkpoints() if i > payload["iteration"]]
     if newer:
         raise ckpt.CheckpointError(
             f"--resume {str(target)!r}: the run folder has newer checkpoints ({', '.join(newer)}); "
@@ -197,7 +196,7 @@ def load_resume(target: Union[str, Path]) -> tuple[Path, Optional[Path], Optiona
     cfg = ckpt.checkpoint_config(payload, path)
     ckpt.build_generator(cfg, payload["generator"], path)  # weights that fit the config's model
     ckpt.check_discriminator(cfg, payload["discriminator"], path)
-    return run_dir, path, payload, cfg
+    return folder.path, path, payload, cfg
 
 
 def check_launch(cfg: TrainConfig, dist: DistInfo) -> None:
@@ -468,16 +467,17 @@ def train(
     # ---- Rank 0 alone writes files; the other ranks' logger is silent.
     dropped = 0
     env_key = None  # the environment every metrics row of this process points to
-    lock = RunLock(run_dir)  # held by rank 0 until the run ends; a second process stops here
+    folder = RunFolder(run_dir)
+    lock = folder.claim()  # held by rank 0 until the run ends; a second process stops here
     if dist.is_main:
         if payload is None and not restarting:
-            create_run_folder(run_dir)  # one mkdir: of two runs racing for a name, one wins
+            folder.create()  # one mkdir: of two runs racing for a name, one wins
         lock.acquire()
-        write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        folder.write_config(cfg.to_dict())
         if payload is not None or restarting:
-            dropped = drop_rows_after(run_dir / "metrics.jsonl", iteration)
-        env_key = record_environment(run_dir, environment(device), iteration)
-    logger = RunLogger(run_dir, total_iters=cfg.iters, start_iter=iteration,
+            dropped = folder.drop_metrics_after(iteration)
+        env_key = record_environment(folder, environment(device), iteration)
+    logger = RunLogger(folder, total_iters=cfg.iters, start_iter=iteration,
                        purge_step=iteration + 1 if payload is not None or restarting else None, progress=progress,
                        enabled=dist.is_main)
     if payload is not None:
@@ -592,12 +592,12 @@ def train(
             logger.scalars({"time/eval_seconds": row["eval_seconds"]}, iteration)
             snapshot = ckpt.generator_payload(G, cfg, iteration, iteration * cfg.batch_size, metrics=row)
             if dist.is_main:
-                ckpt.save_checkpoint(ckpt.snapshot_path(run_dir, iteration), snapshot)
+                folder.save_snapshot(iteration, snapshot)
             value = result.get(best_metric)
             if value is not None and math.isfinite(value) and (best["value"] is None or value < best["value"]):
                 best.update(value=float(value), iteration=iteration)
                 if dist.is_main:
-                    ckpt.save_checkpoint(ckpt.best_path(run_dir), snapshot)
+                    folder.save_best(snapshot)
             for key in ("fid", "modes", "cfd"):
                 if result.get(key) is not None:
                     logger.show(**{key: f"{result[key]:.2f}" if key != "modes" else str(result[key])})
@@ -606,7 +606,7 @@ def train(
         """A full checkpoint (and a snapshot when there is no evaluation); prune old ones."""
         train_s = clock.seconds()
         with clock.paused():
-            path = ckpt.checkpoint_path(run_dir, iteration)
+            path = folder.checkpoint_file(iteration)
             rng = ckpt.capture_rng_state(device)
             log_window = {"sums": log_sums.cpu(), "count": log_count}
             ranks = None
@@ -628,11 +628,11 @@ def train(
             )
             if dist.enabled:
                 payload.update(world_size=dist.world_size, ranks=ranks)
-            path = ckpt.save_checkpoint(path, payload)
+            path = folder.save_checkpoint(iteration, payload)
             if not evaluating:
-                ckpt.save_checkpoint(ckpt.snapshot_path(run_dir, iteration),
-                                     ckpt.generator_payload(G, cfg, iteration, iteration * cfg.batch_size))
-            ckpt.prune_checkpoints(run_dir, cfg.keep_last)
+                folder.save_snapshot(iteration, ckpt.generator_payload(G, cfg, iteration,
+                                                                       iteration * cfg.batch_size))
+            folder.prune_checkpoints(cfg.keep_last)  # after its successor is durably written
             return path
 
     # ---- Train: one D step then one G step per iteration, until cfg.iters or a signal.
@@ -720,7 +720,7 @@ def train(
                 if evaluating and not due(cfg.fid_every):
                     evaluate()
             if nonfinite_at is None and (last_ckpt is None
-                                         or ckpt.checkpoint_path(run_dir, iteration) != last_ckpt):
+                                         or folder.checkpoint_file(iteration) != last_ckpt):
                 if iteration > start_iteration or payload is None:
                     last_ckpt = save()
     finally:
@@ -728,10 +728,10 @@ def train(
         lock.release()
     if dist.is_main and evaluating:
         directions = getattr(evaluator, "directions", None) or {best_metric: "min"}
-        write_hparams(run_dir, run_hparams(cfg, G),
-                      run_outcome(read_jsonl(run_dir / "metrics.jsonl"), directions, iteration))
+        write_hparams(folder, run_hparams(cfg, G),
+                      run_outcome(folder.metrics_rows(), directions, iteration))
     if nonfinite_at is not None:
-        newest = ckpt.find_latest_checkpoint(run_dir)
+        newest = folder.latest_checkpoint()
         logger.message(f"non-finite losses or D outputs at iteration {nonfinite_at} (noticed at "
                        f"{iteration}): stopped without writing; newest finite checkpoint: {newest}")
     elif stopping is not None:

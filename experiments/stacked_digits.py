@@ -38,9 +38,8 @@ import click
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dcgan_mn.checkpoint import list_checkpoints, list_snapshots  # noqa: E402
 from dcgan_mn.config import RESUME_FIXED, config_from_dict  # noqa: E402
-from dcgan_mn.log import read_jsonl  # noqa: E402
+from dcgan_mn.runfolder import RunFolder  # noqa: E402
 
 DEFAULT_ARMS = ("bn=--mn-layers none", "mn=--mn-layers 0,1")
 METRICS = ("modes", "kl_modes", "cfd")
@@ -154,8 +153,8 @@ def run_state(run: Run, iters: int) -> tuple[str, int]:
     died before its first checkpoint and evaluation: it is restarted."""
     if not run.folder.exists():
         return "new", 0
-    checkpoints = list_checkpoints(run.folder)
-    rows = read_jsonl(run.folder / "metrics.jsonl")
+    checkpoints = RunFolder(run.folder).checkpoints()
+    rows = RunFolder(run.folder).metrics_rows()
     evaluated = max((int(r["iteration"]) for r in rows if "iteration" in r), default=0)
     if not checkpoints:
         if evaluated >= iters:
@@ -172,11 +171,11 @@ def run_state(run: Run, iters: int) -> tuple[str, int]:
 def check_same_settings(run: Run, planned: dict) -> None:
     """A run folder trained with other settings (another arm's flags, another cadence) must not
     be mixed into this experiment."""
-    config_file = run.folder / "config.json"
-    if not config_file.is_file():
+    saved = RunFolder(run.folder).read_config()
+    if saved is None:
         return
     # Through TrainConfig, so a key an older version did not write reads as its default.
-    saved = config_from_dict(json.loads(config_file.read_text())).to_dict()
+    saved = config_from_dict(saved).to_dict()
     keys = [*RESUME_FIXED, "fid_every"]
     differ = [f"{k}: {saved.get(k)!r} there, {planned.get(k)!r} here" for k in keys
               if saved.get(k) != planned.get(k)]
@@ -187,7 +186,7 @@ def check_same_settings(run: Run, planned: dict) -> None:
 
 def evaluation_share(run: Run) -> dict:
     """Training and evaluation seconds of a run, from its metrics rows."""
-    rows = read_jsonl(run.folder / "metrics.jsonl")
+    rows = RunFolder(run.folder).metrics_rows()
     train_s = max((r.get("train_seconds") or 0.0 for r in rows), default=0.0)
     eval_s = sum(r.get("eval_seconds") or 0.0 for r in rows)
     return {"train_seconds": train_s, "eval_seconds": eval_s,
@@ -201,7 +200,7 @@ def write_sample_grid(folder: Path, path: Path, sample_mode: str, batch_size: in
 
     from dcgan_mn.checkpoint import load_generator
 
-    snapshots = list_snapshots(folder)
+    snapshots = RunFolder(folder).snapshots()
     if not snapshots:  # a clone of the committed experiment: keep the committed grid
         click.echo(f"sample grid: {folder} has no snapshots; {path} left as it is")
         return

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dcgan_mn.runfolder import RunFolder, resolve_resume
 from dcgan_mn import checkpoint as C
 from dcgan_mn.config import TrainConfig
 from dcgan_mn.models import Generator
@@ -25,14 +26,14 @@ def test_generator_snapshot_round_trip(tmp_path, mn_layers):
     cfg = tiny_cfg(mn_layers=mn_layers)
     gen = make_gen(cfg)
     gen(torch.randn(8, cfg.z_dim))  # move the running statistics away from their init
-    path = C.save_checkpoint(C.snapshot_path(tmp_path, 120), C.generator_payload(gen, cfg, 120, 960))
+    path = C.save_checkpoint(RunFolder(tmp_path).snapshot_file(120), C.generator_payload(gen, cfg, 120, 960))
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "dcgan_mn" and raw["schema"] == C.SCHEMA and raw["kind"] == "generator"
     loaded, cfg2, iteration = C.load_generator(path, "cpu")
     assert cfg2 == cfg and iteration == 120
     for (k, a), (k2, b) in zip(gen.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
-    assert C.list_snapshots(tmp_path) == [(120, path)]
+    assert RunFolder(tmp_path).snapshots() == [(120, path)]
 
 
 def test_load_generator_from_full_checkpoint(tmp_path):
@@ -41,9 +42,9 @@ def test_load_generator_from_full_checkpoint(tmp_path):
     payload = C.generator_payload(gen, cfg, 7, 56)
     payload.update(kind="full", discriminator={}, opt_g={}, opt_d={}, rng=C.capture_rng_state(),
                    fixed_noise=torch.randn(64, cfg.z_dim))
-    path = C.save_checkpoint(C.checkpoint_path(tmp_path, 7), payload)
+    path = C.save_checkpoint(RunFolder(tmp_path).checkpoint_file(7), payload)
     assert C.load_generator(path)[2] == 7
-    assert C.find_latest_checkpoint(tmp_path) == path
+    assert RunFolder(tmp_path).latest_checkpoint() == path
 
 
 def test_other_architecture_is_refused(tmp_path):
@@ -117,16 +118,18 @@ def test_rng_state_round_trip_is_weights_only(tmp_path):
 
 def test_prune_and_resolve_resume(tmp_path):
     for it in (10, 20, 30, 40):
-        C.save_checkpoint(C.checkpoint_path(tmp_path, it), {"kind": "full"})
+        C.save_checkpoint(RunFolder(tmp_path).checkpoint_file(it), {"kind": "full"})
     (tmp_path / "ckpt-notanumber.pt").write_text("")
-    deleted = C.prune_checkpoints(tmp_path, keep_last=2)
+    deleted = RunFolder(tmp_path).prune_checkpoints(2)
     assert [p.name for p in deleted] == ["ckpt-00000010.pt", "ckpt-00000020.pt"]
-    assert [i for i, _ in C.list_checkpoints(tmp_path)] == [30, 40]
-    assert C.resolve_resume(tmp_path) == (tmp_path, C.checkpoint_path(tmp_path, 40))
-    assert C.resolve_resume(C.checkpoint_path(tmp_path, 30)) == (tmp_path, C.checkpoint_path(tmp_path, 30))
+    assert [i for i, _ in RunFolder(tmp_path).checkpoints()] == [30, 40]
+    folder, path = resolve_resume(tmp_path)
+    assert (folder.path, path) == (tmp_path, RunFolder(tmp_path).checkpoint_file(40))
+    folder, path = resolve_resume(RunFolder(tmp_path).checkpoint_file(30))
+    assert (folder.path, path) == (tmp_path, RunFolder(tmp_path).checkpoint_file(30))
     with pytest.raises(C.CheckpointError, match="--resume .*: no such file or folder"):
-        C.resolve_resume(tmp_path / "nope")
+        resolve_resume(tmp_path / "nope")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(C.CheckpointError, match="no full checkpoints"):
-        C.resolve_resume(empty)
+        resolve_resume(empty)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import compare as C
-from dcgan_mn.rescore import EVAL_SEEDS_FILE
 
 ITERS = [200, 400, 600, 800, 1000, 1200]
 
@@ -28,7 +28,7 @@ def make_run(root, name, values, seed=0, metric="cfd", count_key="mode_samples",
     extra = [{"iteration": it, metric: v, count_key: 1000, "sample_mode": "batch", "seed": s}
              for it, point in zip(ITERS, seed_values) for s, v in enumerate(point, 1)]
     if extra:
-        (run / EVAL_SEEDS_FILE).write_text("".join(json.dumps(r) + "\n" for r in extra))
+        (run / RunFolder.EVAL_SEEDS).write_text("".join(json.dumps(r) + "\n" for r in extra))
     return run
 
 
@@ -214,14 +214,14 @@ def test_report_is_reproducible_and_states_its_rule(tmp_path):
 
 
 def test_warns_when_numbers_come_from_different_environments(tmp_path):
-    from dcgan_mn.provenance import PROVENANCE_FILE, env_key
+    from dcgan_mn.provenance import env_key
 
     def with_env(run, env, protocol="pytorch-fid"):
         key = env_key(env)
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         (run / "metrics.jsonl").write_text("".join(
             json.dumps({**r, "env_key": key, "fid_protocol": protocol}) + "\n" for r in rows))
-        (run / PROVENANCE_FILE).write_text(json.dumps({"env_key": key, "first_iteration": 0,
+        (run / RunFolder.PROVENANCE).write_text(json.dumps({"env_key": key, "first_iteration": 0,
                                                        "environment": env}) + "\n")
 
     env = {"torch": "2.14.1", "numpy": "2.4.6", "cpu_capability": "AVX512", "device": "cpu"}

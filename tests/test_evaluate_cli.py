@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import pytorch_fid.inception as pfi
+from dcgan_mn.runfolder import RunFolder
 from dcgan_mn.features import sha256_file
 
 from conftest import load_script
@@ -187,7 +188,7 @@ def tiny_features(monkeypatch):
 
 
 def make_run_folder(root, iterations, mn_layers="0"):
-    from dcgan_mn.checkpoint import generator_payload, save_checkpoint, snapshot_path
+    from dcgan_mn.checkpoint import generator_payload, save_checkpoint
     from dcgan_mn.config import TrainConfig
     from dcgan_mn.models import Generator
 
@@ -199,7 +200,7 @@ def make_run_folder(root, iterations, mn_layers="0"):
     for it in iterations:
         torch.manual_seed(it)
         gens[it] = Generator(**cfg.model_kwargs())
-        save_checkpoint(snapshot_path(root, it), generator_payload(gens[it], cfg, it, 8 * it))
+        save_checkpoint(RunFolder(root).snapshot_file(it), generator_payload(gens[it], cfg, it, 8 * it))
     return cfg, gens
 
 

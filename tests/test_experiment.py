@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import load_script
-from dcgan_mn import checkpoint as C
+from dcgan_mn.runfolder import RunFolder
 
 pytestmark = pytest.mark.usefixtures("train_single_thread")
 
@@ -65,7 +65,7 @@ def test_runs_new_then_resumes_cut_runs_then_skips_done_ones(launched, tmp_path)
     assert res.exit_code == 0, res.output
     assert "bn-s0: resume (at iteration 2)" in res.output
     assert all("--resume" in c and c[c.index("--iters") + 1] == "4" for c in launched) and len(launched) == 2
-    assert [i for i, _ in C.list_checkpoints(out / "mn-s0")][-1] == 4
+    assert [i for i, _ in RunFolder(out / "mn-s0").checkpoints()][-1] == 4
     rows = [json.loads(x) for x in (out / "mn-s0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [2, 4]
     assert len(list((out / "mn-s0" / "hparams").glob("events.out.tfevents.*"))) == 1  # rewritten whole

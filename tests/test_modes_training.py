@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import load_script, read_tensorboard
+from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import checkpoint as C
 from dcgan_mn import compare as C_
 from dcgan_mn import rescore as RS
@@ -32,8 +33,8 @@ def test_stacked_dataset_resumes_exactly(tmp_path):
     full = train(TrainConfig(run_name="full", **kw), progress=False)
     part = train(TrainConfig(run_name="part", **{**kw, "iters": 3}), progress=False)
     resumed = train(TrainConfig(run_name="part", **kw), progress=False, resume=part.run_dir)
-    a = C.load_checkpoint(C.find_latest_checkpoint(full.run_dir))
-    b = C.load_checkpoint(C.find_latest_checkpoint(resumed.run_dir))
+    a = C.load_checkpoint(RunFolder(full.run_dir).latest_checkpoint())
+    b = C.load_checkpoint(RunFolder(resumed.run_dir).latest_checkpoint())
     for key in ("generator", "discriminator", "data"):
         for k in a[key]:
             va, vb = a[key][k], b[key][k]
@@ -66,7 +67,7 @@ def test_stacked_run_without_inception_writes_mode_rows(mode_run, modes_classifi
     assert [s for s, _ in scalars["metrics/modes_48"]] == [2, 4]
     assert "metrics/cfd_48" in scalars and "metrics/kl_modes_48" in scalars
     assert images["samples/batch"] == [2, 4]
-    best = C.load_checkpoint(C.best_path(run_dir))
+    best = C.load_checkpoint(RunFolder(run_dir).best_file)
     assert best["metrics"]["cfd"] == min(r["cfd"] for r in rows)
     assert "best cfd" in output
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -88,7 +89,7 @@ def test_evaluate_modes_on_run_checkpoint_and_images(mode_run, modes_cache, tmp_
         assert got["cfd"] == pytest.approx(logged["cfd"], rel=1e-9)
         assert got["num_samples"] == 48
     # One checkpoint: the numbers at the top level.
-    res = invoke("modes", C.snapshot_path(run_dir, 4), *common)
+    res = invoke("modes", RunFolder(run_dir).snapshot_file(4), *common)
     one = json.loads(res.stdout)
     for key in ("modes", "kl_modes", "cfd", "num_samples", "classifier_sha256", "classifier_accuracy"):
         assert key in one, key
@@ -116,17 +117,17 @@ def test_compare_modes_knows_higher_is_better(mode_run, tmp_path):
     assert report["direction"] == "max" and "higher is better" in res.stdout
     assert report["num_samples"] == 48
     # The default three evaluation seeds: seeds 1 and 2 were scored from the snapshots once.
-    extra = [json.loads(line) for line in (run_dir / RS.EVAL_SEEDS_FILE).read_text().splitlines()]
+    extra = [json.loads(line) for line in (run_dir / RunFolder.EVAL_SEEDS).read_text().splitlines()]
     assert sorted((r["iteration"], r["seed"]) for r in extra) == [(2, 1), (2, 2), (4, 1), (4, 2)]
     means = [statistics.fmean([row["modes"]] + [r["modes"] for r in extra if r["iteration"] == row["iteration"]])
              for row in rows]
     assert report["runs"]["baseline"][0]["best"] == pytest.approx(max(means))
     assert report["evaluation_noise"]["eval_seeds"] == 3 and report["evaluation_noise"]["points"] == 4
     # A second compare scores nothing more; --eval-seeds 1 reads the training rows alone.
-    before = (run_dir / RS.EVAL_SEEDS_FILE).read_text()
+    before = (run_dir / RunFolder.EVAL_SEEDS).read_text()
     res = CliRunner().invoke(eval_cli, ["compare", str(run_dir), "--baseline", str(run_dir), "--metric",
                                         "cfd", "--out", str(tmp_path / "cmp2"), "--no-progress"])
-    assert res.exit_code == 0 and (run_dir / RS.EVAL_SEEDS_FILE).read_text() == before
+    assert res.exit_code == 0 and (run_dir / RunFolder.EVAL_SEEDS).read_text() == before
     one = C_.read_run(run_dir, metric="modes", eval_seeds=1)
     assert one.values == [float(r["modes"]) for r in rows] and one.spread is None
 
@@ -140,7 +141,7 @@ def test_rescoring_the_training_seed_reproduces_the_training_rows(mode_run, mode
     evaluator = build_evaluator(cfg, "cpu", feature_extractor=None, mode_classifier=modes_classifier)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
-        G, _, _ = C.load_generator(C.snapshot_path(run_dir, row["iteration"]))
+        G, _, _ = C.load_generator(RunFolder(run_dir).snapshot_file(row["iteration"]))
         again = evaluator.with_seed(0)(G, sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
         assert (again["modes"], again["kl_modes"], again["cfd"]) == (row["modes"], row["kl_modes"], row["cfd"])
         other = evaluator.with_seed(1)(G, sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
@@ -171,11 +172,11 @@ def test_modes_help_explains_every_option():
 def test_rows_point_to_the_environment_that_computed_them(mode_run):
     import torch as T
 
-    from dcgan_mn.provenance import PROVENANCE_FILE, read_environments
+    from dcgan_mn.provenance import read_environments
 
     run_dir, _ = mode_run
     envs = read_environments(run_dir)
-    assert len(envs) == 1 and len((run_dir / PROVENANCE_FILE).read_text().splitlines()) == 1
+    assert len(envs) == 1 and len((run_dir / RunFolder.PROVENANCE).read_text().splitlines()) == 1
     (key, env), = envs.items()
     assert env["torch"] == T.__version__.split("+")[0] or env["torch"] == T.__version__
     assert env["cpu_capability"] == T.backends.cpu.get_cpu_capability() and env["device"] == "cpu"

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from dcgan_mn.runlock import LOCK_FILE, RunFolderBusy, RunLock, create_run_folder
+from dcgan_mn.runfolder import RunFolder, RunFolderBusy
 from dcgan_mn.training import train
 from test_training import tiny_cfg, tiny_images
 
 pytestmark = pytest.mark.usefixtures("train_single_thread")
 ROOT = Path(__file__).resolve().parents[1]
-HOLD = ("import sys, time; from dcgan_mn.runlock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+HOLD = ("import sys, time; from dcgan_mn.runfolder import RunFolder; lock = RunFolder(sys.argv[1]).claim().acquire(); "
         "print('locked', flush=True); time.sleep(120)")
 
 
@@ -32,7 +32,7 @@ def test_live_holder_stops_a_resume_and_a_killed_one_is_taken_over(tmp_path, cap
     cfg = tiny_cfg(tmp_path, iters=2, ckpt_every=2)
     first = train(cfg, images=tiny_images(), progress=False)
     run_dir = first.run_dir
-    assert (run_dir / LOCK_FILE).read_text() == ""  # released: no holder recorded
+    assert RunFolder(run_dir).lock_file.read_text() == ""  # released: no holder recorded
     holder = hold(run_dir)
     try:
         before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
@@ -50,9 +50,9 @@ def test_live_holder_stops_a_resume_and_a_killed_one_is_taken_over(tmp_path, cap
 
 
 def test_new_run_folder_is_created_by_one_claimant_only(tmp_path):
-    assert create_run_folder(tmp_path / "a").is_dir()
+    assert RunFolder(tmp_path / "a").create().path.is_dir()
     with pytest.raises(RunFolderBusy, match="already exists"):
-        create_run_folder(tmp_path / "a")
+        RunFolder(tmp_path / "a").create()
     # Two train.py processes started at once with the same --run-name: exactly one trains.
     cmd = [sys.executable, str(ROOT / "train.py"), "--ngf", "8", "--ndf", "8", "--batch-size", "8",
            "--mn-fit-points", "64", "--iters", "2", "--fid-every", "0", "--sample-every", "0",
@@ -70,8 +70,8 @@ def test_new_run_folder_is_created_by_one_claimant_only(tmp_path):
 
 
 def test_lock_in_process_is_exclusive_and_released(tmp_path):
-    with RunLock(tmp_path):
+    with RunFolder(tmp_path).claim():
         with pytest.raises(RunFolderBusy, match=f"in use by pid {os.getpid()}"):
-            RunLock(tmp_path).acquire()
-    with RunLock(tmp_path):  # released on exit
+            RunFolder(tmp_path).claim().acquire()
+    with RunFolder(tmp_path).claim():  # released on exit
         pass

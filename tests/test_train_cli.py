@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import load_script, write_fake_cifar10
+from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import checkpoint as C
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,8 +155,8 @@ def test_train_existing_folder_and_resume_rules(env):
         (["--resume", run_dir, "--run-name", "z"], "--run-name 'z': cannot be combined with --resume"),
         (["--resume", run_dir / "nope"], "no such file or folder"),
         (["--resume", run_dir, "--iters", "1"], "--iters 1: the resumed run is already at iteration 2"),
-        (["--resume", C.snapshot_path(run_dir, 2)], "a generator-only snapshot cannot be resumed"),
-        (["--resume", C.checkpoint_path(run_dir, 1)], "newer checkpoints (ckpt-00000002.pt)"),
+        (["--resume", RunFolder(run_dir).snapshot_file(2)], "a generator-only snapshot cannot be resumed"),
+        (["--resume", RunFolder(run_dir).checkpoint_file(1)], "newer checkpoints (ckpt-00000002.pt)"),
     ]:
         result = run("--no-progress", *args)
         assert result.exit_code in (1, 2) and expect in error_line(result), (args, result.output)
@@ -165,7 +166,7 @@ def test_train_existing_folder_and_resume_rules(env):
     assert json.loads(dry.output)["iters"] == 4 and dry.exit_code == 0
     resumed = run("--resume", run_dir, "--iters", "4", "--ngf", "8", "--no-progress")  # same value: fine
     assert resumed.exit_code == 0, resumed.output
-    assert [i for i, _ in C.list_checkpoints(run_dir)][-1] == 4
+    assert [i for i, _ in RunFolder(run_dir).checkpoints()][-1] == 4
     assert json.loads((run_dir / "config.json").read_text())["iters"] == 4
 
 
@@ -173,7 +174,7 @@ def test_train_existing_folder_and_resume_rules(env):
 def test_bad_resume_checkpoints(env, case):
     data, out = env
     assert run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "1").exit_code == 0
-    path = C.checkpoint_path(out / "r", 1)
+    path = RunFolder(out / "r").checkpoint_file(1)
     if case == "corrupt":
         path.write_bytes(path.read_bytes()[:1000])
     elif case == "foreign":
@@ -201,17 +202,17 @@ def test_signal_saves_checkpoint_and_exits_cleanly(env, sig):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     run_dir = out / "s"
     deadline = time.time() + 120
-    while not C.checkpoint_path(run_dir, 2).exists():  # the loop is running
+    while not RunFolder(run_dir).checkpoint_file(2).exists():  # the loop is running
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr
     assert "Traceback" not in stderr
-    stopped = C.find_latest_checkpoint(run_dir)
+    stopped = RunFolder(run_dir).latest_checkpoint()
     iteration = C.load_checkpoint(stopped)["iteration"]
     assert iteration >= 2 and f"{sig.name}: stopped at iteration {iteration}" in stderr
     assert not list(run_dir.rglob("*.tmp"))
     resumed = run("--resume", run_dir, "--iters", iteration + 2, "--no-progress")
     assert resumed.exit_code == 0, resumed.output
-    assert C.load_checkpoint(C.find_latest_checkpoint(run_dir))["iteration"] == iteration + 2
+    assert C.load_checkpoint(RunFolder(run_dir).latest_checkpoint())["iteration"] == iteration + 2

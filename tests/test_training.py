@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import read_tensorboard
+from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import checkpoint as C
 from dcgan_mn.config import ConfigError, TrainConfig
 from dcgan_mn.training import train
@@ -31,7 +32,7 @@ def tiny_cfg(tmp_path, **kw):
 
 def state_of(run_dir):
     """Everything a run's newest checkpoint holds that must match bitwise."""
-    p = C.load_checkpoint(C.find_latest_checkpoint(run_dir))
+    p = C.load_checkpoint(RunFolder(run_dir).latest_checkpoint())
     return p
 
 
@@ -121,14 +122,14 @@ def test_evaluator_hook_metrics_snapshots_best(tmp_path):
     seconds = [r["train_seconds"] for r in rows]
     assert seconds == sorted(seconds) and seconds[-1] < wall - 3 * 0.2  # evaluation excluded
 
-    assert [i for i, _ in C.list_snapshots(run)] == [2, 4, 6]  # at every evaluation only
-    gen, snap_cfg, it = C.load_generator(C.snapshot_path(run, 4))
+    assert [i for i, _ in RunFolder(run).snapshots()] == [2, 4, 6]  # at every evaluation only
+    gen, snap_cfg, it = C.load_generator(RunFolder(run).snapshot_file(4))
     assert it == 4 and snap_cfg.run_name == "run"
-    best = torch.load(C.best_path(run), weights_only=True)
+    best = torch.load(RunFolder(run).best_file, weights_only=True)
     assert best["iteration"] == 4 and best["metrics"]["fid"] == 20.0
-    assert_same_tensors(best["generator"], torch.load(C.snapshot_path(run, 4), weights_only=True)["generator"])
+    assert_same_tensors(best["generator"], torch.load(RunFolder(run).snapshot_file(4), weights_only=True)["generator"])
     assert result.best_fid == 20.0 and result.best_iteration == 4
-    full = C.load_checkpoint(C.find_latest_checkpoint(run))
+    full = C.load_checkpoint(RunFolder(run).latest_checkpoint())
     assert full["best"] == {"metric": "fid", "value": 20.0, "iteration": 4} and full["iteration"] == 6
 
     scalars, _, _ = read_tensorboard(run)
@@ -148,14 +149,14 @@ def test_train_seconds_and_best_survive_resume(tmp_path):
     assert [r["train_seconds"] for r in rows] == sorted(r["train_seconds"] for r in rows)
     assert second.train_seconds > first.train_seconds
     assert second.best_fid == 5.0 and second.best_iteration == 4  # 7 and 6 are not better
-    assert torch.load(C.best_path(second.run_dir), weights_only=True)["iteration"] == 4
+    assert torch.load(RunFolder(second.run_dir).best_file, weights_only=True)["iteration"] == 4
 
 
 def test_resume_drops_metrics_rows_written_after_the_checkpoint(tmp_path):
     images = tiny_images()
     first = train(tiny_cfg(tmp_path, iters=4, fid_every=2, ckpt_every=2), images=images,
                   progress=False, evaluator=FakeEvaluator([10.0, 5.0]))
-    C.checkpoint_path(first.run_dir, 4).unlink()  # as if the run crashed before its last checkpoint
+    RunFolder(first.run_dir).checkpoint_file(4).unlink()  # as if the run crashed before its last checkpoint
     train(tiny_cfg(tmp_path, iters=4, fid_every=2), images=images, progress=False,
           resume=first.run_dir, evaluator=FakeEvaluator([11.0]))
     rows = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -185,13 +186,13 @@ def test_run_folder_layout_and_keep_last(tmp_path):
     result = train(tiny_cfg(tmp_path, iters=7, ckpt_every=2, keep_last=2), images=tiny_images(),
                    progress=False)
     run = result.run_dir
-    assert [i for i, _ in C.list_checkpoints(run)] == [6, 7]  # every 2, the end; last 2 kept
-    assert [i for i, _ in C.list_snapshots(run)] == [2, 4, 6, 7]  # no evaluator: at checkpoints
+    assert [i for i, _ in RunFolder(run).checkpoints()] == [6, 7]  # every 2, the end; last 2 kept
+    assert [i for i, _ in RunFolder(run).snapshots()] == [2, 4, 6, 7]  # no evaluator: at checkpoints
     saved = json.loads((run / "config.json").read_text())
     assert saved["run_name"] == "run" and saved["iters"] == 7 and saved["mn_layers"] == [0, 1]
     assert list(run.glob("events.out.tfevents.*"))
     assert not list(run.rglob("*.tmp"))
-    payload = torch.load(C.checkpoint_path(run, 7), weights_only=True)
+    payload = torch.load(RunFolder(run).checkpoint_file(7), weights_only=True)
     assert payload["kind"] == "full" and payload["images_seen"] == 56
 
 
@@ -297,14 +298,14 @@ def test_nonfinite_training_stops_and_keeps_finite_checkpoints(tmp_path, nan_at,
                    evaluator=FakeEvaluator([50.0 - i for i in range(6)]))
     assert result.stopped_by == "non-finite"
     run_dir = tmp_path / "runs" / "run"
-    kept = C.list_checkpoints(run_dir)
+    kept = RunFolder(run_dir).checkpoints()
     assert [i for i, _ in kept] == list(range(2, nan_at + 1, 2))[-2:]  # the finite ones, none pruned
     for _, path in kept:  # finite and loadable
         payload = C.load_checkpoint(path)
         assert all(torch.isfinite(t).all() for t in payload["generator"].values() if t.is_floating_point())
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r["iteration"] for r in rows) <= nan_at
-    assert all(i <= nan_at for i, _ in C.list_snapshots(run_dir))
+    assert all(i <= nan_at for i, _ in RunFolder(run_dir).snapshots())
 
 
 def test_train_cli_exit_code_for_nonfinite(monkeypatch, tmp_path):
@@ -325,10 +326,11 @@ def test_train_cli_exit_code_for_nonfinite(monkeypatch, tmp_path):
 
 
 def test_metrics_jsonl_helpers(tmp_path, capsys):
-    from dcgan_mn.log import append_jsonl, drop_rows_after, read_jsonl
+    from dcgan_mn.fileio import append_jsonl, read_jsonl
 
-    path = tmp_path / "metrics.jsonl"
-    assert drop_rows_after(path, 5) == 0 and not path.exists()
+    folder = RunFolder(tmp_path)
+    path = folder.metrics_file
+    assert folder.drop_metrics_after(5) == 0 and not path.exists()
     for it in (2, 4, 6):
         append_jsonl(path, {"iteration": it, "fid": float("nan") if it == 6 else it / 2})
     with open(path, "a") as f:
@@ -336,7 +338,7 @@ def test_metrics_jsonl_helpers(tmp_path, capsys):
     assert [r["iteration"] for r in read_jsonl(path)] == [2, 4, 6]
     assert f"{path}: ignoring line 4, cut short" in capsys.readouterr().err  # said, not silent
     assert read_jsonl(path)[-1]["fid"] is None  # NaN is written as null: every line stays JSON
-    assert drop_rows_after(path, 4) == 1
+    assert folder.drop_metrics_after(4) == 1
     assert [r["iteration"] for r in read_jsonl(path)] == [2, 4] and path.read_text().endswith("\n")
     path.write_text('{"iteration": 2}\nnot json\n{"iteration": 4}\n')
     with pytest.raises(ValueError, match=f"{path}: line 2 is not JSON"):
@@ -402,8 +404,8 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, 
     with pytest.raises(F.WriteError, match=r"cannot write .*ckpt-00000004\.pt: No space left on device \[ENOSPC\]"):
         train(cfg, images=tiny_images(), progress=False)
     run_dir = tmp_path / "runs" / "run"
-    assert [i for i, _ in C.list_checkpoints(run_dir)] == [2]
-    assert C.load_checkpoint(C.checkpoint_path(run_dir, 2))["iteration"] == 2
+    assert [i for i, _ in RunFolder(run_dir).checkpoints()] == [2]
+    assert C.load_checkpoint(RunFolder(run_dir).checkpoint_file(2))["iteration"] == 2
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
     # The CLI: one line, the command to continue, exit 1.
     cli = load_script("train.py", "main")
@@ -431,7 +433,7 @@ def test_resume_of_a_folder_without_checkpoint_restarts_it(tmp_path, capsys):
         train(tiny_cfg(tmp_path, run_name="cut", **kw), images=tiny_images(), progress=False,
               evaluator=FakeEvaluator([9, 8, 7, 6]), step_hook=die)
     cut = tmp_path / "runs" / "cut"
-    assert (cut / "config.json").is_file() and not C.list_checkpoints(cut)
+    assert (cut / "config.json").is_file() and not RunFolder(cut).checkpoints()
     resumed = train(tiny_cfg(tmp_path, run_name="cut", **kw), images=tiny_images(), progress=False,
                     evaluator=FakeEvaluator([9, 8, 7]), resume=cut)
     assert "has no checkpoint yet: restarting it from iteration 0" in capsys.readouterr().err
@@ -457,6 +459,6 @@ def test_resume_if_exists_starts_or_continues(tmp_path):
     assert first.exit_code == 0, first.output
     second = CliRunner().invoke(cli, [*args, "--iters", "4"])
     assert second.exit_code == 0, second.output
-    assert "resuming" in second.output and [i for i, _ in C.list_checkpoints(tmp_path / "job")][-1] == 4
+    assert "resuming" in second.output and [i for i, _ in RunFolder(tmp_path / "job").checkpoints()][-1] == 4
     bad = CliRunner().invoke(cli, ["--resume-if-exists", "--no-progress"])
     assert bad.exit_code == 2 and "give --run-name" in bad.output
