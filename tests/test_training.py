@@ -4,7 +4,10 @@ checkpoint layout, and the speed switches (bf16 autocast, channels_last, torch.c
 import json
 import os
 import math
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,8 @@ from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import checkpoint as C
 from dcgan_mn.config import ConfigError, TrainConfig
 from dcgan_mn.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("train_single_thread")
 
@@ -416,6 +421,49 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, 
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "No space left on device [ENOSPC]" in res.output
     assert f"python train.py --resume {tmp_path / 'cli' / 'r'}" in res.output
+
+
+TMPFS_CHECK = """
+import sys, torch
+from dcgan_mn.runfolder import RunFolder
+folder = RunFolder(sys.argv[1])
+kept = folder.checkpoints()
+print("kept", [i for i, _ in kept])
+print("loads", all(torch.load(p, weights_only=True)["iteration"] == i for i, p in kept))
+print("tmp", sorted(p.name for p in folder.path.rglob("*.tmp")))
+"""
+
+
+def test_full_disk_on_a_real_small_tmpfs(tmp_path):
+    """A real full filesystem: train.py writes to a 3.5 MB tmpfs (mounted in a user and mount
+    namespace, so no root is needed where the kernel allows it; skipped where it does not). The
+    first checkpoint and snapshot fit, the second checkpoint does not: one line naming the file
+    and ENOSPC, exit 1, the first checkpoint intact and loadable, no temporary file left."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) here")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    probe = subprocess.run(["unshare", "-r", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {probe.stderr.strip()}")
+    run_dir = mnt / "runs" / "r"
+    train_cmd = " ".join([
+        sys.executable, str(ROOT / "train.py"), "--dataset", "stacked-digits", "--stack-size", "64",
+        "--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64", "--iters", "6",
+        "--ckpt-every", "2", "--fid-every", "0", "--sample-every", "0", "--device", "cpu",
+        "--no-progress", "--out", str(mnt / "runs"), "--run-name", "r"])
+    script = (f"mount -t tmpfs -o size=3500k tmpfs {mnt} && {{ {train_cmd}; echo rc=$?; "
+              f"{sys.executable} -c '{TMPFS_CHECK}' {run_dir}; }}")
+    res = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    out = res.stdout + res.stderr
+    assert "rc=1" in res.stdout, out
+    assert f"cannot write {run_dir / 'ckpt-00000004.pt'}: No space left on device [ENOSPC]" in out, out
+    assert f"python train.py --resume {run_dir}" in out and "Traceback" not in out
+    assert "kept [2]" in res.stdout and "loads True" in res.stdout and "tmp []" in res.stdout, out
 
 
 def test_resume_of_a_folder_without_checkpoint_restarts_it(tmp_path, capsys):
