@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from .config import COMPILE_MODES
 from .losses import discriminator_loss, generator_loss
 
-__all__ = ["AdamUpdate", "StepOutput", "TrainStep", "compile_step_config"]
+__all__ = ["AdamUpdate", "StepOutput", "StepWindow", "TrainStep", "compile_step_config"]
 
 
 class StepOutput(NamedTuple):
@@ -225,3 +225,46 @@ class TrainStep:
             self.D.requires_grad_(True)
         return StepOutput(loss_d.detach(), loss_g.detach(), real_logits.detach(),
                           fake_logits.detach())
+
+
+class StepWindow:
+    """The numbers logged every ``--log-every`` iterations, summed on the device, and the first
+    iteration whose losses or D outputs were not finite: the loop adds every step's outputs
+    without reading anything on the host; ``take_means`` is the one read per window.
+
+    The sums and count are part of a full checkpoint (``state_dict``), so that a resumed run's
+    first logged window equals an uninterrupted run's.
+    """
+
+    NAMES = ("loss_D", "loss_G", "D_x", "D_G_z")
+
+    def __init__(self, device) -> None:
+        self.sums = torch.zeros(len(self.NAMES), device=device)  # [4]
+        self.count = 0
+        self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)  # -1: none
+
+    @torch.no_grad()
+    def add(self, out: StepOutput, iteration: int) -> None:
+        numbers = torch.stack([
+            out.loss_d.float(), out.loss_g.float(),
+            torch.sigmoid(out.real_logits.float()).mean(), torch.sigmoid(out.fake_logits.float()).mean(),
+        ])  # [4]
+        self.sums += numbers
+        bad = ~torch.isfinite(numbers).all() & (self.first_nonfinite < 0)
+        self.first_nonfinite = torch.where(bad, iteration, self.first_nonfinite)
+        self.count += 1
+
+    def take_means(self) -> Tensor:
+        """The window's means [4] (a device tensor), and a fresh window."""
+        means = self.sums / self.count  # [4]
+        self.sums = torch.zeros_like(self.sums)
+        self.count = 0
+        return means
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.cpu(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "sums" in state:
+            self.sums.copy_(state["sums"])
+            self.count = int(state["count"])

@@ -45,7 +45,7 @@ from .distributed import DistInfo, launched_with_torchrun
 from .log import RunLogger, write_hparams
 from .models import Discriminator, Generator
 from .norms import MixtureNorm2d
-from .step import TrainStep
+from .step import StepWindow, TrainStep
 from .provenance import environment, record_environment
 from .runfolder import RunFolder, resolve_resume
 
@@ -340,6 +340,31 @@ class _StopOnSignals:
             signal.signal(sig, handler)
 
 
+def _agreed_stop(stop: "_StopOnSignals", dist: DistInfo, device: torch.device) -> Optional[str]:
+    """The signal that stops the run; under DDP the ranks agree (a 1-number all-reduce per
+    iteration), so that all of them stop, and save, at the same iteration."""
+    if not dist.enabled:
+        return stop.received
+    signum = signal.Signals[stop.received].value if stop.received else 0
+    agreed = dist_utils.all_reduce_max(torch.tensor([signum], device=device))
+    return signal.Signals(int(agreed.item())).name if agreed.item() else None
+
+
+def _first_nonfinite(window: StepWindow, models: tuple, iteration: int, dist: DistInfo) -> Optional[int]:
+    """The first iteration whose losses or D outputs were not finite, or None (one host read).
+    With ``models``: also their parameters (before an evaluation or a checkpoint reads them),
+    counted as non-finite at ``iteration``. Under DDP any rank's counts."""
+    flag = window.first_nonfinite
+    if models:
+        params = [p for m in models for p in m.parameters()]
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
+        flag = torch.where(finite | (flag >= 0), flag, iteration)
+    if dist.enabled:
+        flag = dist_utils.all_reduce_max(flag.reshape(1))[0]
+    value = int(flag.item())
+    return value if value >= 0 else None
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -435,8 +460,7 @@ def train(
     # has no Inception metrics (a stacked run without Inception weights).
     best_metric = getattr(evaluator, "primary_metric", "fid") if evaluator is not None else "fid"
     best = {"metric": best_metric, "value": None, "iteration": None}
-    log_sums = torch.zeros(4, device=device)  # loss_D, loss_G, D(x), D(G(z)) summed over the window
-    log_count = 0
+    window = StepWindow(device)  # loss_D, loss_G, D(x), D(G(z)) summed over the log window
     train_seconds = 0.0
     if payload is not None:
         G.load_state_dict(payload["generator"])
@@ -454,12 +478,9 @@ def train(
             best = {**best, **saved_best}
         iteration = int(payload["iteration"])
         train_seconds = float(payload.get("train_seconds", 0.0))
-        window = payload.get("log_window") or {}
-        if dist.enabled:  # every rank's own RNG streams and logging window
-            window = payload["ranks"][dist.rank]["log_window"]
-        if "sums" in window:
-            log_sums.copy_(window["sums"])
-            log_count = int(window["count"])
+        # Every rank's own RNG streams and logging window under DDP.
+        window.load_state_dict(payload["ranks"][dist.rank]["log_window"] if dist.enabled
+                               else payload.get("log_window") or {})
         rng = payload["ranks"][dist.rank]["rng"] if dist.enabled else payload["rng"]
         ckpt.restore_rng_state(rng, device)  # last: set-up above drew random numbers
 
@@ -534,13 +555,11 @@ def train(
 
     def write_logs() -> None:
         """Read the window's device sums (the one sync per --log-every) and log them."""
-        nonlocal log_count, window_start, last_log
-        window_means = log_sums / log_count  # [4]
+        nonlocal window_start, last_log
+        window_means = window.take_means()  # [4]
         if dist.enabled:  # the mean over ranks (every rank gets here at the same iteration)
             window_means = dist_utils.all_reduce_sum(window_means) / dist.world_size
         loss_d, loss_g, d_real, d_fake = window_means.tolist()
-        log_sums.zero_()
-        log_count = 0
         now = time.perf_counter()
         it_per_s = (iteration - window_start[1]) / max(now - window_start[0], 1e-9)
         window_start = (now, iteration)
@@ -608,7 +627,7 @@ def train(
         with clock.paused():
             path = folder.checkpoint_file(iteration)
             rng = ckpt.capture_rng_state(device)
-            log_window = {"sums": log_sums.cpu(), "count": log_count}
+            log_window = window.state_dict()
             ranks = None
             if dist.enabled:  # every rank's RNG and logging window, so that resume is exact
                 # Running statistics are each rank's own (buffers are not synchronized).
@@ -639,35 +658,11 @@ def train(
     start_iteration = iteration
     stop = _StopOnSignals(keep_deferring=dist.enabled)
 
-    def agreed_stop() -> Optional[str]:
-        """The signal that stops the run; under DDP the ranks agree (a 1-number all-reduce per
-        iteration), so that all of them stop, and save, at the same iteration."""
-        if not dist.enabled:
-            return stop.received
-        signum = signal.Signals[stop.received].value if stop.received else 0
-        agreed = dist_utils.all_reduce_max(torch.tensor([signum], device=device))
-        return signal.Signals(int(agreed.item())).name if agreed.item() else None
-
-    # The first iteration whose losses or D outputs were not finite (-1: none), on the device.
-    first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
-
-    def nonfinite_iteration(check_weights: bool = False) -> Optional[int]:
-        """Read the flag (one sync); ``check_weights``: also G's and D's parameters (before an
-        evaluation or a checkpoint reads them). Under DDP any rank's counts."""
-        flag = first_nonfinite
-        if check_weights:
-            finite = torch.stack([torch.isfinite(p).all() for p in (*G.parameters(), *D.parameters())]).all()
-            flag = torch.where(finite | (flag >= 0), flag, iteration)
-        if dist.enabled:
-            flag = dist_utils.all_reduce_max(flag.reshape(1))[0]
-        value = int(flag.item())
-        return value if value >= 0 else None
-
     stopping: Optional[str] = None
     nonfinite_at: Optional[int] = None
     try:
         with stop:
-            stopping = agreed_stop()
+            stopping = _agreed_stop(stop, dist, device)
             while iteration < cfg.iters and stopping is None:
                 real = sampler.next()  # [b, 3, 32, 32] in [-1, 1], on device; b = B / world size
                 if cfg.channels_last:
@@ -675,28 +670,17 @@ def train(
                 z = torch.randn(sampler.local_batch, cfg.z_dim, device=device)  # [b, z_dim]
 
                 # One D step then one G step (dcgan_mn.step); the outputs stay on the device.
-                loss_d, loss_g, real_logits, fake_logits = train_step(real, z)
+                out = train_step(real, z)
                 iteration += 1
-                stopping = agreed_stop()
+                stopping = _agreed_stop(stop, dist, device)
                 if step_hook is not None:
                     step_hook(iteration, G, D)
-
-                # Accumulate the numbers to log on the device; read them every --log-every.
-                with torch.no_grad():
-                    step_numbers = torch.stack([
-                        loss_d.detach().float(), loss_g.detach().float(),
-                        torch.sigmoid(real_logits.detach().float()).mean(),
-                        torch.sigmoid(fake_logits.detach().float()).mean(),
-                    ])  # [4]
-                    log_sums += step_numbers
-                    bad = ~torch.isfinite(step_numbers).all() & (first_nonfinite < 0)
-                    first_nonfinite = torch.where(bad, iteration, first_nonfinite)
-                log_count += 1
+                window.add(out, iteration)  # summed on the device; read every --log-every
                 logger.advance()
                 # Before anything reads or writes this state: is it still finite?
                 writes = (evaluating and due(cfg.fid_every)) or due(cfg.ckpt_every) or stopping is not None
                 if writes or due(cfg.log_every):
-                    nonfinite_at = nonfinite_iteration(check_weights=writes)
+                    nonfinite_at = _first_nonfinite(window, (G, D) if writes else (), iteration, dist)
                     if nonfinite_at is not None:
                         break
                 if due(cfg.log_every):
@@ -710,7 +694,7 @@ def train(
 
             # ---- The end of the run: a last grid, evaluation and checkpoint where they are due.
             if nonfinite_at is None:
-                nonfinite_at = nonfinite_iteration(check_weights=True)
+                nonfinite_at = _first_nonfinite(window, (G, D), iteration, dist)
             if nonfinite_at is not None:
                 stopping = "non-finite"
             finished = stopping is None
