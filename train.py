@@ -47,6 +47,11 @@ def _layers_text(layers) -> str:
                    "assumption) or em (EM iterations after k-means++ seeding)")
 @click.option("--mn-em-iters", default=D.mn_em_iters, type=int,
               help="EM iterations after seeding (--mn-estimator em)")
+@click.option("--mn-posterior-grad/--no-mn-posterior-grad", default=D.mn_posterior_grad,
+              help="gradients flow through MN's posteriors (and lambda), or they are constants")
+@click.option("--mn-lambda-scale/--no-mn-lambda-scale", default=D.mn_lambda_scale,
+              help="keep the Fisher-vector factor 1/sqrt(lambda_k) (output second moment ~K for "
+                   "well-separated components), or drop it")
 @click.option("--z-dim", default=D.z_dim, type=int, help="latent size")
 @click.option("--ngf", default=D.ngf, type=int, help="generator width")
 @click.option("--ndf", default=D.ndf, type=int, help="discriminator width")

@@ -36,6 +36,9 @@ from dcgan_mn.step import TrainStep, compile_step_config
 
 LAYER_SHAPES = [(64, 512, 4, 4), (64, 256, 8, 8), (64, 128, 16, 16)]
 STEP_CONFIGS = {"bn": (), "mn01": (0, 1), "mn_all": (0, 1, 2)}
+# MN's switches other than the defaults, counted beside them.
+VARIANTS = {"em": dict(estimator="em"), "no_posterior_grad": dict(posterior_grad=False),
+            "no_lambda_scale": dict(lambda_scale=False)}
 # The issue's budget for one MN layer (training forward + backward), eager.
 BUDGET = {"mn_k3": 64, "mn_k1": 16}
 
@@ -110,6 +113,8 @@ def count_layers(components: list[int], compiled: bool) -> dict:
         c = shape[1]
         layers = {"bn": nn.BatchNorm2d(c)}
         layers.update({f"mn_k{k}": MixtureNorm2d(c, num_components=k) for k in components})
+        for name, switches in VARIANTS.items():  # the readings of issue 14, at K = 3
+            layers[f"mn_k3_{name}"] = MixtureNorm2d(c, num_components=3, **switches)
         rows = {name: measure(layer_fn(layer, shape, compiled)) for name, layer in layers.items()}
         out["x".join(map(str, shape))] = with_ratios(rows, "bn")
     return out

@@ -49,6 +49,8 @@ class TrainConfig:
     mn_kmeans_iters: int = 2  # Lloyd iterations after seeding
     mn_estimator: str = "kmeans"  # how the batch mixture is fitted: kmeans (our assumption) | em
     mn_em_iters: int = 3  # EM iterations after seeding (mn_estimator = em)
+    mn_posterior_grad: bool = True  # gradients through the posteriors (False: constants)
+    mn_lambda_scale: bool = True  # keep the Fisher-vector factor 1 / sqrt(lambda_k)
     # --- optimisation ---
     lr: float = 2e-4
     beta1: float = 0.5
@@ -168,7 +170,8 @@ class TrainConfig:
             z_dim=self.z_dim, ngf=self.ngf, mn_layers=self.mn_layers,
             num_components=self.mn_components, fit_points=self.mn_fit_points,
             kmeans_iters=self.mn_kmeans_iters, estimator=self.mn_estimator,
-            em_iters=self.mn_em_iters,
+            em_iters=self.mn_em_iters, posterior_grad=self.mn_posterior_grad,
+            lambda_scale=self.mn_lambda_scale,
         )
 
 
@@ -193,7 +196,7 @@ def flag_name(field_name: str) -> str:
 # protocol. Everything else (length, device, logging cadence, speed switches) may change.
 RESUME_FIXED = (
     "z_dim", "ngf", "ndf", "mn_layers", "mn_components", "mn_fit_points", "mn_kmeans_iters",
-    "mn_estimator", "mn_em_iters",
+    "mn_estimator", "mn_em_iters", "mn_posterior_grad", "mn_lambda_scale",
     "lr", "beta1", "beta2", "batch_size", "seed", "dataset", "hflip", "stack_size", "stack_seed",
     "sample_mode", "ref", "dims", "mode_samples", "fid_protocol",
 )

@@ -349,17 +349,19 @@ def moments_to_stats(moments: MixtureMoments) -> tuple[Tensor, Tensor, Tensor, T
 
 
 def mixture_normalize(
-    points: Tensor, tau: Tensor, weight: Tensor, mean: Tensor, var: Tensor, eps: float
+    points: Tensor, tau: Tensor, weight: Tensor, mean: Tensor, var: Tensor, eps: float,
+    lambda_scale: bool = True,
 ) -> Tensor:
     """x_hat_p = sum_k tau[p,k] / sqrt(weight_k) * (x_p - mean_k) / sqrt(var_k + eps).
 
     Rewritten as x_p * (A @ R)_p - (A @ (mean * R))_p with A = tau / sqrt(weight) [P, K] and
-    R = 1 / sqrt(var + eps) [K, C], so no [P, K, C] tensor is ever formed.
+    R = 1 / sqrt(var + eps) [K, C], so no [P, K, C] tensor is ever formed. ``lambda_scale=False``
+    drops the Fisher-vector factor 1 / sqrt(weight_k) (A = tau).
     """
     if weight.shape[0] == 1:
         inv_std = torch.rsqrt(var + eps)  # [1, C]
         return (points - mean) * inv_std  # [P, C]  (BatchNorm; weight is 1)
-    a = tau * torch.rsqrt(weight.clamp_min(_TINY))  # [P, K]
+    a = tau * torch.rsqrt(weight.clamp_min(_TINY)) if lambda_scale else tau  # [P, K]
     r = torch.rsqrt(var + eps)  # [K, C]
     return points * (a @ r) - a @ (mean * r)  # [P, C]
 
@@ -374,22 +376,29 @@ def mixture_norm(
     mixture: Mixture,
     eps: float,
     reduce: Optional[Callable[[MixtureMoments], MixtureMoments]] = None,
+    *,
+    posterior_grad: bool = True,
+    lambda_scale: bool = True,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Training-mode MN of points [P, C] under a fitted mixture (reference implementation).
 
     ``reduce`` (optional) sums the moments across processes (synchronized MN). Returns the
     normalized points [P, C], the posteriors [P, K] and (lambda, E, Var, n_eff).
+    ``posterior_grad=False`` treats the posteriors as constants (no gradient through them, so
+    none through lambda either); ``lambda_scale=False`` drops the 1 / sqrt(lambda_k) factor.
     """
     # The shift only improves conditioning; any constant gives the same statistics.
     shift = _mixture_shift(mixture)  # [C]
     centred = points - shift  # [P, C]
     centred_mixture = Mixture(mixture.weight, mixture.mean - shift, mixture.var)
     tau = mixture_posteriors(centred, centred_mixture)  # [P, K]
+    if not posterior_grad:
+        tau = tau.detach()
     moments = mixture_moments(points, tau, shift)
     if reduce is not None:
         moments = reduce(moments)
     lam, mean_c, var, n_eff = _centred_stats(moments)
-    x_hat = mixture_normalize(centred, tau, lam, mean_c, var, eps)  # [P, C]
+    x_hat = mixture_normalize(centred, tau, lam, mean_c, var, eps, lambda_scale)  # [P, C]
     return x_hat, tau, (lam, mean_c + shift, var, n_eff)
 
 
@@ -454,7 +463,7 @@ class _PosteriorMoments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, shift, lin, quad, bias, need_moments):
+    def forward(ctx, x, shift, lin, quad, bias, need_moments, posterior_grad=True):
         k = bias.shape[0]
         xc = torch.empty(x.shape, dtype=shift.dtype, device=x.device)  # [N, C, L] contiguous
         torch.sub(x, shift.unsqueeze(1), out=xc)  # (also turns channels_last into [N, C, L])
@@ -469,6 +478,7 @@ class _PosteriorMoments(torch.autograd.Function):
         ctx.xsq = xsq  # an intermediate: kept on ctx so that backward may reuse its memory
         ctx.xsq_clobbered = False
         ctx.need_moments = need_moments
+        ctx.posterior_grad = posterior_grad
         if not need_moments:
             return xc, tau
         s1 = torch.bmm(tau, xc.transpose(1, 2)).sum(0)  # [K, C]
@@ -485,9 +495,9 @@ class _PosteriorMoments(torch.autograd.Function):
             g_s1 = torch.zeros_like(lin.t()) if g_s1 is None else g_s1  # [K, C]
             g_s2 = torch.zeros_like(lin.t()) if g_s2 is None else g_s2  # [K, C]
             # S1 = sum tau xc and S2 = sum tau xc^2 reach x directly and through tau.
-            if k == 1:
-                u = tau  # [N, 1, L]  (tau is constant: no posterior term)
-                b_lin, b_quad = g_s1.t(), 2.0 * g_s2.t()  # [C, 1]
+            if k == 1 or not ctx.posterior_grad:
+                u = tau  # [N, K, L]  (tau is constant: no posterior term)
+                b_lin, b_quad = g_s1.t(), 2.0 * g_s2.t()  # [C, K]
             else:
                 g = torch.zeros_like(tau) if g_tau is None else g_tau.clone()  # [N, K, L]
                 if ctx.need_moments:  # total dL/dtau
@@ -504,7 +514,7 @@ class _PosteriorMoments(torch.autograd.Function):
             scratch = torch.bmm(b_quad.expand(n, -1, -1), u, out=xsq)  # xsq is no longer needed
             ctx.xsq_clobbered = True
             g_x.addcmul_(xc, scratch)
-        return g_x, None, None, None, None, None
+        return g_x, None, None, None, None, None, None
 
 
 class _MixtureAffine(torch.autograd.Function):
@@ -518,10 +528,14 @@ class _MixtureAffine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xc, tau, lam, mean, var, gamma, beta, eps):
+    def forward(ctx, xc, tau, lam, mean, var, gamma, beta, eps, lambda_scale=True):
         n, k = tau.shape[0], tau.shape[1]
-        inv_sqrt_lam = lam.clamp_min(_TINY).rsqrt()  # [K]
-        a = tau * inv_sqrt_lam.unsqueeze(1)  # [N, K, L]
+        if lambda_scale:
+            inv_sqrt_lam = lam.clamp_min(_TINY).rsqrt()  # [K]
+            a = tau * inv_sqrt_lam.unsqueeze(1)  # [N, K, L]
+        else:  # (a new tensor all the same: backward keeps it on ctx)
+            a = tau.clone()  # [N, K, L]
+        ctx.lambda_scale = lambda_scale
         r = (var + eps).rsqrt()  # [K, C]
         scale = r if gamma is None else r * gamma  # [K, C]
         offset = -mean * scale  # [K, C]
@@ -548,13 +562,13 @@ class _MixtureAffine(torch.autograd.Function):
             buf = None
             if any(need[1:6]):
                 buf = g_y * xc  # [N, C, L]  dL/dy * xc
-            if need[1] or need[2]:
+            if need[1] or (need[2] and ctx.lambda_scale):
                 # dL/da[n, k, l] = sum_c g_y (scale_k xc + offset_k)
                 g_a = _bmm_left(scale, buf).baddbmm_(offset.expand(n, -1, -1), g_y)  # [N, K, L]
                 inv_sqrt_lam = lam.clamp_min(_TINY).rsqrt()  # [K]
                 if need[1]:
-                    g_tau = g_a * inv_sqrt_lam.unsqueeze(1)  # [N, K, L]
-                if need[2]:
+                    g_tau = g_a * inv_sqrt_lam.unsqueeze(1) if ctx.lambda_scale else g_a  # [N, K, L]
+                if need[2] and ctx.lambda_scale:
                     g_lam = -0.5 * inv_sqrt_lam.pow(3) * (g_a * tau).sum((0, 2))  # [K]
                     g_lam = torch.where(lam > _TINY, g_lam, torch.zeros_like(g_lam))
             if any(need[3:7]):
@@ -575,7 +589,7 @@ class _MixtureAffine(torch.autograd.Function):
             if need[0]:  # dL/dxc = g_y * M1, written over dL/dy * xc (no longer needed)
                 m1 = torch.bmm(scale.t().expand(n, -1, -1), a, out=buf)  # [N, C, L]
                 g_xc = m1.mul_(g_y)
-        return g_xc, g_tau, g_lam, g_mean, g_var, g_gamma, g_beta, None
+        return g_xc, g_tau, g_lam, g_mean, g_var, g_gamma, g_beta, None, None
 
 
 def mixture_norm2d(
@@ -585,18 +599,23 @@ def mixture_norm2d(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     reduce: Optional[Callable[[MixtureMoments], MixtureMoments]] = None,
+    *,
+    posterior_grad: bool = True,
+    lambda_scale: bool = True,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Training-mode MN of a batch x [N, C, L] under a fitted mixture, then the affine.
 
-    The fused equivalent of ``mixture_norm`` followed by ``y = weight * x_hat + bias``;
-    computes in the dtype of the mixture. Returns y [N, C, L] (contiguous), the posteriors
-    tau [N, K, L] and (lambda [K], E [K, C], Var [K, C], n_eff [K]).
+    The fused equivalent of ``mixture_norm`` followed by ``y = weight * x_hat + bias``
+    (with the same switches); computes in the dtype of the mixture. Returns y [N, C, L]
+    (contiguous), the posteriors tau [N, K, L] and (lambda [K], E [K, C], Var [K, C], n_eff [K]).
     """
     shift = _mixture_shift(mixture)  # [C]
     lin, quad, logit_bias = _logit_params(
         Mixture(mixture.weight, mixture.mean - shift, mixture.var)
     )
-    xc, tau, s1, s2 = _PosteriorMoments.apply(x, shift, lin, quad, logit_bias, True)
+    xc, tau, s1, s2 = _PosteriorMoments.apply(x, shift, lin, quad, logit_bias, True, posterior_grad)
+    if not posterior_grad:
+        tau = tau.detach()  # constants: lambda and the affine's posteriors carry no gradient
     moments = MixtureMoments(
         count=xc.new_full((), float(x.shape[0] * x.shape[2])),  # (a fill, not a host copy)
         mass=tau.sum((0, 2)),  # [K]
@@ -608,7 +627,7 @@ def mixture_norm2d(
     if reduce is not None:
         moments = reduce(moments)
     lam, mean_c, var, n_eff = _centred_stats(moments)
-    y = _MixtureAffine.apply(xc, tau, lam, mean_c, var, weight, bias, eps)  # [N, C, L]
+    y = _MixtureAffine.apply(xc, tau, lam, mean_c, var, weight, bias, eps, lambda_scale)  # [N, C, L]
     return y, tau, (lam, mean_c + shift, var, n_eff)
 
 
@@ -620,6 +639,9 @@ def _mixture_norm2d_fixed(
     eps: float,
     gamma: Optional[Tensor],
     beta: Optional[Tensor],
+    *,
+    posterior_grad: bool = True,
+    lambda_scale: bool = True,
 ) -> Tensor:
     """MN of x [N, C, L] with given statistics (eval with running statistics): posteriors from
     the mixture (weight, mean, var floored by eps), normalization by the same statistics."""
@@ -628,8 +650,10 @@ def _mixture_norm2d_fixed(
     lin, quad, logit_bias = _logit_params(
         Mixture(weight, mean - shift, var.clamp_min(eps))
     )
-    xc, tau = _PosteriorMoments.apply(x, shift, lin, quad, logit_bias, False)
-    return _MixtureAffine.apply(xc, tau, weight, mean - shift, var, gamma, beta, eps)
+    xc, tau = _PosteriorMoments.apply(x, shift, lin, quad, logit_bias, False, posterior_grad)
+    if not posterior_grad:
+        tau = tau.detach()
+    return _MixtureAffine.apply(xc, tau, weight, mean - shift, var, gamma, beta, eps, lambda_scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,6 +723,10 @@ class MixtureNorm2d(nn.Module):
             (``momentum=None`` is a cumulative moving average).
         fit_points: at most this many random points are clustered per batch.
         kmeans_iters: Lloyd iterations after k-means++ seeding (``estimator="kmeans"``).
+        posterior_grad: gradients flow through the posteriors (and so through lambda), or the
+            posteriors are treated as constants.
+        lambda_scale: keep the Fisher-vector factor 1 / sqrt(lambda_k), or drop it. With it,
+            well-separated components give an output second moment of about K, not 1.
         estimator: how the batch mixture is fitted: ``"kmeans"`` (hard k-means++ clusters, our
             assumption) or ``"em"`` (``em_iters`` EM iterations after k-means++ seeding).
         em_iters: EM iterations (``estimator="em"``).
@@ -710,7 +738,8 @@ class MixtureNorm2d(nn.Module):
 
     _version = 1
     __constants__ = ["num_features", "num_components", "eps", "momentum", "affine",
-                     "track_running_stats", "fit_points", "kmeans_iters", "estimator", "em_iters"]
+                     "track_running_stats", "fit_points", "kmeans_iters", "estimator", "em_iters",
+                     "posterior_grad", "lambda_scale"]
 
     def __init__(
         self,
@@ -724,6 +753,8 @@ class MixtureNorm2d(nn.Module):
         kmeans_iters: int = 2,
         estimator: str = "kmeans",
         em_iters: int = 3,
+        posterior_grad: bool = True,
+        lambda_scale: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -755,6 +786,8 @@ class MixtureNorm2d(nn.Module):
         self.kmeans_iters = kmeans_iters
         self.estimator = estimator
         self.em_iters = em_iters
+        self.posterior_grad = bool(posterior_grad)
+        self.lambda_scale = bool(lambda_scale)
         self.reduce_moments: Optional[Callable[[MixtureMoments], MixtureMoments]] = None
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -800,7 +833,8 @@ class MixtureNorm2d(nn.Module):
             "{num_features}, num_components={num_components}, eps={eps}, momentum={momentum}, "
             "affine={affine}, track_running_stats={track_running_stats}, "
             "fit_points={fit_points}, kmeans_iters={kmeans_iters}, estimator={estimator}, "
-            "em_iters={em_iters}".format(**self.__dict__)
+            "em_iters={em_iters}, posterior_grad={posterior_grad}, lambda_scale={lambda_scale}"
+            .format(**self.__dict__)
         )
 
     def _check_input(self, x: Tensor) -> None:
@@ -849,7 +883,8 @@ class MixtureNorm2d(nn.Module):
             if use_batch_stats:
                 mixture = self._fit_batch_mixture(x_ncl, compute_dtype)
                 y, tau, stats = mixture_norm2d(
-                    x_ncl, mixture, self.eps, gamma, beta, reduce=self._reduce_moments
+                    x_ncl, mixture, self.eps, gamma, beta, reduce=self._reduce_moments,
+                    posterior_grad=self.posterior_grad, lambda_scale=self.lambda_scale,
                 )
                 if self.training:
                     self._record_batch(tau, stats)
@@ -858,6 +893,7 @@ class MixtureNorm2d(nn.Module):
                     x_ncl, self.running_weight.to(compute_dtype),
                     self.running_mean.to(compute_dtype), self.running_var.to(compute_dtype),
                     self.eps, gamma, beta,
+                    posterior_grad=self.posterior_grad, lambda_scale=self.lambda_scale,
                 )
         y = y.to(x.dtype).view(n, c, h, w)  # [N, C, H, W]
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():

@@ -36,6 +36,32 @@ def test_generator_snapshot_round_trip(tmp_path, mn_layers):
     assert RunFolder(tmp_path).snapshots() == [(120, path)]
 
 
+@pytest.mark.parametrize("readings", [
+    dict(mn_estimator="em", mn_em_iters=2),
+    dict(mn_posterior_grad=False, mn_lambda_scale=False),
+])
+def test_mn_readings_round_trip(tmp_path, readings):
+    """MN's switches travel in the checkpoint's config: the loaded generator's layers have them,
+    and it computes what the saved one computes."""
+    from dcgan_mn.norms import MixtureNorm2d
+
+    cfg = tiny_cfg(mn_layers="all", **readings)
+    gen = make_gen(cfg)
+    gen(torch.randn(8, cfg.z_dim))
+    path = C.save_checkpoint(RunFolder(tmp_path).snapshot_file(4), C.generator_payload(gen, cfg, 4, 32))
+    loaded, cfg2, _ = C.load_generator(path, "cpu")
+    assert cfg2 == cfg
+    for layer in loaded.norm_layers:
+        assert isinstance(layer, MixtureNorm2d)
+        assert (layer.estimator, layer.em_iters, layer.posterior_grad, layer.lambda_scale) == (
+            cfg.mn_estimator, cfg.mn_em_iters, cfg.mn_posterior_grad, cfg.mn_lambda_scale)
+    z = torch.randn(8, cfg.z_dim)
+    torch.manual_seed(1)
+    a = gen(z)
+    torch.manual_seed(1)
+    assert torch.equal(loaded(z), a)
+
+
 def test_load_generator_from_full_checkpoint(tmp_path):
     cfg = tiny_cfg()
     gen = make_gen(cfg)

@@ -65,6 +65,21 @@ def loop_reference(points: torch.Tensor, mixture: Mixture, eps: float):
     return (x_hat, tau, *stacked)
 
 
+# The readings of the paper we could not settle (defaults first); the estimator has its own tests.
+SWITCHES = [dict(), dict(posterior_grad=False), dict(lambda_scale=False),
+            dict(posterior_grad=False, lambda_scale=False)]
+
+
+# gradcheck compares with finite differences of the function itself, so it applies where the
+# gradient claims to be the function's: posterior_grad=False is a deliberate stop-gradient,
+# checked against the function with its posteriors held constant instead.
+GRAD_SWITCHES = [s for s in SWITCHES if s.get("posterior_grad", True)]
+
+
+def switch_id(switches: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in switches.items()) or "defaults"
+
+
 def bimodal(shape, dtype=torch.float32, seed=0, gap=3.0) -> torch.Tensor:
     """A batch whose points come from a few well-separated modes (MN's intended regime)."""
     g = torch.Generator().manual_seed(seed)
@@ -267,12 +282,13 @@ def test_posteriors_and_moments_reference():
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_gradcheck_fused(k):
+@pytest.mark.parametrize("switches", GRAD_SWITCHES, ids=switch_id)
+def test_gradcheck_fused(k, switches):
     x = bimodal((3, 4, 2, 2), F64, seed=1).flatten(2).requires_grad_()
     mixture = fit_mixture(x.detach(), k, generator=torch.Generator().manual_seed(0))
     gamma = (torch.rand(4, dtype=F64) + 0.5).requires_grad_()
     beta = torch.randn(4, dtype=F64).requires_grad_()
-    fn = lambda x, g, b: mixture_norm2d(x, mixture, 1e-3, g, b)[0]  # noqa: E731
+    fn = lambda x, g, b: mixture_norm2d(x, mixture, 1e-3, g, b, **switches)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, gamma, beta))
 
 
@@ -305,14 +321,15 @@ def test_gradcheck_fused_pieces():
 
 
 @pytest.mark.parametrize("k", [2, 3])
-def test_gradcheck_module(k):
+@pytest.mark.parametrize("switches", GRAD_SWITCHES, ids=switch_id)
+def test_gradcheck_module(k, switches):
     """The whole module in training mode with the mixture held fixed.
 
     The fitted mixture is a (piecewise continuous) function of x that MN deliberately does not
     differentiate, so finite differences only agree with autograd once the fit is frozen: fit
     once with a seeded RNG and have the module reuse that mixture.
     """
-    mn = MixtureNorm2d(3, num_components=k, eps=1e-3, fit_points=8).double()
+    mn = MixtureNorm2d(3, num_components=k, eps=1e-3, fit_points=8, **switches).double()
     x = bimodal((2, 3, 3, 2), F64, seed=5).requires_grad_()
     torch.manual_seed(0)
     frozen = mn._fit_batch_mixture(x.detach().flatten(2), F64)
@@ -323,11 +340,12 @@ def test_gradcheck_module(k):
     torch.manual_seed(0)
     y = mn(x)
     torch.testing.assert_close(y, mixture_norm2d(x.flatten(2), frozen, 1e-3, mn.weight,
-                                                 mn.bias)[0].view(x.shape))
+                                                 mn.bias, **switches)[0].view(x.shape))
 
 
-def test_gradcheck_eval_running():
-    mn = MixtureNorm2d(3, num_components=3, eps=1e-3).double()
+@pytest.mark.parametrize("switches", GRAD_SWITCHES, ids=switch_id)
+def test_gradcheck_eval_running(switches):
+    mn = MixtureNorm2d(3, num_components=3, eps=1e-3, **switches).double()
     for s in range(3):
         mn(bimodal((4, 3, 3, 3), F64, seed=s))
     mn.eval()
@@ -335,10 +353,118 @@ def test_gradcheck_eval_running():
     assert torch.autograd.gradcheck(mn, (x,))
 
 
-def test_gradcheck_reference():
+@pytest.mark.parametrize("switches", GRAD_SWITCHES, ids=switch_id)
+def test_gradcheck_reference(switches):
     points = to_points(bimodal((2, 3, 2, 2), F64)).requires_grad_()
     mixture = random_mixture(3, 3)
-    assert torch.autograd.gradcheck(lambda p: mixture_norm(p, mixture, 1e-3)[0], (points,))
+    assert torch.autograd.gradcheck(lambda p: mixture_norm(p, mixture, 1e-3, **switches)[0], (points,))
+
+
+@pytest.mark.parametrize("lambda_scale", [True, False])
+def test_posterior_grad_off_is_the_gradient_with_constant_posteriors(lambda_scale):
+    """posterior_grad=False: the module's gradient is the true gradient (gradcheck) of MN with
+    the posteriors held at their values, built from the reference pieces that take tau."""
+    x0 = bimodal((2, 3, 3, 2), F64, seed=4)
+    mixture = random_mixture(3, 3)
+    points0 = to_points(x0)
+    shift = (mixture.weight.unsqueeze(1) * mixture.mean).sum(0)
+    tau0 = mixture_posteriors(points0 - shift, Mixture(mixture.weight, mixture.mean - shift, mixture.var))
+
+    def constant_posteriors(points):  # MN of points with tau fixed at tau0
+        lam, mean, var, _ = moments_to_stats(mixture_moments(points, tau0, shift))
+        return mixture_normalize(points, tau0, lam, mean, var, 1e-3, lambda_scale)
+
+    p = points0.clone().requires_grad_()
+    assert torch.autograd.gradcheck(constant_posteriors, (p,))
+    g = torch.randn(points0.shape, dtype=F64)
+    constant_posteriors(p).backward(g)
+    xb = x0.flatten(2).clone().requires_grad_()
+    y, _, _ = mixture_norm2d(xb, mixture, 1e-3, posterior_grad=False, lambda_scale=lambda_scale)
+    y.transpose(1, 2).reshape(-1, 3).backward(g)
+    torch.testing.assert_close(xb.grad.transpose(1, 2).reshape(-1, 3), p.grad)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("switches", SWITCHES, ids=switch_id)
+def test_switches_fused_matches_reference(k, switches):
+    """Every reading of the switches: the fused path the module runs equals the reference on
+    points, output and gradients (input, gamma, beta)."""
+    x = bimodal((3, 4, 3, 3), F64, seed=2)
+    mixture = fit_mixture(to_points(x), k, generator=torch.Generator().manual_seed(0))
+    gamma = torch.rand(4, dtype=F64) + 0.5
+    beta = torch.randn(4, dtype=F64)
+    g = torch.randn(to_points(x).shape, dtype=F64)
+    xa = to_points(x).requires_grad_()
+    ga, ba = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
+    x_hat, _, stats_ref = mixture_norm(xa, mixture, 1e-3, **switches)
+    y_ref = x_hat * ga + ba  # [P, C]
+    y_ref.backward(g)
+    xb = x.flatten(2).clone().requires_grad_()
+    gb, bb = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
+    y, _, stats = mixture_norm2d(xb, mixture, 1e-3, gb, bb, **switches)
+    y_points = y.transpose(1, 2).reshape(-1, 4)  # [P, C]
+    torch.testing.assert_close(y_points, y_ref)
+    y_points.backward(g)
+    torch.testing.assert_close(xb.grad.transpose(1, 2).reshape(-1, 4), xa.grad)
+    torch.testing.assert_close(gb.grad, ga.grad)
+    torch.testing.assert_close(bb.grad, ba.grad)
+    for a, b in zip(stats, stats_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_switches_change_what_they_should():
+    """lambda_scale changes the output (K > 1), posterior_grad only the gradients; with K = 1
+    neither changes anything (BatchNorm)."""
+    x = bimodal((4, 3, 4, 4), F64, seed=3)
+    g = torch.randn(x.shape, dtype=F64)
+
+    def run(k, **switches):
+        torch.manual_seed(0)
+        mn = MixtureNorm2d(3, num_components=k, **switches).double()
+        xi = x.clone().requires_grad_()
+        y = mn(xi)
+        y.backward(g)
+        return y.detach(), xi.grad
+
+    for k in (1, 3):
+        y0, g0 = run(k)
+        y_nl, g_nl = run(k, lambda_scale=False)
+        y_np, g_np = run(k, posterior_grad=False)
+        torch.testing.assert_close(y_np, y0)  # posterior_grad never changes the output
+        if k == 1:
+            torch.testing.assert_close(y_nl, y0)
+            torch.testing.assert_close(g_np, g0)
+            torch.testing.assert_close(g_nl, g0)
+        else:
+            assert not torch.allclose(y_nl, y0)
+            assert not torch.allclose(g_np, g0)
+            assert not torch.allclose(g_nl, g0)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_lambda_scale_second_moment_is_about_k(k):
+    """With well-separated, equally weighted components every posterior is ~0 or ~1, so
+    x_hat ~ sqrt(K) * (x - E_k) / sd_k: the output's second moment is ~K with the factor
+    (the first layer's gain starts sqrt(K) above BatchNorm's) and ~1 without it."""
+    g = torch.Generator().manual_seed(k)
+    c, per = 4, 400
+    centres = torch.randn(k, c, generator=g, dtype=F64) * 60.0  # far apart
+    points = torch.cat([centres[j] + torch.randn(per, c, generator=g, dtype=F64) for j in range(k)])
+    mixture = Mixture(torch.full((k,), 1.0 / k, dtype=F64), centres, torch.ones(k, c, dtype=F64))
+    with_scale = mixture_norm(points, mixture, 1e-5)[0]
+    without = mixture_norm(points, mixture, 1e-5, lambda_scale=False)[0]
+    assert with_scale.pow(2).mean().item() == pytest.approx(k, rel=0.05)
+    assert without.pow(2).mean().item() == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=switch_id)
+def test_switches_finite_on_degenerate_batches(switches):
+    for x in (torch.ones(2, 3, 4, 4), torch.zeros(3, 3, 2, 2), torch.randn(1, 3, 1, 2) * 1e4):
+        mn = MixtureNorm2d(3, num_components=3, **switches)
+        xi = x.clone().requires_grad_()
+        y = mn(xi)
+        y.sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(xi.grad).all()
 
 
 # --------------------------------------------------------------------------------------------
