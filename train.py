@@ -21,6 +21,7 @@ import click
 from click.core import ParameterSource
 
 from dcgan_mn.config import AMP_MODES, COMPILE_MODES, MN_ESTIMATORS, DATASETS, STACKED_DATASETS, TrainConfig
+from dcgan_mn.models import G_ARCHS
 
 D = TrainConfig()  # the defaults shown in --help are the config's own
 CPU_FID_SAMPLES = 2000  # --fid-samples when training on a CPU and the flag is not given
@@ -34,9 +35,12 @@ def _layers_text(layers) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
                                  "max_content_width": 100})
 # --- model ---
+@click.option("--g-arch", default=D.g_arch, type=click.Choice(list(G_ARCHS)),
+              help="generator: dcgan32 (ConvT 4x4, 3 norm layers) or tf-dcgan (TTUR's TensorFlow "
+                   "DCGAN for CIFAR-10: Linear then ConvT 5x5, 4 norm layers)")
 @click.option("--mn-layers", default=_layers_text(D.mn_layers),
               help="generator norm layers that use Mixture Normalization: comma list of 0..2 "
-                   "(0 is nearest z), 'none' (all BatchNorm) or 'all'")
+                   "(0..3 for tf-dcgan; 0 is nearest z), 'none' (all BatchNorm) or 'all'")
 @click.option("--mn-components", default=D.mn_components, type=int, help="K, mixture components per MN layer")
 @click.option("--mn-fit-points", default=D.mn_fit_points, type=int,
               help="points per batch clustered by k-means++ to fit the mixture")

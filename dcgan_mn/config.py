@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .digits import DEFAULT_STACK_SIZE, STACKED_SOURCES as STACKED_DATASETS
-from .models import NUM_G_NORM_LAYERS, SAMPLE_MODES, parse_mn_layers
+from .models import G_ARCHS, NUM_G_NORM_LAYERS, SAMPLE_MODES, parse_mn_layers
 
 __all__ = [
     "TrainConfig",
@@ -40,6 +40,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class TrainConfig:
     # --- model ---
+    g_arch: str = "dcgan32"  # generator architecture: dcgan32 (DESIGN's) | tf-dcgan (TTUR's DCGAN)
     z_dim: int = 100
     ngf: int = 64
     ndf: int = 64
@@ -95,8 +96,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Normalise mn_layers from any accepted spelling ('0,1', 'all', list) to a tuple.
+        if self.g_arch not in G_ARCHS:
+            raise ConfigError(f"--g-arch {self.g_arch!r}: expected one of {', '.join(G_ARCHS)}")
         try:
-            layers = parse_mn_layers(self.mn_layers)
+            layers = parse_mn_layers(self.mn_layers, G_ARCHS[self.g_arch])
         except ValueError as e:
             raise ConfigError(f"--mn-layers: {e}") from None
         object.__setattr__(self, "mn_layers", layers)
@@ -167,7 +170,7 @@ class TrainConfig:
     def model_kwargs(self) -> dict:
         """Arguments of ``models.Generator`` that this config fixes."""
         return dict(
-            z_dim=self.z_dim, ngf=self.ngf, mn_layers=self.mn_layers,
+            z_dim=self.z_dim, ngf=self.ngf, mn_layers=self.mn_layers, arch=self.g_arch,
             num_components=self.mn_components, fit_points=self.mn_fit_points,
             kmeans_iters=self.mn_kmeans_iters, estimator=self.mn_estimator,
             em_iters=self.mn_em_iters, posterior_grad=self.mn_posterior_grad,
@@ -195,7 +198,7 @@ def flag_name(field_name: str) -> str:
 # What a resumed run must keep: the model, the optimisation, the data and the evaluation
 # protocol. Everything else (length, device, logging cadence, speed switches) may change.
 RESUME_FIXED = (
-    "z_dim", "ngf", "ndf", "mn_layers", "mn_components", "mn_fit_points", "mn_kmeans_iters",
+    "g_arch", "z_dim", "ngf", "ndf", "mn_layers", "mn_components", "mn_fit_points", "mn_kmeans_iters",
     "mn_estimator", "mn_em_iters", "mn_posterior_grad", "mn_lambda_scale",
     "lr", "beta1", "beta2", "batch_size", "seed", "dataset", "hflip", "stack_size", "stack_seed",
     "sample_mode", "ref", "dims", "mode_samples", "fid_protocol",
@@ -235,6 +238,8 @@ def default_run_name(cfg: TrainConfig, when: Optional[float] = None) -> str:
 
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
     arch = f"mn{''.join(map(str, cfg.mn_layers))}-k{cfg.mn_components}" if cfg.mn_layers else "bn"
+    if cfg.g_arch != "dcgan32":
+        arch = f"{cfg.g_arch}-{arch}"
     return f"{stamp}-{arch}-s{cfg.seed}"
 
 

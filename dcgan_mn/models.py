@@ -1,9 +1,17 @@
 """DCGAN generator and discriminator for 32x32 images, with per-layer BN -> MN replacement.
 
-Generator: z [N, z_dim] -> ConvT(4x4) 4x4x(8 ngf) -> norm0 -> ReLU -> ConvT 8x8x(4 ngf) ->
-norm1 -> ReLU -> ConvT 16x16x(2 ngf) -> norm2 -> ReLU -> ConvT 32x32x3 -> tanh.
-Generator norm layers are indexed 0, 1, 2 from the one nearest z; each is BatchNorm or
-Mixture Normalization as ``mn_layers`` says.
+Generator architectures (``arch``; norm layers indexed from the one nearest z, each BatchNorm or
+Mixture Normalization as ``mn_layers`` says):
+
+* ``dcgan32`` (DESIGN's, pytorch/examples style): z [N, z_dim] -> ConvT(4x4) 4x4x(8 ngf) ->
+  norm0 -> ReLU -> ConvT 8x8x(4 ngf) -> norm1 -> ReLU -> ConvT 16x16x(2 ngf) -> norm2 -> ReLU
+  -> ConvT 32x32x3 -> tanh. Three norm layers.
+* ``tf-dcgan``: the TensorFlow DCGAN of the TTUR paper's CIFAR-10 FID baseline (Heusel et al.
+  2017, ``bioinf-jku/TTUR/DCGAN_FID_batched``, itself carpedm20's DCGAN-tensorflow) at 32x32:
+  z -> Linear 2x2x(8 ngf) -> norm0 -> ReLU -> ConvT(5x5, stride 2, TF "SAME") 4x4x(4 ngf) ->
+  norm1 -> ReLU -> 8x8x(2 ngf) -> norm2 -> ReLU -> 16x16x(ngf) -> norm3 -> ReLU -> 32x32x3 ->
+  tanh; every linear and transposed convolution has a bias; weights N(0, 0.02), biases 0,
+  norm gains 1 (TensorFlow's batch_norm init). Four norm layers.
 
 Discriminator: conv 3->ndf (LeakyReLU 0.2, no norm) -> 2 ndf BN -> 4 ndf BN -> 1 logit.
 """
@@ -21,6 +29,7 @@ from .sync import unsynchronized
 
 __all__ = [
     "NUM_G_NORM_LAYERS",
+    "G_ARCHS",
     "SAMPLE_MODES",
     "parse_mn_layers",
     "Generator",
@@ -29,14 +38,14 @@ __all__ = [
     "preserved_norm_state",
 ]
 
-NUM_G_NORM_LAYERS = 3
+NUM_G_NORM_LAYERS = 3  # dcgan32's
+G_ARCHS = {"dcgan32": 3, "tf-dcgan": 4}  # generator architecture -> number of norm layers
 SAMPLE_MODES = ("batch", "running")
 
 
-def parse_mn_layers(spec: Union[str, Iterable[int], None]) -> tuple[int, ...]:
-    """'0,1' / 'none' / 'all' / an iterable of ints -> a sorted tuple of generator layer indices.
-
-    Raises ValueError naming the bad index or token.
+def parse_mn_layers(spec: Union[str, Iterable[int], None], num_layers: int = NUM_G_NORM_LAYERS) -> tuple[int, ...]:
+    """'0,1' / 'none' / 'all' / an iterable of ints -> a sorted tuple of generator layer indices
+    in 0..num_layers-1. Raises ValueError naming the bad index or token.
     """
     if spec is None:
         return ()
@@ -45,7 +54,7 @@ def parse_mn_layers(spec: Union[str, Iterable[int], None]) -> tuple[int, ...]:
         if text in ("", "none"):
             return ()
         if text == "all":
-            return tuple(range(NUM_G_NORM_LAYERS))
+            return tuple(range(num_layers))
         items = []
         for tok in text.split(","):
             tok = tok.strip()
@@ -54,15 +63,15 @@ def parse_mn_layers(spec: Union[str, Iterable[int], None]) -> tuple[int, ...]:
             except ValueError:
                 raise ValueError(
                     f"invalid MN layer {tok!r} in {spec!r}: expected comma-separated indices "
-                    f"in 0..{NUM_G_NORM_LAYERS - 1}, 'none' or 'all'"
+                    f"in 0..{num_layers - 1}, 'none' or 'all'"
                 ) from None
     else:
         items = [int(i) for i in spec]
     for i in items:
-        if not 0 <= i < NUM_G_NORM_LAYERS:
+        if not 0 <= i < num_layers:
             raise ValueError(
                 f"unknown generator norm layer {i} in {spec!r}: the generator has layers "
-                f"0..{NUM_G_NORM_LAYERS - 1} (0 is nearest z)"
+                f"0..{num_layers - 1} (0 is nearest z)"
             )
     if len(set(items)) != len(items):
         raise ValueError(f"duplicate generator norm layer in {spec!r}")
@@ -81,8 +90,45 @@ def dcgan_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _tf_dcgan_init_(module: nn.Module) -> None:
+    """TTUR / DCGAN-tensorflow initialisation: linear and transposed-convolution weights
+    ~ N(0, 0.02), biases 0; norm gains 1 and biases 0 (TensorFlow's batch_norm defaults)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, MixtureNorm2d)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+class _Project(nn.Module):
+    """z [N, z_dim] -> Linear -> [N, C, S, S] (tf-dcgan's first layer, reshaped channels-first)."""
+
+    def __init__(self, z_dim: int, channels: int, size: int) -> None:
+        super().__init__()
+        self.channels, self.size = channels, size
+        self.linear = nn.Linear(z_dim, channels * size * size)
+
+    def forward(self, z: Tensor) -> Tensor:
+        # TensorFlow reshapes the linear output [N, S*S*C] as NHWC; read it the same way.
+        h = self.linear(z.flatten(1))  # [N, S*S*C]
+        return h.view(-1, self.size, self.size, self.channels).permute(0, 3, 1, 2).contiguous()  # [N, C, S, S]
+
+
+class _ConvTransposeSame(nn.ConvTranspose2d):
+    """TensorFlow's ``conv2d_transpose(..., strides=2, padding="SAME")`` with a 5x5 kernel:
+    output 2H x 2W. TF's forward SAME convolution pads one row above and two below; its transpose
+    is PyTorch's with padding 1, less the last row and column."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 5, stride=2, padding=1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x)[:, :, :-1, :-1]  # [N, C_out, 2H, 2W]
+
+
 class Generator(nn.Module):
-    """DCGAN generator z [N, z_dim] -> images [N, 3, 32, 32] in [-1, 1]."""
+    """DCGAN generator z [N, z_dim] -> images [N, 3, 32, 32] in [-1, 1] (``arch``: see above)."""
 
     def __init__(
         self,
@@ -90,19 +136,35 @@ class Generator(nn.Module):
         ngf: int = 64,
         mn_layers: Union[str, Sequence[int], None] = (0, 1),
         num_components: int = 3,
+        arch: str = "dcgan32",
         **mn_kwargs,
     ) -> None:
         super().__init__()
+        if arch not in G_ARCHS:
+            raise ValueError(f"unknown generator architecture {arch!r}; expected one of {tuple(G_ARCHS)}")
         self.z_dim = z_dim
         self.ngf = ngf
-        self.mn_layers = parse_mn_layers(mn_layers)
+        self.arch = arch
+        self.mn_layers = parse_mn_layers(mn_layers, G_ARCHS[arch])
         self.num_components = num_components
-        widths = [8 * ngf, 4 * ngf, 2 * ngf]
+        widths = [8 * ngf, 4 * ngf, 2 * ngf] if arch == "dcgan32" else [8 * ngf, 4 * ngf, 2 * ngf, ngf]
+        self._norm_index: list[int] = []  # positions of the norm layers in self.net
 
         def norm(i: int) -> nn.Module:
             kind = "mn" if i in self.mn_layers else "bn"
             return make_norm2d(widths[i], kind, num_components, **mn_kwargs)
 
+        if arch == "tf-dcgan":
+            layers: list[nn.Module] = [_Project(z_dim, widths[0], 2)]  # [N, 8ngf, 2, 2]
+            for i in range(4):
+                layers += [norm(i), nn.ReLU(inplace=True)]
+                out = widths[i + 1] if i + 1 < 4 else 3
+                layers.append(_ConvTransposeSame(widths[i], out))  # [N, out, 2^(i+2), 2^(i+2)]
+            self.net = nn.Sequential(*layers, nn.Tanh())
+            self._norm_index = [1, 4, 7, 10]
+            _tf_dcgan_init_(self)
+            return
+        self._norm_index = [1, 4, 7]
         self.net = nn.Sequential(
             nn.ConvTranspose2d(z_dim, widths[0], 4, 1, 0, bias=False),  # [N, 8ngf, 4, 4]
             norm(0),
@@ -121,7 +183,7 @@ class Generator(nn.Module):
     @property
     def norm_layers(self) -> list[nn.Module]:
         """The generator's norm layers, index 0 nearest z."""
-        return [self.net[1], self.net[4], self.net[7]]
+        return [self.net[i] for i in self._norm_index]
 
     def forward(self, z: Tensor) -> Tensor:
         if z.dim() != 2 or z.shape[1] != self.z_dim:
@@ -129,6 +191,7 @@ class Generator(nn.Module):
                 f"Generator expects z of shape [N, {self.z_dim}], got {tuple(z.shape)}"
             )
         return self.net(z[:, :, None, None])  # [N, 3, 32, 32]
+
 
     @torch.no_grad()
     def sample(self, z: Tensor, mode: str = "batch", batch_size: int | None = None) -> Tensor:

@@ -226,3 +226,70 @@ def test_generator_under_bf16_autocast_and_channels_last():
         out = g(z)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert (out.float() - ref).abs().mean() < 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# tf-dcgan: the TTUR paper's TensorFlow DCGAN generator
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec,mn", [("none", ()), ("0,3", (0, 3)), ("all", (0, 1, 2, 3))])
+def test_tf_dcgan_layer_table(spec, mn):
+    """Linear z -> 2x2x8ngf, then four 5x5 stride-2 transposed convolutions; a norm after the
+    linear layer and after each hidden transposed convolution (4, indexed from z)."""
+    from dcgan_mn.models import _ConvTransposeSame, _Project
+
+    ngf = 8
+    g = Generator(z_dim=16, ngf=ngf, mn_layers=spec, arch="tf-dcgan", fit_points=64)
+    norms = g.norm_layers
+    assert [m.num_features for m in norms] == [8 * ngf, 4 * ngf, 2 * ngf, ngf]
+    assert tuple(i for i, m in enumerate(norms) if isinstance(m, MixtureNorm2d)) == mn
+    assert isinstance(g.net[0], _Project) and g.net[0].linear.bias is not None
+    convs = [m for m in g.net if isinstance(m, _ConvTransposeSame)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (8 * ngf, 4 * ngf, (5, 5), (2, 2)), (4 * ngf, 2 * ngf, (5, 5), (2, 2)),
+        (2 * ngf, ngf, (5, 5), (2, 2)), (ngf, 3, (5, 5), (2, 2))]
+    shapes = []
+    h = torch.randn(5, 16)
+    for m in g.net:
+        h = m(h)
+        shapes.append(tuple(h.shape[1:]))
+    assert shapes[0] == (8 * ngf, 2, 2) and shapes[-1] == (3, 32, 32)
+    assert h.abs().max() <= 1.0
+    assert all(torch.all(m.weight == 1) for m in norms)  # TensorFlow's batch_norm init: gains 1
+    with pytest.raises(ValueError, match="layers 0..3"):
+        Generator(mn_layers="4", arch="tf-dcgan")
+    with pytest.raises(ValueError, match="unknown generator architecture"):
+        Generator(arch="resnet")
+
+
+def test_conv_transpose_same_is_the_adjoint_of_tf_same_conv():
+    """TensorFlow defines conv2d_transpose as the gradient of conv2d; with padding "SAME",
+    stride 2 and a 5x5 kernel that conv pads one row/column before and two after. Our layer
+    must equal that adjoint, computed here independently with autograd."""
+    import torch.nn.functional as F
+
+    from dcgan_mn.models import _ConvTransposeSame
+
+    torch.manual_seed(0)
+    layer = _ConvTransposeSame(6, 4).double()
+    with torch.no_grad():
+        layer.bias.zero_()
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64)
+    u = torch.zeros(2, 4, 6, 10, dtype=torch.float64, requires_grad=True)
+    conv = F.conv2d(F.pad(u, (1, 2, 1, 2)), layer.weight, stride=2)  # [2, 6, 3, 5]: TF SAME
+    (adjoint,) = torch.autograd.grad(conv, u, x)
+    torch.testing.assert_close(layer(x), adjoint)
+
+
+def test_tf_dcgan_config_and_run_name():
+    from dcgan_mn.config import ConfigError, TrainConfig, default_run_name
+
+    cfg = TrainConfig(g_arch="tf-dcgan", mn_layers="all")
+    assert cfg.mn_layers == (0, 1, 2, 3)
+    assert default_run_name(cfg, when=0).endswith("-tf-dcgan-mn0123-k3-s0")
+    assert Generator(**cfg.model_kwargs()).arch == "tf-dcgan"
+    with pytest.raises(ConfigError, match="--mn-layers"):
+        TrainConfig(mn_layers="3")  # dcgan32 has layers 0..2
+    with pytest.raises(ConfigError, match="--g-arch 'big'"):
+        TrainConfig(g_arch="big")
