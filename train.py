@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from dcgan_mn.config import AMP_MODES, COMPILE_MODES, MN_ESTIMATORS, DATASETS, STACKED_DATASETS, TrainConfig
+from dcgan_mn.config import AMP_MODES, COMPILE_MODES, MN_ESTIMATORS, MN_POINTS, DATASETS, STACKED_DATASETS, TrainConfig
 from dcgan_mn.models import G_ARCHS
 
 D = TrainConfig()  # the defaults shown in --help are the config's own
@@ -51,6 +51,10 @@ def _layers_text(layers) -> str:
                    "assumption) or em (EM iterations after k-means++ seeding)")
 @click.option("--mn-em-iters", default=D.mn_em_iters, type=int,
               help="EM iterations after seeding (--mn-estimator em)")
+@click.option("--mn-point", default=D.mn_point, type=click.Choice(MN_POINTS),
+              help="what one MN mixture describes: vector (the C-vector at each position, one "
+                   "mixture over channels jointly; our reading) or channel (an independent 1-D "
+                   "mixture per channel)")
 @click.option("--mn-posterior-grad/--no-mn-posterior-grad", default=D.mn_posterior_grad,
               help="gradients flow through MN's posteriors (and lambda), or they are constants")
 @click.option("--mn-lambda-scale/--no-mn-lambda-scale", default=D.mn_lambda_scale,

@@ -38,7 +38,7 @@ LAYER_SHAPES = [(64, 512, 4, 4), (64, 256, 8, 8), (64, 128, 16, 16)]
 STEP_CONFIGS = {"bn": (), "mn01": (0, 1), "mn_all": (0, 1, 2)}
 # MN's switches other than the defaults, counted beside them.
 VARIANTS = {"em": dict(estimator="em"), "no_posterior_grad": dict(posterior_grad=False),
-            "no_lambda_scale": dict(lambda_scale=False)}
+            "no_lambda_scale": dict(lambda_scale=False), "point_channel": dict(point="channel")}
 # The budget for one MN layer (training forward + backward), eager.
 BUDGET = {"mn_k3": 64, "mn_k1": 16}
 

@@ -29,6 +29,7 @@ DATASETS = ("cifar10", "folder", "stacked-mnist", "stacked-digits")
 
 AMP_MODES = ("none", "bf16", "fp16", "auto")  # auto: bf16 where the hardware has it, else none
 MN_ESTIMATORS = ("kmeans", "em")  # dcgan_mn.norms.ESTIMATORS
+MN_POINTS = ("vector", "channel")  # dcgan_mn.norms.POINTS
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile(mode=...)
 FID_PROTOCOL_NAMES = ("pytorch-fid", "clean")  # features.FID_PROTOCOLS (not imported: no torch here)
 
@@ -50,6 +51,7 @@ class TrainConfig:
     mn_kmeans_iters: int = 2  # Lloyd iterations after seeding
     mn_estimator: str = "kmeans"  # how the batch mixture is fitted: kmeans (our assumption) | em
     mn_em_iters: int = 3  # EM iterations after seeding (mn_estimator = em)
+    mn_point: str = "vector"  # a mixture over C-vectors (our reading) | one 1-D mixture per channel
     mn_posterior_grad: bool = True  # gradients through the posteriors (False: constants)
     mn_lambda_scale: bool = True  # keep the Fisher-vector factor 1 / sqrt(lambda_k)
     # --- optimisation ---
@@ -122,6 +124,9 @@ class TrainConfig:
         need(self.mn_estimator in MN_ESTIMATORS, "--mn-estimator", self.mn_estimator,
              f"expected one of {MN_ESTIMATORS}")
         need(self.mn_em_iters >= 0, "--mn-em-iters", self.mn_em_iters, "must be >= 0")
+        need(self.mn_point in MN_POINTS, "--mn-point", self.mn_point, f"expected one of {MN_POINTS}")
+        need(not (self.sync_norm and self.mn_point != "vector"), "--mn-point", self.mn_point,
+             "--sync-norm synchronizes the vector reading only")
         need(self.lr > 0, "--lr", self.lr, "must be > 0")
         need(0 <= self.beta1 < 1, "--beta1", self.beta1, "must be in [0, 1)")
         need(0 <= self.beta2 < 1, "--beta2", self.beta2, "must be in [0, 1)")
@@ -173,7 +178,7 @@ class TrainConfig:
             z_dim=self.z_dim, ngf=self.ngf, mn_layers=self.mn_layers, arch=self.g_arch,
             num_components=self.mn_components, fit_points=self.mn_fit_points,
             kmeans_iters=self.mn_kmeans_iters, estimator=self.mn_estimator,
-            em_iters=self.mn_em_iters, posterior_grad=self.mn_posterior_grad,
+            em_iters=self.mn_em_iters, point=self.mn_point, posterior_grad=self.mn_posterior_grad,
             lambda_scale=self.mn_lambda_scale,
         )
 
@@ -199,7 +204,7 @@ def flag_name(field_name: str) -> str:
 # protocol. Everything else (length, device, logging cadence, speed switches) may change.
 RESUME_FIXED = (
     "g_arch", "z_dim", "ngf", "ndf", "mn_layers", "mn_components", "mn_fit_points", "mn_kmeans_iters",
-    "mn_estimator", "mn_em_iters", "mn_posterior_grad", "mn_lambda_scale",
+    "mn_estimator", "mn_em_iters", "mn_point", "mn_posterior_grad", "mn_lambda_scale",
     "lr", "beta1", "beta2", "batch_size", "seed", "dataset", "hflip", "stack_size", "stack_seed",
     "sample_mode", "ref", "dims", "mode_samples", "fid_protocol",
 )

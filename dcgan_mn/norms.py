@@ -53,6 +53,10 @@ __all__ = [
     "mixture_norm",
     "mixture_norm2d",
     "match_components",
+    "POINTS",
+    "channel_mixtures",
+    "channel_mixture_norm",
+    "match_components_per_channel",
     "MixtureNorm2d",
     "make_norm2d",
 ]
@@ -166,6 +170,7 @@ def kmeans_mixture(
     kmeans_iters: int = 2,
     eps: float = 1e-5,
     generator: Optional[torch.Generator] = None,
+    init_mean: Optional[Tensor] = None,
 ) -> Mixture:
     """A K-component diagonal mixture read off a k-means++ clustering of ``points`` [M, C].
 
@@ -179,7 +184,10 @@ def kmeans_mixture(
     m, k = sub.shape[0], num_components
     if k == 1:
         return Mixture(sub.new_ones(1), centre.unsqueeze(0), subset_var.unsqueeze(0))
-    mean = kmeans_pp_seeds(sub, sub_sq, k, generator)  # [K, C]
+    if init_mean is None:
+        mean = kmeans_pp_seeds(sub, sub_sq, k, generator)  # [K, C]
+    else:  # given centres instead of the seeding (tests; the per-channel reading)
+        mean = init_mean.detach().to(sub.dtype) - centre  # [K, C]
 
     # Lloyd iterations; an empty cluster keeps its previous centre. The last pass only assigns
     # (against the final centres) and reads the clusters off. (A one-hot matrix product rather
@@ -657,6 +665,142 @@ def _mixture_norm2d_fixed(
 
 
 # --------------------------------------------------------------------------------------------
+# point = "channel": an independent 1-D mixture per channel (BatchNorm's per-activation reading,
+# the one third-party reimplementations use). Plain autograd ops on [N, C, K, L]; the tests check
+# it against the vector reading run on each channel alone (C = 1), which is what it must equal.
+# --------------------------------------------------------------------------------------------
+
+POINTS = ("vector", "channel")
+
+
+def _channel_seeds(sub: Tensor, k: int, generator: Optional[torch.Generator]) -> Tensor:
+    """k-means++ seeds [C, K] of every channel's centred scalars sub [C, M], all channels at once."""
+    c, m = sub.shape
+    picks = [torch.randint(m, (c, 1), device=sub.device, generator=generator)]  # K x [C, 1]
+    u = torch.rand(c, k - 1, device=sub.device, dtype=sub.dtype, generator=generator)  # [C, K-1]
+    nearest = None
+    for j in range(1, k):
+        dist = (sub - sub.gather(1, picks[-1])).square()  # [C, M]
+        nearest = dist if nearest is None else torch.minimum(nearest, dist)  # [C, M]
+        cdf = (nearest + 1e-12 * (1.0 + nearest.amax(1, keepdim=True))).cumsum(1)  # [C, M]
+        target = u[:, j - 1 : j] * cdf[:, -1:]  # [C, 1]
+        picks.append(torch.searchsorted(cdf, target, right=True).clamp_max_(m - 1))
+    return sub.gather(1, torch.cat(picks, 1))  # [C, K]
+
+
+@torch.no_grad()
+def channel_mixtures(
+    points: Tensor,
+    num_components: int,
+    *,
+    estimator: str = "kmeans",
+    kmeans_iters: int = 2,
+    em_iters: int = 3,
+    eps: float = 1e-5,
+    generator: Optional[torch.Generator] = None,
+    init_mean: Optional[Tensor] = None,
+) -> Mixture:
+    """One K-component 1-D mixture per channel of fitting points [M, C], fitted as
+    ``estimate_mixture`` fits the vector reading (k-means++ seeds or ``init_mean`` [K, C], then
+    Lloyd or EM iterations), batched over channels. Returns weight, mean, var, each [K, C]."""
+    x = points.detach().t()  # [C, M]
+    c, m = x.shape
+    k = num_components
+    centre = x.mean(1, keepdim=True)  # [C, 1]
+    sub = x - centre  # [C, M]
+    sq = sub * sub  # [C, M]
+    subset_var = sq.mean(1).clamp_min(eps)  # [C]
+    if k == 1:
+        return Mixture(sub.new_ones(1, c), centre.t(), subset_var.unsqueeze(0))
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if init_mean is None:
+        mean = _channel_seeds(sub, k, generator)  # [C, K]
+    else:
+        mean = init_mean.detach().to(sub.dtype).t() - centre  # [C, K]
+    x3, sq3 = sub.unsqueeze(2), sq.unsqueeze(2)  # [C, M, 1]
+    if estimator == "kmeans":
+        for _ in range(kmeans_iters + 1):
+            dist = (x3 - mean.unsqueeze(1)).square()  # [C, M, K]
+            onehot = torch.zeros_like(dist).scatter_(2, dist.argmin(2, keepdim=True), 1.0)  # [C, M, K]
+            counts = onehot.sum(1)  # [C, K]
+            inv = counts.clamp_min(1.0).reciprocal()  # [C, K]
+            mean = torch.where(counts > 0, (onehot * x3).sum(1) * inv, mean)  # [C, K]
+        var = (onehot * sq3).sum(1) * inv - mean * mean  # [C, K]
+        var = torch.where(counts < 2, subset_var.unsqueeze(1), var).clamp_min(eps)
+        weight = (counts / m).clamp_min(_TINY)  # [C, K]
+    else:  # EM on the scalars, every channel at once
+        var = subset_var.unsqueeze(1).expand(c, k)  # [C, K]
+        weight = sub.new_full((c, k), 1.0 / k)  # [C, K]
+        for _ in range(em_iters):
+            logits = (weight.clamp_min(_TINY).log() - 0.5 * var.log()).unsqueeze(1) \
+                - 0.5 * (x3 - mean.unsqueeze(1)).square() / var.unsqueeze(1)  # [C, M, K]
+            tau = torch.softmax(logits, 2)  # [C, M, K]
+            mass = tau.sum(1)  # [C, K]
+            inv = mass.clamp_min(_TINY).reciprocal()
+            new_mean = (tau * x3).sum(1) * inv  # [C, K]
+            new_var = ((tau * sq3).sum(1) * inv - new_mean * new_mean).clamp_min(eps)
+            alive = mass > _TINY
+            mean, var = torch.where(alive, new_mean, mean), torch.where(alive, new_var, var)
+            weight = (mass / m).clamp_min(_TINY)
+            weight = weight / weight.sum(1, keepdim=True)
+    weight = weight / weight.sum(1, keepdim=True)
+    return Mixture(weight.t(), (mean + centre).t(), var.t())  # [K, C] each
+
+
+def channel_mixture_norm(
+    x: Tensor,
+    mixture: Mixture,
+    eps: float,
+    gamma: Optional[Tensor] = None,
+    beta: Optional[Tensor] = None,
+    *,
+    fixed_stats: bool = False,
+    posterior_grad: bool = True,
+    lambda_scale: bool = True,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """MN of x [N, C, L] with one 1-D mixture per channel (weight, mean, var [K, C]), then the
+    affine. Training: posterior-weighted batch statistics per (component, channel); with
+    ``fixed_stats`` (eval with running statistics) the mixture's own. Returns y [N, C, L], the
+    posteriors tau [N, C, K, L] and (lambda, E, Var, n_eff), each [K, C]."""
+    weight, mean, var = (t.detach() for t in mixture)
+    n, c, length = x.shape
+    shift = (weight * mean).sum(0)  # [C]  (conditioning only, as in the vector reading)
+    xc = (x - shift.unsqueeze(1)).unsqueeze(2)  # [N, C, 1, L]
+    mc, vc = (mean - shift).t(), var.clamp_min(eps).t()  # [C, K]
+    logits = (weight.t().clamp_min(_TINY).log() - 0.5 * vc.log())[..., None] \
+        - 0.5 * (xc - mc[..., None]).square() / vc[..., None]  # [N, C, K, L]
+    tau = torch.softmax(logits, 2)  # [N, C, K, L]
+    if not posterior_grad:
+        tau = tau.detach()
+    if fixed_stats:
+        lam, e, v, n_eff = weight.t(), mc, var.t(), torch.full_like(mc, float(n * length))  # [C, K]
+    else:
+        mass = tau.sum((0, 3))  # [C, K]
+        inv_mass = mass.clamp_min(_TINY).reciprocal()
+        lam = mass / (n * length)  # [C, K]
+        e = (tau * xc).sum((0, 3)) * inv_mass  # [C, K]
+        v = ((tau * xc.square()).sum((0, 3)) * inv_mass - e.square()).clamp_min(0.0)  # [C, K]
+        n_eff = mass.square() / tau.square().sum((0, 3)).clamp_min(_TINY)  # [C, K]
+    a = tau * lam.clamp_min(_TINY).rsqrt()[..., None] if lambda_scale else tau  # [N, C, K, L]
+    x_hat = (a * (xc - e[..., None]) * (v + eps).rsqrt()[..., None]).sum(2)  # [N, C, L]
+    y = x_hat if gamma is None else x_hat * gamma.unsqueeze(1)
+    if beta is not None:
+        y = y + beta.unsqueeze(1)
+    stats = (lam.t(), (e + shift.unsqueeze(1)).t(), v.t(), n_eff.t())  # [K, C] each
+    return y.contiguous(), tau, stats
+
+
+def match_components_per_channel(batch_mean: Tensor, running_mean: Tensor) -> Tensor:
+    """perm [K, C]: batch component perm[k, c] is averaged into running component k of channel c.
+    For 1-D components the assignment that minimises the summed squared distance between means
+    pairs them in sorted order (rearrangement inequality), so no search is needed."""
+    batch_order = batch_mean.argsort(0)  # [K, C]: the batch component of each rank
+    running_rank = running_mean.argsort(0).argsort(0)  # [K, C]: each running component's rank
+    return batch_order.gather(0, running_rank)  # [K, C]
+
+
+# --------------------------------------------------------------------------------------------
 # Component matching for running statistics.
 # --------------------------------------------------------------------------------------------
 
@@ -723,6 +867,9 @@ class MixtureNorm2d(nn.Module):
             (``momentum=None`` is a cumulative moving average).
         fit_points: at most this many random points are clustered per batch.
         kmeans_iters: Lloyd iterations after k-means++ seeding (``estimator="kmeans"``).
+        point: what one mixture describes: ``"vector"`` (a point is the C-vector at one position;
+            one mixture over all channels jointly, our reading) or ``"channel"`` (an independent
+            1-D mixture per channel; ``running_weight`` is then [K, C]).
         posterior_grad: gradients flow through the posteriors (and so through lambda), or the
             posteriors are treated as constants.
         lambda_scale: keep the Fisher-vector factor 1 / sqrt(lambda_k), or drop it. With it,
@@ -739,7 +886,7 @@ class MixtureNorm2d(nn.Module):
     _version = 1
     __constants__ = ["num_features", "num_components", "eps", "momentum", "affine",
                      "track_running_stats", "fit_points", "kmeans_iters", "estimator", "em_iters",
-                     "posterior_grad", "lambda_scale"]
+                     "point", "posterior_grad", "lambda_scale"]
 
     def __init__(
         self,
@@ -753,6 +900,7 @@ class MixtureNorm2d(nn.Module):
         kmeans_iters: int = 2,
         estimator: str = "kmeans",
         em_iters: int = 3,
+        point: str = "vector",
         posterior_grad: bool = True,
         lambda_scale: bool = True,
         device=None,
@@ -773,6 +921,8 @@ class MixtureNorm2d(nn.Module):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if em_iters < 0:
             raise ValueError(f"em_iters must be >= 0, got {em_iters}")
+        if point not in POINTS:
+            raise ValueError(f"point must be one of {POINTS}, got {point!r}")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         factory = {"device": device, "dtype": dtype}
@@ -786,6 +936,7 @@ class MixtureNorm2d(nn.Module):
         self.kmeans_iters = kmeans_iters
         self.estimator = estimator
         self.em_iters = em_iters
+        self.point = point
         self.posterior_grad = bool(posterior_grad)
         self.lambda_scale = bool(lambda_scale)
         self.reduce_moments: Optional[Callable[[MixtureMoments], MixtureMoments]] = None
@@ -797,7 +948,8 @@ class MixtureNorm2d(nn.Module):
             self.register_parameter("bias", None)
         if track_running_stats:
             k, c = num_components, num_features
-            self.register_buffer("running_weight", torch.empty(k, **factory))
+            weight_shape = (k,) if point == "vector" else (k, c)
+            self.register_buffer("running_weight", torch.empty(weight_shape, **factory))
             self.register_buffer("running_mean", torch.empty(k, c, **factory))
             self.register_buffer("running_var", torch.empty(k, c, **factory))
             self.register_buffer(
@@ -833,7 +985,8 @@ class MixtureNorm2d(nn.Module):
             "{num_features}, num_components={num_components}, eps={eps}, momentum={momentum}, "
             "affine={affine}, track_running_stats={track_running_stats}, "
             "fit_points={fit_points}, kmeans_iters={kmeans_iters}, estimator={estimator}, "
-            "em_iters={em_iters}, posterior_grad={posterior_grad}, lambda_scale={lambda_scale}"
+            "em_iters={em_iters}, point={point}, posterior_grad={posterior_grad}, "
+            "lambda_scale={lambda_scale}"
             .format(**self.__dict__)
         )
 
@@ -852,7 +1005,11 @@ class MixtureNorm2d(nn.Module):
         return self._estimate(sample_fit_points(x, self.fit_points).to(dtype))  # [M, C] points
 
     def _estimate(self, points: Tensor) -> Mixture:
-        """The mixture of fitting points [M, C] by this layer's estimator."""
+        """The mixture of fitting points [M, C] by this layer's estimator (per channel for
+        ``point="channel"``: weight, mean and var [K, C])."""
+        if self.point == "channel":
+            return channel_mixtures(points, self.num_components, estimator=self.estimator,
+                                    kmeans_iters=self.kmeans_iters, em_iters=self.em_iters, eps=self.eps)
         return estimate_mixture(points, self.num_components, estimator=self.estimator,
                                 kmeans_iters=self.kmeans_iters, em_iters=self.em_iters, eps=self.eps)
 
@@ -880,11 +1037,23 @@ class MixtureNorm2d(nn.Module):
         beta = self.bias.to(compute_dtype) if self.affine else None
         x_ncl = x.flatten(2)  # [N, C, L]  (a view, also for channels_last)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if use_batch_stats:
+            switches = dict(posterior_grad=self.posterior_grad, lambda_scale=self.lambda_scale)
+            if self.point == "channel":
+                if not self._moments_stay_local():
+                    raise ValueError("MixtureNorm2d(point='channel') is not synchronized across processes")
+                if use_batch_stats:
+                    mixture = self._fit_batch_mixture(x_ncl, compute_dtype)
+                else:
+                    mixture = Mixture(self.running_weight.to(compute_dtype),
+                                      self.running_mean.to(compute_dtype), self.running_var.to(compute_dtype))
+                y, tau, stats = channel_mixture_norm(x_ncl.to(compute_dtype), mixture, self.eps, gamma, beta,
+                                                     fixed_stats=not use_batch_stats, **switches)
+                if self.training:
+                    self._record_batch(tau, stats)
+            elif use_batch_stats:
                 mixture = self._fit_batch_mixture(x_ncl, compute_dtype)
                 y, tau, stats = mixture_norm2d(
-                    x_ncl, mixture, self.eps, gamma, beta, reduce=self._reduce_moments,
-                    posterior_grad=self.posterior_grad, lambda_scale=self.lambda_scale,
+                    x_ncl, mixture, self.eps, gamma, beta, reduce=self._reduce_moments, **switches
                 )
                 if self.training:
                     self._record_batch(tau, stats)
@@ -939,7 +1108,8 @@ class MixtureNorm2d(nn.Module):
         """Telemetry and running statistics after a training batch."""
         lam, mean, var, n_eff = (s.detach() for s in stats)
         self.last_batch_weight = lam
-        ent = -(tau * tau.clamp_min(_TINY).log()).sum(1).mean()  # []
+        k_dim = 2 if self.point == "channel" else 1  # tau [N, C, K, L] or [N, K, L]
+        ent = -(tau * tau.clamp_min(_TINY).log()).sum(k_dim).mean()  # []
         self.last_posterior_entropy = ent.detach()
         if self.track_running_stats:
             self._update_running(lam, mean, var, n_eff)
@@ -951,15 +1121,18 @@ class MixtureNorm2d(nn.Module):
             factor = 1.0 / float(self.num_batches_tracked)
         else:
             factor = self.momentum
-        if self.num_components > 1:
+        if self.num_components > 1 and self.point == "channel":  # stats [K, C]
+            perm = match_components_per_channel(mean, self.running_mean.to(mean.dtype))  # [K, C]
+            lam, mean, var, n_eff = (t.gather(0, perm) for t in (lam, mean, var, n_eff))
+        elif self.num_components > 1:
             perm = match_components(mean, self.running_mean.to(mean.dtype))  # [K]
             lam, mean, var, n_eff = lam[perm], mean[perm], var[perm], n_eff[perm]
         # Unbiased variance with the effective sample size: n_eff / (n_eff - 1), BN's
         # P / (P - 1) for K = 1. A component carrying less than two points' worth of posterior
         # mass (n_eff < 2) has no variance estimate worth correcting; its factor is capped at
         # n_eff (<= 2) instead of growing without bound as n_eff -> 1.
-        bessel = n_eff / (n_eff - 1.0).clamp_min(1.0)  # [K]
-        unbiased = var * bessel.unsqueeze(1)  # [K, C]
+        bessel = n_eff / (n_eff - 1.0).clamp_min(1.0)  # [K] (or [K, C] per channel)
+        unbiased = var * (bessel if bessel.dim() == 2 else bessel.unsqueeze(1))  # [K, C]
         dt = self.running_mean.dtype
         self.running_weight.lerp_(lam.to(dt), factor)
         self.running_mean.lerp_(mean.to(dt), factor)
@@ -968,8 +1141,9 @@ class MixtureNorm2d(nn.Module):
     # ---- telemetry -----------------------------------------------------------------------------
 
     def telemetry(self) -> dict[str, Tensor]:
-        """Last training batch: mixture weights [K], mean posterior entropy (nats) and the
-        effective number of components exp(H(lambda)). Device tensors; call .item() to log."""
+        """Last training batch: mixture weights [K] (per channel, sorted, averaged over channels for
+        ``point="channel"``), mean posterior entropy (nats) and the effective number of components
+        exp(H(lambda)). Device tensors; call .item() to log."""
         if self.last_batch_weight is None:
             return {}
         lam = self.last_batch_weight.clamp_min(_TINY)
@@ -977,6 +1151,12 @@ class MixtureNorm2d(nn.Module):
             return {"mixture_weight": self.last_batch_weight,
                     "posterior_entropy": torch.zeros_like(lam[0]),
                     "effective_components": torch.ones_like(lam[0])}
+        if lam.dim() == 2:  # point="channel", [K, C]: components sorted per channel, then averaged
+            return {
+                "mixture_weight": self.last_batch_weight.sort(0, descending=True).values.mean(1),
+                "posterior_entropy": self.last_posterior_entropy,
+                "effective_components": torch.exp(-(lam * lam.log()).sum(0)).mean(),
+            }
         return {
             "mixture_weight": self.last_batch_weight,
             "posterior_entropy": self.last_posterior_entropy,

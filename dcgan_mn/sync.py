@@ -93,6 +93,9 @@ class SyncMixtureNorm2d(MixtureNorm2d):
 
     def __init__(self, *args, process_group=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.point != "vector":
+            raise ValueError("synchronized MN supports point='vector' only (--sync-norm with --mn-point "
+                             f"{self.point!r})")
         self.process_group = process_group
         self.sync_enabled = True  # False inside unsynchronized()
 
@@ -146,7 +149,7 @@ class SyncMixtureNorm2d(MixtureNorm2d):
             momentum=module.momentum, affine=module.affine,
             track_running_stats=module.track_running_stats, fit_points=module.fit_points,
             kmeans_iters=module.kmeans_iters, estimator=module.estimator,
-            em_iters=module.em_iters, posterior_grad=module.posterior_grad,
+            em_iters=module.em_iters, point=module.point, posterior_grad=module.posterior_grad,
             lambda_scale=module.lambda_scale, process_group=process_group,
         )
         _share_state(module, new)

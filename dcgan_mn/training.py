@@ -292,7 +292,7 @@ def run_hparams(cfg: TrainConfig, generator: Generator) -> dict:
     first hparams only until more are ticked."""
     norms = ",".join("mn" if isinstance(layer, MixtureNorm2d) else "bn" for layer in generator.norm_layers)
     return {"dataset": cfg.dataset, "mn_components": cfg.mn_components, "norms": norms, "seed": cfg.seed,
-            "mn_estimator": cfg.mn_estimator, "mn_posterior_grad": cfg.mn_posterior_grad,
+            "mn_estimator": cfg.mn_estimator, "mn_point": cfg.mn_point, "mn_posterior_grad": cfg.mn_posterior_grad,
             "mn_lambda_scale": cfg.mn_lambda_scale}
 
 

@@ -200,7 +200,8 @@ def test_run_writes_one_hparams_session(mode_run):
     start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
     hp = {k: v.string_value or v.number_value or v.bool_value for k, v in start.hparams.items()}
     assert hp == {"norms": "mn,mn,bn", "mn_components": 3, "seed": 0, "dataset": "stacked-digits",
-                  "mn_estimator": "kmeans", "mn_posterior_grad": True, "mn_lambda_scale": True}
+                  "mn_estimator": "kmeans", "mn_point": "vector", "mn_posterior_grad": True,
+                  "mn_lambda_scale": True}
     experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
     tags = {m.name.tag for m in experiment.metric_infos}
     assert {"hparams/best_modes", "hparams/final_cfd", "hparams/best_kl_modes"} <= tags

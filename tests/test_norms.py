@@ -898,3 +898,126 @@ def test_running_var_correction_is_capped_for_tiny_components():
     want = torch.tensor([10 / 9, 2.0, 1.0 + 1e-9], dtype=F64)
     torch.testing.assert_close(mn.running_var, want.unsqueeze(1).expand(3, 2))
     torch.testing.assert_close(mn.running_weight, lam)
+
+
+# --------------------------------------------------------------------------------------------
+# point = "channel": one independent 1-D mixture per channel
+# --------------------------------------------------------------------------------------------
+
+
+def per_channel_reference(x, mixture, eps, gamma, beta, **switches):
+    """The vector reading run on each channel alone (C = 1): what point='channel' must equal."""
+    n, c, h, w = x.shape
+    ys, stats = [], []
+    for ch in range(c):
+        points = x[:, ch].reshape(-1, 1)  # [P, 1]
+        mix = Mixture(mixture.weight[:, ch], mixture.mean[:, ch : ch + 1], mixture.var[:, ch : ch + 1])
+        x_hat, _, st = mixture_norm(points, mix, eps, **switches)
+        ys.append(x_hat[:, 0] * gamma[ch] + beta[ch])
+        stats.append(st)
+    y = torch.stack(ys, 1).view(n, h, w, c).permute(0, 3, 1, 2)  # points are (n, h, w)-ordered
+    return y, stats
+
+
+def random_channel_mixture(c, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.rand(k, c, generator=g, dtype=F64) + 0.2
+    return Mixture(weight / weight.sum(0), torch.randn(k, c, generator=g, dtype=F64) * 2,
+                   torch.rand(k, c, generator=g, dtype=F64) + 0.5)
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=switch_id)
+def test_channel_reading_is_the_vector_reading_per_channel(switches):
+    from dcgan_mn.norms import channel_mixture_norm
+
+    x = bimodal((3, 4, 3, 2), F64, seed=6)
+    mixture = random_channel_mixture(4, 3)
+    gamma, beta = torch.rand(4, dtype=F64) + 0.5, torch.randn(4, dtype=F64)
+    xa = x.clone().requires_grad_()
+    ga, ba = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
+    y_ref, stats_ref = per_channel_reference(xa, mixture, 1e-3, ga, ba, **switches)
+    xb = x.clone().requires_grad_()
+    gb, bb = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
+    y, tau, (lam, mean, var, n_eff) = channel_mixture_norm(xb.flatten(2), mixture, 1e-3, gb, bb, **switches)
+    torch.testing.assert_close(y.view(x.shape), y_ref)
+    assert tau.shape == (3, 4, 3, 6)
+    for ch, (l_r, m_r, v_r, n_r) in enumerate(stats_ref):
+        torch.testing.assert_close(lam[:, ch], l_r)
+        torch.testing.assert_close(mean[:, ch], m_r[:, 0])
+        torch.testing.assert_close(var[:, ch], v_r[:, 0])
+        torch.testing.assert_close(n_eff[:, ch], n_r)
+    g = torch.randn(x.shape, dtype=F64)
+    y_ref.backward(g), y.view(x.shape).backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad)
+    torch.testing.assert_close(gb.grad, ga.grad)
+    torch.testing.assert_close(bb.grad, ba.grad)
+
+
+@pytest.mark.parametrize("estimator", ["kmeans", "em"])
+def test_channel_fit_is_the_vector_fit_per_channel(estimator):
+    from dcgan_mn.norms import channel_mixtures
+
+    points = to_points(bimodal((4, 3, 5, 5), F64, seed=7))  # [100, 3]
+    init = points[torch.randperm(100, generator=torch.Generator().manual_seed(1))[:3]]  # [K, C]
+    got = channel_mixtures(points, 3, estimator=estimator, kmeans_iters=2, em_iters=3, init_mean=init)
+    for ch in range(3):
+        one = points[:, ch : ch + 1]
+        if estimator == "kmeans":
+            ref = kmeans_mixture(one, 3, kmeans_iters=2, init_mean=init[:, ch : ch + 1])
+        else:
+            ref = em_mixture(one, 3, em_iters=3, init_mean=init[:, ch : ch + 1])
+        torch.testing.assert_close(got.weight[:, ch], ref.weight)
+        torch.testing.assert_close(got.mean[:, ch], ref.mean[:, 0])
+        torch.testing.assert_close(got.var[:, ch], ref.var[:, 0])
+
+
+def test_channel_matching_is_optimal():
+    from dcgan_mn.norms import match_components_per_channel
+
+    g = torch.Generator().manual_seed(2)
+    for k in (2, 3, 5):
+        batch, running = torch.randn(k, 6, generator=g), torch.randn(k, 6, generator=g)
+        perm = match_components_per_channel(batch, running)  # [K, C]
+        for ch in range(6):
+            brute = match_components(batch[:, ch : ch + 1], running[:, ch : ch + 1])
+            cost = lambda p: (batch[p, ch] - running[:, ch]).square().sum()  # noqa: E731
+            torch.testing.assert_close(cost(perm[:, ch]), cost(brute))
+
+
+def test_channel_module():
+    """The module with point='channel': running weights per channel, eval per sample from the
+    running mixtures, finite on degenerate batches, a clear refusal of synchronization, and an
+    output that differs from the vector reading."""
+    torch.manual_seed(0)
+    mn = MixtureNorm2d(4, num_components=3, point="channel", fit_points=64).double()
+    assert mn.running_weight.shape == (3, 4) and "point=channel" in repr(mn)
+    for s in range(4):
+        y = mn(bimodal((4, 4, 3, 3), F64, seed=s))
+    torch.testing.assert_close(mn.running_weight.sum(0), torch.ones(4, dtype=F64))
+    t = mn.telemetry()
+    assert t["mixture_weight"].shape == (3,) and 1.0 <= t["effective_components"].item() <= 3.0
+    torch.manual_seed(0)
+    vec = MixtureNorm2d(4, num_components=3, fit_points=64).double()
+    torch.manual_seed(0)
+    assert not torch.allclose(vec(bimodal((4, 4, 3, 3), F64, seed=3)), y)
+    mn.eval()
+    x = bimodal((5, 4, 2, 2), F64, seed=9)
+    torch.testing.assert_close(mn(x)[:2], mn(x[:2]))  # a sample's output ignores its batch
+    xi = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(mn, (xi,))
+    mn.train()
+    for bad in (torch.ones(2, 4, 3, 3, dtype=F64), torch.zeros(1, 4, 1, 2, dtype=F64)):
+        xb = bad.clone().requires_grad_()
+        out = mn(xb)
+        out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(xb.grad).all()
+    state = mn.state_dict()
+    again = MixtureNorm2d(4, num_components=3, point="channel").double()
+    again.load_state_dict(state)
+    assert all(torch.equal(state[k], again.state_dict()[k]) for k in state)
+    from dcgan_mn.sync import SyncMixtureNorm2d
+
+    with pytest.raises(ValueError, match="point='vector' only"):
+        SyncMixtureNorm2d(4, num_components=3, point="channel")
+    with pytest.raises(ValueError, match="point must be one of"):
+        MixtureNorm2d(4, point="pixel")
