@@ -162,6 +162,15 @@ def kmeans_pp_seeds(
     return sub[torch.cat(picks)]  # [K, C]
 
 
+def _initial_centres(sub: Tensor, sub_sq: Tensor, centre: Tensor, k: int,
+                     generator: Optional[torch.Generator], init_mean: Optional[Tensor]) -> Tensor:
+    """Centred starting centres [K, C]: k-means++ seeds, or the given ``init_mean`` [K, C]
+    (tests compare the estimators from the same start)."""
+    if init_mean is None:
+        return kmeans_pp_seeds(sub, sub_sq, k, generator)  # [K, C]
+    return init_mean.detach().to(sub.dtype) - centre  # [K, C]
+
+
 @torch.no_grad()
 def kmeans_mixture(
     points: Tensor,
@@ -182,12 +191,9 @@ def kmeans_mixture(
     """
     centre, sub, sub_sq, subset_var = _centred_subset(points, eps)
     m, k = sub.shape[0], num_components
-    if k == 1:
+    if k == 1:  # one component: the subset's mean and variance (BatchNorm), for either estimator
         return Mixture(sub.new_ones(1), centre.unsqueeze(0), subset_var.unsqueeze(0))
-    if init_mean is None:
-        mean = kmeans_pp_seeds(sub, sub_sq, k, generator)  # [K, C]
-    else:  # given centres instead of the seeding (tests; the per-channel reading)
-        mean = init_mean.detach().to(sub.dtype) - centre  # [K, C]
+    mean = _initial_centres(sub, sub_sq, centre, k, generator, init_mean)  # [K, C]
 
     # Lloyd iterations; an empty cluster keeps its previous centre. The last pass only assigns
     # (against the final centres) and reads the clusters off. (A one-hot matrix product rather
@@ -227,12 +233,9 @@ def em_mixture(
     """
     centre, sub, sub_sq, subset_var = _centred_subset(points, eps)
     m, k = sub.shape[0], num_components
-    if k == 1:  # EM's fixed point at K = 1 is the subset's mean and variance: BatchNorm
+    if k == 1:  # one component: the subset's mean and variance (BatchNorm), for either estimator
         return Mixture(sub.new_ones(1), centre.unsqueeze(0), subset_var.unsqueeze(0))
-    if init_mean is None:
-        mean = kmeans_pp_seeds(sub, sub_sq, k, generator)  # [K, C]
-    else:
-        mean = init_mean.detach().to(sub.dtype) - centre  # [K, C]
+    mean = _initial_centres(sub, sub_sq, centre, k, generator, init_mean)  # [K, C]
     var = subset_var.expand(k, -1)  # [K, C]
     weight = sub.new_full((k,), 1.0 / k)  # [K]
     for _ in range(em_iters):
