@@ -33,6 +33,7 @@ from dcgan_mn.kernels import count_ops
 from dcgan_mn.models import Discriminator, Generator
 from dcgan_mn.norms import MixtureNorm2d
 from dcgan_mn.step import TrainStep, compile_step_config
+from dcgan_mn.training import cpu_has_native_bf16
 
 LAYER_SHAPES = [(64, 512, 4, 4), (64, 256, 8, 8), (64, 128, 16, 16)]
 STEP_CONFIGS = {"bn": (), "mn01": (0, 1), "mn_all": (0, 1, 2)}
@@ -152,7 +153,8 @@ def main() -> None:
     components = [int(k) for k in args.components.split(",")]
     result = {
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
+        "threads": torch.get_num_threads(),
         "counting": "outermost aten ops that do work (no views/metadata/allocation), fused "
                     "compiled kernels one each; host syncs = item/_local_scalar_dense/nonzero/...",
         "layers": count_layers(components, compiled=False),

@@ -29,6 +29,7 @@ from torch import nn
 
 from dcgan_mn.models import Discriminator, Generator
 from dcgan_mn.norms import MixtureNorm2d
+from dcgan_mn.training import cpu_has_native_bf16
 
 LAYER_SHAPES = [(64, 512, 4, 4), (64, 256, 8, 8), (64, 128, 16, 16)]
 STEP_CONFIGS = {"none": (), "0": (0,), "0,1": (0, 1), "all": (0, 1, 2)}
@@ -151,6 +152,8 @@ def main() -> None:
         "torch": torch.__version__,
         "device": str(device),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
         "threads": torch.get_num_threads(),
         "reps": args.reps,
         "batch_size": args.batch_size,

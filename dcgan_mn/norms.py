@@ -544,8 +544,8 @@ class _MixtureAffine(torch.autograd.Function):
         if lambda_scale:
             inv_sqrt_lam = lam.clamp_min(_TINY).rsqrt()  # [K]
             a = tau * inv_sqrt_lam.unsqueeze(1)  # [N, K, L]
-        else:  # (a new tensor all the same: backward keeps it on ctx)
-            a = tau.clone()  # [N, K, L]
+        else:  # a grad-free alias of tau (no copy; ctx may hold it without a reference cycle)
+            a = tau.detach()  # [N, K, L]
         ctx.lambda_scale = lambda_scale
         r = (var + eps).rsqrt()  # [K, C]
         scale = r if gamma is None else r * gamma  # [K, C]

@@ -152,12 +152,12 @@ class TrainStep:
         self._g_params = [p for group in opt_g.param_groups for p in group["params"]]
         self._d_params = [p for group in opt_d.param_groups for p in group["params"]]
         self._update_g, self._update_d = (AdamUpdate(opt_g), AdamUpdate(opt_d)) if self.capturable else (None, None)
+        if self.capturable:  # Adam's lazy state, created up front (a resumed optimizer has it)
+            self._update_d.init_state(), self._update_g.init_state()
         self._call: Callable[[Tensor, Tensor], StepOutput] = (
             self.capturable_step if self.capturable else self.backward_step)
 
     def __call__(self, real: Tensor, z: Tensor) -> StepOutput:
-        if self.capturable:  # (a no-op after the first step or a resume)
-            self._update_d.init_state(), self._update_g.init_state()
         return self._call(real, z)
 
     def compile(self, mode: str = "default", backend: str = "inductor") -> "TrainStep":

@@ -288,7 +288,7 @@ class _Clock:
 def run_hparams(cfg: TrainConfig, generator: Generator) -> dict:
     """What the HParams dashboard shows of a run's settings: the generator's norm per layer
     (``norms``: "mn,mn,bn", layer 0 first), K, the seed and the dataset, then MN's readings
-    (estimator, posterior_grad, lambda_scale). Few on purpose: TensorBoard's table shows the
+    (estimator, point, posterior_grad, lambda_scale). Few on purpose: TensorBoard's table shows the
     first hparams only until more are ticked."""
     norms = ",".join("mn" if isinstance(layer, MixtureNorm2d) else "bn" for layer in generator.norm_layers)
     return {"dataset": cfg.dataset, "mn_components": cfg.mn_components, "norms": norms, "seed": cfg.seed,
