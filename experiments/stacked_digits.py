@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The shipped experiment: BatchNorm vs Mixture Normalization on stacked digits, on a CPU.
 
-    python experiments/stacked_digits.py                      # bn vs mn, seeds 0,1,2, then compare
+    python experiments/stacked_digits.py                      # bn vs mn, seeds 0-5, then compare
     python experiments/stacked_digits.py --seeds 0-4          # more seeds (finished runs are kept)
     python experiments/stacked_digits.py --arm bn="--mn-layers none" \\
         --arm mn-all="--mn-layers all" --arm mn-k5="--mn-layers 0,1 --mn-components 5"
@@ -193,6 +193,17 @@ def evaluation_share(run: Run) -> dict:
             "eval_share": eval_s / (train_s + eval_s) if train_s + eval_s else None}
 
 
+def rescore(run: Run, eval_seeds: int, device: str, progress: bool) -> None:
+    """Score the run's evaluated snapshots with every evaluation seed as soon as it is trained,
+    so a finished run's small files (``eval_seeds.jsonl`` included) are complete without its
+    snapshots: a sweep cut between runs and continued elsewhere, from a clone of the committed
+    outputs, compares without retraining. All mode metrics are stored by one re-scoring."""
+    from dcgan_mn.rescore import rescore_run
+    from dcgan_mn.training import resolve_device
+
+    rescore_run(run.folder, METRICS[0], eval_seeds, device=resolve_device(device), progress=progress)
+
+
 def write_sample_grid(folder: Path, path: Path, sample_mode: str, batch_size: int) -> None:
     """8x8 grid of the run's final generator snapshot, from fixed latents (GRID_SEED)."""
     import torch
@@ -218,7 +229,7 @@ def write_sample_grid(folder: Path, path: Path, sample_mode: str, batch_size: in
               help="folder of the runs (<arm>-s<seed>) and of compare/")
 @click.option("--arm", "arms", multiple=True, default=DEFAULT_ARMS,
               help="NAME=FLAGS: one arm and its train.py flags (repeat); the first is the baseline")
-@click.option("--seeds", default="0,1,2", help="training seeds, paired across arms: 0,1,2 or 0-4")
+@click.option("--seeds", default="0-5", help="training seeds, paired across arms: 0,1,2 or 0-4")
 @click.option("--iters", default=2000, type=int, help="iterations (generator updates) per run")
 @click.option("--eval-every", default=200, type=int, help="evaluate (modes, kl_modes, cfd) every N iterations")
 @click.option("--mode-samples", default=10_000, type=int, help="generated samples per evaluation")
@@ -289,6 +300,8 @@ def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_si
         if code != 0:
             raise click.ClickException(f"{run.name}: train.py exited with {code}; run the same "
                                        f"command again to resume")
+        if run_compare and eval_seeds > 1:  # the run's small files are then complete on their own
+            rescore(run, eval_seeds, device, progress)
         share = evaluation_share(run)
         click.echo(f"[{i}/{len(plan)}] {run.name}: done in {time.perf_counter() - t0:.0f} s "
                    f"({share['train_seconds']:.0f} s training, {share['eval_seconds']:.0f} s evaluation)")

@@ -28,6 +28,9 @@ TINY = ["--iters", "2", "--eval-every", "2", "--mode-samples", "40", "--batch-si
         "--arm", "bn=--mn-layers none", "--arm", "mn=--mn-layers 0"]
 
 
+rescored_before: dict[str, list[str]] = {}
+
+
 @pytest.fixture
 def launched(monkeypatch, offline_hub):
     """Every command the script launches, run in this process."""
@@ -35,6 +38,10 @@ def launched(monkeypatch, offline_hub):
 
     def run_command(command):
         commands.append(command)
+        if command[1].endswith("train.py") and "--run-name" in command:  # which runs were re-scored by now
+            out = Path(command[command.index("--out") + 1])
+            rescored_before[command[command.index("--run-name") + 1]] = sorted(
+                p.parent.name for p in out.glob("*/eval_seeds.jsonl"))
         result = CliRunner().invoke(CLIS[Path(command[1]).name], command[2:])
         assert result.exit_code == 0, result.output
         return result.exit_code
@@ -86,6 +93,10 @@ def test_restarts_a_run_without_checkpoint_and_compares(launched, tmp_path):
     (out / "mn-s0" / "stray.txt").write_text("x")
     res = invoke(*TINY, "--out", out, "--eval-seeds", "2")
     assert res.exit_code == 0, res.output
+    # Each run is re-scored as soon as it is trained, before the next one trains: bn-s0's
+    # extra seed is already on disk when mn-s0's train.py starts.
+    assert [c[1].endswith("train.py") for c in launched][:2] == [True, True]
+    assert launched[1][1].endswith("train.py") and rescored_before["mn-s0"] == ["bn-s0"]
     assert "mn-s0: restart" in res.output and "starting it again" in res.output
     assert not (out / "mn-s0" / "stray.txt").exists()
     assert "evaluation)" in res.output  # the evaluation's share is printed
