@@ -258,7 +258,8 @@ def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_si
     seed_list = parse_seeds(seeds)
     shared = shared_flags(iters, eval_every, mode_samples, batch_size, device,
                           tuple(shlex.split(train_flags)))
-    runs = [Run(name, seed, flags, out / f"{name}-s{seed}") for name, flags in parsed for seed in seed_list]
+    # Seed by seed (bn-s0, mn-s0, bn-s1, ...): a sweep cut part-way leaves whole pairs.
+    runs = [Run(name, seed, flags, out / f"{name}-s{seed}") for seed in seed_list for name, flags in parsed]
 
     # ---- Plan: what each run needs, checked against what its folder already holds.
     click.echo(f"experiment: {len(parsed)} arms x {len(seed_list)} seeds, {iters} iterations each, "
