@@ -149,8 +149,8 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
     from dcgan_mn.fileio import WriteError
     from dcgan_mn.runfolder import RunFolder, RunFolderBusy
     from dcgan_mn.distributed import init_distributed, shutdown_distributed
-    from dcgan_mn.training import (check_launch, check_world_size, decided_on_main, load_resume, resolve_device,
-                                   resolve_run_dir, train)
+    from dcgan_mn.device import resolve_device
+    from dcgan_mn.training import check_launch, check_world_size, decided_on_main, load_resume, resolve_run_dir, train
 
     flags["dims"] = int(flags["dims"])
     given = {name: value for name, value in flags.items()

@@ -33,7 +33,7 @@ from dcgan_mn.kernels import count_ops
 from dcgan_mn.models import Discriminator, Generator
 from dcgan_mn.norms import MixtureNorm2d
 from dcgan_mn.step import TrainStep, compile_step_config
-from dcgan_mn.training import cpu_has_native_bf16
+from dcgan_mn.device import cpu_has_native_bf16
 
 LAYER_SHAPES = [(64, 512, 4, 4), (64, 256, 8, 8), (64, 128, 16, 16)]
 STEP_CONFIGS = {"bn": (), "mn01": (0, 1), "mn_all": (0, 1, 2)}

@@ -29,7 +29,7 @@ from torch import nn
 
 from dcgan_mn.models import Discriminator, Generator
 from dcgan_mn.norms import MixtureNorm2d
-from dcgan_mn.training import cpu_has_native_bf16
+from dcgan_mn.device import cpu_has_native_bf16
 
 LAYER_SHAPES = [(64, 512, 4, 4), (64, 256, 8, 8), (64, 128, 16, 16)]
 STEP_CONFIGS = {"none": (), "0": (0,), "0,1": (0, 1), "all": (0, 1, 2)}

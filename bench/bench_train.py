@@ -145,7 +145,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from dcgan_mn.data import load_cifar10
-    from dcgan_mn.training import cpu_has_native_bf16
+    from dcgan_mn.device import cpu_has_native_bf16
 
     native_bf16 = cpu_has_native_bf16()
     skipped = {}

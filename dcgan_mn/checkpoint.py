@@ -54,8 +54,7 @@ KINDS = ("full", "generator")
 PathLike = Union[str, Path]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, not ours, or incompatible (one-line message)."""
+from .errors import CheckpointError  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------

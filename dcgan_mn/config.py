@@ -34,8 +34,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile(
 FID_PROTOCOL_NAMES = ("pytorch-fid", "clean")  # features.FID_PROTOCOLS (not imported: no torch here)
 
 
-class ConfigError(ValueError):
-    """An invalid setting; the message names the CLI flag and the value."""
+from .errors import ConfigError  # noqa: E402  (re-exported: the CLIs catch it from here)
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PathLike = Union[str, Path]
 
 
-class DataError(RuntimeError):
-    """Training data that cannot be had or read; the message says what to do about it."""
+from .errors import DataError  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import DataError
+from .errors import DataError
 
 __all__ = [
     "STACKED_SOURCES",

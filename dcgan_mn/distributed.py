@@ -14,6 +14,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .device import launched_with_torchrun
+
 __all__ = [
     "DistInfo",
     "launched_with_torchrun",
@@ -44,9 +46,6 @@ class DistInfo:
         """Rank 0 alone writes files (config, metrics, TensorBoard, checkpoints)."""
         return self.rank == 0
 
-
-def launched_with_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInfo:

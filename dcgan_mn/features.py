@@ -71,8 +71,7 @@ FID_PROTOCOLS = {"pytorch-fid": PROTOCOL_VERSION,
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
 
 
-class InceptionWeightsError(RuntimeError):
-    """The FID Inception weights cannot be had or are not what they claim to be."""
+from .errors import InceptionWeightsError  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -21,17 +21,7 @@ __all__ = ["WriteError", "atomic_write", "write_failure", "write_json_atomic", "
 PathLike = Union[str, Path]
 
 
-class WriteError(OSError):
-    """A file could not be written (full disk, no permission, read-only filesystem, quota):
-    one line naming the file and the operating system's reason."""
-
-    def __init__(self, path: Union[str, Path], reason: str, code: int | None = None) -> None:
-        super().__init__(code, reason)
-        self.path = Path(path)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"cannot write {self.path}: {self.reason}"
+from .errors import WriteError  # noqa: E402
 
 
 def write_failure(path: Union[str, Path], e: OSError) -> WriteError:

@@ -36,8 +36,8 @@ _CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
 _SNAP_RE = re.compile(r"^G-(\d{8,})\.pt$")
 
 
-class RunFolderBusy(RuntimeError):
-    """The run folder is taken: by another live process, or (new runs) it already exists."""
+from .errors import RunFolderBusy  # noqa: E402
+from .runlock import RunLock  # noqa: E402
 
 
 def _numbered(folder: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
@@ -131,8 +131,6 @@ class RunFolder:
 
     def claim(self):
         """The folder's exclusive lock (``runlock.RunLock``, not yet acquired)."""
-        from .runlock import RunLock
-
         return RunLock(self.lock_file)
 
     # ---- reading back ----------------------------------------------------------------------------

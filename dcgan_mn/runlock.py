@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
-from .runfolder import RunFolderBusy
+from .errors import RunFolderBusy
 
 __all__ = ["RunFolderBusy", "RunLock"]
 

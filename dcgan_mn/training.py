@@ -41,7 +41,8 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, default_run_name, resume_config
 from .data import BatchSampler, load_dataset
 from . import distributed as dist_utils
-from .distributed import DistInfo, launched_with_torchrun
+from .device import AMP_DTYPES, launched_with_torchrun, resolve_amp, resolve_device
+from .distributed import DistInfo
 from .log import RunLogger, write_hparams
 from .models import Discriminator, Generator
 from .norms import MixtureNorm2d
@@ -68,7 +69,6 @@ __all__ = [
 Evaluator = Callable[..., dict]
 
 GRID_SIZE = 64  # the fixed-noise sample grid is 8 x 8
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Evaluator keys that are bookkeeping, not curves worth a TensorBoard scalar.
 _NOT_METRICS = {"num_samples", "metric_samples", "batch_size", "seed", "dims", "prdc_k",
                 "eval_seconds", "iteration", "images_seen", "train_seconds"}
@@ -96,52 +96,6 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 # Set-up helpers (nothing here writes a file)
 # --------------------------------------------------------------------------------------------
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> cuda if available, else cpu; a clear error for an unusable device."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda" and launched_with_torchrun():  # torchrun: one GPU per local rank
-        spec = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {spec!r}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {spec!r}: MPS is not available on this machine")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX); without it, bf16 autocast
-    is emulated and much slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_amp(amp: str, device: torch.device) -> tuple[str, Optional[str]]:
-    """(the autocast precision a run uses for ``--amp amp`` on ``device``, a warning or None).
-
-    ``auto``: bf16 on CUDA devices that support it and on CPUs with native bf16, else none.
-    ``bf16`` on a CPU without native bf16 runs (it is correct) but warns: it is ~20x slower
-    than fp32 there (measured on an AVX2-only CPU)."""
-    if amp == "auto":
-        if device.type == "cuda":
-            return ("bf16" if torch.cuda.is_bf16_supported() else "none"), None
-        return ("bf16" if device.type == "cpu" and cpu_has_native_bf16() else "none"), None
-    if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        return amp, (f"--amp bf16: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, "
-                     f"so autocast emulates it: expect it ~20x slower than fp32 (--amp none, or --amp "
-                     f"auto to choose by hardware)")
-    return amp, None
 
 
 def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
@@ -416,8 +370,6 @@ def train(
         cfg, run_dir = decided_on_main(dist, lambda: resolve_run_dir(cfg))
     device = resolve_device(cfg.device)
     check_launch(cfg, dist)
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"--amp 'fp16' needs a CUDA device (got {device}); use --amp bf16")
     amp, amp_warning = resolve_amp(cfg.amp, device)
     if amp_warning and dist.is_main:
         print(f"warning: {amp_warning}", file=sys.stderr)

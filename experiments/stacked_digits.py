@@ -199,7 +199,7 @@ def rescore(run: Run, eval_seeds: int, device: str, progress: bool) -> None:
     snapshots: a sweep cut between runs and continued elsewhere, from a clone of the committed
     outputs, compares without retraining. All mode metrics are stored by one re-scoring."""
     from dcgan_mn.rescore import rescore_run
-    from dcgan_mn.training import resolve_device
+    from dcgan_mn.device import resolve_device
 
     rescore_run(run.folder, METRICS[0], eval_seeds, device=resolve_device(device), progress=progress)
 

@@ -15,6 +15,7 @@ import torch
 from conftest import read_tensorboard
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import checkpoint as C
+from dcgan_mn import device as device_helpers
 from dcgan_mn.config import ConfigError, TrainConfig
 from dcgan_mn.training import train
 
@@ -270,13 +271,11 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 def test_amp_follows_the_cpus_bf16(tmp_path, monkeypatch, capsys, native):
     """--amp auto picks bf16 only where the CPU has it; --amp bf16 without it warns (emulated
     bf16 is ~20x slower); the run records what it chose and the CPU capability."""
-    import dcgan_mn.training as T
-
-    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(device_helpers, "cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
-    assert T.resolve_amp("auto", cpu) == ("bf16" if native else "none", None)
-    assert T.resolve_amp("none", cpu) == ("none", None)
-    chosen, warning = T.resolve_amp("bf16", cpu)
+    assert device_helpers.resolve_amp("auto", cpu) == ("bf16" if native else "none", None)
+    assert device_helpers.resolve_amp("none", cpu) == ("none", None)
+    chosen, warning = device_helpers.resolve_amp("bf16", cpu)
     assert chosen == "bf16" and (warning is None) == native
     if not native:
         assert "has no native bf16" in warning and "~20x slower" in warning and "--amp auto" in warning

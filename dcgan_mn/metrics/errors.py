@@ -1,10 +1,7 @@
-"""The one error type of the metrics: a bad evaluation input, as one line."""
+"""The one error type of the metrics (defined with the package's other shared errors)."""
 
 from __future__ import annotations
 
+from ..errors import MetricsError
+
 __all__ = ["MetricsError"]
-
-
-class MetricsError(ValueError):
-    """A bad evaluation input; the message is one line naming the flag or path and the value."""
-
