@@ -7,12 +7,14 @@
     python train.py --dataset stacked-digits       # offline: 1000-mode stacked digits, mode metrics
     python train.py --dry-run                      # print the resolved config and exit
 
-Thin by design: flags -> ``TrainConfig`` -> ``dcgan_mn.training.train``. Every invalid flag
+Thin by design: flags -> ``TrainConfig`` -> ``dcgan_mn.launch.decide_launch`` (once) ->
+``dcgan_mn.training.train``. Every invalid flag
 stops with one line naming the flag and the value, before anything is written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from pathlib import Path
@@ -141,21 +143,18 @@ def _layers_text(layers) -> str:
 @click.pass_context
 def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flags) -> None:
     """Train a DCGAN whose generator BatchNorm layers can be Mixture Normalization layers."""
-    from dcgan_mn.checkpoint import CheckpointError
-    from dcgan_mn.config import ConfigError, resume_config
-    from dcgan_mn.data import DataError
-    from dcgan_mn.features import InceptionWeightsError
-    from dcgan_mn.metrics import MetricsError, build_evaluator
-    from dcgan_mn.fileio import WriteError
-    from dcgan_mn.runfolder import RunFolder, RunFolderBusy
-    from dcgan_mn.distributed import init_distributed, shutdown_distributed
     from dcgan_mn.device import resolve_device
-    from dcgan_mn.training import check_launch, check_world_size, decided_on_main, load_resume, resolve_run_dir, train
+    from dcgan_mn.distributed import shutdown_distributed
+    from dcgan_mn.errors import (CheckpointError, ConfigError, DataError, InceptionWeightsError, MetricsError,
+                                 RunFolderBusy, WriteError)
+    from dcgan_mn.launch import decide_launch
+    from dcgan_mn.metrics import build_evaluator
+    from dcgan_mn.training import train
 
     flags["dims"] = int(flags["dims"])
     given = {name: value for name, value in flags.items()
              if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
-    cfg = resume_path = None
+    launch = None
     if resume_if_exists:
         if resume is not None or not flags.get("run_name"):
             raise click.UsageError("--resume-if-exists: give --run-name (and no --resume)")
@@ -164,24 +163,18 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
             resume = str(folder)
             given = {k: v for k, v in given.items() if k not in ("out", "run_name")}
     try:
-        # Under torchrun: join the process group first (the evaluator shards across it).
-        dist = init_distributed(resolve_device(flags["device"]))
+        # Which run is this: decided once (process group, config, folder, checkpoint, device).
         if resume is not None:
-            run_folder, resume_path, payload, saved = load_resume(resume)
-            resume_path = resume_path or run_folder  # no checkpoint yet: restart the folder
-            check_world_size(payload, dist, resume)
-            cfg = resume_config(saved, given)
+            launch = decide_launch(resume=resume, overrides=given)
         else:
-            resume_path = None
             if "ref" not in given and flags["dataset"] in STACKED_DATASETS:
                 flags["ref"] = flags["dataset"]  # FID against stacked images, not CIFAR-10
             if "fid_samples" not in given and resolve_device(flags["device"]).type == "cpu":
                 # FID Inception runs at ~10 images/s on a CPU: 10k samples per evaluation would
                 # cost longer than the training between evaluations.
                 flags["fid_samples"] = CPU_FID_SAMPLES
-            # Rank 0 names the run folder (it holds the start time) for every rank.
-            cfg, _ = decided_on_main(dist, lambda: resolve_run_dir(TrainConfig(**flags)))
-        check_launch(cfg, dist)
+            launch = decide_launch(TrainConfig(**flags))
+        cfg = launch.cfg
         if dry_run:
             click.echo(cfg.to_json())
             return
@@ -189,19 +182,18 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
         # Inception weights or a bad --ref stop the run before anything is written.
         evaluator = None
         if cfg.fid_every > 0:
-            evaluator = build_evaluator(cfg, resolve_device(cfg.device), progress=progress)
-            cfg = cfg.replace(extra={**cfg.extra, "ref_key": evaluator.ref_key,
-                                     "evaluated": sorted(evaluator.directions)})
-        result = train(cfg, evaluator=evaluator, resume=resume_path, progress=progress)
+            evaluator = build_evaluator(cfg, launch.device, progress=progress)
+            launch = dataclasses.replace(launch, cfg=cfg.replace(extra={
+                **cfg.extra, "ref_key": evaluator.ref_key, "evaluated": sorted(evaluator.directions)}))
+        result = train(launch.cfg, launch=launch, evaluator=evaluator, progress=progress)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     except (DataError, CheckpointError, InceptionWeightsError, MetricsError, RunFolderBusy) as e:
         raise click.ClickException(str(e)) from None
     except WriteError as e:  # full disk, permissions, read-only or over quota
-        run = Path(resume_path).parent if resume_path else (Path(cfg.out) / cfg.run_name if cfg else None)
-        if run is not None and RunFolder(run).config_file.is_file():
+        if launch is not None and launch.folder.config_file.is_file():
             raise click.ClickException(f"{e}; the newest complete checkpoint is intact: fix that, then "
-                                       f"python train.py --resume {run}") from None
+                                       f"python train.py --resume {launch.folder.path}") from None
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         click.echo("interrupted before training started; nothing was written", err=True)
@@ -214,7 +206,7 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
     if result.best_value is not None:
         summary += (f", best {result.best_metric} {result.best_value:.3f} at iteration "
                     f"{result.best_iteration}")
-    if dist.is_main:
+    if launch.dist.is_main:
         click.echo(summary, err=True)
     if result.stopped_by == "non-finite":
         sys.exit(EXIT_NONFINITE)

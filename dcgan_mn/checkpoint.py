@@ -1,35 +1,32 @@
-"""Checkpoints: what they hold, writing and reading them (``runfolder`` decides where).
+"""Checkpoints: building, checking and migrating what they hold (``runfolder`` decides where
+they go and writes them; ``state.TrainingState`` holds the full checkpoint's schema).
 
 A checkpoint is a plain dict of tensors and Python primitives, so ``torch.load(path,
-weights_only=True)`` reads it (no pickled classes, nothing executed on load):
+weights_only=True)`` reads it (no pickled classes, nothing executed on load). Every one starts
+with the same header and generator block:
 
     {"format": "dcgan_mn", "schema": 1, "kind": "full" | "generator",
      "config": TrainConfig.to_dict(), "iteration": int, "images_seen": int,
-     "generator": G.state_dict(),
-     # "full" only:
-     "discriminator", "opt_g", "opt_d": state dicts,
-     "rng": {"torch", "cuda", "python", "numpy"}, "data": BatchSampler.state_dict(),
-     "fixed_noise": [64, z_dim], "best": {"metric", "value", "iteration"},
-     "train_seconds": float, "metrics": {...}}  # metrics: the last evaluation, if any
+     "generator": G.state_dict(), "metrics": {...}}  # metrics: the evaluation, on snapshots
 
+A ``"full"`` one adds the training state (see ``state.TrainingState.checkpoint_payload``).
 Files are written atomically (a temporary file in the same folder, then ``os.replace``), so a
 crash or a signal never leaves a half-written checkpoint under a real name.
 """
 
 from __future__ import annotations
 
-import io
 import pickle
 import random
 import zipfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
 from .config import ConfigError, TrainConfig, config_from_dict
-from .fileio import atomic_write
+from .fileio import save_torch_atomic
 from .models import Generator
 
 __all__ = [
@@ -43,6 +40,7 @@ __all__ = [
     "build_generator",
     "check_discriminator",
     "checkpoint_config",
+    "migrate_best",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -63,15 +61,8 @@ from .errors import CheckpointError  # noqa: E402
 
 
 def save_checkpoint(path: PathLike, payload: dict) -> Path:
-    """``torch.save`` to ``path`` atomically and durably (``fileio.atomic_write`` with fsync)."""
-    payload = {"format": FORMAT, "schema": SCHEMA, **payload}
-    # Serialize in memory, then write the bytes: a full disk then fails as an OSError with its
-    # errno (torch.save writing to the file itself reports it as "unexpected pos").
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    with atomic_write(path, "wb", fsync=True) as f:
-        f.write(buffer.getbuffer())
-    return Path(path)
+    """``torch.save`` to ``path`` atomically and durably, with our format header."""
+    return save_torch_atomic(path, {"format": FORMAT, "schema": SCHEMA, **payload})
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
@@ -113,10 +104,19 @@ def checkpoint_config(payload: dict, path: PathLike = "") -> TrainConfig:
         raise CheckpointError(f"checkpoint {str(path)!r}: its config is not valid here ({e})") from None
 
 
+def migrate_best(best: Optional[dict]) -> dict:
+    """A checkpoint's ``best`` record in today's form ``{"metric", "value", "iteration"}``
+    (checkpoints written before runs could be ranked by cfd held ``{"fid", "iteration"}``)."""
+    best = dict(best or {})
+    if "fid" in best and "value" not in best:
+        best = {"metric": "fid", "value": best["fid"], "iteration": best["iteration"]}
+    return best
+
+
 def generator_payload(generator: torch.nn.Module, cfg: TrainConfig, iteration: int,
                       images_seen: int, **extra: Any) -> dict:
     """A generator-only snapshot (small: what re-scoring a run needs)."""
-    return {"kind": "generator", "config": cfg.to_dict(), "iteration": int(iteration),
+    return {"format": FORMAT, "schema": SCHEMA, "kind": "generator", "config": cfg.to_dict(), "iteration": int(iteration),
             "images_seen": int(images_seen), "generator": generator.state_dict(), **extra}
 
 

@@ -51,6 +51,8 @@ def atomic_write(path: Union[str, Path], mode: str = "wb", fsync: bool = False) 
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+            # mkstemp makes the file private (0600); end with what open() would have given.
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
@@ -61,6 +63,28 @@ def atomic_write(path: Union[str, Path], mode: str = "wb", fsync: bool = False) 
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             raise write_failure(path, e) from None
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_torch_atomic(path: PathLike, obj: Any) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically and durably (fsync'd before the rename)."""
+    import io
+
+    import torch
+
+    # Serialize in memory, then write the bytes: a full disk then fails as an OSError with its
+    # errno (torch.save writing to the file itself reports it as "unexpected pos").
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_write(path, "wb", fsync=True) as f:
+        f.write(buffer.getbuffer())
+    return Path(path)
 
 
 def write_json_atomic(path: PathLike, obj: Any) -> Path:

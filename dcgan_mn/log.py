@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .runfolder import RunFolder, as_run_folder
 
-__all__ = ["write_hparams", "RunLogger"]
+__all__ = ["write_hparams", "run_hparams", "run_outcome", "RunLogger"]
 
 PathLike = Union[str, Path]
 
@@ -41,6 +41,31 @@ def write_hparams(run: Union[RunFolder, PathLike], hparams: dict, metrics: dict)
         for tag, value in metrics.items():  # the dashboard reads each metric's last scalar
             writer.add_scalar(tag, value, 0)
     return folder
+
+
+def run_hparams(cfg, generator) -> dict:
+    """What the HParams dashboard shows of a run's settings: the generator's norm per layer
+    (``norms``: "mn,mn,bn", layer 0 first), K, the seed and the dataset, then MN's readings
+    (estimator, point, posterior_grad, lambda_scale). Few on purpose: TensorBoard's table shows the
+    first hparams only until more are ticked."""
+    return {"dataset": cfg.dataset, "mn_components": cfg.mn_components, "norms": generator.norm_kinds, "seed": cfg.seed,
+            "mn_estimator": cfg.mn_estimator, "mn_point": cfg.mn_point, "mn_posterior_grad": cfg.mn_posterior_grad,
+            "mn_lambda_scale": cfg.mn_lambda_scale}
+
+
+def run_outcome(rows: list[dict], directions: dict, iteration: int) -> dict:
+    """``{"hparams/best_<m>": ..., "hparams/final_<m>": ...}`` for every evaluated metric m, over
+    the run's ``metrics.jsonl`` rows up to ``iteration`` (best by the metric's direction), plus
+    the iteration reached."""
+    out: dict[str, float] = {"hparams/iteration": float(iteration)}
+    rows = [r for r in rows if r.get("iteration", 0) <= iteration]
+    for metric, direction in directions.items():
+        values = [float(r[metric]) for r in rows if isinstance(r.get(metric), (int, float))
+                  and math.isfinite(r[metric])]
+        if values:
+            out[f"hparams/best_{metric}"] = max(values) if direction == "max" else min(values)
+            out[f"hparams/final_{metric}"] = values[-1]
+    return out
 
 
 def _after_existing_event_files(run_dir: Path) -> None:

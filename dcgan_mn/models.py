@@ -185,6 +185,24 @@ class Generator(nn.Module):
         """The generator's norm layers, index 0 nearest z."""
         return [self.net[i] for i in self._norm_index]
 
+    @property
+    def norm_kinds(self) -> str:
+        """The norm of each layer, index 0 first: ``"mn,mn,bn"``."""
+        return ",".join("mn" if isinstance(layer, MixtureNorm2d) else "bn" for layer in self.norm_layers)
+
+    def norm_telemetry(self) -> dict[str, float]:
+        """The MN layers' telemetry as TensorBoard scalars (one host read per layer: call it at
+        log time, not per step). Mixture weights are unlabelled, so they are logged sorted."""
+        values: dict[str, float] = {}
+        for i, layer in enumerate(self.norm_layers):
+            t = layer.telemetry() if isinstance(layer, MixtureNorm2d) else None
+            if t:
+                values[f"mn/layer{i}/posterior_entropy"] = t["posterior_entropy"].item()
+                values[f"mn/layer{i}/effective_components"] = t["effective_components"].item()
+                for k, w in enumerate(sorted(t["mixture_weight"].tolist(), reverse=True)):
+                    values[f"mn/layer{i}/weight_sorted_{k}"] = w
+        return values
+
     def forward(self, z: Tensor) -> Tensor:
         if z.dim() != 2 or z.shape[1] != self.z_dim:
             raise ValueError(

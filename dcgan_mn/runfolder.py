@@ -26,8 +26,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .checkpoint import CheckpointError, save_checkpoint
-from .fileio import append_jsonl, atomic_write, read_jsonl, write_json_atomic
+from .errors import CheckpointError
+from .fileio import append_jsonl, atomic_write, read_jsonl, save_torch_atomic, write_json_atomic
 
 __all__ = ["RunFolder", "RunFolderBusy", "resolve_resume", "as_run_folder"]
 
@@ -193,14 +193,16 @@ class RunFolder:
                 f.write(json.dumps(r) + "\n")
         return len(rows) - len(kept)
 
+    # Payloads arrive whole (``checkpoint`` builds them, header included): the folder only
+    # decides where they go and writes them atomically and durably.
     def save_checkpoint(self, iteration: int, payload: dict) -> Path:
-        return save_checkpoint(self.checkpoint_file(iteration), payload)
+        return save_torch_atomic(self.checkpoint_file(iteration), payload)
 
     def save_snapshot(self, iteration: int, payload: dict) -> Path:
-        return save_checkpoint(self.snapshot_file(iteration), payload)
+        return save_torch_atomic(self.snapshot_file(iteration), payload)
 
     def save_best(self, payload: dict) -> Path:
-        return save_checkpoint(self.best_file, payload)
+        return save_torch_atomic(self.best_file, payload)
 
     def prune_checkpoints(self, keep_last: int) -> list[Path]:
         """Delete all but the newest ``keep_last`` full checkpoints (call after the newest is

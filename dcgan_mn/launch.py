@@ -1,0 +1,186 @@
+"""Which run is this? Decided once, before anything is written, and handed to ``train()``.
+
+A launch settles, in this order: the process group (under torchrun), the run's config (a new
+run's, or the checkpoint's with the flags the user gave), its run folder, the checkpoint it
+resumes from, the device and the autocast precision. Every bad input (an existing run name, a
+corrupt checkpoint, a flag that conflicts with the resumed run, a world size that cannot resume
+exactly) is refused here, so a refused launch leaves every run on disk as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed as dist_utils
+from .config import TrainConfig, config_from_dict, default_run_name, resume_config
+from .device import launched_with_torchrun, resolve_amp, resolve_device
+from .distributed import DistInfo
+from .errors import CheckpointError, ConfigError
+from .runfolder import RunFolder, resolve_resume
+
+__all__ = ["Launch", "decide_launch", "resolve_run_dir", "load_resume", "check_launch",
+           "check_world_size", "decided_on_main"]
+
+PathLike = Union[str, Path]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A decided launch: the run's config and folder, what it resumes from, where it computes."""
+
+    cfg: TrainConfig
+    folder: RunFolder
+    dist: DistInfo
+    device: torch.device
+    amp: str  # the autocast precision in use ("none", "bf16", "fp16"), resolved from --amp
+    amp_warning: Optional[str]  # e.g. bf16 on a CPU that emulates it
+    payload: Optional[dict] = None  # the full checkpoint resumed from
+    checkpoint: Optional[Path] = None  # its file
+    restarting: bool = False  # --resume of a folder that never wrote a checkpoint
+
+    @property
+    def continuing(self) -> bool:
+        """An existing run folder (resumed, or restarted from its saved config)."""
+        return self.payload is not None or self.restarting
+
+    @property
+    def start_iteration(self) -> int:
+        return int(self.payload["iteration"]) if self.payload is not None else 0
+
+
+def decide_launch(cfg: Optional[TrainConfig] = None, resume: Optional[PathLike] = None,
+                  overrides: Optional[dict[str, Any]] = None) -> Launch:
+    """The launch of a new run (``cfg``) or of ``--resume TARGET``.
+
+    Resuming, the run keeps the checkpoint's config except for ``overrides`` (the flags the user
+    gave); without ``overrides``, the fields in which ``cfg`` differs from the saved config are
+    taken as the flags given (library callers pass a whole config)."""
+    spec = cfg.device if cfg is not None else "auto"
+    if overrides is not None and "device" in overrides:
+        spec = overrides["device"]
+    dist = dist_utils.init_distributed(resolve_device(spec))  # DistInfo() without torchrun
+    payload = path = None
+    restarting = False
+    if resume is not None:
+        run_dir, path, payload, saved = load_resume(resume)
+        restarting = payload is None
+        check_world_size(payload, dist, resume)
+        if overrides is None:
+            overrides = {} if cfg is None else {
+                f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                if f.name not in ("out", "run_name", "extra") and getattr(cfg, f.name) != getattr(saved, f.name)}
+        cfg = resume_config(saved, overrides).replace(out=str(run_dir.parent), run_name=run_dir.name)
+        if payload is not None and cfg.iters < payload["iteration"]:
+            raise ConfigError(f"--iters {cfg.iters}: the resumed run is already at iteration "
+                              f"{payload['iteration']}")
+    else:
+        if cfg is None:
+            raise ValueError("decide_launch: give a config or a run to resume")
+        cfg, run_dir = decided_on_main(dist, lambda: resolve_run_dir(cfg))
+    device = resolve_device(cfg.device)
+    check_launch(cfg, dist)
+    amp, amp_warning = resolve_amp(cfg.amp, device)
+    return Launch(cfg=cfg, folder=RunFolder(run_dir), dist=dist, device=device, amp=amp,
+                  amp_warning=amp_warning, payload=payload, checkpoint=path, restarting=restarting)
+
+
+def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
+    """(cfg with its run name filled in, the new run's folder), refusing an existing run."""
+    out = Path(cfg.out).expanduser()
+    if cfg.run_name is None:
+        base = default_run_name(cfg)
+        name, n = base, 1
+        while (out / name).exists():  # two runs started in the same second
+            n += 1
+            name = f"{base}-{n}"
+        cfg = cfg.replace(run_name=name)
+    if not cfg.run_name or Path(cfg.run_name).name != cfg.run_name or cfg.run_name in (".", ".."):
+        raise ConfigError(f"--run-name {cfg.run_name!r}: must be a plain folder name")
+    run_dir = out / cfg.run_name
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ConfigError(
+            f"--run-name {cfg.run_name!r}: {run_dir} already exists; continue that run with "
+            f"--resume {run_dir}, or choose another --run-name"
+        )
+    return cfg, run_dir
+
+
+def load_resume(target: PathLike) -> tuple[Path, Optional[Path], Optional[dict], TrainConfig]:
+    """(run folder, checkpoint path, checkpoint dict, its config) for ``--resume TARGET``.
+
+    A run folder with its ``config.json`` but no checkpoint yet (a run killed before its first
+    one) gives (folder, None, None, that config): the run restarts from iteration 0."""
+    folder = RunFolder(Path(target).expanduser())
+    if folder.path.is_dir() and not folder.checkpoints() and folder.config_file.is_file():
+        try:
+            cfg = config_from_dict(folder.read_config())
+        except (ValueError, ConfigError) as e:
+            raise CheckpointError(f"--resume {str(target)!r}: no checkpoint, and its {RunFolder.CONFIG} "
+                                  f"is unreadable ({e})") from None
+        return folder.path, None, None, cfg
+    folder, path = resolve_resume(target)
+    payload = ckpt.load_checkpoint(path, map_location="cpu")
+    if payload["kind"] != "full":
+        raise CheckpointError(
+            f"--resume {str(target)!r}: a generator-only snapshot cannot be resumed; use a "
+            f"full checkpoint (ckpt-*.pt) or the run folder"
+        )
+    newer = [p.name for i, p in folder.checkpoints() if i > payload["iteration"]]
+    if newer:
+        raise CheckpointError(
+            f"--resume {str(target)!r}: the run folder has newer checkpoints ({', '.join(newer)}); "
+            f"resume the folder itself, or copy this checkpoint into a new folder to branch off"
+        )
+    cfg = ckpt.checkpoint_config(payload, path)
+    ckpt.build_generator(cfg, payload["generator"], path)  # weights that fit the config's model
+    ckpt.check_discriminator(cfg, payload["discriminator"], path)
+    return folder.path, path, payload, cfg
+
+
+def check_launch(cfg: TrainConfig, dist: DistInfo) -> None:
+    """Flags that depend on how the processes were launched (one line naming the flag)."""
+    if cfg.sync_norm and not launched_with_torchrun():
+        raise ConfigError("--sync-norm: synchronizing norm statistics needs a distributed launch "
+                          "(torchrun --nproc_per_node N train.py ...)")
+    if cfg.batch_size % dist.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size}: not divisible by the world size "
+                          f"{dist.world_size} (torchrun processes); it is the global batch")
+
+
+def decided_on_main(dist: DistInfo, decide: Callable[[], Any]) -> Any:
+    """``decide()`` on rank 0, its result (or its error) on every rank.
+
+    Used for what must agree and may race: the run folder's name (it holds the start time) and
+    the check that it does not exist yet (rank 0 creates it)."""
+    if not dist.enabled:
+        return decide()
+    outcome = None
+    if dist.is_main:
+        try:
+            outcome = ("ok", decide())
+        except (ConfigError, CheckpointError) as e:
+            outcome = ("error", e)
+    kind, value = dist_utils.broadcast_object(outcome)
+    if kind == "error":
+        raise value
+    return value
+
+
+def check_world_size(payload: Optional[dict], dist: DistInfo, target: PathLike) -> None:
+    """A checkpoint resumes exactly only on the world size that wrote it (per-rank RNG states
+    and running statistics, per-rank batch slices)."""
+    if payload is None:  # restarting from iteration 0: any world size
+        return
+    saved = int(payload.get("world_size", 1))
+    if saved != dist.world_size:
+        raise ConfigError(
+            f"--resume {str(target)!r}: the run was trained on world size {saved} (processes), "
+            f"this launch has {dist.world_size}; resume it with torchrun --nproc_per_node {saved} "
+            f"(or without torchrun when it is 1)"
+        )

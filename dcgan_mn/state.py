@@ -1,0 +1,151 @@
+"""The training state: everything a full checkpoint holds, in one object.
+
+``TrainingState`` owns the models, their optimizers, the loss scaler, the data order, the
+logging window, the grid's fixed noise, the best evaluation so far, the iteration and the
+training seconds. ``checkpoint_payload()`` and ``load_payload()`` are the full checkpoint's
+schema, in one place:
+
+    {"format": "dcgan_mn", "schema": 1, "kind": "full",
+     "config": TrainConfig.to_dict(), "iteration": int, "images_seen": int,
+     "generator", "discriminator", "opt_g", "opt_d": state dicts,
+     "scaler": GradScaler state dict or None (fp16 only),
+     "rng": {"torch", "cuda", "python", "numpy"}, "data": BatchSampler.state_dict(),
+     "fixed_noise": [64, z_dim], "best": {"metric", "value", "iteration"},
+     "train_seconds": float, "log_window": StepWindow.state_dict(),
+     # under torchrun only:
+     "world_size": int, "ranks": [{"rng", "log_window", "buffers": {"generator", "discriminator"}}]}
+
+Generator-only snapshots (``checkpoint.generator_payload``) hold the first block only.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import checkpoint as ckpt
+from . import distributed as dist_utils
+from .config import TrainConfig
+from .data import BatchSampler
+from .distributed import DistInfo
+from .models import Discriminator, Generator
+from .step import StepWindow
+
+__all__ = ["GRID_SIZE", "TrainingState", "seed_everything"]
+
+GRID_SIZE = 64  # the fixed-noise sample grid is 8 x 8
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def fixed_noise(cfg: TrainConfig, device: torch.device) -> Tensor:
+    """The grid's latents [64, z_dim]: from their own generator, so no other draw moves them."""
+    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    return torch.randn(GRID_SIZE, cfg.z_dim, generator=gen).to(device)
+
+
+class TrainingState:
+    """What a run is at one iteration; built from its config, then (resuming) from a payload."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, images: Tensor, *, amp: str,
+                 dist: DistInfo = DistInfo(), best_metric: str = "fid") -> None:
+        self.cfg, self.device, self.dist = cfg, device, dist
+        # Under DDP every rank takes its slice of the same global batch (--batch-size is global).
+        self.sampler = BatchSampler(images.to(device), cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip,
+                                    rank=dist.rank, world_size=dist.world_size)
+
+        # Models, optimizers and the grid's noise, all from cfg.seed.
+        seed_everything(cfg.seed)
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.G = Generator(**cfg.model_kwargs()).to(device).to(memory_format=memory_format)
+        self.D = Discriminator(cfg.ndf).to(device).to(memory_format=memory_format)
+        # capturable: Adam's step counter lives on the GPU, as a CUDA graph (--compile) needs.
+        capturable = cfg.compile and device.type == "cuda"
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas, capturable=capturable)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=betas, capturable=capturable)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.fixed_noise = fixed_noise(cfg, device)  # [64, z_dim]
+        if cfg.sync_norm:  # before DDP wraps them; parameters are shared, so the optimizers stay valid
+            from .sync import convert_sync_norms
+
+            self.G, self.D = convert_sync_norms(self.G), convert_sync_norms(self.D)
+        if dist.enabled:  # same weights everywhere, but each rank its own noise and k-means draws
+            seed_everything(cfg.seed * 1_000_003 + 104_729 + dist.rank)
+
+        self.window = StepWindow(device)  # loss_D, loss_G, D(x), D(G(z)) summed over the log window
+        self.iteration = 0
+        self.train_seconds = 0.0  # training-only seconds before this process started
+        # The snapshot kept as best.pt: by FID, or by the mode classifier's cfd when the
+        # evaluator has no Inception metrics (a stacked run without Inception weights).
+        self.best: dict = {"metric": best_metric, "value": None, "iteration": None}
+
+    @property
+    def images_seen(self) -> int:
+        return self.iteration * self.cfg.batch_size
+
+    def improves_best(self, value: Optional[float]) -> bool:
+        """Is ``value`` of the best metric a new best (lower is better: FID, cfd)?"""
+        return value is not None and np.isfinite(value) and (self.best["value"] is None or value < self.best["value"])
+
+    # ---- the full checkpoint --------------------------------------------------------------------
+
+    def checkpoint_payload(self, train_seconds: float) -> Optional[dict]:
+        """The full checkpoint of this state (rank 0; None on the other ranks). Under DDP every
+        rank's RNG states, logging window and running statistics are gathered (a collective:
+        every rank calls this at the same iteration), so that resume is exact."""
+        rng = ckpt.capture_rng_state(self.device)
+        log_window = self.window.state_dict()
+        ranks = None
+        if self.dist.enabled:  # running statistics are each rank's own (buffers are not synchronized)
+            buffers = {"generator": {n: b.cpu() for n, b in self.G.named_buffers()},
+                       "discriminator": {n: b.cpu() for n, b in self.D.named_buffers()}}
+            ranks = dist_utils.all_gather_objects({"rng": rng, "log_window": log_window, "buffers": buffers})
+            if not self.dist.is_main:
+                return None
+        payload = ckpt.generator_payload(self.G, self.cfg, self.iteration, self.images_seen)
+        payload.update(
+            kind="full", discriminator=self.D.state_dict(), opt_g=self.opt_g.state_dict(),
+            opt_d=self.opt_d.state_dict(), scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            rng=rng, data=self.sampler.state_dict(), fixed_noise=self.fixed_noise.cpu(), best=dict(self.best),
+            train_seconds=train_seconds, log_window=log_window,
+        )
+        if self.dist.enabled:
+            payload.update(world_size=self.dist.world_size, ranks=ranks)
+        return payload
+
+    def load_payload(self, payload: dict) -> None:
+        """Continue from a full checkpoint: weights, optimizers, data order, the logging window,
+        the best so far, and last (set-up drew random numbers) every RNG state."""
+        self.G.load_state_dict(payload["generator"])
+        self.D.load_state_dict(payload["discriminator"])
+        self.opt_g.load_state_dict(payload["opt_g"])
+        self.opt_d.load_state_dict(payload["opt_d"])
+        if payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        self.sampler.load_state_dict(payload["data"])
+        self.fixed_noise = payload["fixed_noise"].to(self.device)
+        saved_best = ckpt.migrate_best(payload.get("best"))
+        if saved_best.get("metric", self.best["metric"]) == self.best["metric"]:
+            self.best = {**self.best, **saved_best}
+        self.iteration = int(payload["iteration"])
+        self.train_seconds = float(payload.get("train_seconds", 0.0))
+        own = payload["ranks"][self.dist.rank] if self.dist.enabled else payload  # this rank's streams
+        self.window.load_state_dict(own.get("log_window") or {})
+        ckpt.restore_rng_state(own["rng"], self.device)
+
+    def restore_rank_buffers(self, payload: dict) -> None:
+        """DDP copied rank 0's buffers when it wrapped the models: put back this rank's own."""
+        saved = payload["ranks"][self.dist.rank]["buffers"]
+        with torch.no_grad():
+            for model, part in ((self.G, "generator"), (self.D, "discriminator")):
+                for name, buf in model.named_buffers():
+                    buf.copy_(saved[part][name])
