@@ -1,6 +1,6 @@
 """Compare runs' metric curves: the paper's acceleration, with statistics a reviewer accepts.
 
-The paper's rule, for one baseline run B and one candidate run C (DESIGN, "Evaluation protocol"):
+The paper's rule, for one baseline run B and one candidate run C (docs/comparing-notes.md):
 
 * target = B's best value; S_base = the first iteration at which B reaches it;
 * S_cand = the first iteration at which C is at least as good as the target (None: never);

@@ -40,7 +40,7 @@ from .errors import ConfigError  # noqa: E402  (re-exported: the CLIs catch it f
 @dataclass(frozen=True)
 class TrainConfig:
     # --- model ---
-    g_arch: str = "dcgan32"  # generator architecture: dcgan32 (DESIGN's) | tf-dcgan (TTUR's DCGAN)
+    g_arch: str = "dcgan32"  # generator architecture: dcgan32 (docs/design.md) | tf-dcgan (TTUR's DCGAN)
     z_dim: int = 100
     ngf: int = 64
     ndf: int = 64

@@ -3,7 +3,7 @@
 Generator architectures (``arch``; norm layers indexed from the one nearest z, each BatchNorm or
 Mixture Normalization as ``mn_layers`` says):
 
-* ``dcgan32`` (DESIGN's, pytorch/examples style): z [N, z_dim] -> ConvT(4x4) 4x4x(8 ngf) ->
+* ``dcgan32`` (docs/design.md, pytorch/examples style): z [N, z_dim] -> ConvT(4x4) 4x4x(8 ngf) ->
   norm0 -> ReLU -> ConvT 8x8x(4 ngf) -> norm1 -> ReLU -> ConvT 16x16x(2 ngf) -> norm2 -> ReLU
   -> ConvT 32x32x3 -> tanh. Three norm layers.
 * ``tf-dcgan``: the TensorFlow DCGAN of the TTUR paper's CIFAR-10 FID baseline (Heusel et al.

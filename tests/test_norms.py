@@ -1,7 +1,7 @@
 """Mixture Normalization: the functional core, the fused path and the module.
 
 The reference for everything is ``loop_reference`` below: a deliberately naive implementation
-that forms the [P, K, C] tensor and loops over components, written straight from DESIGN.md.
+that forms the [P, K, C] tensor and loops over components, written from docs/mixture-normalization.md.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def from_points(points: torch.Tensor, shape) -> torch.Tensor:
 
 
 def loop_reference(points: torch.Tensor, mixture: Mixture, eps: float):
-    """Slow, obvious MN (DESIGN.md steps 2-4): returns x_hat [P, C], tau, lam, E, Var, n_eff."""
+    """Slow, obvious MN (docs/mixture-normalization.md): returns x_hat [P, C], tau, lam, E, Var, n_eff."""
     weight, mean, var = mixture
     k = weight.shape[0]
     diff = points[:, None, :] - mean[None, :, :]  # [P, K, C]
