@@ -421,6 +421,57 @@ def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path, 
     assert f"python train.py --resume {tmp_path / 'cli' / 'r'}" in res.output
 
 
+def test_write_error_on_resuming_a_folder_without_checkpoint_names_that_folder(tmp_path, monkeypatch):
+    """A run killed before its first checkpoint is resumed by its folder; a write failure there
+    names that folder's --resume command (it once took the folder's parent)."""
+    import errno
+
+    import dcgan_mn.fileio as F
+    from click.testing import CliRunner
+
+    from conftest import load_script
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if "ckpt-00000002" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(F.os, "fsync", fsync)
+    cli = load_script("train.py", "main")
+    flags = ["--iters", "4", "--ckpt-every", "2", "--fid-every", "0", "--device", "cpu", "--no-progress"]
+    run = tmp_path / "cli" / "r"
+    res = CliRunner().invoke(cli, ["--dataset", "stacked-digits", "--stack-size", "64", "--ngf", "8", "--ndf", "8",
+                                   "--batch-size", "8", "--mn-fit-points", "64", *flags,
+                                   "--out", str(tmp_path / "cli"), "--run-name", "r"])
+    assert res.exit_code == 1 and RunFolder(run).config_file.is_file() and not RunFolder(run).checkpoints()
+    res = CliRunner().invoke(cli, ["--resume", str(run), *flags])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "No space left on device [ENOSPC]" in res.output
+    assert f"python train.py --resume {run}" in res.output
+
+
+def test_run_files_have_the_umasks_permissions(tmp_path):
+    """Checkpoints, config.json, best.pt and snapshots are written through temporary files
+    (private, 0600, while they are written) and end with what open() would give under the
+    umask, so a group's collaborators can read a shared run."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        result = train(tiny_cfg(tmp_path, iters=2, ckpt_every=2, fid_every=2), images=tiny_images(), progress=False,
+                       evaluator=FakeEvaluator([10.0]))
+    finally:
+        os.umask(old)
+    files = [p for p in result.run_dir.rglob("*") if p.is_file() and "events.out" not in p.name]
+    names = {p.name for p in files}
+    assert {"config.json", "metrics.jsonl", "best.pt", "ckpt-00000002.pt", "G-00000002.pt"} <= names, names
+    for p in files:
+        if p.name != "run.lock":
+            assert stat.S_IMODE(p.stat().st_mode) == 0o644, (p.name, oct(p.stat().st_mode))
+
+
 TMPFS_CHECK = """
 import sys, torch
 from dcgan_mn.runfolder import RunFolder
