@@ -335,7 +335,7 @@ def arm_json(arm: Arm, base: Optional[Arm], device: torch.device) -> dict:
                                     "step_transient": mib(arm.step_peak_bytes)}
     else:
         row["peak_memory_mib"] = None
-        row["peak_memory_reason"] = "CPU run: torch.cuda.max_memory_allocated is CUDA-only"
+        row["peak_memory_mib_reason"] = "CPU run: torch.cuda.max_memory_allocated is CUDA-only"
     return row
 
 
@@ -1016,7 +1016,7 @@ def finish_args(args, device: torch.device) -> None:
     cpu_quick = args.quick and device.type == "cpu"
     args.batch_sizes = [int(b) for b in (args.batch_sizes or ("64" if args.quick else "64,256")).split(",")]
     args.amps = (args.amps or ("fp32" if cpu_quick else "fp32,bf16")).split(",")
-    args.modes = (args.modes or ("eager,default" if cpu_quick else ",".join(MODES))).split(",")
+    args.modes = (args.modes or ",".join(MODES)).split(",")  # reduce-overhead: null on a CPU
     for a in args.amps:
         if a not in AMPS:
             raise SystemExit(f"--amps: unknown {a!r} (expected {', '.join(AMPS)})")
