@@ -405,6 +405,8 @@ def step_time_section(device: torch.device, args, events: CompileEvents, t_start
                 kept[arm.mode] = arm
             else:
                 arm.step = None  # free the models (and their graphs' inputs)
+        for mode in list(section):  # rows in the order bn, mn01, mn_all
+            section[mode] = {c: section[mode][c] for c in CONFIGS if c in section[mode]}
         group_seconds.append(time.perf_counter() - g0)
         log_group(key_b, amp, section)
     return out, kept

@@ -95,7 +95,7 @@ def test_quick_cpu_run_reports_every_field(quick_run):
     assert rows["eval_speedup_vs_pytorch_fid"]["passed"] in (True, False)  # slow hardware is no error
     assert all(rows[f"correctness/{n}"]["passed"] for n in CORRECTNESS)
     assert "targets:" in stderr and "step time b64 fp32" in stderr  # the human table
-    assert result["elapsed_s"] < 120
+    assert result["elapsed_s"] < 180  # typically 50-60 s on 2 busy cores; a guard against runaways
 
 
 def test_correctness_failure_sets_the_exit_status(monkeypatch, capsys):
