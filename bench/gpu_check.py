@@ -367,6 +367,8 @@ def step_time_section(device: torch.device, args, events: CompileEvents, t_start
         if amp == "bf16" and device.type == "cpu" and not cpu_capability()["native_bf16"]:
             reason = (f"this CPU ({cpu_capability()['cpu_capability']}) has no native bf16: autocast "
                       f"emulates it (~20x slower than fp32); not timed")
+        if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            reason = f"{torch.cuda.get_device_name(device)} does not support bf16"
         elapsed = time.perf_counter() - t_start
         estimate = max(group_seconds) if group_seconds else 0.0
         if reason is None and gi > 0 and elapsed + estimate > args.budget_s:
