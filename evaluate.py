@@ -27,14 +27,13 @@ def _fail(msg: str) -> None:
 
 
 def _device(spec: str):
-    import torch
+    from dcgan_mn.device import resolve_device
+    from dcgan_mn.errors import ConfigError
 
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(spec)
-    except RuntimeError:
-        _fail(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+        return resolve_device(spec)
+    except ConfigError as e:
+        _fail(str(e))
 
 
 def _extractor(dims: int, weights, device, feature_batch_size, progress, fid_protocol="pytorch-fid"):
@@ -61,12 +60,8 @@ def _standard(extractor):
 
 def _errors():
     """The exception types that mean bad user input (reported as one line)."""
-    from dcgan_mn.checkpoint import CheckpointError
     from dcgan_mn.compare import CompareError
-    from dcgan_mn.config import ConfigError
-    from dcgan_mn.data import DataError
-    from dcgan_mn.features import InceptionWeightsError
-    from dcgan_mn.metrics import MetricsError
+    from dcgan_mn.errors import CheckpointError, ConfigError, DataError, InceptionWeightsError, MetricsError
 
     return (MetricsError, InceptionWeightsError, CompareError, ConfigError, DataError, CheckpointError)
 
@@ -79,74 +74,6 @@ def cli() -> None:
 # --------------------------------------------------------------------------------------------
 # fid
 # --------------------------------------------------------------------------------------------
-
-
-def _classify_target(target: str) -> tuple[str, object]:
-    """('checkpoint', path) | ('run', [(iteration, path)]) | ('images', [files])."""
-    p = Path(target)
-    if p.is_file():
-        return "checkpoint", p
-    if not p.is_dir():
-        _fail(f"TARGET {target!r}: no such file or folder")
-    from dcgan_mn.runfolder import RunFolder
-
-    if RunFolder(p).is_run():
-        snaps = RunFolder(p).snapshots()
-        if not snaps:
-            _fail(f"TARGET {target!r}: run folder has no generator snapshots (snapshots/G-*.pt)")
-        return "run", snaps
-    from dcgan_mn.metrics import image_folder_files
-
-    files = image_folder_files(p)
-    if not files:
-        _fail(f"TARGET {target!r}: no images in this folder (and it is not a run folder)")
-    if len(files) < 2:
-        _fail(f"TARGET {target!r}: FID needs at least 2 images, found {len(files)}")
-    return "images", files
-
-
-def _parse_modes(sample_modes):
-    from dcgan_mn.models import SAMPLE_MODES
-
-    if not sample_modes:
-        return None
-    modes = [m.strip() for m in sample_modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in SAMPLE_MODES]
-    if bad or not modes:
-        _fail(f"--sample-modes {sample_modes!r}: expected a comma list of {', '.join(SAMPLE_MODES)}")
-    return modes
-
-
-def _load_generator(path, device):
-    from dcgan_mn.checkpoint import CheckpointError, load_generator
-
-    try:
-        return load_generator(path, device)
-    except CheckpointError as e:  # missing, unreadable, not ours, another architecture
-        _fail(str(e))
-
-
-def _generator_jobs(kind: str, what) -> tuple[list, object]:
-    """([(iteration, path)], the config of the last one) for a checkpoint or run TARGET; every
-    generator is loaded once on the CPU first, so a bad file fails in seconds."""
-    jobs, cfg = [], None
-    if kind == "checkpoint":
-        what = [(None, what)]
-    if kind in ("checkpoint", "run"):
-        for _, path in what:
-            _, cfg, iteration = _load_generator(path, "cpu")
-            jobs.append((iteration, path))
-    return jobs, cfg
-
-
-def _score_jobs(jobs, evaluator, sample_modes, batch_size, dev):
-    """Evaluator rows for every (iteration, checkpoint) and sample mode (default: the run's)."""
-    for iteration, path in jobs:
-        gen, cfg, iteration = _load_generator(path, dev)
-        for mode in sample_modes or [cfg.sample_mode]:
-            row = evaluator(gen, sample_mode=mode, batch_size=batch_size or cfg.batch_size)
-            row.update(iteration=iteration, checkpoint=str(path))
-            yield row
 
 
 def _feature_options(command):
@@ -203,54 +130,52 @@ def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_
         _fail(f"--batch-size {batch_size}: must be >= 1")
     if feature_batch_size is not None and feature_batch_size < 1:
         _fail(f"--feature-batch-size {feature_batch_size}: must be >= 1")
-    sample_modes = _parse_modes(sample_modes)
-    dev = _device(device)
     try:
-        report = _fid(target, ref, samples, batch_size, sample_modes, dims, dev, inception_weights,
+        report = _fid(target, ref, samples, batch_size, sample_modes, dims, _device(device), inception_weights,
                       data_root, cache_dir, no_cache, seed, feature_batch_size, progress, fid_protocol)
     except _errors() as e:
         _fail(str(e))
-    text = json.dumps(report, indent=2)
-    if out:
-        from dcgan_mn.fileio import write_json_atomic
-
-        write_json_atomic(Path(out), report)
-    click.echo(text)
+    _write_report(report, out)
 
 
-def _fid(target, ref, samples, batch_size, modes, dims, dev, weights, data_root, cache_dir,
+def _fid(target, ref, samples, batch_size, sample_modes, dims, dev, weights, data_root, cache_dir,
          no_cache, seed, feature_batch_size, progress, fid_protocol="pytorch-fid") -> dict:
     from dcgan_mn import metrics as M
+    from dcgan_mn import scoring
 
-    kind, what = _classify_target(target)
-    jobs, _ = _generator_jobs(kind, what)
-
+    sample_modes = scoring.parse_sample_modes(sample_modes)
+    target = scoring.parse_target(target)
     _check_ref(ref, dims, data_root)
     extractor = _extractor(dims, weights, dev, feature_batch_size, progress, fid_protocol)
     reference = M.load_reference(ref, extractor, data_root=data_root, cache_dir=cache_dir,
                                  progress=progress, use_cache=not no_cache)
     evaluator = M.Evaluator(extractor, reference, num_samples=samples, seed=seed, progress=progress)
-    report = {
-        "target": str(target), "kind": kind, "ref": ref, "ref_key": reference.key, "dims": dims,
+
+    def said(row):
+        if progress:
+            print(f"iteration {row['iteration']}: FID {row['fid']:.3f} ({row['sample_mode']})", file=sys.stderr)
+
+    rows = scoring.score(target, evaluator, device=dev, sample_modes=sample_modes, batch_size=batch_size,
+                         image_batch_size=extractor.batch_size, on_row=said)
+    for row in rows:
+        row["tag"] = f"fid_{M.sample_count_tag(row['num_samples'])}"
+    if target.kind == "run":
+        print(scoring.curve_table(rows, ("fid",)), file=sys.stderr)
+    return {
+        **target.describe(), "ref": ref, "ref_key": reference.key, "dims": dims,
         "weights_sha256": extractor.weights_sha256, "weights_standard": _standard(extractor),
         "fid_protocol": getattr(extractor, "fid_protocol", "pytorch-fid"),
-        "environment": _environment(dev), "results": [],
+        "environment": _environment(dev), "results": rows,
     }
-    if kind == "images":
-        row = evaluator.score_images(M.iter_image_batches(what, extractor.batch_size), total=len(what))
-        row["tag"] = f"fid_{M.sample_count_tag(row['num_samples'])}"
-        report["results"].append(row)
-        return report
 
-    for row in _score_jobs(jobs, evaluator, modes, batch_size, dev):
-        row["tag"] = f"fid_{M.sample_count_tag(row['num_samples'])}"
-        report["results"].append(row)
-        if progress:
-            print(f"iteration {row['iteration']}: FID {row['fid']:.3f} ({row['sample_mode']})",
-                  file=sys.stderr)
-    if kind == "run":
-        _print_curve(report["results"])
-    return report
+
+def _write_report(report: dict, out) -> None:
+    """The report as JSON on stdout, and atomically to ``--out`` when given."""
+    if out:
+        from dcgan_mn.fileio import write_json_atomic
+
+        write_json_atomic(Path(out), report)
+    click.echo(json.dumps(report, indent=2))
 
 
 def _check_ref(ref: str, dims: int, data_root) -> None:
@@ -263,20 +188,6 @@ def _check_ref(ref: str, dims: int, data_root) -> None:
         if stats.dims != dims:
             raise M.MetricsError(
                 f"--ref {ref!r}: statistics are {stats.dims}-d but the features are {dims}-d (--dims {dims})")
-
-
-def _print_curve(rows, metrics=("fid",)) -> None:
-    """A run's curve on stderr: one column per metric and sample mode."""
-    modes = sorted({r["sample_mode"] for r in rows})
-    cols = [(m, mode) for m in metrics for mode in modes]
-    table = {}
-    for r in rows:
-        for m in metrics:
-            table.setdefault(r["iteration"], {})[(m, r["sample_mode"])] = r[m]
-    print("iteration  " + "  ".join(f"{m + ' ' + mode:>16}" for m, mode in cols), file=sys.stderr)
-    for it in sorted(table):
-        cells = "  ".join(f"{table[it][c]:16.3f}" if c in table[it] else f"{'-':>16}" for c in cols)
-        print(f"{it:9d}  {cells}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,61 +228,52 @@ def modes(target, source, samples, batch_size, sample_modes, device, data_root, 
         _fail(f"--samples {samples}: mode metrics need at least 2 samples")
     if batch_size is not None and batch_size < 1:
         _fail(f"--batch-size {batch_size}: must be >= 1")
-    sample_modes = _parse_modes(sample_modes)
-    dev = _device(device)
     try:
-        report = _modes(target, source, samples, batch_size, sample_modes, dev, data_root,
+        report = _modes(target, source, samples, batch_size, sample_modes, _device(device), data_root,
                         cache_dir, seed, progress)
     except _errors() as e:
         _fail(str(e))
-    if out:
-        from dcgan_mn.fileio import write_json_atomic
-
-        write_json_atomic(Path(out), report)
-    click.echo(json.dumps(report, indent=2))
+    _write_report(report, out)
 
 
 def _modes(target, source, samples, batch_size, sample_modes, dev, data_root, cache_dir, seed,
            progress) -> dict:
     from dcgan_mn import metrics as M
+    from dcgan_mn import scoring
     from dcgan_mn.digits import STACKED_SOURCES
     from dcgan_mn.metrics.classifier import load_mode_classifier
     from dcgan_mn.metrics.modes import ModeMetrics
 
-    kind, what = _classify_target(target)
-    jobs, cfg = _generator_jobs(kind, what)
+    sample_modes = scoring.parse_sample_modes(sample_modes)
+    target = scoring.parse_target(target)
     if source is None:
-        if kind == "images":
-            _fail(f"TARGET {target!r}: an image folder needs --source stacked-mnist|stacked-digits")
-        if cfg.dataset not in STACKED_SOURCES:
-            _fail(f"TARGET {target!r}: trained on --dataset {cfg.dataset}, not stacked digits; "
+        if target.kind == "images":
+            _fail(f"TARGET {target.text!r}: an image folder needs --source stacked-mnist|stacked-digits")
+        if target.config.dataset not in STACKED_SOURCES:
+            _fail(f"TARGET {target.text!r}: trained on --dataset {target.config.dataset}, not stacked digits; "
                   f"pass --source to score it anyway")
-        source = cfg.dataset
+        source = target.config.dataset
     classifier = load_mode_classifier(source, data_root=data_root, cache_dir=cache_dir, device=dev,
                                       progress=progress)
     evaluator = M.Evaluator(families=[ModeMetrics(classifier, num_samples=samples)], seed=seed,
                             progress=progress)
-    report = {"target": str(target), "kind": kind, "source": source,
-              "classifier_sha256": classifier.sha256, "classifier_accuracy": classifier.accuracy,
-              "environment": _environment(dev), "results": []}
-    if kind == "images":
-        rows = [evaluator.score_images(M.iter_image_batches(what, classifier.batch_size), total=len(what))]
-    else:
-        rows = []
-        for row in _score_jobs(jobs, evaluator, sample_modes, batch_size, dev):
-            rows.append(row)
-            if progress:
-                print(f"iteration {row['iteration']}: modes {row['modes']}, kl_modes "
-                      f"{row['kl_modes']:.3f}, cfd {row['cfd']:.2f} ({row['sample_mode']})",
-                      file=sys.stderr)
+
+    def said(row):
+        if progress:
+            print(f"iteration {row['iteration']}: modes {row['modes']}, kl_modes {row['kl_modes']:.3f}, "
+                  f"cfd {row['cfd']:.2f} ({row['sample_mode']})", file=sys.stderr)
+
+    rows = scoring.score(target, evaluator, device=dev, sample_modes=sample_modes, batch_size=batch_size,
+                         image_batch_size=classifier.batch_size, on_row=said)
     for row in rows:
         row["num_samples"] = row["mode_samples"]
         row["tag"] = f"modes_{M.sample_count_tag(row['num_samples'])}"
-    report["results"] = rows
+    report = {**target.describe(), "source": source, "classifier_sha256": classifier.sha256,
+              "classifier_accuracy": classifier.accuracy, "environment": _environment(dev), "results": rows}
     if len(rows) == 1:  # one score: its numbers at the top level too
         report.update({k: v for k, v in rows[0].items() if k not in report})
-    if kind == "run":
-        _print_curve(rows, ("modes", "kl_modes", "cfd"))
+    if target.kind == "run":
+        print(scoring.curve_table(rows, ("modes", "kl_modes", "cfd")), file=sys.stderr)
     return report
 
 
@@ -538,33 +440,21 @@ def samples(target, num, out, fmt, which, seed, sample_mode, batch_size, device,
     same --seed, same sample mode, same uint8 quantization), e.g. for torch-fidelity, clean-fid
     or TensorFlow code. TARGET: a checkpoint, or a run folder (--which best|latest)."""
     from dcgan_mn import metrics as M
+    from dcgan_mn import scoring
+    from dcgan_mn.checkpoint import load_generator
 
-    path = Path(target)
-    if path.is_dir():
-        from dcgan_mn.runfolder import RunFolder
-
-        folder = RunFolder(path)
-        snaps = folder.snapshots()
-        if which == "best" and folder.best_file.is_file():
-            path = folder.best_file
-        elif snaps:
-            path = snaps[-1][1]
-        else:
-            _fail(f"TARGET {target!r}: no best.pt and no snapshots in this run folder")
-    elif not path.is_file():
-        _fail(f"TARGET {target!r}: no such file or folder")
     if num < 1:
         _fail(f"--num {num}: must be >= 1")
     if batch_size is not None and batch_size < 1:
         _fail(f"--batch-size {batch_size}: must be >= 1")
-    dev = _device(device)
-    gen, cfg, iteration = _load_generator(path, dev)
-    mode, batch = sample_mode or cfg.sample_mode, batch_size or cfg.batch_size
-    batches = (images for _, images in M.generated_images(
-        gen, num_samples=num, seed=seed, sample_mode=mode, batch_size=batch, shard=False))
     try:
+        path = scoring.generator_file(target, which)
+        gen, cfg, iteration = load_generator(path, _device(device))
+        mode, batch = sample_mode or cfg.sample_mode, batch_size or cfg.batch_size
+        batches = (images for _, images in M.generated_images(
+            gen, num_samples=num, seed=seed, sample_mode=mode, batch_size=batch, shard=False))
         written = M.write_samples(batches, out, fmt, total=num, progress=progress)
-    except M.MetricsError as e:
+    except _errors() as e:
         _fail(str(e))
     print(f"wrote {num} samples of {path} (iteration {iteration}, sample mode {mode}, seed {seed}) "
           f"to {written}", file=sys.stderr)
