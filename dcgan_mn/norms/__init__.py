@@ -18,7 +18,8 @@ With K = 1 every posterior is exactly 1 and the layer is BatchNorm. The package,
 * ``functional``  the fused autograd Functions the module runs and the front door
   ``mixture_normalization``;
 * ``module``      ``MixtureNorm2d`` (bookkeeping base + forward);
-* ``factory``     ``make_norm2d``.
+* ``mode``        Mode Normalization (Deecke et al., ICLR 2019): ``mode_norm``, ``ModeNorm2d``;
+* ``factory``     ``make_norm2d``: bn, mn, mode, group or none by name.
 
 Synchronized MN/BN under torch.distributed lives in ``dcgan_mn.sync``, which imports from here
 (never the other way).
@@ -34,7 +35,7 @@ from .estimators import (
     kmeans_pp_seeds,
     sample_fit_points,
 )
-from .factory import make_norm2d
+from .factory import NORM_KINDS, group_norm_groups, make_norm2d
 from .functional import (
     _MixtureAffine,
     _mixture_norm2d_fixed,
@@ -45,6 +46,7 @@ from .functional import (
 )
 from .matching import match_components, match_components_per_channel
 from .mixture import Mixture, MixtureMoments
+from .mode import ModeNorm2d, mode_gates, mode_norm
 from .module import MixtureNorm2d
 from .readings import POINTS
 from .reference import (
@@ -79,4 +81,9 @@ __all__ = [
     "match_components_per_channel",
     "MixtureNorm2d",
     "make_norm2d",
+    "NORM_KINDS",
+    "group_norm_groups",
+    "ModeNorm2d",
+    "mode_norm",
+    "mode_gates",
 ]
