@@ -31,7 +31,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .mixture import _LOG_2PI, _TINY, Mixture, MixtureMoments
-from .readings import READINGS
 from .reference import _centred_stats, _mixture_shift
 
 __all__ = ["mixture_norm2d", "channel_mixture_norm", "mixture_normalization"]
@@ -325,6 +324,7 @@ def channel_mixture_norm(
 
 
 def _vector_reading(x, mixture, eps, weight, bias, batch_stats, reduce, posterior_grad, lambda_scale):
+    """One mixture over the C-vectors: the fused path."""
     if batch_stats:
         return mixture_norm2d(x, mixture, eps, weight, bias, reduce,
                               posterior_grad=posterior_grad, lambda_scale=lambda_scale)
@@ -334,6 +334,7 @@ def _vector_reading(x, mixture, eps, weight, bias, batch_stats, reduce, posterio
 
 
 def _channel_reading(x, mixture, eps, weight, bias, batch_stats, reduce, posterior_grad, lambda_scale):
+    """One 1-D mixture per channel: plain autograd ops, never summed across processes."""
     if reduce is not None:
         raise ValueError("MixtureNorm2d(point='channel') is not synchronized across processes")
     y, tau, stats = channel_mixture_norm(x.to(mixture.mean.dtype), mixture, eps, weight, bias,
@@ -342,8 +343,8 @@ def _channel_reading(x, mixture, eps, weight, bias, batch_stats, reduce, posteri
     return (y, tau, stats) if batch_stats else (y, None, None)
 
 
+# The normalization of each reading (``readings.POINTS``).
 _READING_FNS = {"vector": _vector_reading, "channel": _channel_reading}
-assert set(_READING_FNS) == set(READINGS)
 
 
 def mixture_normalization(

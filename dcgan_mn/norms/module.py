@@ -171,22 +171,14 @@ class _MixtureNormBase(nn.Module):
         exp(H(lambda)). Device tensors; call .item() to log."""
         if self.last_batch_weight is None:
             return {}
-        lam = self.last_batch_weight.clamp_min(_TINY)
         if self.num_components == 1:  # one posterior equal to 1: zero entropy
+            one = self.last_batch_weight[0]
             return {"mixture_weight": self.last_batch_weight,
-                    "posterior_entropy": torch.zeros_like(lam[0]),
-                    "effective_components": torch.ones_like(lam[0])}
-        if lam.dim() == 2:  # point="channel", [K, C]: components sorted per channel, then averaged
-            return {
-                "mixture_weight": self.last_batch_weight.sort(0, descending=True).values.mean(1),
-                "posterior_entropy": self.last_posterior_entropy,
-                "effective_components": torch.exp(-(lam * lam.log()).sum(0)).mean(),
-            }
-        return {
-            "mixture_weight": self.last_batch_weight,
-            "posterior_entropy": self.last_posterior_entropy,
-            "effective_components": torch.exp(-(lam * lam.log()).sum()),
-        }
+                    "posterior_entropy": torch.zeros_like(one),
+                    "effective_components": torch.ones_like(one)}
+        weight, effective = self._reading.summarize(self.last_batch_weight)
+        return {"mixture_weight": weight, "posterior_entropy": self.last_posterior_entropy,
+                "effective_components": effective}
 
 
 class MixtureNorm2d(_MixtureNormBase):

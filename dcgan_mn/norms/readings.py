@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import torch
 from torch import Tensor
 
 from .matching import match_components, match_components_per_channel
-from .mixture import Mixture
+from .mixture import _TINY, Mixture
 
 __all__ = ["POINTS", "READINGS", "Reading"]
 
@@ -38,11 +39,28 @@ class Reading(NamedTuple):
     posterior_dim: int
     # may the moments be summed across processes (synchronized MN)?
     synchronizable: bool
+    # a batch's mixture weights -> (weights [K] for telemetry, effective number of components [])
+    summarize: Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 def _match_vector(stats: tuple[Tensor, ...], running_mean: Tensor) -> tuple[Tensor, ...]:
     perm = match_components(stats[1], running_mean)  # [K]
     return tuple(t[perm] for t in stats)
+
+
+def _effective_components(lam: Tensor, dim: int) -> Tensor:
+    """exp(H(lambda)) along ``dim``: K for equal weights, 1 for a single occupied component."""
+    lam = lam.clamp_min(_TINY)
+    return torch.exp(-(lam * lam.log()).sum(dim))
+
+
+def _summarize_vector(lam: Tensor) -> tuple[Tensor, Tensor]:
+    return lam, _effective_components(lam, 0)  # [K], []
+
+
+def _summarize_channel(lam: Tensor) -> tuple[Tensor, Tensor]:
+    # [K, C]: components carry no identity across channels, so sort them per channel first
+    return lam.sort(0, descending=True).values.mean(1), _effective_components(lam, 0).mean()
 
 
 def _match_channel(stats: tuple[Tensor, ...], running_mean: Tensor) -> tuple[Tensor, ...]:
@@ -58,6 +76,7 @@ VECTOR = Reading(
     match=_match_vector,
     posterior_dim=1,  # tau [N, K, L]
     synchronizable=True,
+    summarize=_summarize_vector,
 )
 
 CHANNEL = Reading(
@@ -68,6 +87,7 @@ CHANNEL = Reading(
     match=_match_channel,
     posterior_dim=2,  # tau [N, C, K, L]
     synchronizable=False,
+    summarize=_summarize_channel,
 )
 
 READINGS = {r.name: r for r in (VECTOR, CHANNEL)}
