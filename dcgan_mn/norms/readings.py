@@ -65,7 +65,8 @@ def _summarize_channel(lam: Tensor) -> tuple[Tensor, Tensor]:
 
 def _match_channel(stats: tuple[Tensor, ...], running_mean: Tensor) -> tuple[Tensor, ...]:
     perm = match_components_per_channel(stats[1], running_mean)  # [K, C]
-    return tuple(t.gather(0, perm) for t in stats)
+    stacked = torch.stack(stats)  # [S, K, C]: one gather for all of them, not one each
+    return tuple(stacked.gather(1, perm.expand(len(stats), -1, -1)).unbind(0))  # S x [K, C]
 
 
 VECTOR = Reading(
