@@ -93,7 +93,7 @@ class SyncMixtureNorm2d(MixtureNorm2d):
 
     def __init__(self, *args, process_group=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.point != "vector":
+        if not self._reading.synchronizable:
             raise ValueError("synchronized MN supports point='vector' only (--sync-norm with --mn-point "
                              f"{self.point!r})")
         self.process_group = process_group
