@@ -50,6 +50,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .fileio import atomic_write
+from .metrics.specs import METRICS, MODE_COUNT_KEY, metric_spec
 from .runfolder import RunFolder
 
 __all__ = ["CompareError", "RunCurve", "read_run", "pair_runs", "acceleration", "bootstrap_interval",
@@ -63,9 +64,9 @@ CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0  # the report is a pure function of the metrics files
 SMOOTH_WINDOW = 3
 COLLAPSE_FACTOR = 2.0  # "min" metric: a later value >= 2x the best; "max": <= half the best
-# Metrics whose ratio to their best reads as collapse; kl_modes lives near its sampling floor and
-# KID can be <= 0, so for them the rebound is reported but never flagged.
-COLLAPSE_METRICS = ("fid", "cfd", "modes", "inception_score", "coverage", "recall")
+# Metrics whose ratio to their best reads as collapse (``MetricSpec.can_collapse``); kl_modes lives
+# near its sampling floor and KID can be <= 0, so for them the rebound is reported but never flagged.
+COLLAPSE_METRICS = tuple(m.name for m in METRICS.values() if m.can_collapse)
 MIN_UNITS_FOR_INTERVAL_VERDICT = 5  # below: a sign count, not a 95% claim
 
 
@@ -167,9 +168,13 @@ def read_run(
     mode metrics, ``num_samples`` for the Inception ones). ``eval_seeds`` > 1: each point is the
     mean of the training row's score and the scores from the next evaluation seeds, read from
     ``eval_seeds.jsonl`` (``rescore.rescore_run`` writes them)."""
-    from .metrics import metric_count_key, metric_direction
+    from .errors import MetricsError
 
-    count_key = metric_count_key(metric)
+    try:
+        spec = metric_spec(metric)
+    except MetricsError as e:
+        raise CompareError(f"--metric {metric!r}: {e}") from None
+    count_key = spec.count_key
     folder = RunFolder(path)
     run = folder.path
     if not run.is_dir():
@@ -250,13 +255,12 @@ def read_run(
         name=run.name, path=str(run), seed=config.get("seed"), metric=metric,
         sample_mode=mode, num_samples=count, iterations=its, values=values,
         train_seconds=[by_iteration[i].get("train_seconds") for i in its],
-        direction=metric_direction(metric), seed_values=seed_values,
+        direction=spec.direction, seed_values=seed_values,
         provenance=_provenance(run, used, metric),
     )
 
 
 def _provenance(run: Path, rows: list[dict], metric: str) -> dict:
-    from .metrics import metric_count_key
     from .provenance import read_environments
 
     def values(key):
@@ -265,7 +269,7 @@ def _provenance(run: Path, rows: list[dict], metric: str) -> dict:
     keys = values("env_key")
     known = read_environments(run)
     # The network behind the compared metric: the mode classifier, or the Inception weights.
-    weights_key = "classifier_sha256" if metric_count_key(metric) == "mode_samples" else "weights_sha256"
+    weights_key = "classifier_sha256" if metric_spec(metric).count_key == MODE_COUNT_KEY else "weights_sha256"
     return {"env_keys": keys, "environments": {k: known[k] for k in keys if k in known},
             "fid_protocols": values("fid_protocol") if weights_key == "weights_sha256" else [],
             "weights": values(weights_key)}

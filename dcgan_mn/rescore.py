@@ -62,10 +62,10 @@ def rescore_run(
     if saved is None:
         raise RescoreError(f"run {str(run)!r}: no {RunFolder.CONFIG} to re-score with")
     cfg = config_from_dict(saved)
-    from .metrics import metric_count_key
+    from .metrics.specs import MODE_COUNT_KEY, metric_spec
 
-    count_key = metric_count_key(metric)
-    samples = cfg.mode_samples if count_key == "mode_samples" else cfg.fid_samples
+    count_key = metric_spec(metric).count_key  # a MetricsError names the known metrics
+    samples = cfg.mode_samples if count_key == MODE_COUNT_KEY else cfg.fid_samples
     rows = folder.metrics_rows()
     trained = [r for r in rows
                if r.get(metric) is not None and r.get("sample_mode") == cfg.sample_mode
