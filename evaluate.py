@@ -492,17 +492,16 @@ def compare(runs, baselines, out, metric, sample_mode, samples, label, baseline_
     against --baseline, with seed-bootstrap intervals, evaluation noise, a smoothed rule and a
     collapse flag per run (see the README, "Comparing runs")."""
     from dcgan_mn import compare as C
-    from dcgan_mn.rescore import RescoreError, rescore_run
+    from dcgan_mn.rescore import RescoreError, rescore_runs
     from dcgan_mn.runfolder import RunFolder
 
     try:
         if eval_seeds < 1:
             raise C.CompareError(f"--eval-seeds {eval_seeds}: must be >= 1")
         if eval_seeds > 1:  # score what the runs lack (nothing when eval_seeds.jsonl has it all)
-            dev = _device(device)
-            for r in (*runs, *baselines):
-                if RunFolder(r).metrics_file.is_file():  # else read_run says what is wrong
-                    rescore_run(r, metric, eval_seeds, device=dev, cache_dir=cache_dir, progress=progress)
+            dev = _device(device)  # one evaluator for runs evaluated alike; each warning once
+            rescore_runs([r for r in (*runs, *baselines) if RunFolder(r).metrics_file.is_file()],  # else read_run says what is wrong
+                         metric, eval_seeds, device=dev, cache_dir=cache_dir, progress=progress)
         read = dict(metric=metric, sample_mode=sample_mode, num_samples=samples, eval_seeds=eval_seeds)
         cands = [C.read_run(r, **read) for r in runs]
         bases = [C.read_run(r, **read) for r in baselines]

@@ -21,7 +21,7 @@ from .checkpoint import load_generator
 from .config import config_from_dict
 from .runfolder import RunFolder, as_run_folder
 
-__all__ = ["RescoreError", "evaluation_seeds", "seed_rows", "rescore_run"]
+__all__ = ["RescoreError", "evaluation_seeds", "seed_rows", "rescore_run", "rescore_runs"]
 
 
 class RescoreError(ValueError):
@@ -46,15 +46,38 @@ def _has(rows: list[dict], metric: str) -> set[tuple[int, int, Optional[str]]]:
             for r in rows if r.get(metric) is not None and r.get("iteration") is not None}
 
 
+def _evaluation_setup(cfg, device) -> tuple:
+    """What an evaluator is built from: runs that agree on it share one evaluator."""
+    return (cfg.dataset, cfg.ref, cfg.dims, cfg.inception_weights, cfg.fid_protocol, cfg.fid_samples,
+            cfg.mode_samples, getattr(cfg, "inception_metrics", True), str(cfg.data_root), str(device))
+
+
+def rescore_runs(
+    runs, metric: str, count: int, *, device="cpu", cache_dir=None, progress: bool = False,
+) -> int:
+    """``rescore_run`` for each of ``runs``, one evaluator per distinct evaluation setup (built
+    once, so its networks and references load once and what it warns about, e.g. non-standard
+    Inception weights or "Inception metrics are off", is said once, not once per run); each
+    distinct warning is shown once. Returns how many scores it added."""
+    import warnings
+
+    evaluators: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")
+        return sum(rescore_run(r, metric, count, device=device, cache_dir=cache_dir, progress=progress,
+                               evaluators=evaluators) for r in runs)
+
+
 def rescore_run(
     run_dir: Union[RunFolder, str, Path], metric: str, count: int, *, device="cpu", evaluator=None,
-    cache_dir=None, progress: bool = False,
+    cache_dir=None, progress: bool = False, evaluators: Optional[dict] = None,
 ) -> int:
     """Score every evaluated snapshot of ``run_dir`` that lacks ``metric`` for one of its
     ``count`` evaluation seeds; returns how many (snapshot, seed) scores it added.
 
     ``evaluator``: the run's evaluator (default: ``build_evaluator`` from the run's config, as
-    training built it; tests inject a small one). All metrics of the evaluator are stored, so
+    training built it; tests inject a small one; ``evaluators``: a cache of built ones by
+    evaluation setup, shared across runs by ``rescore_runs``). All metrics of the evaluator are stored, so
     one re-scoring serves ``compare`` for each of them."""
     folder = as_run_folder(run_dir)
     run = folder.path
@@ -62,10 +85,10 @@ def rescore_run(
     if saved is None:
         raise RescoreError(f"run {str(run)!r}: no {RunFolder.CONFIG} to re-score with")
     cfg = config_from_dict(saved)
-    from .metrics import metric_count_key
+    from .metrics.specs import MODE_COUNT_KEY, metric_spec
 
-    count_key = metric_count_key(metric)
-    samples = cfg.mode_samples if count_key == "mode_samples" else cfg.fid_samples
+    count_key = metric_spec(metric).count_key  # a MetricsError names the known metrics
+    samples = cfg.mode_samples if count_key == MODE_COUNT_KEY else cfg.fid_samples
     rows = folder.metrics_rows()
     trained = [r for r in rows
                if r.get(metric) is not None and r.get("sample_mode") == cfg.sample_mode
@@ -92,9 +115,14 @@ def rescore_run(
             f"{' ...' if len(missing) > 5 else ''} to score with {count} evaluation seeds "
             f"(use --eval-seeds 1 to compare the training rows only)")
     if evaluator is None:
-        from .metrics import build_evaluator
+        from . import metrics as M
 
-        evaluator = build_evaluator(cfg, device, cache_dir=cache_dir, progress=progress)
+        setup = _evaluation_setup(cfg, device)
+        evaluator = (evaluators or {}).get(setup)
+        if evaluator is None:
+            evaluator = M.build_evaluator(cfg, device, cache_dir=cache_dir, progress=progress)
+            if evaluators is not None:
+                evaluators[setup] = evaluator
     if metric not in getattr(evaluator, "directions", {metric: None}):
         raise RescoreError(
             f"run {str(run)!r}: its evaluator here cannot score --metric {metric!r} (it scores "

@@ -8,6 +8,7 @@
 * ``inception``: the Inception metric family (FID, KID, PRDC);
 * ``classifier``: the stacked-digit mode classifier, trained and cached on first use;
 * ``modes``: the mode metric family (``modes``, ``kl_modes``, ``cfd``);
+* ``specs``: every metric's direction, sample-count column and collapse reading (``METRICS``);
 * ``evaluator``: one pass of generated images through a list of metric families.
 
 The names below are the package's public API (``from dcgan_mn.metrics import ...``).
@@ -22,6 +23,7 @@ from .reference import (BUILTIN_REFS, CACHE_ENV_VAR, DEFAULT_REAL_FEATURES, Refe
                         default_cache_dir, load_reference, load_stats_npz, reference_identity,
                         reference_key, save_stats_npz)
 from .inception import InceptionMetrics
+from .specs import METRICS, MetricSpec, metric_spec
 from .evaluator import Evaluator, build_evaluator, generated_images, metric_count_key, metric_direction, sample_count_tag
 
 __all__ = [
@@ -31,4 +33,5 @@ __all__ = [
     "DEFAULT_REAL_FEATURES", "default_cache_dir", "reference_identity", "reference_key",
     "load_reference", "load_stats_npz", "save_stats_npz", "InceptionMetrics", "Evaluator",
     "build_evaluator", "metric_count_key", "metric_direction", "sample_count_tag",
+    "METRICS", "MetricSpec", "metric_spec",
 ]

@@ -33,6 +33,7 @@ from ..features import FeatureExtractor, quantize_images
 from .errors import MetricsError
 from .inception import InceptionMetrics
 from .reference import DEFAULT_REAL_FEATURES, ReferenceStats, load_reference
+from .specs import metric_spec
 
 __all__ = ["Evaluator", "build_evaluator", "generated_images", "sample_count_tag", "metric_direction", "metric_count_key"]
 
@@ -45,18 +46,14 @@ def sample_count_tag(num_samples: int) -> str:
 
 
 def metric_direction(metric: str) -> str:
-    """'min' or 'max': which way ``metric`` is better (unknown metrics: lower is better)."""
-    from .inception import DIRECTIONS as inception
-    from .modes import DIRECTIONS as modes
-
-    return {**inception, **modes}.get(metric, "min")
+    """'min' or 'max': which way ``metric`` is better (``specs.METRICS``; an unknown metric is a
+    ``MetricsError`` naming the known ones)."""
+    return metric_spec(metric).direction
 
 
 def metric_count_key(metric: str) -> str:
-    """The ``metrics.jsonl`` column that holds ``metric``'s sample count."""
-    from .modes import DIRECTIONS as modes
-
-    return "mode_samples" if metric in modes else "num_samples"
+    """The ``metrics.jsonl`` column that holds ``metric``'s sample count (``specs.METRICS``)."""
+    return metric_spec(metric).count_key
 
 
 def _head(outputs: Any, n: int) -> Any:

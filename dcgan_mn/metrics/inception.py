@@ -20,11 +20,11 @@ from .frechet import StreamingMoments
 from .inception_score import IS_SPLITS, inception_score
 from .kid_prdc import kernel_inception_distance, prdc
 from .reference import DEFAULT_REAL_FEATURES, ReferenceStats
+from .specs import INCEPTION_COUNT_KEY, directions_of
 
 __all__ = ["InceptionMetrics", "DIRECTIONS"]
 
-DIRECTIONS = {"fid": "min", "kid": "min", "precision": "max", "recall": "max", "density": "max",
-              "coverage": "max", "inception_score": "max"}
+DIRECTIONS = directions_of(INCEPTION_COUNT_KEY)  # {metric: "min"/"max"}, from specs.METRICS
 
 
 class InceptionMetrics:
@@ -32,7 +32,7 @@ class InceptionMetrics:
 
     needs = "inception"
     directions = DIRECTIONS
-    count_key = "num_samples"
+    count_key = INCEPTION_COUNT_KEY
 
     def __init__(
         self,

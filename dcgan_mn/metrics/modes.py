@@ -24,13 +24,14 @@ from ..digits import NUM_MODES, mode_ids
 from .classifier import ModeClassifier
 from .errors import MetricsError
 from .frechet import FrechetReference, StreamingMoments
+from .specs import MODE_COUNT_KEY, directions_of
 
 __all__ = ["mode_histogram", "count_modes", "kl_to_uniform", "ModeMetrics", "DIRECTIONS",
            "DEFAULT_MODE_SAMPLES"]
 
 DEFAULT_MODE_SAMPLES = 26_000  # PacGAN's sample count for Stacked MNIST
-# Which way is better, for compare and for best-so-far tracking.
-DIRECTIONS = {"modes": "max", "kl_modes": "min", "cfd": "min"}
+# Which way is better, for compare and for best-so-far tracking (from specs.METRICS).
+DIRECTIONS = directions_of(MODE_COUNT_KEY)
 
 
 def mode_histogram(labels: Tensor) -> Tensor:
@@ -58,7 +59,7 @@ class ModeMetrics:
 
     needs = "digits"  # the evaluator's provider whose outputs this reads: (labels, features)
     directions = DIRECTIONS
-    count_key = "mode_samples"
+    count_key = MODE_COUNT_KEY
 
     def __init__(self, classifier: ModeClassifier, *, num_samples: int = DEFAULT_MODE_SAMPLES) -> None:
         if num_samples < 2:

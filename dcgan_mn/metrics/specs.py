@@ -1,0 +1,82 @@
+"""One vocabulary of the metrics: what each is called, which way is better, which
+``metrics.jsonl`` column holds its sample count, and whether a fall from its best reads as a
+collapse.
+
+Everything that needs to know a metric's direction or count key reads ``METRICS`` (through
+``metric_spec``, ``metric_direction``, ``metric_count_key`` or a family's ``DIRECTIONS``), so a
+new metric is one line here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import MetricsError
+
+__all__ = ["MetricSpec", "METRICS", "metric_spec", "directions_of", "INCEPTION_COUNT_KEY", "MODE_COUNT_KEY"]
+
+INCEPTION_COUNT_KEY = "num_samples"  # the Inception family's column: FID, KID, PRDC, IS
+MODE_COUNT_KEY = "mode_samples"  # the stacked-digit mode family's column: modes, kl_modes, cfd
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric.
+
+    * ``direction``: "min" (lower is better) or "max" (higher is better);
+    * ``count_key``: the ``metrics.jsonl`` column that holds how many samples scored it;
+    * ``can_collapse``: whether the ratio of a later value to the best value reads as mode
+      collapse (``compare``'s collapse flag); False where the metric lives near a floor
+      (kl_modes) or can be <= 0 (KID), so a ratio means nothing;
+    * ``description``: one line for help texts and reports."""
+
+    name: str
+    direction: str
+    count_key: str
+    can_collapse: bool
+    description: str
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("min", "max"):
+            raise ValueError(f"metric {self.name!r}: direction {self.direction!r} is not 'min' or 'max'")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.direction == "max"
+
+    @property
+    def family(self) -> str:
+        return "modes" if self.count_key == MODE_COUNT_KEY else "inception"
+
+
+def _spec(name, direction, count_key, can_collapse, description) -> tuple[str, MetricSpec]:
+    return name, MetricSpec(name, direction, count_key, can_collapse, description)
+
+
+METRICS: dict[str, MetricSpec] = dict([
+    # The Inception family.
+    _spec("fid", "min", INCEPTION_COUNT_KEY, True, "Fréchet Inception distance"),
+    _spec("kid", "min", INCEPTION_COUNT_KEY, False, "kernel Inception distance (unbiased, can be <= 0)"),
+    _spec("precision", "max", INCEPTION_COUNT_KEY, False, "fraction of generated images inside the real manifold"),
+    _spec("recall", "max", INCEPTION_COUNT_KEY, True, "fraction of real images inside the generated manifold"),
+    _spec("density", "max", INCEPTION_COUNT_KEY, False, "precision counted with multiplicity"),
+    _spec("coverage", "max", INCEPTION_COUNT_KEY, True, "fraction of real images with a generated neighbour"),
+    _spec("inception_score", "max", INCEPTION_COUNT_KEY, True, "Inception score"),
+    # The stacked-digit mode family.
+    _spec("modes", "max", MODE_COUNT_KEY, True, "distinct digit triples among the samples (of 1000)"),
+    _spec("kl_modes", "min", MODE_COUNT_KEY, False, "KL of the triple distribution to uniform (nats)"),
+    _spec("cfd", "min", MODE_COUNT_KEY, True, "Fréchet distance in the mode classifier's features"),
+])
+
+
+def metric_spec(name: str) -> MetricSpec:
+    """The spec of ``name``; a ``MetricsError`` naming the known metrics for an unknown one."""
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise MetricsError(f"unknown metric {name!r}: known metrics are {', '.join(METRICS)}") from None
+
+
+def directions_of(count_key: str) -> dict[str, str]:
+    """{metric: direction} of the family whose rows carry ``count_key``."""
+    return {m.name: m.direction for m in METRICS.values() if m.count_key == count_key}
