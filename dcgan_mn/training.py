@@ -41,6 +41,7 @@ from .data import load_dataset
 from .device import autocast
 from .errors import ConfigError
 from .launch import Launch, decide_launch
+from .metrics import METRICS, sample_count_tag
 from .log import RunLogger, run_hparams, run_outcome, write_hparams
 from .provenance import environment, record_environment
 from .runfolder import RunFolder
@@ -53,10 +54,6 @@ __all__ = ["EvaluateFn", "TrainResult", "train"]
 # evaluate(generator, *, sample_mode, batch_size) -> {"fid": float, "num_samples": int, ...};
 # ``metrics.Evaluator`` is the real one, tests inject small ones.
 EvaluateFn = Callable[..., dict]
-
-# Evaluator keys that are bookkeeping, not curves worth a TensorBoard scalar.
-_NOT_METRICS = {"num_samples", "metric_samples", "batch_size", "seed", "dims", "prdc_k",
-                "eval_seconds", "iteration", "images_seen", "train_seconds"}
 
 
 @dataclass
@@ -220,7 +217,7 @@ def train(
 
     # ---- Say how it ended.
     if dist.is_main and evaluating:
-        directions = getattr(evaluator, "directions", None) or {best_metric: "min"}
+        directions = getattr(evaluator, "directions", None) or {m: s.direction for m, s in METRICS.items()}
         write_hparams(io.folder, run_hparams(cfg, state.G), run_outcome(io.folder.metrics_rows(), directions,
                                                                          state.iteration))
     if nonfinite_at is not None:
@@ -397,9 +394,8 @@ def evaluate(state: TrainingState, io: RunIO) -> None:
             state.best.update(value=float(value), iteration=it)
             if state.dist.is_main:
                 io.folder.save_best(snapshot)
-        for key in ("fid", "modes", "cfd"):
-            if result.get(key) is not None:
-                io.logger.show(**{key: f"{result[key]:.2f}" if key != "modes" else str(result[key])})
+        if value is not None:  # the bar shows the metric best.pt is chosen by
+            io.logger.show(**{state.best["metric"]: f"{value:.2f}"})
 
 
 def save(state: TrainingState, io: RunIO, evaluating: bool) -> None:
@@ -419,10 +415,8 @@ def save(state: TrainingState, io: RunIO, evaluating: bool) -> None:
 
 def _metric_names(evaluator, result: dict) -> dict:
     """{result key: TensorBoard name with its sample count}: the evaluator's own names, or for an
-    injected evaluator without them, every numeric key tagged with ``num_samples``."""
+    injected evaluator without them, every known metric (``metrics.METRICS``) of the result
+    tagged with its sample count column."""
     if hasattr(evaluator, "metric_names"):
         return evaluator.metric_names(result)
-    from .metrics import sample_count_tag  # e.g. 10000 -> "10k"
-
-    tag = sample_count_tag(int(result.get("num_samples", 0)))
-    return {k: f"{k}_{tag}" for k in result if k not in _NOT_METRICS}
+    return {k: f"{k}_{sample_count_tag(int(result.get(METRICS[k].count_key, 0)))}" for k in result if k in METRICS}
