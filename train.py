@@ -43,6 +43,12 @@ def _layers_text(layers) -> str:
 @click.option("--mn-layers", default=_layers_text(D.mn_layers),
               help="generator norm layers that use Mixture Normalization: comma list of 0..2 "
                    "(0..3 for tf-dcgan; 0 is nearest z), 'none' (all BatchNorm) or 'all'")
+@click.option("--g-norms", default=None, metavar="NORMS",
+              help="the norm of every generator layer, 0 (nearest z) first, as a comma list of bn, "
+                   "mn, mode (Mode Normalization), group (GroupNorm), none; e.g. mode,mode,bn. "
+                   "Overrides --mn-layers  [default: MN in --mn-layers, BN elsewhere]")
+@click.option("--mode-components", default=D.mode_components, type=int,
+              help="K, modes per Mode Normalization layer (--g-norms ... mode ...)")
 @click.option("--mn-components", default=D.mn_components, type=int, help="K, mixture components per MN layer")
 @click.option("--mn-fit-points", default=D.mn_fit_points, type=int,
               help="points per batch clustered by k-means++ to fit the mixture")
@@ -155,6 +161,9 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
     given = {name: value for name, value in flags.items()
              if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
     launch = None
+    if "g_norms" in given and "mn_layers" in given:
+        raise click.UsageError(f"--g-norms {given['g_norms']!r}: give it or --mn-layers, not both "
+                               f"(--g-norms names every layer's norm, MN ones included)")
     if resume_if_exists:
         if resume is not None or not flags.get("run_name"):
             raise click.UsageError("--resume-if-exists: give --run-name (and no --resume)")

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from .digits import DEFAULT_STACK_SIZE, STACKED_SOURCES as STACKED_DATASETS
 from .models import G_ARCHS, NUM_G_NORM_LAYERS, SAMPLE_MODES, parse_mn_layers
+from .norms import NORM_KINDS
 
 __all__ = [
     "TrainConfig",
@@ -45,6 +46,10 @@ class TrainConfig:
     ngf: int = 64
     ndf: int = 64
     mn_layers: tuple[int, ...] = (0, 1)  # generator norm layers that are MN (0 = nearest z)
+    # The norm of every generator layer (0 first), one of NORM_KINDS; None: MN in mn_layers and
+    # BN elsewhere. When given, mn_layers is where it says "mn".
+    g_norms: Optional[tuple[str, ...]] = None
+    mode_components: int = 2  # K of Mode Normalization layers (modes per layer)
     mn_components: int = 3  # K
     mn_fit_points: int = 1024  # points clustered per batch by k-means++
     mn_kmeans_iters: int = 2  # Lloyd iterations after seeding
@@ -104,6 +109,16 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(f"--mn-layers: {e}") from None
         object.__setattr__(self, "mn_layers", layers)
+        if self.g_norms is not None:
+            norms = self.g_norms.split(",") if isinstance(self.g_norms, str) else list(self.g_norms)
+            norms = tuple(n.strip() for n in norms)
+            layers = G_ARCHS[self.g_arch]
+            if len(norms) != layers or any(n not in NORM_KINDS for n in norms):
+                raise ConfigError(f"--g-norms {','.join(norms)!r}: expected {layers} comma-separated norms "
+                                  f"(one per {self.g_arch} norm layer, 0 nearest z), each one of "
+                                  f"{', '.join(NORM_KINDS)}")
+            object.__setattr__(self, "g_norms", norms)
+            object.__setattr__(self, "mn_layers", tuple(i for i, n in enumerate(norms) if n == "mn"))
         if self.dataset in STACKED_DATASETS and self.stack_size is None:
             object.__setattr__(self, "stack_size", DEFAULT_STACK_SIZE)
         self.validate()
@@ -117,6 +132,10 @@ class TrainConfig:
         need(self.ngf >= 1, "--ngf", self.ngf, "must be >= 1")
         need(self.ndf >= 1, "--ndf", self.ndf, "must be >= 1")
         need(self.mn_components >= 1, "--mn-components", self.mn_components, "K must be >= 1")
+        need(self.mode_components >= 1, "--mode-components", self.mode_components, "K must be >= 1")
+        need(not (self.sync_norm and "mode" in self.norm_kinds()), "--g-norms", ",".join(self.norm_kinds()),
+             "--sync-norm synchronizes BN and MN statistics only (Mode Normalization would use each "
+             "rank's batch alone)")
         need(self.mn_fit_points >= self.mn_components, "--mn-fit-points", self.mn_fit_points,
              f"must be >= --mn-components ({self.mn_components})")
         need(self.mn_kmeans_iters >= 0, "--mn-kmeans-iters", self.mn_kmeans_iters, "must be >= 0")
@@ -163,6 +182,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["mn_layers"] = list(self.mn_layers)
+        d["g_norms"] = list(self.g_norms) if self.g_norms is not None else None
         return d
 
     def to_json(self) -> str:
@@ -171,10 +191,17 @@ class TrainConfig:
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
+    def norm_kinds(self) -> tuple[str, ...]:
+        """The norm of every generator layer, 0 first (``g_norms``, or MN in ``mn_layers``)."""
+        if self.g_norms is not None:
+            return self.g_norms
+        return tuple("mn" if i in self.mn_layers else "bn" for i in range(G_ARCHS[self.g_arch]))
+
     def model_kwargs(self) -> dict:
         """Arguments of ``models.Generator`` that this config fixes."""
         return dict(
             z_dim=self.z_dim, ngf=self.ngf, mn_layers=self.mn_layers, arch=self.g_arch,
+            norms=self.norm_kinds(), mode_components=self.mode_components,
             num_components=self.mn_components, fit_points=self.mn_fit_points,
             kmeans_iters=self.mn_kmeans_iters, estimator=self.mn_estimator,
             em_iters=self.mn_em_iters, point=self.mn_point, posterior_grad=self.mn_posterior_grad,
@@ -191,6 +218,8 @@ def config_from_dict(d: dict) -> TrainConfig:
     d = dict(d)
     if "mn_layers" in d:
         d["mn_layers"] = tuple(d["mn_layers"])
+    if d.get("g_norms") is not None:
+        d["g_norms"] = tuple(d["g_norms"])
     return TrainConfig(**d)
 
 
@@ -202,7 +231,7 @@ def flag_name(field_name: str) -> str:
 # What a resumed run must keep: the model, the optimisation, the data and the evaluation
 # protocol. Everything else (length, device, logging cadence, speed switches) may change.
 RESUME_FIXED = (
-    "g_arch", "z_dim", "ngf", "ndf", "mn_layers", "mn_components", "mn_fit_points", "mn_kmeans_iters",
+    "g_arch", "z_dim", "ngf", "ndf", "mn_layers", "g_norms", "mode_components", "mn_components", "mn_fit_points", "mn_kmeans_iters",
     "mn_estimator", "mn_em_iters", "mn_point", "mn_posterior_grad", "mn_lambda_scale",
     "lr", "beta1", "beta2", "batch_size", "seed", "dataset", "hflip", "stack_size", "stack_seed",
     "sample_mode", "ref", "dims", "mode_samples", "fid_protocol",
@@ -223,12 +252,16 @@ def resume_config(saved: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
                 f"(the run continues in the checkpoint's folder)"
             )
     probe = dataclasses.replace(saved, **overrides)  # validates and normalises the values
+    if "g_norms" in overrides and probe.norm_kinds() == saved.norm_kinds():
+        probe = dataclasses.replace(probe, g_norms=saved.g_norms)  # the same norms, spelt out
     for name in RESUME_FIXED:
         if name in overrides and getattr(probe, name) != getattr(saved, name):
             value = getattr(probe, name)
             was = getattr(saved, name)
             if name == "mn_layers":
                 value, was = ",".join(map(str, value)) or "none", ",".join(map(str, was)) or "none"
+            if name == "g_norms":
+                value, was = ",".join(probe.norm_kinds()), ",".join(saved.norm_kinds())
             raise ConfigError(
                 f"{flag_name(name)} {value!r}: conflicts with the resumed run's {name}={was!r} "
                 f"(the model, optimisation, data and evaluation protocol are fixed by --resume)"
@@ -242,6 +275,8 @@ def default_run_name(cfg: TrainConfig, when: Optional[float] = None) -> str:
 
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
     arch = f"mn{''.join(map(str, cfg.mn_layers))}-k{cfg.mn_components}" if cfg.mn_layers else "bn"
+    if set(cfg.norm_kinds()) - {"bn", "mn"}:  # other norms: every layer's, e.g. mode-mode-bn
+        arch = "-".join(cfg.norm_kinds())
     if cfg.g_arch != "dcgan32":
         arch = f"{cfg.g_arch}-{arch}"
     return f"{stamp}-{arch}-s{cfg.seed}"

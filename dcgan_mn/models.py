@@ -19,12 +19,12 @@ Discriminator: conv 3->ndf (LeakyReLU 0.2, no norm) -> 2 ndf BN -> 4 ndf BN -> 1
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .norms import MixtureNorm2d, make_norm2d
+from .norms import NORM_KINDS, MixtureNorm2d, ModeNorm2d, make_norm2d
 from .sync import unsynchronized
 
 __all__ = [
@@ -137,6 +137,8 @@ class Generator(nn.Module):
         mn_layers: Union[str, Sequence[int], None] = (0, 1),
         num_components: int = 3,
         arch: str = "dcgan32",
+        norms: Optional[Sequence[str]] = None,
+        mode_components: int = 2,
         **mn_kwargs,
     ) -> None:
         super().__init__()
@@ -149,10 +151,17 @@ class Generator(nn.Module):
         self.num_components = num_components
         widths = [8 * ngf, 4 * ngf, 2 * ngf] if arch == "dcgan32" else [8 * ngf, 4 * ngf, 2 * ngf, ngf]
         self._norm_index: list[int] = []  # positions of the norm layers in self.net
+        # One norm kind per layer (0 nearest z): given, or MN in mn_layers and BN elsewhere.
+        self.norms = tuple(norms) if norms is not None else tuple(
+            "mn" if i in self.mn_layers else "bn" for i in range(G_ARCHS[arch]))
+        if len(self.norms) != G_ARCHS[arch] or any(k not in NORM_KINDS for k in self.norms):
+            raise ValueError(f"norms {self.norms!r}: expected {G_ARCHS[arch]} of {', '.join(NORM_KINDS)} for {arch}")
 
         def norm(i: int) -> nn.Module:
-            kind = "mn" if i in self.mn_layers else "bn"
-            return make_norm2d(widths[i], kind, num_components, **mn_kwargs)
+            kind = self.norms[i]
+            if kind == "mn":
+                return make_norm2d(widths[i], kind, num_components, **mn_kwargs)
+            return make_norm2d(widths[i], kind, mode_components if kind == "mode" else 1)
 
         if arch == "tf-dcgan":
             layers: list[nn.Module] = [_Project(z_dim, widths[0], 2)]  # [N, 8ngf, 2, 2]
@@ -188,19 +197,26 @@ class Generator(nn.Module):
     @property
     def norm_kinds(self) -> str:
         """The norm of each layer, index 0 first: ``"mn,mn,bn"``."""
-        return ",".join("mn" if isinstance(layer, MixtureNorm2d) else "bn" for layer in self.norm_layers)
+        return ",".join(self.norms)
 
     def norm_telemetry(self) -> dict[str, float]:
-        """The MN layers' telemetry as TensorBoard scalars (one host read per layer: call it at
-        log time, not per step). Mixture weights are unlabelled, so they are logged sorted."""
+        """The MN and Mode Normalization layers' telemetry as TensorBoard scalars (one host read
+        per layer: call it at log time, not per step). Mixture weights and gate weights are
+        unlabelled, so they are logged sorted."""
         values: dict[str, float] = {}
         for i, layer in enumerate(self.norm_layers):
-            t = layer.telemetry() if isinstance(layer, MixtureNorm2d) else None
-            if t:
+            t = layer.telemetry() if isinstance(layer, (MixtureNorm2d, ModeNorm2d)) else None
+            if t and isinstance(layer, MixtureNorm2d):
                 values[f"mn/layer{i}/posterior_entropy"] = t["posterior_entropy"].item()
                 values[f"mn/layer{i}/effective_components"] = t["effective_components"].item()
-                for k, w in enumerate(sorted(t["mixture_weight"].tolist(), reverse=True)):
-                    values[f"mn/layer{i}/weight_sorted_{k}"] = w
+                weights, tag = t["mixture_weight"], f"mn/layer{i}/weight_sorted"
+            elif t:
+                values[f"mode/layer{i}/gate_entropy"] = t["gate_entropy"].item()
+                weights, tag = t["gate_weight"], f"mode/layer{i}/gate_weight_sorted"
+            else:
+                continue
+            for k, w in enumerate(sorted(weights.tolist(), reverse=True)):
+                values[f"{tag}_{k}"] = w
         return values
 
     def forward(self, z: Tensor) -> Tensor:
@@ -238,21 +254,20 @@ class Generator(nn.Module):
 
 @contextlib.contextmanager
 def preserved_norm_state(module: nn.Module) -> Iterator[None]:
-    """Restore every buffer and MN telemetry of ``module`` on exit (sampling is read-only)."""
+    """Restore every buffer and norm telemetry (MN's and Mode Normalization's ``last_*``
+    records) of ``module`` on exit (sampling is read-only)."""
     saved = {name: b.clone() for name, b in module.named_buffers()}
-    telemetry = [
-        (m, m.last_batch_weight, m.last_posterior_entropy)
-        for m in module.modules()
-        if isinstance(m, MixtureNorm2d)
-    ]
+    telemetry = [(m, {k: v for k, v in vars(m).items() if k.startswith("last_")})
+                 for m in module.modules() if isinstance(m, (MixtureNorm2d, ModeNorm2d))]
     try:
         yield
     finally:
         with torch.no_grad():
             for name, b in module.named_buffers():
                 b.copy_(saved[name])
-        for m, w, e in telemetry:
-            m.last_batch_weight, m.last_posterior_entropy = w, e
+        for m, records in telemetry:
+            for k, v in records.items():
+                setattr(m, k, v)
 
 
 class Discriminator(nn.Module):

@@ -55,7 +55,7 @@ def test_resume_config():
                  "hflip": True, "dims": 64, "lr": 0.1, "beta1": 0.1, "beta2": 0.5,
                  "stack_size": 1000, "fid_protocol": "clean", "mn_estimator": "em",
                  "mn_posterior_grad": False, "mn_lambda_scale": False,
-                 "g_arch": "tf-dcgan", "mn_point": "channel"}.get(name)
+                 "g_arch": "tf-dcgan", "mn_point": "channel", "g_norms": "mode,mode,bn"}.get(name)
         if value is None:
             value = getattr(saved, name) + 1
         with pytest.raises(ConfigError, match=f"^{flag_name(name)} .*conflicts with the resumed run's {name}="):
