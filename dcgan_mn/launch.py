@@ -91,8 +91,10 @@ def decide_launch(cfg: Optional[TrainConfig] = None, resume: Optional[PathLike] 
 
 
 def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
-    """(cfg with its run name filled in, the new run's folder), refusing an existing run."""
+    """(cfg with its run name filled in, the new run's folder), refusing an existing run and an
+    ``--out`` that is (or lies under) a file."""
     out = Path(cfg.out).expanduser()
+    check_out(cfg.out)
     if cfg.run_name is None:
         base = default_run_name(cfg)
         name, n = base, 1
@@ -103,12 +105,34 @@ def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     if not cfg.run_name or Path(cfg.run_name).name != cfg.run_name or cfg.run_name in (".", ".."):
         raise ConfigError(f"--run-name {cfg.run_name!r}: must be a plain folder name")
     run_dir = out / cfg.run_name
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    try:
+        taken = run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir()))
+    except OSError as e:
+        raise ConfigError(f"--out {cfg.out!r}: cannot read {run_dir} ({e.strerror or type(e).__name__})") from None
+    if taken:
         raise ConfigError(
             f"--run-name {cfg.run_name!r}: {run_dir} already exists; continue that run with "
             f"--resume {run_dir}, or choose another --run-name"
         )
     return cfg, run_dir
+
+
+def check_out(out: str) -> None:
+    """``--out`` must be a folder or a path that can become one: neither it nor any folder above
+    it may be a file (one line naming --out, the file and the reason, before anything is written).
+    What only creating the folder can tell (a read-only or virtual filesystem) is reported by
+    ``RunFolder.create``."""
+    p = Path(out).expanduser()
+    for ancestor in (p, *p.parents):
+        try:
+            if not ancestor.exists():
+                continue
+        except OSError:
+            continue
+        if not ancestor.is_dir():
+            where = "is a file" if ancestor == p else f"lies under {ancestor}, which is a file"
+            raise ConfigError(f"--out {out!r}: {where}, not a folder; give a folder for the run folders")
+        return
 
 
 def load_resume(target: PathLike) -> tuple[Path, Optional[Path], Optional[dict], TrainConfig]:

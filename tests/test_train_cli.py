@@ -216,3 +216,50 @@ def test_signal_saves_checkpoint_and_exits_cleanly(env, sig):
     resumed = run("--resume", run_dir, "--iters", iteration + 2, "--no-progress")
     assert resumed.exit_code == 0, resumed.output
     assert C.load_checkpoint(RunFolder(run_dir).latest_checkpoint())["iteration"] == iteration + 2
+
+
+def _immutable_folder(path):
+    """``path`` made immutable with chattr +i (None where the kernel or filesystem refuses)."""
+    import shutil
+
+    path.mkdir()
+    if shutil.which("chattr") is None:
+        return None
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    return path if done.returncode == 0 else None
+
+
+@pytest.mark.parametrize("case", ["file", "under_file", "proc", "immutable"])
+def test_out_that_cannot_hold_a_run_is_one_line(env, tmp_path, case):
+    """--out at a file, under /proc or at an immutable folder: one line naming --out, the path
+    and the reason (exit 2 before anything is built, or 1 when only mkdir can tell)."""
+    data, _ = env
+    out = {"file": tmp_path / "hello.txt", "under_file": tmp_path / "hello.txt" / "runs",
+           "proc": Path("/proc/dcgan_mn_no_such_dir"), "immutable": tmp_path / "frozen"}[case]
+    (tmp_path / "hello.txt").write_text("hello\n")
+    if case == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    if case == "immutable" and _immutable_folder(out) is None:
+        pytest.skip("chattr +i refused here")
+    try:
+        result = run(*TINY, "--data-root", data, "--out", out, "--iters", "1")
+    finally:
+        if case == "immutable":
+            subprocess.run(["chattr", "-i", str(out)])
+    assert not isinstance(result.exception, OSError), result.output
+    assert result.exit_code == (2 if case in ("file", "under_file") else 1), result.output
+    line = error_line(result)
+    assert f"--out {str(out)!r}" in line, line
+    expect = {"file": "is a file", "under_file": "which is a file", "proc": "No such file or directory",
+              "immutable": "Operation not permitted"}[case]
+    assert expect in line, line
+    assert (tmp_path / "hello.txt").read_text() == "hello\n"
+
+
+def test_resume_of_a_text_file_is_one_line(env, tmp_path):
+    text = tmp_path / "hello.txt"
+    text.write_text("hello\n")
+    result = run("--resume", text, "--no-progress")
+    assert result.exit_code == 1 and not isinstance(result.exception, KeyError), result.output
+    line = error_line(result)
+    assert str(text) in line and "unreadable" in line and "KeyError" in line
