@@ -214,6 +214,20 @@ class RunFolder:
     def save_best(self, payload: dict) -> Path:
         return save_torch_atomic(self.best_file, payload)
 
+    def set_aside(self, path: Path) -> Path:
+        """Rename an unreadable checkpoint ``X`` to ``X.corrupt`` (``X.corrupt-2``, ... when that
+        is taken): out of the run's way, never deleted. Returns the new path."""
+        target = path.with_name(path.name + ".corrupt")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.corrupt-{n}")
+        try:
+            path.rename(target)
+        except OSError as e:
+            raise write_failure(target, e) from None
+        return target
+
     def prune_checkpoints(self, keep_last: int) -> list[Path]:
         """Delete all but the newest ``keep_last`` full checkpoints (call after the newest is
         durably written); returns the deleted paths."""

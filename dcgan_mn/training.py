@@ -151,8 +151,9 @@ def train(
     # ---- Decide which run this is. Nothing is written yet: a refused launch leaves every run as it was.
     launch = launch or decide_launch(cfg, resume)
     dist, device = launch.dist, launch.device
-    if launch.amp_warning and dist.is_main:
-        print(f"warning: {launch.amp_warning}", file=sys.stderr)
+    if dist.is_main:
+        for warning in ((launch.amp_warning,) if launch.amp_warning else ()) + launch.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     images = training_images(launch, images)  # uint8 [N, 3, 32, 32]
     cfg = launch.cfg.replace(extra={**launch.cfg.extra, **run_facts(launch, images)})
 
@@ -272,6 +273,9 @@ def open_run(launch: Launch, state: TrainingState, evaluator: Optional[EvaluateF
         if not launch.continuing:
             folder.create()  # one mkdir: of two runs racing for a name, one wins
         lock.acquire()
+        for path in launch.set_aside:  # unreadable newer checkpoints (load_resume's warning names them)
+            if path.exists():
+                folder.set_aside(path)
         folder.write_config(cfg.to_dict())
         if launch.continuing:
             dropped = folder.drop_metrics_after(state.iteration)

@@ -263,3 +263,35 @@ def test_resume_of_a_text_file_is_one_line(env, tmp_path):
     assert result.exit_code == 1 and not isinstance(result.exception, KeyError), result.output
     line = error_line(result)
     assert str(text) in line and "unreadable" in line and "KeyError" in line
+
+
+def test_corrupt_newest_checkpoint_is_set_aside_and_the_run_continues(env):
+    data, out = env
+    base = [*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--keep-last", "3"]
+    assert run(*base, "--iters", "2", "--ckpt-every", "1").exit_code == 0
+    folder = RunFolder(out / "r")
+    newest = folder.checkpoint_file(2)
+    newest.write_bytes(newest.read_bytes()[:1000])
+    # The older intact checkpoint alone is still refused (newer ones exist), pointing at the folder.
+    older = run("--resume", folder.checkpoint_file(1), "--no-progress")
+    assert older.exit_code == 1 and "resume the folder itself" in error_line(older)
+    result = run("--resume", out / "r", "--iters", "3", "--no-progress")
+    assert result.exit_code == 0, result.output
+    warnings = [ln for ln in result.output.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "ckpt-00000002.pt.corrupt" in warnings[0], result.output
+    assert "Traceback" not in result.output
+    assert [i for i, _ in folder.checkpoints()] == [1, 2, 3]
+    assert newest.with_name("ckpt-00000002.pt.corrupt").is_file()
+
+
+def test_resume_with_a_garbage_config_json_warns(env):
+    data, out = env
+    assert run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "1").exit_code == 0
+    config = out / "r" / "config.json"
+    config.write_text("{garbage")
+    result = run("--resume", out / "r", "--iters", "2", "--no-progress")
+    assert result.exit_code == 0, result.output
+    warnings = [ln for ln in result.output.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1, result.output
+    assert str(config) in warnings[0] and "unreadable" in warnings[0] and "ckpt-00000001.pt" in warnings[0]
+    assert json.loads(config.read_text())["iters"] == 2  # rewritten from the checkpoint's config
