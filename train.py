@@ -101,7 +101,7 @@ def _layers_text(layers) -> str:
 @click.option("--fid-every", default=D.fid_every, type=int, help="evaluate (FID, and mode metrics on stacked datasets) every N iterations (0: off)")
 @click.option("--fid-samples", default=D.fid_samples, type=int,
               help=f"generated images per evaluation (on a CPU device the default is {CPU_FID_SAMPLES})")
-@click.option("--ref", default=D.ref,
+@click.option("--ref", default=D.ref, show_default=False,
               help="FID reference: cifar10-train, cifar10-test, stacked-mnist, stacked-digits, an "
                    "image folder or a pytorch-fid .npz  [default: cifar10-train; a stacked "
                    "dataset's own name for stacked runs]")
@@ -201,8 +201,13 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
     finally:
         shutdown_distributed()
 
-    summary = (f"{result.run_dir}: iteration {result.iteration} ({result.images_seen} images), "
-               f"{result.train_seconds:.1f} s training, checkpoint {result.checkpoint}")
+    if result.checkpoint is None and result.stopped_by is None and launch.payload is not None:
+        # --resume of a run already at its --iters: nothing trained, nothing written
+        summary = (f"{result.run_dir}: already at --iters {result.iteration} ({result.images_seen} images, "
+                   f"{launch.checkpoint.name}); pass --iters M (M > {result.iteration}) to train further")
+    else:
+        summary = (f"{result.run_dir}: iteration {result.iteration} ({result.images_seen} images), "
+                   f"{result.train_seconds:.1f} s training, checkpoint {result.checkpoint}")
     if result.best_value is not None:
         summary += (f", best {result.best_metric} {result.best_value:.3f} at iteration "
                     f"{result.best_iteration}")

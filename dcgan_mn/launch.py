@@ -24,7 +24,7 @@ from .distributed import DistInfo
 from .errors import CheckpointError, CheckpointUnreadable, ConfigError
 from .runfolder import RunFolder, resolve_resume
 
-__all__ = ["Launch", "Resumed", "decide_launch", "resolve_run_dir", "check_out", "load_resume", "check_launch",
+__all__ = ["Launch", "Resumed", "decide_launch", "resolve_run_dir", "check_ref", "check_out", "load_resume", "check_launch",
            "check_world_size", "decided_on_main"]
 
 PathLike = Union[str, Path]
@@ -88,6 +88,7 @@ def decide_launch(cfg: Optional[TrainConfig] = None, resume: Optional[PathLike] 
     else:
         if cfg is None:
             raise ValueError("decide_launch: give a config or a run to resume")
+        check_ref(cfg.ref)
         cfg, run_dir = decided_on_main(dist, lambda: resolve_run_dir(cfg))
     device = resolve_device(cfg.device)
     check_launch(cfg, dist)
@@ -122,6 +123,26 @@ def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
             f"--resume {run_dir}, or choose another --run-name"
         )
     return cfg, run_dir
+
+
+def check_ref(ref: str) -> None:
+    """``--ref`` names a reference ``build_evaluator`` can read, whether or not this run evaluates
+    (the run's config freezes it: a resumed run cannot change it): a built-in name, an existing
+    pytorch-fid ``.npz`` or an image folder (``metrics.reference.reference_identity``)."""
+    from .digits import STACKED_SOURCES
+    from .metrics.reference import BUILTIN_REFS
+
+    names = (*BUILTIN_REFS, *STACKED_SOURCES)
+    if ref in names:
+        return
+    p = Path(ref).expanduser()
+    if p.suffix == ".npz" and p.is_file():
+        return
+    if p.suffix != ".npz" and p.is_dir():
+        return
+    what = "no such statistics file" if p.suffix == ".npz" else "neither a built-in reference nor a folder"
+    raise ConfigError(f"--ref {ref!r}: {what}; expected {', '.join(names)}, an image folder or a "
+                      f"pytorch-fid .npz statistics file")
 
 
 def check_out(out: str) -> None:

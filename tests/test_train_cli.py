@@ -295,3 +295,33 @@ def test_resume_with_a_garbage_config_json_warns(env):
     assert len(warnings) == 1, result.output
     assert str(config) in warnings[0] and "unreadable" in warnings[0] and "ckpt-00000001.pt" in warnings[0]
     assert json.loads(config.read_text())["iters"] == 2  # rewritten from the checkpoint's config
+
+
+@pytest.mark.parametrize("fid_every", ["0", "5"])
+def test_ref_is_validated_even_when_not_evaluating(env, tmp_path, fid_every):
+    data, out = env
+    result = run(*TINY, "--data-root", data, "--out", out, "--ref", "nonsense", "--fid-every", fid_every)
+    assert result.exit_code == 2 and "--ref 'nonsense'" in error_line(result), result.output
+    missing = run(*TINY, "--data-root", data, "--out", out, "--ref", tmp_path / "stats.npz")
+    assert missing.exit_code == 2 and "no such statistics file" in error_line(missing)
+    assert not out.exists()
+    (tmp_path / "refimgs").mkdir()
+    np_file = tmp_path / "stats.npz"
+    np_file.write_bytes(b"")
+    for ok in ["cifar10-test", "stacked-digits", np_file, tmp_path / "refimgs"]:
+        dry = run(*TINY, "--data-root", data, "--out", out, "--ref", ok, "--dry-run")
+        assert dry.exit_code == 0, (ok, dry.output)
+
+
+def test_ref_help_shows_its_default_once():
+    flat = " ".join(run("--help").output.split())
+    assert flat.count("[default: cifar10-train") == 1, flat
+
+
+def test_resume_of_a_finished_run_says_so(env):
+    data, out = env
+    assert run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "2").exit_code == 0
+    result = run("--resume", out / "r", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "checkpoint None" not in result.output
+    assert "already at --iters 2" in result.output and "pass --iters M" in result.output
