@@ -182,7 +182,9 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
         # Inception weights or a bad --ref stop the run before anything is written.
         evaluator = None
         if cfg.fid_every > 0:
-            evaluator = build_evaluator(cfg, launch.device, progress=progress)
+            # Off a terminal (a redirected log) the evaluation's bars would be nested under the
+            # training bar with cursor-up codes: they are shown on a terminal only.
+            evaluator = build_evaluator(cfg, launch.device, progress=progress and sys.stderr.isatty())
             launch = dataclasses.replace(launch, cfg=cfg.replace(extra={
                 **cfg.extra, "ref_key": evaluator.ref_key, "evaluated": sorted(evaluator.directions)}))
         result = train(launch.cfg, launch=launch, evaluator=evaluator, progress=progress)

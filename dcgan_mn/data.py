@@ -283,6 +283,12 @@ class BatchSampler:
             x = torch.where(flip, x.flip(3), x)
         return x.float().div_(127.5).sub_(1.0)  # [B, C, H, W] in [-1, 1]
 
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs done, fractional: ``epoch`` plus the share of this epoch's batches drawn (an
+        epoch is ``batches_per_epoch`` whole batches; the remainder of N is skipped)."""
+        return self.epoch + self.pos / (self.batches_per_epoch * self.batch_size)
+
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "pos": self.pos}
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -355,9 +356,10 @@ def write_logs(state: TrainingState, io: RunIO) -> None:
     values = {"loss/D": loss_d, "loss/G": loss_g, "D/real": d_real, "D/fake": d_fake,
               "time/it_per_s": it_per_s, "time/images_per_s": it_per_s * state.cfg.batch_size,
               "time/train_seconds": io.clock.seconds(), "progress/images_seen": state.images_seen,
-              "progress/epoch": state.sampler.epoch, **state.G.norm_telemetry()}
+              "progress/epoch": state.sampler.epoch_progress, **state.G.norm_telemetry()}
     io.logger.scalars(values, it)
     io.logger.show(D=f"{loss_d:.3f}", G=f"{loss_g:.3f}", Dx=f"{d_real:.2f}", DGz=f"{d_fake:.2f}")
+    io.logger.plain_line(it, it_per_s * state.cfg.batch_size)  # when the bar is off (--no-progress)
 
 
 def write_grid(state: TrainingState, io: RunIO) -> None:
@@ -387,7 +389,8 @@ def evaluate(state: TrainingState, io: RunIO) -> None:
         row = {"iteration": it, "images_seen": state.images_seen,
                "sample_mode": cfg.sample_mode, "train_seconds": round(train_s, 3),
                **{k: v for k, v in result.items() if k not in ("iteration", "images_seen", "train_seconds")},
-               "eval_seconds": round(time.perf_counter() - t0, 3), "env_key": io.env_key}
+               "eval_seconds": round(time.perf_counter() - t0, 3), "env_key": io.env_key,
+               "load_per_core": load_per_core()}
         io.logger.metrics_row(row)
         names = _metric_names(io.evaluator, result)  # e.g. fid -> fid_10k, modes -> modes_26k
         io.logger.scalars({f"metrics/{names[k]}": float(v) for k, v in result.items() if k in names
@@ -404,6 +407,16 @@ def evaluate(state: TrainingState, io: RunIO) -> None:
         for key in ("fid", "modes", "cfd"):
             if result.get(key) is not None:
                 io.logger.show(**{key: f"{result[key]:.2f}" if key != "modes" else str(result[key])})
+
+
+def load_per_core() -> Optional[float]:
+    """How busy the machine is: the 1-minute load average per CPU core (2 decimals), or None
+    where the platform has no load average. ``compare`` warns about time figures from a loaded
+    machine by it."""
+    try:
+        return round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def save(state: TrainingState, io: RunIO, evaluating: bool) -> None:

@@ -325,3 +325,26 @@ def test_resume_of_a_finished_run_says_so(env):
     assert result.exit_code == 0, result.output
     assert "checkpoint None" not in result.output
     assert "already at --iters 2" in result.output and "pass --iters M" in result.output
+
+
+@pytest.mark.parametrize("progress", ["--no-progress", "--progress"])
+def test_logs_off_a_terminal_are_plain_lines(tmp_path, modes_cache, progress):
+    """stderr redirected (a cluster job's log): --no-progress prints one plain line per log window
+    (iteration/total, images/s, losses, the last metric); neither mode writes cursor codes (the
+    evaluation's nested bar is off off a terminal)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "stacked-digits", "--stack-size", "64",
+           "--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64", "--device", "cpu",
+           "--sample-every", "0", "--no-inception-metrics", "--fid-every", "2", "--mode-samples", "64",
+           "--iters", "4", "--log-every", "1", "--out", str(tmp_path / "runs"), "--run-name", "r", progress]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "DCGAN_MN_CACHE_DIR": str(modes_cache)})
+    assert done.returncode == 0, done.stderr
+    log = done.stdout + done.stderr
+    assert "\x1b" not in log, repr(log)
+    lines = [ln for ln in log.splitlines() if ln.startswith("iteration ")]
+    if progress == "--no-progress":
+        assert [ln.split()[1] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"], log
+        assert all("img/s" in ln and " D " in ln and " G " in ln for ln in lines), lines
+        assert "cfd" in lines[2] and "modes" in lines[2], lines  # the evaluation at iteration 2
+    else:
+        assert lines == []

@@ -615,3 +615,24 @@ def test_resume_with_every_checkpoint_corrupt_is_refused_untouched(tmp_path):
         train(tiny_cfg(tmp_path, iters=6, ckpt_every=2, keep_last=5), images=tiny_images(), progress=False,
               resume=part.run_dir)
     assert [i for i, _ in folder.checkpoints()] == [2, 4] and not list(folder.path.glob("*.corrupt"))
+
+
+def test_rows_record_the_load_and_the_epoch_is_fractional(tmp_path, monkeypatch):
+    """Every metrics row says how loaded the machine was (load average per core; None where
+    there is none); progress/epoch counts the share of an epoch seen, not only whole epochs."""
+    run = train(tiny_cfg(tmp_path, iters=6, log_every=2, fid_every=3), images=tiny_images(), progress=False,
+                evaluator=FakeEvaluator([9, 8]))
+    rows = RunFolder(run.run_dir).metrics_rows()
+    expect = round(os.getloadavg()[0] / os.cpu_count(), 2)
+    for r in rows:
+        assert isinstance(r["load_per_core"], float) and abs(r["load_per_core"] - expect) < 2.0
+    scalars, _, _ = read_tensorboard(run.run_dir)
+    assert [v for _, v in scalars["progress/epoch"]] == [0.25, 0.5, 0.75]  # 64 images, batches of 8
+
+    def no_loadavg():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(os, "getloadavg", no_loadavg)
+    other = train(tiny_cfg(tmp_path, run_name="other", iters=3, fid_every=3), images=tiny_images(), progress=False,
+                  evaluator=FakeEvaluator([9]))
+    assert RunFolder(other.run_dir).metrics_rows()[0]["load_per_core"] is None
