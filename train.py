@@ -34,6 +34,19 @@ def _layers_text(layers) -> str:
     return ",".join(map(str, layers)) or "none"
 
 
+def everything_missing(first: str, cfg: TrainConfig) -> str:
+    """The first offline failure (the Inception weights) with the rest this command lacks (its
+    dataset), so one attempt names all of it; and what fetches it all at once."""
+    from dcgan_mn.data import missing_data
+
+    data = missing_data(cfg)
+    also = f"; also missing: {data}" if data else ""
+    prepare = f"python evaluate.py prepare --dataset {cfg.dataset} --data-root {cfg.data_root}"
+    if cfg.ref not in ("cifar10-train",) and cfg.ref != cfg.dataset:
+        prepare += f" --ref {cfg.ref}"
+    return f"{first}{also}; {prepare} (where there is internet) fetches and lists everything this run needs"
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
                                  "max_content_width": 100})
 # --- model ---
@@ -184,7 +197,10 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
         if cfg.fid_every > 0:
             # Off a terminal (a redirected log) the evaluation's bars would be nested under the
             # training bar with cursor-up codes: they are shown on a terminal only.
-            evaluator = build_evaluator(cfg, launch.device, progress=progress and sys.stderr.isatty())
+            try:
+                evaluator = build_evaluator(cfg, launch.device, progress=progress and sys.stderr.isatty())
+            except InceptionWeightsError as e:
+                raise InceptionWeightsError(everything_missing(str(e), cfg)) from None
             launch = dataclasses.replace(launch, cfg=cfg.replace(extra={
                 **cfg.extra, "ref_key": evaluator.ref_key, "evaluated": sorted(evaluator.directions)}))
         result = train(launch.cfg, launch=launch, evaluator=evaluator, progress=progress)

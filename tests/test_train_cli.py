@@ -348,3 +348,33 @@ def test_logs_off_a_terminal_are_plain_lines(tmp_path, modes_cache, progress):
         assert "cfd" in lines[2] and "modes" in lines[2], lines  # the evaluation at iteration 2
     else:
         assert lines == []
+
+
+def test_offline_first_command_names_everything_missing(tmp_path, monkeypatch):
+    """The README's first command offline: the first failure names the Inception weights AND
+    CIFAR-10, and points at evaluate.py prepare; with --fid-every 0 the CIFAR-10 failure points
+    there too; a --data-root that is a file is said to be one."""
+    import torchvision.datasets.utils as U
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("DCGAN_MN_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(U, "download_and_extract_archive", offline)
+    out, data = tmp_path / "runs", tmp_path / "data"
+    result = run(*TINY, "--data-root", data, "--out", out, "--fid-samples", "8", "--fid-every", "2")
+    assert result.exit_code == 1, result.output
+    line = error_line(result)
+    assert "Inception weights" in line and "--inception-weights" in line
+    assert "CIFAR-10" in line and str(data) in line and "python evaluate.py prepare" in line, line
+    no_fid = run(*TINY, "--data-root", data, "--out", out)
+    assert no_fid.exit_code == 1 and "python evaluate.py prepare" in error_line(no_fid)
+    text = tmp_path / "hello.txt"
+    text.write_text("hello\n")
+    for dataset in ("cifar10", "folder"):
+        as_file = run(*TINY, "--dataset", dataset, "--data-root", text, "--out", out)
+        assert as_file.exit_code == 1 and "is a file" in error_line(as_file), as_file.output
+        assert "download" not in error_line(as_file)
+    assert not out.exists()
