@@ -34,6 +34,19 @@ def _layers_text(layers) -> str:
     return ",".join(map(str, layers)) or "none"
 
 
+def everything_missing(first: str, cfg: TrainConfig) -> str:
+    """The first offline failure (the Inception weights) with the rest this command lacks (its
+    dataset), so one attempt names all of it; and what fetches it all at once."""
+    from dcgan_mn.data import missing_data
+
+    data = missing_data(cfg)
+    also = f"; also missing: {data}" if data else ""
+    prepare = f"python evaluate.py prepare --dataset {cfg.dataset} --data-root {cfg.data_root}"
+    if cfg.ref not in ("cifar10-train",) and cfg.ref != cfg.dataset:
+        prepare += f" --ref {cfg.ref}"
+    return f"{first}{also}; {prepare} (where there is internet) fetches and lists everything this run needs"
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
                                  "max_content_width": 100})
 # --- model ---
@@ -107,7 +120,7 @@ def _layers_text(layers) -> str:
 @click.option("--fid-every", default=D.fid_every, type=int, help="evaluate (FID, and mode metrics on stacked datasets) every N iterations (0: off)")
 @click.option("--fid-samples", default=D.fid_samples, type=int,
               help=f"generated images per evaluation (on a CPU device the default is {CPU_FID_SAMPLES})")
-@click.option("--ref", default=D.ref,
+@click.option("--ref", default=D.ref, show_default=False,
               help="FID reference: cifar10-train, cifar10-test, stacked-mnist, stacked-digits, an "
                    "image folder or a pytorch-fid .npz  [default: cifar10-train; a stacked "
                    "dataset's own name for stacked runs]")
@@ -191,7 +204,12 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
         # Inception weights or a bad --ref stop the run before anything is written.
         evaluator = None
         if cfg.fid_every > 0:
-            evaluator = build_evaluator(cfg, launch.device, progress=progress)
+            # Off a terminal (a redirected log) the evaluation's bars would be nested under the
+            # training bar with cursor-up codes: they are shown on a terminal only.
+            try:
+                evaluator = build_evaluator(cfg, launch.device, progress=progress and sys.stderr.isatty())
+            except InceptionWeightsError as e:
+                raise InceptionWeightsError(everything_missing(str(e), cfg)) from None
             launch = dataclasses.replace(launch, cfg=cfg.replace(extra={
                 **cfg.extra, "ref_key": evaluator.ref_key, "evaluated": sorted(evaluator.directions)}))
         result = train(launch.cfg, launch=launch, evaluator=evaluator, progress=progress)
@@ -210,8 +228,13 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
     finally:
         shutdown_distributed()
 
-    summary = (f"{result.run_dir}: iteration {result.iteration} ({result.images_seen} images), "
-               f"{result.train_seconds:.1f} s training, checkpoint {result.checkpoint}")
+    if result.checkpoint is None and result.stopped_by is None and launch.payload is not None:
+        # --resume of a run already at its --iters: nothing trained, nothing written
+        summary = (f"{result.run_dir}: already at --iters {result.iteration} ({result.images_seen} images, "
+                   f"{launch.checkpoint.name}); pass --iters M (M > {result.iteration}) to train further")
+    else:
+        summary = (f"{result.run_dir}: iteration {result.iteration} ({result.images_seen} images), "
+                   f"{result.train_seconds:.1f} s training, checkpoint {result.checkpoint}")
     if result.best_value is not None:
         summary += (f", best {result.best_metric} {result.best_value:.3f} at iteration "
                     f"{result.best_iteration}")

@@ -52,7 +52,7 @@ KINDS = ("full", "generator")
 PathLike = Union[str, Path]
 
 
-from .errors import CheckpointError  # noqa: E402
+from .errors import CheckpointError, CheckpointUnreadable  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,8 +75,9 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError, AttributeError, TypeError) as e:
-        raise CheckpointError(  # our sentence and the exception's class, not torch's internals
+            ValueError, AttributeError, TypeError, KeyError, IndexError) as e:
+        # KeyError: torch's weights_only unpickler reading text (a memo index it never stored).
+        raise CheckpointUnreadable(  # our sentence and the exception's class, not torch's internals
             f"checkpoint {str(path)!r}: unreadable: corrupt, truncated or not a torch file "
             f"({type(e).__name__})"
         ) from None

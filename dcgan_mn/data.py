@@ -19,7 +19,7 @@ from __future__ import annotations
 import pickle
 import struct
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ CIFAR10_FILES = {
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 PathLike = Union[str, Path]
+# What the offline messages point at: it fetches, checks and lists everything a run needs.
+PREPARE_HINT = "python evaluate.py prepare, run where there is internet, fetches and lists all a run needs"
 
 
 from .errors import DataError  # noqa: E402
@@ -72,7 +74,7 @@ def _download_cifar10(root: Path) -> None:
         raise DataError(
             f"--data-root {str(root)!r}: CIFAR-10 is not there and downloading {CIFAR10_URL} "
             f"failed ({type(e).__name__}: {e}). Offline, put {CIFAR10_ARCHIVE} into {root}/ or "
-            f"extract it so that {root / CIFAR10_FOLDER}/data_batch_1 exists."
+            f"extract it so that {root / CIFAR10_FOLDER}/data_batch_1 exists ({PREPARE_HINT})."
         ) from None
 
 
@@ -146,6 +148,7 @@ def load_cifar10(root: PathLike, split: str = "train", download: bool = True) ->
     if split not in CIFAR10_FILES:
         raise ValueError(f"unknown CIFAR-10 split {split!r}; expected 'train' or 'test'")
     root = Path(root).expanduser()
+    _not_a_file(root)
     folder = root / CIFAR10_FOLDER
     files = [folder / name for name in CIFAR10_FILES[split]]
     if not all(f.is_file() for f in files):
@@ -169,6 +172,7 @@ def load_cifar10(root: PathLike, split: str = "train", download: bool = True) ->
 def find_images(root: PathLike) -> list[Path]:
     """Every image file under ``root`` (recursive, sorted; png/jpg/jpeg/bmp/webp, any case)."""
     root = Path(root).expanduser()
+    _not_a_file(root)
     if not root.is_dir():
         raise DataError(f"--data-root {str(root)!r}: no such folder")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -203,6 +207,37 @@ def load_image_folder(root: PathLike, size: int = 32) -> Tensor:
     files = find_images(root)
     images = np.stack([_load_square(p, size) for p in files])  # [N, size, size, 3]
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # [N, 3, size, size]
+
+
+def _not_a_file(root: Path) -> None:
+    """--data-root is a folder (or a path for one): a file there is said to be one, not reported
+    as a failed download."""
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == root else f"lies under {p}, which is a file"
+                raise DataError(f"--data-root {str(root)!r}: {where}, not a folder; give the folder that "
+                                f"holds (or will hold) the dataset")
+            return
+
+
+def missing_data(cfg) -> Optional[str]:
+    """What of ``cfg``'s training data is not on this machine (cheap: nothing is read or
+    downloaded), as words for an error message; None when it is all there (or cannot be missing)."""
+    root = Path(cfg.data_root).expanduser()
+    if cfg.dataset == "cifar10":
+        folder = root / CIFAR10_FOLDER
+        have = all((folder / n).is_file() for n in CIFAR10_FILES["train"]) or (root / CIFAR10_ARCHIVE).is_file()
+        return None if have else f"CIFAR-10 (not in --data-root {str(root)!r}; {CIFAR10_URL} on first use)"
+    if cfg.dataset == "stacked-mnist":
+        from .digits import MNIST_FILES
+
+        raw = root / "MNIST" / "raw"
+        have = all((raw / n).is_file() or (raw / f"{n}.gz").is_file() for n in MNIST_FILES)
+        return None if have else f"MNIST (not in {raw}; downloaded on first use)"
+    if cfg.dataset == "folder" and not root.is_dir():
+        return f"the image folder --data-root {str(root)!r}"
+    return None
 
 
 def load_dataset(cfg) -> Tensor:
@@ -282,6 +317,12 @@ class BatchSampler:
             flip = self._flip[start:start + self.local_batch].view(-1, 1, 1, 1)  # [B, 1, 1, 1]
             x = torch.where(flip, x.flip(3), x)
         return x.float().div_(127.5).sub_(1.0)  # [B, C, H, W] in [-1, 1]
+
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs done, fractional: ``epoch`` plus the share of this epoch's batches drawn (an
+        epoch is ``batches_per_epoch`` whole batches; the remainder of N is skipped)."""
+        return self.epoch + self.pos / (self.batches_per_epoch * self.batch_size)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "pos": self.pos}

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["ConfigError", "CheckpointError", "DataError", "WriteError", "RunFolderBusy", "MetricsError",
-           "InceptionWeightsError"]
+__all__ = ["ConfigError", "CheckpointError", "CheckpointUnreadable", "DataError", "WriteError", "OutFolderError",
+           "RunFolderBusy", "MetricsError", "InceptionWeightsError"]
 
 
 class ConfigError(ValueError):
@@ -19,6 +19,10 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, not ours, or incompatible (one-line message)."""
+
+
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint file that torch cannot read at all (corrupt, truncated, not a torch file)."""
 
 
 class DataError(RuntimeError):
@@ -48,3 +52,16 @@ class WriteError(OSError):
 
     def __str__(self) -> str:
         return f"cannot write {self.path}: {self.reason}"
+
+
+class OutFolderError(WriteError):
+    """A new run's folder cannot be created under ``--out`` (a file in the way, a read-only,
+    immutable or virtual filesystem): one line naming ``--out``, the folder and the reason."""
+
+    def __init__(self, out: Union[str, Path], path: Union[str, Path], reason: str,
+                 code: Optional[int] = None) -> None:
+        super().__init__(path, reason, code)
+        self.out = str(out)
+
+    def __str__(self) -> str:
+        return f"--out {self.out!r}: cannot create the run folder {self.path}: {self.reason}"

@@ -21,10 +21,10 @@ from . import distributed as dist_utils
 from .config import TrainConfig, config_from_dict, default_run_name, resume_config
 from .device import launched_with_torchrun, resolve_amp, resolve_device
 from .distributed import DistInfo
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, CheckpointUnreadable, ConfigError
 from .runfolder import RunFolder, resolve_resume
 
-__all__ = ["Launch", "decide_launch", "resolve_run_dir", "load_resume", "check_launch",
+__all__ = ["Launch", "Resumed", "decide_launch", "resolve_run_dir", "check_ref", "check_out", "load_resume", "check_launch",
            "check_world_size", "decided_on_main"]
 
 PathLike = Union[str, Path]
@@ -43,6 +43,8 @@ class Launch:
     payload: Optional[dict] = None  # the full checkpoint resumed from
     checkpoint: Optional[Path] = None  # its file
     restarting: bool = False  # --resume of a folder that never wrote a checkpoint
+    set_aside: tuple[Path, ...] = ()  # unreadable newer checkpoints: renamed *.corrupt by open_run
+    warnings: tuple[str, ...] = ()  # one line each for the user (rank 0 shows them)
 
     @property
     def continuing(self) -> bool:
@@ -67,8 +69,12 @@ def decide_launch(cfg: Optional[TrainConfig] = None, resume: Optional[PathLike] 
     dist = dist_utils.init_distributed(resolve_device(spec))  # DistInfo() without torchrun
     payload = path = None
     restarting = False
+    set_aside: tuple[Path, ...] = ()
+    warnings: tuple[str, ...] = ()
     if resume is not None:
-        run_dir, path, payload, saved = load_resume(resume)
+        resumed = load_resume(resume)
+        run_dir, path, payload, saved = resumed.run_dir, resumed.checkpoint, resumed.payload, resumed.config
+        set_aside, warnings = resumed.set_aside, resumed.warnings
         restarting = payload is None
         check_world_size(payload, dist, resume)
         if overrides is None:
@@ -82,17 +88,21 @@ def decide_launch(cfg: Optional[TrainConfig] = None, resume: Optional[PathLike] 
     else:
         if cfg is None:
             raise ValueError("decide_launch: give a config or a run to resume")
+        check_ref(cfg.ref)
         cfg, run_dir = decided_on_main(dist, lambda: resolve_run_dir(cfg))
     device = resolve_device(cfg.device)
     check_launch(cfg, dist)
     amp, amp_warning = resolve_amp(cfg.amp, device)
     return Launch(cfg=cfg, folder=RunFolder(run_dir), dist=dist, device=device, amp=amp,
-                  amp_warning=amp_warning, payload=payload, checkpoint=path, restarting=restarting)
+                  amp_warning=amp_warning, payload=payload, checkpoint=path, restarting=restarting,
+                  set_aside=set_aside, warnings=warnings)
 
 
 def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
-    """(cfg with its run name filled in, the new run's folder), refusing an existing run."""
+    """(cfg with its run name filled in, the new run's folder), refusing an existing run and an
+    ``--out`` that is (or lies under) a file."""
     out = Path(cfg.out).expanduser()
+    check_out(cfg.out)
     if cfg.run_name is None:
         base = default_run_name(cfg)
         name, n = base, 1
@@ -103,7 +113,11 @@ def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     if not cfg.run_name or Path(cfg.run_name).name != cfg.run_name or cfg.run_name in (".", ".."):
         raise ConfigError(f"--run-name {cfg.run_name!r}: must be a plain folder name")
     run_dir = out / cfg.run_name
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    try:
+        taken = run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir()))
+    except OSError as e:
+        raise ConfigError(f"--out {cfg.out!r}: cannot read {run_dir} ({e.strerror or type(e).__name__})") from None
+    if taken:
         raise ConfigError(
             f"--run-name {cfg.run_name!r}: {run_dir} already exists; continue that run with "
             f"--resume {run_dir}, or choose another --run-name"
@@ -111,11 +125,66 @@ def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     return cfg, run_dir
 
 
-def load_resume(target: PathLike) -> tuple[Path, Optional[Path], Optional[dict], TrainConfig]:
-    """(run folder, checkpoint path, checkpoint dict, its config) for ``--resume TARGET``.
+def check_ref(ref: str) -> None:
+    """``--ref`` names a reference ``build_evaluator`` can read, whether or not this run evaluates
+    (the run's config freezes it: a resumed run cannot change it): a built-in name, an existing
+    pytorch-fid ``.npz`` or an image folder (``metrics.reference.reference_identity``)."""
+    from .digits import STACKED_SOURCES
+    from .metrics.reference import BUILTIN_REFS
+
+    names = (*BUILTIN_REFS, *STACKED_SOURCES)
+    if ref in names:
+        return
+    p = Path(ref).expanduser()
+    if p.suffix == ".npz" and p.is_file():
+        return
+    if p.suffix != ".npz" and p.is_dir():
+        return
+    what = "no such statistics file" if p.suffix == ".npz" else "neither a built-in reference nor a folder"
+    raise ConfigError(f"--ref {ref!r}: {what}; expected {', '.join(names)}, an image folder or a "
+                      f"pytorch-fid .npz statistics file")
+
+
+def check_out(out: str) -> None:
+    """``--out`` must be a folder or a path that can become one: neither it nor any folder above
+    it may be a file (one line naming --out, the file and the reason, before anything is written).
+    What only creating the folder can tell (a read-only or virtual filesystem) is reported by
+    ``RunFolder.create``."""
+    p = Path(out).expanduser()
+    for ancestor in (p, *p.parents):
+        try:
+            if not ancestor.exists():
+                continue
+        except OSError:
+            continue
+        if not ancestor.is_dir():
+            where = "is a file" if ancestor == p else f"lies under {ancestor}, which is a file"
+            raise ConfigError(f"--out {out!r}: {where}, not a folder; give a folder for the run folders")
+        return
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What ``--resume TARGET`` continues from (see ``load_resume``)."""
+
+    run_dir: Path
+    checkpoint: Optional[Path]  # None: a folder without checkpoint, restarted from iteration 0
+    payload: Optional[dict]
+    config: TrainConfig
+    set_aside: tuple[Path, ...] = ()  # unreadable newer checkpoints, to be moved aside (never deleted)
+    warnings: tuple[str, ...] = ()  # one line each, shown when the run starts
+
+
+def load_resume(target: PathLike) -> Resumed:
+    """What ``--resume TARGET`` (a run folder or a full checkpoint) continues from.
 
     A run folder with its ``config.json`` but no checkpoint yet (a run killed before its first
-    one) gives (folder, None, None, that config): the run restarts from iteration 0."""
+    one) gives no checkpoint and that config: the run restarts from iteration 0. A run folder
+    whose newest checkpoints are unreadable (corrupt, truncated) continues from its newest
+    readable one; the unreadable ones are listed in ``set_aside`` (``open_run`` renames them
+    ``*.corrupt`` once it holds the folder). When none is readable, the newest one's error is
+    raised and nothing is touched. A ``config.json`` that cannot be read next to a good
+    checkpoint is a warning: the checkpoint's own config is the run's."""
     folder = RunFolder(Path(target).expanduser())
     if folder.path.is_dir() and not folder.checkpoints() and folder.config_file.is_file():
         try:
@@ -123,15 +192,37 @@ def load_resume(target: PathLike) -> tuple[Path, Optional[Path], Optional[dict],
         except (ValueError, ConfigError) as e:
             raise CheckpointError(f"--resume {str(target)!r}: no checkpoint, and its {RunFolder.CONFIG} "
                                   f"is unreadable ({e})") from None
-        return folder.path, None, None, cfg
+        return Resumed(folder.path, None, None, cfg)
     folder, path = resolve_resume(target)
-    payload = ckpt.load_checkpoint(path, map_location="cpu")
+    set_aside: list[Path] = []
+    warnings: list[str] = []
+    if Path(target).expanduser().is_dir():  # the folder: its newest readable checkpoint
+        payload = None
+        for _, candidate in reversed(folder.checkpoints()):
+            try:
+                payload = ckpt.load_checkpoint(candidate, map_location="cpu")
+            except CheckpointUnreadable as e:
+                if not set_aside:
+                    first_error = e
+                set_aside.append(candidate)
+                continue
+            path = candidate
+            break
+        if payload is None:  # none readable: refuse, touch nothing
+            raise first_error
+        if set_aside:
+            warnings.append(
+                f"unreadable checkpoint{'s' if len(set_aside) > 1 else ''} "
+                f"{', '.join(p.name for p in reversed(set_aside))} (corrupt or truncated): moved aside as "
+                f"{', '.join(p.name + '.corrupt' for p in reversed(set_aside))}; continuing from {path.name}")
+    else:
+        payload = ckpt.load_checkpoint(path, map_location="cpu")
     if payload["kind"] != "full":
         raise CheckpointError(
             f"--resume {str(target)!r}: a generator-only snapshot cannot be resumed; use a "
             f"full checkpoint (ckpt-*.pt) or the run folder"
         )
-    newer = [p.name for i, p in folder.checkpoints() if i > payload["iteration"]]
+    newer = [p.name for i, p in folder.checkpoints() if i > payload["iteration"] and p not in set_aside]
     if newer:
         raise CheckpointError(
             f"--resume {str(target)!r}: the run folder has newer checkpoints ({', '.join(newer)}); "
@@ -140,7 +231,14 @@ def load_resume(target: PathLike) -> tuple[Path, Optional[Path], Optional[dict],
     cfg = ckpt.checkpoint_config(payload, path)
     ckpt.build_generator(cfg, payload["generator"], path)  # weights that fit the config's model
     ckpt.check_discriminator(cfg, payload["discriminator"], path)
-    return folder.path, path, payload, cfg
+    if folder.config_file.exists():
+        try:
+            config_from_dict(folder.read_config())
+        except (ValueError, TypeError, AttributeError, OSError, ConfigError) as e:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+            warnings.insert(0, f"{folder.config_file} is unreadable ({reason[:200]}); using the config saved "
+                               f"in {path.name} and rewriting {RunFolder.CONFIG} from it")
+    return Resumed(folder.path, path, payload, cfg, tuple(set_aside), tuple(warnings))
 
 
 def check_launch(cfg: TrainConfig, dist: DistInfo) -> None:

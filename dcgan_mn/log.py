@@ -110,6 +110,8 @@ class RunLogger:
         self.bar = tqdm(total=total_iters, initial=start_iter, disable=not (progress and enabled),
                         unit="it", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
         self.postfix: dict[str, str] = {}
+        self.total_iters = total_iters
+        self.plain = enabled and not progress  # no bar: a plain line per log window instead
 
     # --- TensorBoard ---
 
@@ -143,6 +145,18 @@ class RunLogger:
         """Replace some of the bar's postfix fields (e.g. losses at log time, fid at evaluation)."""
         self.postfix.update(values)
         self.bar.set_postfix(self.postfix, refresh=False)
+
+    def plain_line(self, iteration: int, images_per_s: float) -> None:
+        """With the bar off (``--no-progress``, e.g. a cluster job's log), one plain line per
+        ``--log-every`` window: iteration/total, images/s, the window's losses and D outputs
+        and the last evaluation (what the bar's postfix shows)."""
+        if not self.plain:
+            return
+        width = len(str(self.total_iters))
+        pct = 100.0 * iteration / self.total_iters if self.total_iters else 100.0
+        fields = "  ".join(f"{k} {v}" for k, v in self.postfix.items())
+        print(f"iteration {iteration:>{width}}/{self.total_iters} ({pct:5.1f}%)  {images_per_s:8.1f} img/s  {fields}",
+              file=sys.stderr, flush=True)
 
     def message(self, text: str) -> None:
         """A line above the bar (or on stderr when the bar is off)."""

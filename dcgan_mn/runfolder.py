@@ -26,8 +26,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import CheckpointError
-from .fileio import append_jsonl, atomic_write, read_jsonl, save_torch_atomic, write_json_atomic
+from .errors import CheckpointError, OutFolderError
+from .fileio import append_jsonl, atomic_write, read_jsonl, save_torch_atomic, write_failure, write_json_atomic
 
 __all__ = ["RunFolder", "RunFolderBusy", "resolve_resume", "as_run_folder"]
 
@@ -120,13 +120,23 @@ class RunFolder:
 
     def create(self) -> "RunFolder":
         """Create a new run's folder with one ``mkdir`` (never "check, then create"): of two
-        runs racing for a name, exactly one gets it; the other is refused."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        runs racing for a name, exactly one gets it; the other is refused. A folder that cannot
+        be made (a file in the way, a read-only, immutable or virtual filesystem) is one
+        ``OutFolderError`` naming ``--out`` (the parent), the folder and the reason."""
+        out = self.path.parent
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # mkdir(exist_ok) on a file, or on a path through one
+            raise OutFolderError(out, self.path, "a file is in the way (--out must be a folder)") from None
+        except OSError as e:
+            raise OutFolderError(out, self.path, write_failure(out, e).reason, e.errno) from None
         try:
             self.path.mkdir()
         except FileExistsError:
             raise RunFolderBusy(f"{self.path}: already exists (another run took this --run-name); continue "
                                 f"it with --resume {self.path}, or choose another --run-name") from None
+        except OSError as e:
+            raise OutFolderError(out, self.path, write_failure(self.path, e).reason, e.errno) from None
         return self
 
     def claim(self):
@@ -203,6 +213,20 @@ class RunFolder:
 
     def save_best(self, payload: dict) -> Path:
         return save_torch_atomic(self.best_file, payload)
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename an unreadable checkpoint ``X`` to ``X.corrupt`` (``X.corrupt-2``, ... when that
+        is taken): out of the run's way, never deleted. Returns the new path."""
+        target = path.with_name(path.name + ".corrupt")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.corrupt-{n}")
+        try:
+            path.rename(target)
+        except OSError as e:
+            raise write_failure(target, e) from None
+        return target
 
     def prune_checkpoints(self, keep_last: int) -> list[Path]:
         """Delete all but the newest ``keep_last`` full checkpoints (call after the newest is

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -148,8 +149,9 @@ def train(
     # ---- Decide which run this is. Nothing is written yet: a refused launch leaves every run as it was.
     launch = launch or decide_launch(cfg, resume)
     dist, device = launch.dist, launch.device
-    if launch.amp_warning and dist.is_main:
-        print(f"warning: {launch.amp_warning}", file=sys.stderr)
+    if dist.is_main:
+        for warning in ((launch.amp_warning,) if launch.amp_warning else ()) + launch.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     images = training_images(launch, images)  # uint8 [N, 3, 32, 32]
     cfg = launch.cfg.replace(extra={**launch.cfg.extra, **run_facts(launch, images)})
 
@@ -269,6 +271,9 @@ def open_run(launch: Launch, state: TrainingState, evaluator: Optional[EvaluateF
         if not launch.continuing:
             folder.create()  # one mkdir: of two runs racing for a name, one wins
         lock.acquire()
+        for path in launch.set_aside:  # unreadable newer checkpoints (load_resume's warning names them)
+            if path.exists():
+                folder.set_aside(path)
         folder.write_config(cfg.to_dict())
         if launch.continuing:
             dropped = folder.drop_metrics_after(state.iteration)
@@ -348,9 +353,10 @@ def write_logs(state: TrainingState, io: RunIO) -> None:
     values = {"loss/D": loss_d, "loss/G": loss_g, "D/real": d_real, "D/fake": d_fake,
               "time/it_per_s": it_per_s, "time/images_per_s": it_per_s * state.cfg.batch_size,
               "time/train_seconds": io.clock.seconds(), "progress/images_seen": state.images_seen,
-              "progress/epoch": state.sampler.epoch, **state.G.norm_telemetry()}
+              "progress/epoch": state.sampler.epoch_progress, **state.G.norm_telemetry()}
     io.logger.scalars(values, it)
     io.logger.show(D=f"{loss_d:.3f}", G=f"{loss_g:.3f}", Dx=f"{d_real:.2f}", DGz=f"{d_fake:.2f}")
+    io.logger.plain_line(it, it_per_s * state.cfg.batch_size)  # when the bar is off (--no-progress)
 
 
 def write_grid(state: TrainingState, io: RunIO) -> None:
@@ -380,7 +386,8 @@ def evaluate(state: TrainingState, io: RunIO) -> None:
         row = {"iteration": it, "images_seen": state.images_seen,
                "sample_mode": cfg.sample_mode, "train_seconds": round(train_s, 3),
                **{k: v for k, v in result.items() if k not in ("iteration", "images_seen", "train_seconds")},
-               "eval_seconds": round(time.perf_counter() - t0, 3), "env_key": io.env_key}
+               "eval_seconds": round(time.perf_counter() - t0, 3), "env_key": io.env_key,
+               "load_per_core": load_per_core()}
         io.logger.metrics_row(row)
         names = _metric_names(io.evaluator, result)  # e.g. fid -> fid_10k, modes -> modes_26k
         io.logger.scalars({f"metrics/{names[k]}": float(v) for k, v in result.items() if k in names
@@ -396,6 +403,16 @@ def evaluate(state: TrainingState, io: RunIO) -> None:
                 io.folder.save_best(snapshot)
         if value is not None:  # the bar shows the metric best.pt is chosen by
             io.logger.show(**{state.best["metric"]: f"{value:.2f}"})
+
+
+def load_per_core() -> Optional[float]:
+    """How busy the machine is: the 1-minute load average per CPU core (2 decimals), or None
+    where the platform has no load average. ``compare`` warns about time figures from a loaded
+    machine by it."""
+    try:
+        return round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def save(state: TrainingState, io: RunIO, evaluating: bool) -> None:

@@ -159,3 +159,14 @@ def test_prune_and_resolve_resume(tmp_path):
     empty.mkdir()
     with pytest.raises(C.CheckpointError, match="no full checkpoints"):
         resolve_resume(empty)
+
+
+@pytest.mark.parametrize("text", ["hello\n", "# notes\nlr = 0.0002\n", "{\"iteration\": 3}\n"])
+def test_text_file_is_unreadable_not_a_traceback(tmp_path, text):
+    """A text file where a checkpoint is expected (``--resume hello.txt``, ``evaluate.py modes
+    hello.txt``): torch's weights_only unpickler raises KeyError on it; ours is one line."""
+    path = tmp_path / "hello.txt"
+    path.write_text(text)
+    with pytest.raises(C.CheckpointError, match=r"unreadable: corrupt, truncated or not a torch file") as e:
+        C.load_checkpoint(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)

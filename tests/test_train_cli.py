@@ -216,3 +216,165 @@ def test_signal_saves_checkpoint_and_exits_cleanly(env, sig):
     resumed = run("--resume", run_dir, "--iters", iteration + 2, "--no-progress")
     assert resumed.exit_code == 0, resumed.output
     assert C.load_checkpoint(RunFolder(run_dir).latest_checkpoint())["iteration"] == iteration + 2
+
+
+def _immutable_folder(path):
+    """``path`` made immutable with chattr +i (None where the kernel or filesystem refuses)."""
+    import shutil
+
+    path.mkdir()
+    if shutil.which("chattr") is None:
+        return None
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    return path if done.returncode == 0 else None
+
+
+@pytest.mark.parametrize("case", ["file", "under_file", "proc", "immutable"])
+def test_out_that_cannot_hold_a_run_is_one_line(env, tmp_path, case):
+    """--out at a file, under /proc or at an immutable folder: one line naming --out, the path
+    and the reason (exit 2 before anything is built, or 1 when only mkdir can tell)."""
+    data, _ = env
+    out = {"file": tmp_path / "hello.txt", "under_file": tmp_path / "hello.txt" / "runs",
+           "proc": Path("/proc/dcgan_mn_no_such_dir"), "immutable": tmp_path / "frozen"}[case]
+    (tmp_path / "hello.txt").write_text("hello\n")
+    if case == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    if case == "immutable" and _immutable_folder(out) is None:
+        pytest.skip("chattr +i refused here")
+    try:
+        result = run(*TINY, "--data-root", data, "--out", out, "--iters", "1")
+    finally:
+        if case == "immutable":
+            subprocess.run(["chattr", "-i", str(out)])
+    assert not isinstance(result.exception, OSError), result.output
+    assert result.exit_code == (2 if case in ("file", "under_file") else 1), result.output
+    line = error_line(result)
+    assert f"--out {str(out)!r}" in line, line
+    expect = {"file": "is a file", "under_file": "which is a file", "proc": "No such file or directory",
+              "immutable": "Operation not permitted"}[case]
+    assert expect in line, line
+    assert (tmp_path / "hello.txt").read_text() == "hello\n"
+
+
+def test_resume_of_a_text_file_is_one_line(env, tmp_path):
+    text = tmp_path / "hello.txt"
+    text.write_text("hello\n")
+    result = run("--resume", text, "--no-progress")
+    assert result.exit_code == 1 and not isinstance(result.exception, KeyError), result.output
+    line = error_line(result)
+    assert str(text) in line and "unreadable" in line and "KeyError" in line
+
+
+def test_corrupt_newest_checkpoint_is_set_aside_and_the_run_continues(env):
+    data, out = env
+    base = [*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--keep-last", "3"]
+    assert run(*base, "--iters", "2", "--ckpt-every", "1").exit_code == 0
+    folder = RunFolder(out / "r")
+    newest = folder.checkpoint_file(2)
+    newest.write_bytes(newest.read_bytes()[:1000])
+    # The older intact checkpoint alone is still refused (newer ones exist), pointing at the folder.
+    older = run("--resume", folder.checkpoint_file(1), "--no-progress")
+    assert older.exit_code == 1 and "resume the folder itself" in error_line(older)
+    result = run("--resume", out / "r", "--iters", "3", "--no-progress")
+    assert result.exit_code == 0, result.output
+    warnings = [ln for ln in result.output.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "ckpt-00000002.pt.corrupt" in warnings[0], result.output
+    assert "Traceback" not in result.output
+    assert [i for i, _ in folder.checkpoints()] == [1, 2, 3]
+    assert newest.with_name("ckpt-00000002.pt.corrupt").is_file()
+
+
+def test_resume_with_a_garbage_config_json_warns(env):
+    data, out = env
+    assert run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "1").exit_code == 0
+    config = out / "r" / "config.json"
+    config.write_text("{garbage")
+    result = run("--resume", out / "r", "--iters", "2", "--no-progress")
+    assert result.exit_code == 0, result.output
+    warnings = [ln for ln in result.output.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1, result.output
+    assert str(config) in warnings[0] and "unreadable" in warnings[0] and "ckpt-00000001.pt" in warnings[0]
+    assert json.loads(config.read_text())["iters"] == 2  # rewritten from the checkpoint's config
+
+
+@pytest.mark.parametrize("fid_every", ["0", "5"])
+def test_ref_is_validated_even_when_not_evaluating(env, tmp_path, fid_every):
+    data, out = env
+    result = run(*TINY, "--data-root", data, "--out", out, "--ref", "nonsense", "--fid-every", fid_every)
+    assert result.exit_code == 2 and "--ref 'nonsense'" in error_line(result), result.output
+    missing = run(*TINY, "--data-root", data, "--out", out, "--ref", tmp_path / "stats.npz")
+    assert missing.exit_code == 2 and "no such statistics file" in error_line(missing)
+    assert not out.exists()
+    (tmp_path / "refimgs").mkdir()
+    np_file = tmp_path / "stats.npz"
+    np_file.write_bytes(b"")
+    for ok in ["cifar10-test", "stacked-digits", np_file, tmp_path / "refimgs"]:
+        dry = run(*TINY, "--data-root", data, "--out", out, "--ref", ok, "--dry-run")
+        assert dry.exit_code == 0, (ok, dry.output)
+
+
+def test_ref_help_shows_its_default_once():
+    flat = " ".join(run("--help").output.split())
+    assert flat.count("[default: cifar10-train") == 1, flat
+
+
+def test_resume_of_a_finished_run_says_so(env):
+    data, out = env
+    assert run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "2").exit_code == 0
+    result = run("--resume", out / "r", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "checkpoint None" not in result.output
+    assert "already at --iters 2" in result.output and "pass --iters M" in result.output
+
+
+@pytest.mark.parametrize("progress", ["--no-progress", "--progress"])
+def test_logs_off_a_terminal_are_plain_lines(tmp_path, modes_cache, progress):
+    """stderr redirected (a cluster job's log): --no-progress prints one plain line per log window
+    (iteration/total, images/s, losses, the last metric); neither mode writes cursor codes (the
+    evaluation's nested bar is off off a terminal)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "stacked-digits", "--stack-size", "64",
+           "--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64", "--device", "cpu",
+           "--sample-every", "0", "--no-inception-metrics", "--fid-every", "2", "--mode-samples", "64",
+           "--iters", "4", "--log-every", "1", "--out", str(tmp_path / "runs"), "--run-name", "r", progress]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "DCGAN_MN_CACHE_DIR": str(modes_cache)})
+    assert done.returncode == 0, done.stderr
+    log = done.stdout + done.stderr
+    assert "\x1b" not in log, repr(log)
+    lines = [ln for ln in log.splitlines() if ln.startswith("iteration ")]
+    if progress == "--no-progress":
+        assert [ln.split()[1] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"], log
+        assert all("img/s" in ln and " D " in ln and " G " in ln for ln in lines), lines
+        assert "cfd" in lines[2] and "modes" in lines[2], lines  # the evaluation at iteration 2
+    else:
+        assert lines == []
+
+
+def test_offline_first_command_names_everything_missing(tmp_path, monkeypatch):
+    """The README's first command offline: the first failure names the Inception weights AND
+    CIFAR-10, and points at evaluate.py prepare; with --fid-every 0 the CIFAR-10 failure points
+    there too; a --data-root that is a file is said to be one."""
+    import torchvision.datasets.utils as U
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("DCGAN_MN_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(U, "download_and_extract_archive", offline)
+    out, data = tmp_path / "runs", tmp_path / "data"
+    result = run(*TINY, "--data-root", data, "--out", out, "--fid-samples", "8", "--fid-every", "2")
+    assert result.exit_code == 1, result.output
+    line = error_line(result)
+    assert "Inception weights" in line and "--inception-weights" in line
+    assert "CIFAR-10" in line and str(data) in line and "python evaluate.py prepare" in line, line
+    no_fid = run(*TINY, "--data-root", data, "--out", out)
+    assert no_fid.exit_code == 1 and "python evaluate.py prepare" in error_line(no_fid)
+    text = tmp_path / "hello.txt"
+    text.write_text("hello\n")
+    for dataset in ("cifar10", "folder"):
+        as_file = run(*TINY, "--dataset", dataset, "--data-root", text, "--out", out)
+        assert as_file.exit_code == 1 and "is a file" in error_line(as_file), as_file.output
+        assert "download" not in error_line(as_file)
+    assert not out.exists()

@@ -573,3 +573,66 @@ def test_tf_dcgan_trains_and_resumes_exactly(tmp_path):
     assert_same_tensors(a["generator"], b["generator"])
     gen, cfg, _ = C.load_generator(RunFolder(resumed.run_dir).latest_checkpoint())
     assert cfg.g_arch == "tf-dcgan" and len(gen.norm_layers) == 4
+
+
+def test_resume_past_a_corrupt_newest_checkpoint_is_exact(tmp_path, capsys):
+    """The newest checkpoint is corrupt: --resume FOLDER continues from the newest readable one,
+    moves the corrupt one aside (renamed *.corrupt, bytes kept) with one warning line, and ends
+    bitwise where an uninterrupted run ends."""
+    kw = dict(iters=6, ckpt_every=2, keep_last=5, log_every=2, fid_every=2)
+    full = train(tiny_cfg(tmp_path, run_name="full", **kw), images=tiny_images(), progress=False,
+                 evaluator=FakeEvaluator([9, 8, 7]))
+    part = train(tiny_cfg(tmp_path, run_name="part", **{**kw, "iters": 4}), images=tiny_images(),
+                 progress=False, evaluator=FakeEvaluator([9, 8]))
+    folder = RunFolder(part.run_dir)
+    newest = folder.checkpoint_file(4)
+    cut = newest.read_bytes()[:1000]
+    newest.write_bytes(cut)
+    capsys.readouterr()
+    resumed = train(tiny_cfg(tmp_path, run_name="part", **kw), images=tiny_images(), progress=False,
+                    resume=part.run_dir, evaluator=FakeEvaluator([8, 7]))
+    err = capsys.readouterr().err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "ckpt-00000004.pt" in warnings[0] and "ckpt-00000004.pt.corrupt" in warnings[0]
+    assert "ckpt-00000002.pt" in warnings[0], warnings
+    assert "resuming" in err and "at iteration 2" in err
+    assert newest.with_name("ckpt-00000004.pt.corrupt").read_bytes() == cut  # kept, not deleted
+    assert resumed.iteration == 6
+    a, b = state_of(full.run_dir), state_of(resumed.run_dir)
+    for key in ("generator", "discriminator", "opt_g", "opt_d", "rng", "data", "fixed_noise", "log_window"):
+        assert_same_tensors(a[key], b[key], key)
+    assert [i for i, _ in folder.checkpoints()] == [2, 4, 6]
+    rows = [json.loads(x)["iteration"] for x in (folder.metrics_file).read_text().splitlines()]
+    assert rows == [2, 4, 6]
+
+
+def test_resume_with_every_checkpoint_corrupt_is_refused_untouched(tmp_path):
+    part = train(tiny_cfg(tmp_path, iters=4, ckpt_every=2, keep_last=5), images=tiny_images(), progress=False)
+    folder = RunFolder(part.run_dir)
+    for _, p in folder.checkpoints():
+        p.write_bytes(p.read_bytes()[:500])
+    with pytest.raises(C.CheckpointError, match="ckpt-00000004.pt.*unreadable"):
+        train(tiny_cfg(tmp_path, iters=6, ckpt_every=2, keep_last=5), images=tiny_images(), progress=False,
+              resume=part.run_dir)
+    assert [i for i, _ in folder.checkpoints()] == [2, 4] and not list(folder.path.glob("*.corrupt"))
+
+
+def test_rows_record_the_load_and_the_epoch_is_fractional(tmp_path, monkeypatch):
+    """Every metrics row says how loaded the machine was (load average per core; None where
+    there is none); progress/epoch counts the share of an epoch seen, not only whole epochs."""
+    run = train(tiny_cfg(tmp_path, iters=6, log_every=2, fid_every=3), images=tiny_images(), progress=False,
+                evaluator=FakeEvaluator([9, 8]))
+    rows = RunFolder(run.run_dir).metrics_rows()
+    expect = round(os.getloadavg()[0] / os.cpu_count(), 2)
+    for r in rows:
+        assert isinstance(r["load_per_core"], float) and abs(r["load_per_core"] - expect) < 2.0
+    scalars, _, _ = read_tensorboard(run.run_dir)
+    assert [v for _, v in scalars["progress/epoch"]] == [0.25, 0.5, 0.75]  # 64 images, batches of 8
+
+    def no_loadavg():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(os, "getloadavg", no_loadavg)
+    other = train(tiny_cfg(tmp_path, run_name="other", iters=3, fid_every=3), images=tiny_images(), progress=False,
+                  evaluator=FakeEvaluator([9]))
+    assert RunFolder(other.run_dir).metrics_rows()[0]["load_per_core"] is None
