@@ -401,8 +401,8 @@ def evaluate(state: TrainingState, io: RunIO) -> None:
             state.best.update(value=float(value), iteration=it)
             if state.dist.is_main:
                 io.folder.save_best(snapshot)
-        if value is not None:  # the bar shows the metric best.pt is chosen by
-            io.logger.show(**{state.best["metric"]: f"{value:.2f}"})
+        io.logger.show(**{k: f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in result.items()
+                          if k in METRICS and METRICS[k].headline and v is not None})
 
 
 def load_per_core() -> Optional[float]:

@@ -28,13 +28,15 @@ class MetricSpec:
     * ``can_collapse``: whether the ratio of a later value to the best value reads as mode
       collapse (``compare``'s collapse flag); False where the metric lives near a floor
       (kl_modes) or can be <= 0 (KID), so a ratio means nothing;
-    * ``description``: one line for help texts and reports."""
+    * ``description``: one line for help texts and reports;
+    * ``headline``: shown on the progress bar and the plain log lines during training."""
 
     name: str
     direction: str
     count_key: str
     can_collapse: bool
     description: str
+    headline: bool = False
 
     def __post_init__(self) -> None:
         if self.direction not in ("min", "max"):
@@ -49,13 +51,13 @@ class MetricSpec:
         return "modes" if self.count_key == MODE_COUNT_KEY else "inception"
 
 
-def _spec(name, direction, count_key, can_collapse, description) -> tuple[str, MetricSpec]:
-    return name, MetricSpec(name, direction, count_key, can_collapse, description)
+def _spec(name, direction, count_key, can_collapse, description, headline=False) -> tuple[str, MetricSpec]:
+    return name, MetricSpec(name, direction, count_key, can_collapse, description, headline)
 
 
 METRICS: dict[str, MetricSpec] = dict([
     # The Inception family.
-    _spec("fid", "min", INCEPTION_COUNT_KEY, True, "Fréchet Inception distance"),
+    _spec("fid", "min", INCEPTION_COUNT_KEY, True, "Fréchet Inception distance", headline=True),
     _spec("kid", "min", INCEPTION_COUNT_KEY, False, "kernel Inception distance (unbiased, can be <= 0)"),
     _spec("precision", "max", INCEPTION_COUNT_KEY, False, "fraction of generated images inside the real manifold"),
     _spec("recall", "max", INCEPTION_COUNT_KEY, True, "fraction of real images inside the generated manifold"),
@@ -63,9 +65,11 @@ METRICS: dict[str, MetricSpec] = dict([
     _spec("coverage", "max", INCEPTION_COUNT_KEY, True, "fraction of real images with a generated neighbour"),
     _spec("inception_score", "max", INCEPTION_COUNT_KEY, True, "Inception score"),
     # The stacked-digit mode family.
-    _spec("modes", "max", MODE_COUNT_KEY, True, "distinct digit triples among the samples (of 1000)"),
+    _spec("modes", "max", MODE_COUNT_KEY, True, "distinct digit triples among the samples (of 1000)",
+          headline=True),
     _spec("kl_modes", "min", MODE_COUNT_KEY, False, "KL of the triple distribution to uniform (nats)"),
-    _spec("cfd", "min", MODE_COUNT_KEY, True, "Fréchet distance in the mode classifier's features"),
+    _spec("cfd", "min", MODE_COUNT_KEY, True, "Fréchet distance in the mode classifier's features",
+          headline=True),
 ])
 
 
