@@ -31,12 +31,14 @@ from torch import nn
 
 from dcgan_mn.kernels import count_ops
 from dcgan_mn.models import Discriminator, Generator
-from dcgan_mn.norms import MixtureNorm2d
+from dcgan_mn.norms import MixtureNorm2d, make_norm2d
 from dcgan_mn.step import TrainStep, compile_step_config
 from dcgan_mn.device import cpu_has_native_bf16
 
 LAYER_SHAPES = [(64, 512, 4, 4), (64, 256, 8, 8), (64, 128, 16, 16)]
-STEP_CONFIGS = {"bn": (), "mn01": (0, 1), "mn_all": (0, 1, 2)}
+# Generator norms per layer (0 nearest z): BN, MN in 0,1 or all, and MN's relatives in 0,1.
+STEP_CONFIGS = {"bn": ("bn", "bn", "bn"), "mn01": ("mn", "mn", "bn"), "mn_all": ("mn", "mn", "mn"),
+                "mode01": ("mode", "mode", "bn"), "group01": ("group", "group", "bn"), "none01": ("none", "none", "bn")}
 # MN's switches other than the defaults, counted beside them.
 VARIANTS = {"em": dict(estimator="em"), "no_posterior_grad": dict(posterior_grad=False),
             "no_lambda_scale": dict(lambda_scale=False), "point_channel": dict(point="channel")}
@@ -62,9 +64,9 @@ def layer_fn(layer: nn.Module, shape, compiled: bool):
     return run
 
 
-def step_fn(mn_layers, batch_size: int, components: int, compiled: bool):
+def step_fn(norms, batch_size: int, components: int, compiled: bool):
     torch.manual_seed(0)
-    G, D = Generator(mn_layers=mn_layers, num_components=components), Discriminator()
+    G, D = Generator(norms=norms, num_components=components), Discriminator()
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
     step = TrainStep(G, D, opt_g, opt_d, autocast=contextlib.nullcontext)
@@ -76,14 +78,14 @@ def step_fn(mn_layers, batch_size: int, components: int, compiled: bool):
     return lambda: step(real, z)
 
 
-def passes_fn(mn_layers, batch_size: int, components: int):
+def passes_fn(norms, batch_size: int, components: int):
     """The iteration's forward and backward passes without the Adam updates: on a CPU, Adam's
     step counters are host tensors (read with .item(), no device involved; under --compile on
     a GPU they live on the device), so the step's own host syncs are counted here."""
     from dcgan_mn.losses import discriminator_loss, generator_loss
 
     torch.manual_seed(0)
-    G, D = Generator(mn_layers=mn_layers, num_components=components), Discriminator()
+    G, D = Generator(norms=norms, num_components=components), Discriminator()
     real = torch.rand(batch_size, 3, 32, 32) * 2 - 1
     z = torch.randn(batch_size, G.z_dim)
 
@@ -116,6 +118,8 @@ def count_layers(components: list[int], compiled: bool) -> dict:
         layers.update({f"mn_k{k}": MixtureNorm2d(c, num_components=k) for k in components})
         for name, switches in VARIANTS.items():  # the readings of issue 14, at K = 3
             layers[f"mn_k3_{name}"] = MixtureNorm2d(c, num_components=3, **switches)
+        for kind in ("mode", "group", "none"):  # MN's relatives (Mode Normalization at K = 2)
+            layers[kind] = make_norm2d(c, kind, 2)
         rows = {name: measure(layer_fn(layer, shape, compiled)) for name, layer in layers.items()}
         out["x".join(map(str, shape))] = with_ratios(rows, "bn")
     return out

@@ -3,11 +3,12 @@
 Two measurements, both forward + backward, on the CPU (or --device):
 
 * ``layers``: one norm layer alone at the three generator shapes (batch 64, ngf 64):
-  [64, 512, 4, 4], [64, 256, 8, 8], [64, 128, 16, 16]; MN (K = 3, default fitting knobs)
-  against nn.BatchNorm2d.
+  [64, 512, 4, 4], [64, 256, 8, 8], [64, 128, 16, 16]; MN (K = 3, default fitting knobs),
+  Mode Normalization (K = 2) and GroupNorm against nn.BatchNorm2d.
 * ``step``: one full DCGAN training iteration (D step on real + detached fake, then G step;
   non-saturating BCE on logits; Adam 2e-4, betas (0.5, 0.999)) with the generator's MN layers
-  set to none, (0,), (0, 1) and all; ratios are to the all-BN step (``none``).
+  set to none, (0,), (0, 1) and all, and Mode Normalization, GroupNorm or no norm in layers
+  0, 1; ratios are to the all-BN step (``none``).
 
 Repetitions are interleaved (A B C D A B C D ...) so that load from other processes hits every
 variant alike; we report medians and minima, and ratios of both. Prints one JSON object.
@@ -28,11 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcgan_mn.models import Discriminator, Generator
-from dcgan_mn.norms import MixtureNorm2d
+from dcgan_mn.norms import MixtureNorm2d, make_norm2d
 from dcgan_mn.device import cpu_has_native_bf16
 
 LAYER_SHAPES = [(64, 512, 4, 4), (64, 256, 8, 8), (64, 128, 16, 16)]
-STEP_CONFIGS = {"none": (), "0": (0,), "0,1": (0, 1), "all": (0, 1, 2)}
+# Generator norms per layer (0 nearest z); ratios are to the all-BN step ("none": no MN layer).
+STEP_CONFIGS = {"none": ("bn", "bn", "bn"), "0": ("mn", "bn", "bn"), "0,1": ("mn", "mn", "bn"),
+                "all": ("mn", "mn", "mn"), "mode:0,1": ("mode", "mode", "bn"),
+                "group:0,1": ("group", "group", "bn"), "identity:0,1": ("none", "none", "bn")}
 
 
 def _summary(times_s: list[float]) -> dict[str, float]:
@@ -68,6 +72,8 @@ def bench_layers(reps: int, warmup: int, device: torch.device, batch_size: int,
         layers = {
             "bn": nn.BatchNorm2d(c).to(device),
             "mn": MixtureNorm2d(c, num_components=num_components).to(device),
+            "mode": make_norm2d(c, "mode", 2).to(device),  # Mode Normalization, K = 2
+            "group": make_norm2d(c, "group").to(device),
         }
 
         def step(layer: nn.Module):
@@ -78,23 +84,24 @@ def bench_layers(reps: int, warmup: int, device: torch.device, batch_size: int,
             return run
 
         times = _interleaved({k: step(m) for k, m in layers.items()}, reps, warmup, device)
-        bn, mn = _summary(times["bn"]), _summary(times["mn"])
-        out["x".join(map(str, shape))] = {
-            "bn": bn,
-            "mn": mn,
-            "ratio_median": round(mn["median_ms"] / bn["median_ms"], 3),
-            "ratio_min": round(mn["min_ms"] / bn["min_ms"], 3),
-        }
+        bn = _summary(times["bn"])
+        row = {"bn": bn}
+        for name in layers:
+            if name != "bn":
+                s = _summary(times[name])
+                row[name] = {**s, "ratio_median": round(s["median_ms"] / bn["median_ms"], 3),
+                             "ratio_min": round(s["min_ms"] / bn["min_ms"], 3)}
+        out["x".join(map(str, shape))] = row
     return out
 
 
 class GanStep:
     """One DCGAN iteration: D on real and detached fake, then G through the same fake."""
 
-    def __init__(self, mn_layers, batch_size: int, device: torch.device, num_components: int,
+    def __init__(self, norms, batch_size: int, device: torch.device, num_components: int,
                  seed: int = 0) -> None:
         torch.manual_seed(seed)
-        self.g = Generator(mn_layers=mn_layers, num_components=num_components).to(device)
+        self.g = Generator(norms=norms, num_components=num_components).to(device)
         self.d = Discriminator().to(device)
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=2e-4, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=2e-4, betas=(0.5, 0.999))
@@ -120,8 +127,8 @@ class GanStep:
 
 def bench_step(reps: int, warmup: int, device: torch.device, batch_size: int,
                num_components: int) -> dict:
-    steps = {name: GanStep(layers, batch_size, device, num_components)
-             for name, layers in STEP_CONFIGS.items()}
+    steps = {name: GanStep(norms, batch_size, device, num_components)
+             for name, norms in STEP_CONFIGS.items()}
     times = _interleaved(steps, reps, warmup, device)
     base_median, base_min = statistics.median(times["none"]), min(times["none"])
     return {
