@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -40,33 +39,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the real-format file writers the suite uses
+
+from formats import save_random_fid_inception, write_pngs  # noqa: E402
 PYTORCH_FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-
-
-def save_random_fid_inception(path: Path) -> None:
-    """Random weights with the FID Inception's parameter names and shapes (see tests)."""
-    import torchvision
-
-    torch.manual_seed(0)
-    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
-                                          init_weights=False)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-            torch.nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_in))
-    torch.save(net.state_dict(), path)
-
-
-def write_pngs(folder: Path, n: int, seed: int, shift: float) -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(seed)
-    small = torch.rand(n, 3, 4, 4, generator=g) * 200 + shift
-    images = torch.nn.functional.interpolate(small, size=32, mode="bilinear", align_corners=False)
-    images = (images + torch.rand(n, 3, 32, 32, generator=g) * 40).clamp(0, 255).to(torch.uint8)
-    for i, img in enumerate(images):
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, str]:

@@ -33,22 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-
-def write_cifar_pickles(root: Path, per_batch: int, seed: int = 0) -> Path:
-    """A CIFAR-10 folder in the original format (Python 2 pickles) with random images."""
-    from dcgan_mn.data import write_cifar10_batch, write_cifar10_meta
-
-    folder = root / "cifar-10-batches-py"
-    rng = np.random.default_rng(seed)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images = rng.integers(0, 256, (per_batch, 3, 32, 32), dtype=np.uint8)
-        write_cifar10_batch(folder / name, images, rng.integers(0, 10, per_batch), name)
-    write_cifar10_meta(folder, per_batch)
-    return root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the suite's real-format writers
+from formats import write_fake_cifar10  # noqa: E402
 
 
 # ---- the baseline: pytorch/examples/dcgan's loop, on our architecture ----------------------
@@ -151,7 +140,7 @@ def main() -> None:
     skipped = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data_root = write_cifar_pickles(tmp / "data", args.images_per_batch)
+        data_root = write_fake_cifar10(tmp / "data", args.images_per_batch)
         images = load_cifar10(data_root, "train", download=False)  # uint8 [N, 3, 32, 32]
         arms = {f"baseline_workers{w}": (lambda s, w=w: baseline_images_per_s(
                     data_root, args.iters, args.batch_size, w, s)) for w in args.workers}

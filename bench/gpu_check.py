@@ -60,6 +60,9 @@ from dcgan_mn.device import autocast, cpu_capability, resolve_device  # noqa: E4
 from dcgan_mn.models import Discriminator, Generator  # noqa: E402
 from dcgan_mn.step import TrainStep  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))  # the real-format file writers the suite uses
+from formats import save_random_fid_inception  # noqa: E402
+
 SCHEMA = "gpu_check/1"
 CONFIGS = {"bn": (), "mn01": (0, 1), "mn_all": (0, 1, 2)}
 MODES = ("eager", "default", "reduce-overhead")
@@ -727,22 +730,6 @@ def correctness_section(device: torch.device) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
-
-
-def save_random_fid_inception(path: Path) -> None:
-    """Random weights with the FID Inception's parameter names and shapes (as tests and
-    bench_fid do): the real architecture, so its speed is the real one's."""
-    import torchvision
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
-                                              init_weights=False)
-        for m in net.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-                torch.nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_in))
-    torch.save(net.state_dict(), path)
 
 
 def inception_weights(path: Optional[str], tmp: Path):

@@ -17,7 +17,6 @@ device: no per-image Python, no worker processes, no host-to-device copy per bat
 from __future__ import annotations
 
 import pickle
-import struct
 from pathlib import Path
 from typing import Optional, Union
 
@@ -32,8 +31,6 @@ __all__ = [
     "CIFAR10_FOLDER",
     "IMAGE_EXTENSIONS",
     "load_cifar10",
-    "write_cifar10_batch",
-    "write_cifar10_meta",
     "find_images",
     "load_image_folder",
     "load_dataset",
@@ -92,55 +89,6 @@ def _read_cifar_batch(path: Path) -> np.ndarray:
             f"--data-root: {path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); "
             f"delete the folder {path.parent} to download it again"
         ) from None
-
-
-class _Py2Pickler(pickle._Pickler):
-    """Writes ``bytes`` as Python 2 ``str`` (the BINSTRING opcodes), as CIFAR-10's files were
-    written: loaded with ``encoding="bytes"`` they are bytes, with ``encoding="latin1"``
-    (torchvision) they are str."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def _save_py2_str(self, obj: bytes) -> None:
-        n = len(obj)
-        head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
-        self.write(head + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = _save_py2_str
-
-
-def write_cifar10_batch(path: PathLike, images: np.ndarray, labels, name: str = "") -> Path:
-    """Write uint8 images [n, 3, 32, 32] as one CIFAR-10 python batch, in the original on-disk
-    format (a protocol-2 pickle of a Python 2 dict: data [n, 3072], labels, filenames,
-    batch_label). Used to build small real-format datasets for tests and benchmarks."""
-    images = np.ascontiguousarray(images, dtype=np.uint8)
-    n = images.shape[0]
-    entry = {
-        b"batch_label": (name or Path(path).name).encode(),
-        b"labels": [int(x) for x in labels],
-        b"data": images.reshape(n, 3072),  # R plane, G plane, B plane per row
-        b"filenames": [f"image_{i:05d}.png".encode() for i in range(n)],
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        _Py2Pickler(f, protocol=2).dump(entry)
-    return path
-
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-def write_cifar10_meta(folder: PathLike, images_per_batch: int = 10000) -> Path:
-    """The ``batches.meta`` file of a CIFAR-10 folder (class names), in the original format."""
-    path = Path(folder) / "batches.meta"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {b"label_names": [c.encode() for c in CIFAR10_CLASSES],
-             b"num_cases_per_batch": images_per_batch, b"num_vis": 3072}
-    with open(path, "wb") as f:
-        _Py2Pickler(f, protocol=2).dump(entry)
-    return path
 
 
 def load_cifar10(root: PathLike, split: str = "train", download: bool = True) -> Tensor:

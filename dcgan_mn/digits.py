@@ -24,7 +24,6 @@ keeps its labels [N, 3].
 from __future__ import annotations
 
 import hashlib
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -46,7 +45,6 @@ __all__ = [
     "load_stacked",
     "mode_ids",
     "digits_key",
-    "write_idx",
 ]
 
 STACKED_SOURCES = ("stacked-mnist", "stacked-digits")
@@ -170,21 +168,3 @@ def mode_ids(labels: Tensor) -> Tensor:
     """Digit triples [N, 3] -> mode index [N] in 0..999 (100 * red + 10 * green + blue)."""
     labels = labels.to(torch.int64)
     return labels[:, 0] * 100 + labels[:, 1] * 10 + labels[:, 2]
-
-
-# --------------------------------------------------------------------------------------------
-# MNIST's on-disk format (for tests and offline re-exports)
-# --------------------------------------------------------------------------------------------
-
-
-def write_idx(path: PathLike, array: np.ndarray) -> Path:
-    """Write a uint8 array as an IDX file (MNIST's format: magic 0x0000 08 <ndim>, big-endian
-    int32 sizes, then the bytes), readable by torchvision's MNIST reader."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
-        f.write(struct.pack(f">{array.ndim}i", *array.shape))
-        f.write(array.tobytes())
-    return path

@@ -5,22 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from formats import save_random_fid_inception, write_fake_cifar10  # noqa: F401 (suites import them here)
 
-def write_fake_cifar10(root: Path, images_per_batch: int = 40, seed: int = 0) -> Path:
-    """CIFAR-10's python batches (data_batch_1..5, test_batch) with random images, in the real
-    on-disk format (see ``dcgan_mn.data.write_cifar10_batch``)."""
-    from dcgan_mn.data import write_cifar10_batch, write_cifar10_meta
-
-    folder = Path(root) / "cifar-10-batches-py"
-    rng = np.random.default_rng(seed)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        images = rng.integers(0, 256, (images_per_batch, 3, 32, 32), dtype=np.uint8)
-        write_cifar10_batch(folder / name, images, rng.integers(0, 10, images_per_batch), name)
-    write_cifar10_meta(folder, images_per_batch)
-    return Path(root)
+# Flags of a tiny train.py run (8-wide networks, 8-image batches, no grids, no bars) that the
+# CLI suites share; each adds what it varies (evaluation cadence, --dims, logging).
+TRAIN_TINY = ("--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64",
+              "--device", "cpu", "--no-progress")
 
 
 @pytest.fixture
@@ -54,25 +46,6 @@ def read_tensorboard(run_dir):
     return scalars, images, tags["tensors"]
 
 
-def save_random_fid_inception(path, seed: int = 0):
-    """A random state dict with the FID Inception's keys and shapes, as torch hub stores it
-    (the real weights cannot be downloaded here; the architecture is the real one)."""
-    import math
-
-    import torch
-    import torchvision
-
-    torch.manual_seed(seed)
-    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
-                                          init_weights=False)
-    for m in net.modules():  # variance-preserving init keeps the deep features in a sane range
-        if isinstance(m, torch.nn.Conv2d):
-            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-            torch.nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_in))
-    torch.save(net.state_dict(), path)
-    return Path(path)
-
-
 @pytest.fixture(scope="session")
 def fid_weights_file(tmp_path_factory):
     """One random FID-Inception weights file shared by every test of the session."""
@@ -89,6 +62,16 @@ def load_script(filename: str, attribute: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return getattr(module, attribute)
+
+
+def invoker(command):
+    """``run(*args)`` for a click command: its CliRunner result, every argument made a string."""
+    from click.testing import CliRunner
+
+    def run(*args):
+        return CliRunner().invoke(command, [str(a) for a in args])
+
+    return run
 
 
 @pytest.fixture(scope="session")

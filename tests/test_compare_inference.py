@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from dcgan_mn import compare as C
-from dcgan_mn.runfolder import RunFolder
 
 ITERS = [200, 400, 600, 800, 1000, 1200]
 BASE = [100.0, 70.0, 55.0, 50.0, 52.0, 51.0]  # best 50 at 800

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 import pytorch_fid.inception as pfi
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn.features import sha256_file
 
-from conftest import load_script
+from conftest import invoker, load_script, write_fake_cifar10
+from formats import write_pngs
 
 
 
@@ -26,27 +26,13 @@ def weights_file(fid_weights_file):
     return fid_weights_file
 
 
-def write_pngs(folder, n, seed, shift=0):
-    """n smooth-ish random 32x32 RGB PNGs (low-frequency noise, so features vary sensibly)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    small = torch.rand(n, 3, 4, 4, generator=g) * 200 + shift
-    images = torch.nn.functional.interpolate(small, size=32, mode="bilinear", align_corners=False)
-    images = (images + torch.rand(n, 3, 32, 32, generator=g) * 40).clamp(0, 255).to(torch.uint8)
-    for i, img in enumerate(images):
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("imgs")
     return write_pngs(tmp / "a", 70, seed=1), write_pngs(tmp / "b", 70, seed=2, shift=30)
 
 
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result
+run = invoker(cli)
 
 
 def pytorch_fid_reference(weights_file, monkeypatch, fn):
@@ -260,27 +246,13 @@ def test_generator_bad_inputs(tiny_features, folders, tmp_path):
 # --- CIFAR-10 references, from the real on-disk format ---------------------------------------
 
 
-def write_cifar10(root, n_per_batch=6):
-    import pickle
-
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"batch_label": name.encode(), b"labels": [0] * n_per_batch,
-                 b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                 b"filenames": [b"x.png"] * n_per_batch}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-
-
 def test_cifar10_reference_offline_and_missing(tiny_features, folders, tmp_path, monkeypatch):
     import torchvision.datasets.utils as tvu
     import urllib.error
 
     a, _ = folders
     data = tmp_path / "data"
-    write_cifar10(data)
+    write_fake_cifar10(data, images_per_batch=6)
     common = ["--dims", 64, "--device", "cpu", "--no-progress", "--cache-dir", tmp_path / "c",
               "--data-root", data]
     res = run("stats", "--ref", "cifar10-train", *common)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import formats
 from dcgan_mn import metrics as M
 from dcgan_mn.config import TrainConfig
 from dcgan_mn.features import quantize_images
@@ -40,11 +41,7 @@ def random_spd(d, rng, scale=1.0):
 
 
 def write_pngs(folder, n, seed, size=32):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    return folder
+    return formats.write_pngs(folder, n, seed, smooth=False, size=size)  # uniform pixel noise
 
 
 # --- streaming moments ---------------------------------------------------------------------

@@ -224,28 +224,6 @@ def test_training_output_depends_on_the_batch():
     assert not torch.allclose(m(x)[:2], m(x[:2]))
 
 
-def test_clear_errors():
-    m = ModeNorm2d(4)
-    with pytest.raises(ValueError, match="4-D input"):
-        m(torch.randn(4, 4, 3))
-    with pytest.raises(ValueError, match="4-D input"):
-        m(torch.randn(2, 4, 3, 3, 1))
-    with pytest.raises(ValueError, match="got 5 channels"):
-        m(torch.randn(2, 5, 3, 3))
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
-        m(torch.randn(1, 4, 1, 1))
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
-        ModeNorm2d(4, track_running_stats=False).eval()(torch.randn(1, 4, 1, 1))
-    m.eval()
-    assert m(torch.randn(1, 4, 1, 1)).shape == (1, 4, 1, 1)  # running statistics: fine
-    with pytest.raises(ValueError, match=r"num_modes \(K\) must be >= 1"):
-        ModeNorm2d(4, num_modes=0)
-    with pytest.raises(ValueError, match="num_features"):
-        ModeNorm2d(0)
-    with pytest.raises(ValueError, match="eps"):
-        ModeNorm2d(4, eps=0.0)
-
-
 def test_state_reset_repr_and_telemetry():
     m = ModeNorm2d(4, num_modes=3, momentum=0.2)
     assert m.telemetry() == {}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dcgan_mn import digits as DG
+from formats import write_mnist_raw
 from dcgan_mn import metrics as M
 from dcgan_mn.data import DataError
 from dcgan_mn.features import sha256_file
@@ -24,20 +25,6 @@ def all_triples(repeat=1):
 
 
 # --- datasets --------------------------------------------------------------------------------
-
-
-def write_mnist_raw(root, n_train=30, n_test=12, seed=0):
-    """MNIST's four raw idx files, as torchvision extracts them, with random digits."""
-    rng = np.random.default_rng(seed)
-    raw = root / "MNIST" / "raw"
-    out = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        DG.write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        DG.write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-        out[prefix] = (images, labels)
-    return out
 
 
 def test_mnist_from_raw_idx_files_is_padded_not_resampled(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import load_script, read_tensorboard
+from conftest import TRAIN_TINY, invoker, load_script, read_tensorboard
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import checkpoint as C
 from dcgan_mn import compare as C_
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.usefixtures("train_single_thread")
 
 train_cli = load_script("train.py", "main")
 eval_cli = load_script("evaluate.py", "cli")
-TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64", "--device", "cpu",
-        "--sample-every", "2", "--log-every", "2", "--no-progress"]
+TINY = [*TRAIN_TINY, "--sample-every", "2", "--log-every", "2"]
 
 
 def test_stacked_dataset_resumes_exactly(tmp_path):
@@ -76,7 +75,7 @@ def test_stacked_run_without_inception_writes_mode_rows(mode_run, modes_classifi
 
 def test_evaluate_modes_on_run_checkpoint_and_images(mode_run, modes_cache, tmp_path):
     run_dir, _ = mode_run
-    invoke = lambda *a: CliRunner().invoke(eval_cli, [str(x) for x in a])  # noqa: E731
+    invoke = invoker(eval_cli)
     common = ["--samples", "48", "--no-progress", "--cache-dir", modes_cache, "--device", "cpu"]
     # The run folder: every snapshot, the same numbers training logged (same latents, same mode).
     res = invoke("modes", run_dir, *common)

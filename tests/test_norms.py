@@ -16,6 +16,7 @@ from torch import nn
 from dcgan_mn.norms import (
     Mixture,
     MixtureNorm2d,
+    ModeNorm2d,
     em_mixture,
     fit_mixture,
     kmeans_mixture,
@@ -816,28 +817,35 @@ def test_bf16_autocast(k):
 # --------------------------------------------------------------------------------------------
 
 
-def test_clear_errors():
-    mn = MixtureNorm2d(4)
+@pytest.mark.parametrize("cls, k_arg", [(MixtureNorm2d, "num_components"), (ModeNorm2d, "num_modes")])
+def test_clear_errors_shared_by_component_norms(cls, k_arg):
+    """The input and hyper-parameter checks Mixture and Mode Normalization share (their base)."""
+    m = cls(4)
     with pytest.raises(ValueError, match="4-D input"):
-        mn(torch.randn(4, 4, 3))
+        m(torch.randn(4, 4, 3))
     with pytest.raises(ValueError, match="4-D input"):
-        mn(torch.randn(2, 4, 3, 3, 1))
+        m(torch.randn(2, 4, 3, 3, 1))
     with pytest.raises(ValueError, match="got 5 channels"):
-        mn(torch.randn(2, 5, 3, 3))
+        m(torch.randn(2, 5, 3, 3))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        mn(torch.randn(1, 4, 1, 1))
+        m(torch.randn(1, 4, 1, 1))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        MixtureNorm2d(4, track_running_stats=False).eval()(torch.randn(1, 4, 1, 1))
-    mn.eval()
-    assert mn(torch.randn(1, 4, 1, 1)).shape == (1, 4, 1, 1)  # running stats: fine
-    with pytest.raises(ValueError, match=r"num_components \(K\) must be >= 1, got 0"):
-        MixtureNorm2d(4, num_components=0)
+        cls(4, track_running_stats=False).eval()(torch.randn(1, 4, 1, 1))
+    m.eval()
+    assert m(torch.randn(1, 4, 1, 1)).shape == (1, 4, 1, 1)  # running stats: fine
+    with pytest.raises(ValueError, match=rf"{k_arg} \(K\) must be >= 1, got 0"):
+        cls(4, **{k_arg: 0})
+    with pytest.raises(ValueError, match="num_features"):
+        cls(0)
+    with pytest.raises(ValueError, match="eps"):
+        cls(4, eps=0.0)
+
+
+def test_clear_errors():
     with pytest.raises(ValueError, match="fit_points"):
         MixtureNorm2d(4, num_components=3, fit_points=2)
     with pytest.raises(ValueError, match="kmeans_iters"):
         MixtureNorm2d(4, kmeans_iters=-1)
-    with pytest.raises(ValueError, match="num_features"):
-        MixtureNorm2d(0)
     with pytest.raises(ValueError, match="unknown norm kind 'ln'"):
         make_norm2d(4, "ln")
     assert isinstance(make_norm2d(4, "bn"), nn.BatchNorm2d)

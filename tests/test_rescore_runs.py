@@ -4,7 +4,6 @@ import dataclasses
 import json
 import warnings
 
-import pytest
 
 from dcgan_mn import metrics as M
 from dcgan_mn import rescore as RS

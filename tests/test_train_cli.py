@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import load_script, write_fake_cifar10
+from conftest import TRAIN_TINY, invoker, load_script, write_fake_cifar10
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import checkpoint as C
 
@@ -24,12 +23,8 @@ pytestmark = pytest.mark.usefixtures("train_single_thread")
 
 
 cli = load_script("train.py", "main")
-TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64", "--device", "cpu",
-        "--sample-every", "0", "--fid-every", "0", "--no-progress"]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+TINY = [*TRAIN_TINY, "--sample-every", "0", "--fid-every", "0"]
+run = invoker(cli)
 
 
 @pytest.fixture

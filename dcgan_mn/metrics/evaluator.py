@@ -32,7 +32,7 @@ from torch import Tensor
 from ..features import FeatureExtractor, quantize_images
 from .errors import MetricsError
 from .inception import InceptionMetrics
-from .reference import DEFAULT_REAL_FEATURES, ReferenceStats, load_reference
+from .reference import ReferenceStats, load_reference
 from .specs import metric_spec
 
 __all__ = ["Evaluator", "build_evaluator", "generated_images", "sample_count_tag", "metric_direction", "metric_count_key"]
@@ -125,22 +125,20 @@ class Evaluator:
         reference: Optional[ReferenceStats] = None,
         *,
         families: Sequence[Any] = (),
-        num_samples: int = 10_000,
         seed: int = 0,
-        prdc_k: int = 5,
-        max_metric_samples: int = DEFAULT_REAL_FEATURES,
-        kid_subsets: int = 100,
-        kid_subset_size: int = 1000,
         progress: bool = False,
+        **inception_options: Any,
     ) -> None:
+        """``inception_options`` are ``InceptionMetrics``' own keywords (``num_samples``,
+        ``prdc_k``, ``kid_subsets``, ...), for the Inception family the shorthand builds."""
         self.families: list[Any] = []
         if extractor is not None or reference is not None:
             if extractor is None or reference is None:
                 raise ValueError("the Inception metrics need both an extractor and a reference")
-            self.families.append(InceptionMetrics(
-                extractor, reference, num_samples=num_samples, seed=seed, prdc_k=prdc_k,
-                max_metric_samples=max_metric_samples, kid_subsets=kid_subsets,
-                kid_subset_size=kid_subset_size))
+            self.families.append(InceptionMetrics(extractor, reference, seed=seed, **inception_options))
+        elif inception_options:
+            raise ValueError(f"{sorted(inception_options)}: options of the Inception metrics, "
+                             f"given without an extractor and a reference")
         self.families.extend(families)
         if not self.families:
             raise ValueError("an evaluator needs at least one metric family")
@@ -155,30 +153,12 @@ class Evaluator:
         return next((f for f in self.families if isinstance(f, InceptionMetrics)), None)
 
     @property
-    def extractor(self) -> Optional[FeatureExtractor]:
-        return self.inception.extractor if self.inception else None
-
-    @property
-    def reference(self) -> Optional[ReferenceStats]:
-        return self.inception.reference if self.inception else None
-
-    @property
     def ref_key(self) -> Optional[str]:
         return self.inception.reference.key if self.inception else None
 
     @property
     def dims(self) -> Optional[int]:
         return self.inception.dims if self.inception else None
-
-    @property
-    def weights_sha256(self) -> Optional[str]:
-        return self.inception.extractor.weights_sha256 if self.inception else None
-
-    @property
-    def metric_samples(self) -> int:
-        """How many generated (and real) feature rows KID and PRDC use."""
-        fam = self.inception
-        return min(fam.num_samples, fam.keep_rows) if fam else 0
 
     @property
     def primary_metric(self) -> str:

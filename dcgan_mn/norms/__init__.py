@@ -25,65 +25,17 @@ Synchronized MN/BN under torch.distributed lives in ``dcgan_mn.sync``, which imp
 (never the other way).
 """
 
-from .estimators import (
-    ESTIMATORS,
-    channel_mixtures,
-    em_mixture,
-    estimate_mixture,
-    fit_mixture,
-    kmeans_mixture,
-    kmeans_pp_seeds,
-    sample_fit_points,
-)
-from .factory import NORM_KINDS, group_norm_groups, make_norm2d
-from .functional import (
-    _MixtureAffine,
-    _mixture_norm2d_fixed,
-    _PosteriorMoments,
-    channel_mixture_norm,
-    mixture_norm2d,
-    mixture_normalization,
-)
-from .matching import match_components, match_components_per_channel
-from .mixture import Mixture, MixtureMoments
-from .mode import ModeNorm2d, mode_gates, mode_norm
-from .module import MixtureNorm2d
-from .readings import POINTS
-from .reference import (
-    mixture_moments,
-    mixture_norm,
-    mixture_normalize,
-    mixture_posteriors,
-    moments_to_stats,
-)
+from . import estimators, factory, functional, matching, mixture, mode, module, readings, reference
+from .estimators import *  # noqa: F401,F403  (each module's __all__ is the public surface)
+from .factory import *  # noqa: F401,F403
+from .functional import *  # noqa: F401,F403
+from .functional import _MixtureAffine, _mixture_norm2d_fixed, _PosteriorMoments  # noqa: F401 (tests, sync)
+from .matching import *  # noqa: F401,F403
+from .mixture import *  # noqa: F401,F403
+from .mode import *  # noqa: F401,F403
+from .module import *  # noqa: F401,F403
+from .readings import *  # noqa: F401,F403
+from .reference import *  # noqa: F401,F403
 
-__all__ = [
-    "Mixture",
-    "MixtureMoments",
-    "sample_fit_points",
-    "ESTIMATORS",
-    "kmeans_pp_seeds",
-    "kmeans_mixture",
-    "em_mixture",
-    "estimate_mixture",
-    "fit_mixture",
-    "mixture_posteriors",
-    "mixture_moments",
-    "moments_to_stats",
-    "mixture_normalize",
-    "mixture_norm",
-    "mixture_norm2d",
-    "mixture_normalization",
-    "match_components",
-    "POINTS",
-    "channel_mixtures",
-    "channel_mixture_norm",
-    "match_components_per_channel",
-    "MixtureNorm2d",
-    "make_norm2d",
-    "NORM_KINDS",
-    "group_norm_groups",
-    "ModeNorm2d",
-    "mode_norm",
-    "mode_gates",
-]
+__all__ = [name for part in (mixture, matching, readings, reference, estimators, functional,
+                             module, mode, factory) for name in part.__all__]

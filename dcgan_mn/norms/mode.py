@@ -40,11 +40,12 @@ from the running buffers, so a sample's output does not depend on the rest of it
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from .base import _ComponentNormBase
 from .mixture import _TINY
 
 __all__ = ["ModeNorm2d", "mode_norm", "mode_gates"]
@@ -102,7 +103,7 @@ def mode_norm(
     return y, g, stats
 
 
-class ModeNorm2d(nn.Module):
+class ModeNorm2d(_ComponentNormBase):
     r"""Mode Normalization over a 4-D input [N, C, H, W] (see the module docstring).
 
     Args:
@@ -118,6 +119,7 @@ class ModeNorm2d(nn.Module):
     """
 
     __constants__ = ["num_features", "num_modes", "eps", "momentum", "affine", "track_running_stats"]
+    _components_arg = "num_modes"
 
     def __init__(
         self,
@@ -130,76 +132,30 @@ class ModeNorm2d(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        if num_features < 1:
-            raise ValueError(f"num_features must be >= 1, got {num_features}")
-        if num_modes < 1:
-            raise ValueError(f"num_modes (K) must be >= 1, got {num_modes}")
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.num_modes = num_modes
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        self.gate_weight = nn.Parameter(torch.empty(num_modes, num_features, **factory))
-        self.gate_bias = nn.Parameter(torch.empty(num_modes, **factory))
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.empty(num_modes, num_features, **factory))
-            self.register_buffer("running_var", torch.empty(num_modes, num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        super().__init__(num_features, num_modes, eps, momentum, affine, track_running_stats)
         # Telemetry of the last training batch: detached device tensors, read only on demand.
         self.last_gate_weight: Optional[Tensor] = None  # [K]
         self.last_gate_entropy: Optional[Tensor] = None  # []
-        self.reset_parameters()
+        self._register_tensors(device, dtype)
 
-    # ---- nn.BatchNorm2d-style housekeeping ----------------------------------------------------
+    @property
+    def num_modes(self) -> int:
+        """K, the number of modes (the base's ``num_components``)."""
+        return self.num_components
 
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
-            self.num_batches_tracked.zero_()
+    def _register_own(self, factory: dict) -> None:
+        """The gating network: gate_weight [K, C], gate_bias [K]."""
+        self.gate_weight = nn.Parameter(torch.empty(self.num_modes, self.num_features, **factory))
+        self.gate_bias = nn.Parameter(torch.empty(self.num_modes, **factory))
 
     def reset_parameters(self) -> None:
-        self.reset_running_stats()
+        super().reset_parameters()
         # The authors' gate initialisation: near-uniform gates, symmetry broken by small noise;
         # the bias as nn.Linear's default.
         with torch.no_grad():
             self.gate_weight.normal_(0.0, 0.01).add_(1.0 / self.num_modes)
             bound = 1.0 / math.sqrt(self.num_features)
             self.gate_bias.uniform_(-bound, bound)
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            "{num_features}, num_modes={num_modes}, eps={eps}, momentum={momentum}, "
-            "affine={affine}, track_running_stats={track_running_stats}".format(**self.__dict__)
-        )
-
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"ModeNorm2d expects 4-D input [N, C, H, W], got {x.dim()}-D "
-                             f"input of shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"ModeNorm2d({self.num_features}) got {x.shape[1]} channels "
-                             f"(input shape {tuple(x.shape)})")
 
     # ---- forward -------------------------------------------------------------------------------
 
@@ -230,15 +186,7 @@ class ModeNorm2d(nn.Module):
             return
         mu, var, n_eff = (s.detach() for s in stats)
         self.num_batches_tracked.add_(1)
-        # momentum=None: cumulative average, the factor a device tensor (no host read)
-        factor: Union[float, Tensor] = (
-            self.momentum if self.momentum is not None
-            else 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
-        )
-        # Unbiased variance as BatchNorm's (n / (n - 1)), with a mode's effective count.
-        bessel = n_eff / (n_eff - 1.0).clamp_min(1.0)  # [K]
-        self.running_mean.lerp_(mu.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_((var * bessel.unsqueeze(1)).to(self.running_var.dtype), factor)
+        self._fold_running(mu, var, n_eff, self._momentum_factor())
 
     def telemetry(self) -> dict[str, Tensor]:
         """Last training batch: mean gate weights [K] and mean gate entropy (nats). Device

@@ -1,7 +1,8 @@
 """``MixtureNorm2d``, split as torch splits ``_NormBase`` / ``_BatchNorm``.
 
 ``_MixtureNormBase`` keeps the books (hyper-parameters and their checks, parameters, running
-buffers, ``reset_*``, ``extra_repr``, input checks, the running-statistics update and telemetry);
+buffers, ``reset_*``, ``extra_repr``, input checks, the running-statistics update and telemetry),
+on the base it shares with Mode Normalization (``base._ComponentNormBase``);
 ``MixtureNorm2d`` adds the forward: fit the batch mixture (or take the running one), call the
 one functional front door ``functional.mixture_normalization``, record the batch. What differs
 between the vector and the per-channel reading is chosen once, in ``__init__`` (``readings.py``).
@@ -12,8 +13,9 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from .base import _ComponentNormBase
 from .estimators import ESTIMATORS, estimate_mixture, sample_fit_points
 from .functional import mixture_normalization
 from .mixture import _TINY, Mixture, MixtureMoments
@@ -22,7 +24,7 @@ from .readings import POINTS, READINGS
 __all__ = ["MixtureNorm2d"]
 
 
-class _MixtureNormBase(nn.Module):
+class _MixtureNormBase(_ComponentNormBase):
     """Hyper-parameters, parameters and running buffers of Mixture Normalization; no forward."""
 
     _version = 1
@@ -48,11 +50,7 @@ class _MixtureNormBase(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        if num_features < 1:
-            raise ValueError(f"num_features must be >= 1, got {num_features}")
-        if num_components < 1:
-            raise ValueError(f"num_components (K) must be >= 1, got {num_components}")
+        super().__init__(num_features, num_components, eps, momentum, affine, track_running_stats)
         if fit_points < num_components:
             raise ValueError(
                 f"fit_points must be >= num_components ({num_components}), got {fit_points}"
@@ -65,15 +63,6 @@ class _MixtureNormBase(nn.Module):
             raise ValueError(f"em_iters must be >= 0, got {em_iters}")
         if point not in POINTS:
             raise ValueError(f"point must be one of {POINTS}, got {point!r}")
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.num_components = num_components
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
         self.fit_points = fit_points
         self.kmeans_iters = kmeans_iters
         self.estimator = estimator
@@ -83,87 +72,48 @@ class _MixtureNormBase(nn.Module):
         self.posterior_grad = bool(posterior_grad)
         self.lambda_scale = bool(lambda_scale)
         self.reduce_moments: Optional[Callable[[MixtureMoments], MixtureMoments]] = None
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            k, c = num_components, num_features
-            self.register_buffer("running_weight",
-                                 torch.empty(self._reading.weight_shape(k, c), **factory))
-            self.register_buffer("running_mean", torch.empty(k, c, **factory))
-            self.register_buffer("running_var", torch.empty(k, c, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_weight", None)
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
         # Telemetry of the last training batch: detached device tensors, read only on demand.
         self.last_batch_weight: Optional[Tensor] = None  # [K]
         self.last_posterior_entropy: Optional[Tensor] = None  # []
-        self.reset_parameters()
+        self._register_tensors(device, dtype)
+
+    def _register_own(self, factory: dict) -> None:
+        """running_weight: the running mixture weights, [K] (or [K, C] per channel)."""
+        shape = self._reading.weight_shape(self.num_components, self.num_features)
+        self.register_buffer("running_weight",
+                             torch.empty(shape, **factory) if self.track_running_stats else None)
 
     # ---- nn.BatchNorm2d-style housekeeping ----------------------------------------------------
 
     def reset_running_stats(self) -> None:
+        super().reset_running_stats()
         if self.track_running_stats:
             self.running_weight.fill_(1.0 / self.num_components)
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (
-            "{num_features}, num_components={num_components}, eps={eps}, momentum={momentum}, "
-            "affine={affine}, track_running_stats={track_running_stats}, "
-            "fit_points={fit_points}, kmeans_iters={kmeans_iters}, estimator={estimator}, "
-            "em_iters={em_iters}, point={point}, posterior_grad={posterior_grad}, "
-            "lambda_scale={lambda_scale}"
-            .format(**self.__dict__)
+            super().extra_repr() + ", fit_points={fit_points}, kmeans_iters={kmeans_iters}, "
+            "estimator={estimator}, em_iters={em_iters}, point={point}, "
+            "posterior_grad={posterior_grad}, lambda_scale={lambda_scale}".format(**self.__dict__)
         )
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"MixtureNorm2d expects 4-D input [N, C, H, W], got {x.dim()}-D "
-                             f"input of shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"MixtureNorm2d({self.num_features}) got {x.shape[1]} channels "
-                             f"(input shape {tuple(x.shape)})")
-
     # ---- running statistics and telemetry -----------------------------------------------------
+
+    def _momentum_factor(self) -> float:
+        """As the base's, but a Python float: the K = 1 path hands it to BatchNorm's kernel,
+        which takes no tensor (one host read, only for ``momentum=None``)."""
+        return self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
 
     @torch.no_grad()
     def _update_running(self, lam: Tensor, mean: Tensor, var: Tensor, n_eff: Tensor) -> None:
         """Fold a training batch's statistics (lambda, E, Var, n_eff) into the running ones."""
         self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
-            factor = 1.0 / float(self.num_batches_tracked)
-        else:
-            factor = self.momentum
+        factor = self._momentum_factor()
         if self.num_components > 1:  # components have no identity across batches: match them
             lam, mean, var, n_eff = self._reading.match(
                 (lam, mean, var, n_eff), self.running_mean.to(mean.dtype))
-        # Unbiased variance with the effective sample size: n_eff / (n_eff - 1), BN's
-        # P / (P - 1) for K = 1. A component carrying less than two points' worth of posterior
-        # mass (n_eff < 2) has no variance estimate worth correcting; its factor is capped at
-        # n_eff (<= 2) instead of growing without bound as n_eff -> 1.
-        bessel = n_eff / (n_eff - 1.0).clamp_min(1.0)  # [K] (or [K, C] per channel)
-        unbiased = var * bessel.view(self.num_components, -1)  # [K, C]
-        dt = self.running_mean.dtype
-        self.running_weight.lerp_(lam.to(dt), factor)
-        self.running_mean.lerp_(mean.to(dt), factor)
-        self.running_var.lerp_(unbiased.to(dt), factor)
+        self.running_weight.lerp_(lam.to(self.running_weight.dtype), factor)
+        self._fold_running(mean, var, n_eff, factor)
 
     def telemetry(self) -> dict[str, Tensor]:
         """Last training batch: mixture weights [K] (per channel, sorted, averaged over channels for
@@ -294,9 +244,7 @@ class MixtureNorm2d(_MixtureNormBase):
             running_mean, running_var = self.running_mean.view(-1), self.running_var.view(-1)  # [C]
             if self.training:
                 self.num_batches_tracked.add_(1)
-                # As nn.BatchNorm2d: momentum=None is a cumulative average (one host read).
-                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                          else self.momentum)
+                factor = self._momentum_factor()
         if self.training:
             self.last_batch_weight = self._unit_weight(x.device)
         return torch.nn.functional.batch_norm(
