@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
 
-    from conftest import save_random_fid_inception
+    from formats import save_random_fid_inception
     from dcgan_mn import metrics as M
     from dcgan_mn.features import InceptionFeatureExtractor
     from dcgan_mn.models import Generator

@@ -52,6 +52,22 @@ def fid_weights_file(tmp_path_factory):
     return save_random_fid_inception(tmp_path_factory.mktemp("fid_weights") / "random_inception.pth")
 
 
+def assert_eval_is_per_sample(norm, x, **tol) -> None:
+    """A norm layer in eval with running statistics: each sample's output is the same alone, in
+    ``x`` and among other (wild) samples, and no buffer changes. ``tol``: assert_close's."""
+    import torch
+
+    norm.eval()
+    buffers = {k: v.clone() for k, v in norm.state_dict().items()}
+    full = norm(x)  # [N, C, H, W]
+    for i in range(x.shape[0]):
+        torch.testing.assert_close(norm(x[i : i + 1]), full[i : i + 1], **tol)
+        other = torch.cat([x[i : i + 1], torch.randn(3, *x.shape[1:]) * 10])
+        torch.testing.assert_close(norm(other)[:1], full[i : i + 1], **tol)
+    for k, v in norm.state_dict().items():  # eval never touches buffers
+        assert torch.equal(v, buffers[k]), k
+
+
 def load_script(filename: str, attribute: str):
     """The click command ``attribute`` of a repo-root script (train.py, evaluate.py), loaded by
     file path: the scripts are not part of the installed package."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_eval_is_per_sample
 from dcgan_mn.kernels import count_ops
 from dcgan_mn.norms import NORM_KINDS, MixtureNorm2d, ModeNorm2d, make_norm2d, mode_norm
 from dcgan_mn.step import compile_step_config
@@ -206,16 +207,7 @@ def test_eval_output_of_a_sample_ignores_the_batch():
     m = randomized(ModeNorm2d(5, num_modes=3))
     for s in range(4):
         m(multimodal((8, 5, 3, 3), seed=s))
-    m.eval()
-    buffers = {k: v.clone() for k, v in m.state_dict().items()}
-    x = multimodal((6, 5, 3, 3), seed=10)
-    full = m(x)
-    for i in range(6):
-        torch.testing.assert_close(m(x[i : i + 1]), full[i : i + 1])
-        other = torch.cat([x[i : i + 1], torch.randn(3, 5, 3, 3) * 10])
-        torch.testing.assert_close(m(other)[:1], full[i : i + 1])
-    for k, v in m.state_dict().items():  # eval never touches buffers
-        assert torch.equal(v, buffers[k]), k
+    assert_eval_is_per_sample(m, multimodal((6, 5, 3, 3), seed=10))
 
 
 def test_training_output_depends_on_the_batch():

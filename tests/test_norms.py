@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_eval_is_per_sample
 from dcgan_mn.norms import (
     Mixture,
     MixtureNorm2d,
@@ -672,17 +673,7 @@ def test_eval_with_running_stats_is_per_sample():
     mn = MixtureNorm2d(5, num_components=3)
     for s in range(5):
         mn(bimodal((8, 5, 4, 4), seed=s))
-    mn.eval()
-    buffers = {k: v.clone() for k, v in mn.state_dict().items()}
-    x = bimodal((6, 5, 4, 4), seed=10)
-    full = mn(x)
-    for i in range(6):
-        alone = mn(x[i : i + 1])
-        torch.testing.assert_close(alone, full[i : i + 1], rtol=1e-5, atol=1e-6)
-        other = torch.cat([x[i : i + 1], torch.randn(3, 5, 4, 4) * 10])
-        torch.testing.assert_close(mn(other)[:1], full[i : i + 1], rtol=1e-5, atol=1e-6)
-    for k, v in mn.state_dict().items():  # eval never touches buffers
-        assert torch.equal(v, buffers[k]), k
+    assert_eval_is_per_sample(mn, bimodal((6, 5, 4, 4), seed=10), rtol=1e-5, atol=1e-6)
 
 
 def test_eval_without_running_stats_uses_batch():
