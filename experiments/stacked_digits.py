@@ -18,7 +18,8 @@ that reached ``--iters`` is skipped, a cut run resumes from its newest checkpoin
 script rather than being mixed in. When every run is done the script re-scores each evaluated
 snapshot with ``--eval-seeds`` evaluation seeds and writes ``evaluate.py compare`` reports for
 ``modes``, ``kl_modes`` and ``cfd`` under ``<out>/compare/<metric>/``, plus one sample grid per
-arm (``<out>/samples-<arm>.png``, the first seed's final generator).
+arm (``<out>/samples-<arm>.png``: the final generators of the first seed whose runs still hold
+their snapshots, the same seed in every arm).
 """
 
 from __future__ import annotations
@@ -204,6 +205,16 @@ def rescore(run: Run, eval_seeds: int, device: str, progress: bool) -> None:
     rescore_run(run.folder, METRICS[0], eval_seeds, device=resolve_device(device), progress=progress)
 
 
+def grid_seed(runs: list[Run], seeds: list[int]) -> int | None:
+    """The first training seed whose runs in every arm still hold their snapshots (the sample
+    grids show one seed, the same in every arm); None when no seed does (a clone of the
+    committed experiment keeps only the small files)."""
+    for seed in seeds:
+        if all(RunFolder(r.folder).snapshots() for r in runs if r.seed == seed):
+            return seed
+    return None
+
+
 def write_sample_grid(folder: Path, path: Path, sample_mode: str, batch_size: int) -> None:
     """8x8 grid of the run's final generator snapshot, from fixed latents (GRID_SEED)."""
     import torch
@@ -211,11 +222,7 @@ def write_sample_grid(folder: Path, path: Path, sample_mode: str, batch_size: in
 
     from dcgan_mn.checkpoint import load_generator
 
-    snapshots = RunFolder(folder).snapshots()
-    if not snapshots:  # a clone of the committed experiment: keep the committed grid
-        click.echo(f"sample grid: {folder} has no snapshots; {path} left as it is")
-        return
-    G, _, _ = load_generator(snapshots[-1][1])
+    G, _, _ = load_generator(RunFolder(folder).snapshots()[-1][1])
     z = torch.randn(64, G.z_dim, generator=torch.Generator().manual_seed(GRID_SEED))  # [64, z_dim]
     torch.manual_seed(GRID_SEED)  # MN's k-means++ draws in batch mode
     with torch.no_grad():
@@ -330,12 +337,15 @@ def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_si
                 raise click.ClickException(f"evaluate.py compare failed for {metric}")
             click.echo(f"  ({time.perf_counter() - t0:.0f} s)")
     sample_mode = planned_config(plan[0][1]).get("sample_mode", "batch")
+    seed = grid_seed(runs, seed_list)
+    if seed is None:  # a clone of the committed experiment: keep the committed grids
+        click.echo("sample grids: no seed has every arm's snapshots on disk; the grids are left as they are")
+        return
     for name, _ in parsed:
-        first = next(r for r in runs if r.arm == name)
+        run = next(r for r in runs if r.arm == name and r.seed == seed)
         path = out / f"samples-{name}.png"
-        write_sample_grid(first.folder, path, sample_mode, batch_size)
-        click.echo(f"sample grid {name}: {path}")
-
+        write_sample_grid(run.folder, path, sample_mode, batch_size)
+        click.echo(f"sample grid {name}: {path} ({run.name}'s final generator)")
 
 if __name__ == "__main__":
     main()

@@ -133,3 +133,15 @@ def test_a_clone_of_the_committed_experiment_is_done_not_restarted(tmp_path):
     assert (run.folder / "metrics.jsonl").read_text() == rows
     (run.folder / "metrics.jsonl").unlink()
     assert experiment.run_state(run, 600) == ("restart", 0)
+
+
+def test_sample_grids_show_one_seed_that_every_arm_still_has(tmp_path):
+    """A sweep continued from a clone has no snapshots for its earlier runs: the grids come
+    from the first seed whose runs in every arm hold theirs, the same seed for every arm."""
+    runs = [experiment.Run(arm, seed, (), tmp_path / f"{arm}-s{seed}") for seed in (0, 1, 2) for arm in ("bn", "mn")]
+    for name in ("bn-s0", "bn-s1", "mn-s2", "bn-s2"):  # seed 0: bn only; seed 1: bn only; seed 2: both
+        snap = RunFolder(tmp_path / name).snapshot_file(200)
+        snap.parent.mkdir(parents=True)
+        snap.write_bytes(b"")
+    assert experiment.grid_seed(runs, [0, 1, 2]) == 2
+    assert experiment.grid_seed(runs, [0, 1]) is None
