@@ -958,6 +958,13 @@ READING_GUIDE = """### Reading this report
 """
 
 
+# How the report names each kind of permutation test.
+PERMUTATION_WORDS = {
+    "samples": "sign flips of the seed-paired differences (signed ranks for the accelerations)",
+    "independent": "relabellings of the runs between the two arms",
+}
+
+
 def render_markdown(report: dict) -> str:
     """The report as markdown: per-arm summary, differences, accelerations, pairs, runs, the
     seed-count table and a fixed reading guide."""
@@ -980,7 +987,8 @@ def render_markdown(report: dict) -> str:
         f"Differences and accelerations: mean ± std over pairs [{interval_text}, unit: "
         f"{boot.get('unit', '–')}]. Below {boot.get('range_below', MIN_UNITS_FOR_INTERVAL_VERDICT)} "
         "units the bracket is the range of the values, marked \"(range of n)\", not a 95% interval. "
-        + (f"Permutation tests: {perm.get('permutation_type')} (scipy.stats.permutation_test). "
+        + (f"Permutation tests: {PERMUTATION_WORDS.get(perm.get('permutation_type'), perm.get('permutation_type'))} "
+           f"(scipy.stats.permutation_test, permutation_type={perm.get('permutation_type')!r}). "
            if perm else "")
         + (f"Evaluation noise: each point is the mean over {noise['eval_seeds']} evaluation seeds; "
            f"sigma_eval = {noise['sigma']:.3g} (largest point std {noise['max_point_std']:.3g}, "

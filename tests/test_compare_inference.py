@@ -126,6 +126,7 @@ def test_permutation_p_equals_enumeration_of_all_sign_flips(tmp_path, n):
         d = [p["best_difference"] for p in report["pairs"]]
         assert report["summary"]["difference"]["best"]["ci"] == pytest.approx([min(d), max(d)])
         assert "(range of 3)" in C.render_markdown(report)
+    assert "Permutation tests: sign flips of the seed-paired differences" in C.render_markdown(report)
 
 
 def test_unpaired_runs_use_independent_permutations(tmp_path):
@@ -135,6 +136,7 @@ def test_unpaired_runs_use_independent_permutations(tmp_path):
     assert report["pairing"] == "all"
     t = report["statistics"]["permutation"]["tests"]["best_difference"]
     assert t["permutation_type"] == "independent" and t["exact"]
+    assert "Permutation tests: relabellings of the runs between the two arms" in C.render_markdown(report)
     # By hand over all C(5, 2) relabellings; the null of unequal arms is not symmetric, so the
     # two-sided p is scipy's: twice the smaller tail.
     bests = np.array([r.best for r in [*cand, *base]])
