@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""The results table of an experiment's README, made from its ``compare/<metric>/compare.json``.
+
+    python experiments/results_table.py experiments/stacked-digits-weak-d           # print it
+    python experiments/results_table.py experiments/stacked-digits-weak-d --write   # into README.md
+
+One row per metric (``modes``, ``kl_modes``, ``cfd``): each arm's best, the candidate minus the
+baseline at the best, at the common final iteration and over the curve (AUC), each with its
+bracket (a 95% bootstrap interval, or the range of n below 5 pairs) and exact permutation p, the
+paper's acceleration (median over all pairs, a pair that never reached counted against the
+candidate, and how many reached), and how many runs per arm were still improving. ``--write``
+replaces the block between ``<!-- results-table -->`` and ``<!-- /results-table -->`` in the
+folder's README.md, so the README's table is what ``compare`` says (tests check that it is).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+METRICS = ("modes", "kl_modes", "cfd")
+BEGIN, END = "<!-- results-table -->", "<!-- /results-table -->"
+
+
+def number(v: float | None) -> str:
+    """Four significant figures, without exponents for the values these metrics take."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    text = f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+    return text.replace("-", "−")
+
+
+def spread(stat: dict) -> str:
+    """``mean [lo, hi]`` with the bracket's label when it is a range."""
+    text = number(stat.get("mean"))
+    ci = stat.get("ci")
+    if ci:
+        label = stat.get("ci_label") or ""
+        text += f" [{number(ci[0])}, {number(ci[1])}]" + (f" ({label})" if label.startswith("range") else "")
+    return text
+
+
+def p_value(test: dict | None) -> str:
+    return "p –" if not test or test.get("p") is None else f"p = {test['p']:.3g}"
+
+
+def acceleration(acc: dict, test: dict | None) -> str:
+    """Median over all pairs (not reached = -inf) and how many pairs reached the target."""
+    k, n = acc.get("reached", 0), acc.get("pairs", 0)
+    if acc.get("median_reached") and acc.get("median") is not None:
+        median = f"median {100 * acc['median']:.0f}%"
+    else:
+        median = "median: not reached"
+    return f"{median} (reached {k} of {n}), {p_value(test)}"
+
+
+def row(report: dict) -> str:
+    s = report["summary"]
+    labels = report["labels"]
+    tests = report.get("statistics", {}).get("permutation", {}).get("tests", {})
+    noise = report.get("evaluation_noise") or {}
+    sigma = f"; σ_eval {number(noise['sigma'])}" if noise.get("sigma") is not None else ""
+    diff = s["difference"]
+    final_at = s["candidate"].get("final_iteration", {}).get("mean")
+    cells = [
+        f"`{report['metric']}` ({report.get('better', 'lower')}{sigma})",
+        spread(s["baseline"]["best"]),
+        spread(s["candidate"]["best"]),
+        f"{spread(diff['best'])}, {p_value(tests.get('best_difference'))}",
+        f"{spread(diff['final'])}, {p_value(tests.get('final_difference'))}"
+        + (f" (at {final_at:,.0f})" if final_at else ""),
+        f"{spread(diff['auc'])}, {p_value(tests.get('auc_difference'))}",
+        acceleration(s["acceleration"], tests.get("acceleration")),
+        acceleration(s["acceleration_smoothed"], tests.get("acceleration_smoothed")),
+        f"{labels['baseline']} {s['baseline'].get('still_improving', 0)} of {s['baseline']['best']['n']}, "
+        f"{labels['candidate']} {s['candidate'].get('still_improving', 0)} of {s['candidate']['best']['n']}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def results_table(folder: Path) -> str:
+    """The markdown table of the folder's compare reports (one row per metric found)."""
+    reports = [json.loads(p.read_text()) for m in METRICS
+               if (p := folder / "compare" / m / "compare.json").is_file()]
+    if not reports:
+        raise click.ClickException(f"{folder}: no compare/<metric>/compare.json (run the experiment's compare first)")
+    cand, base = reports[0]["labels"]["candidate"], reports[0]["labels"]["baseline"]
+    header = (f"| metric (better) | {base} best | {cand} best | {cand} − {base}: best | final | AUC "
+              f"| acceleration (paper's rule) | smoothed rule | still improving |")
+    return "\n".join([header, "|" + "---|" * 9, *[row(r) for r in reports]])
+
+
+def replace_block(text: str, table: str) -> str:
+    """``text`` with the results-table block's content replaced by ``table``."""
+    if BEGIN not in text or END not in text:
+        raise click.ClickException(f"no {BEGIN} ... {END} block to replace")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--write", is_flag=True, help="replace the table block in FOLDER/README.md")
+def main(folder: Path, write: bool) -> None:
+    """Print (or --write) the results table of the experiment in FOLDER."""
+    table = results_table(folder)
+    if not write:
+        click.echo(table)
+        return
+    readme = folder / "README.md"
+    readme.write_text(replace_block(readme.read_text(), table))
+    click.echo(f"wrote the results table into {readme}")
+
+
+if __name__ == "__main__":
+    main()

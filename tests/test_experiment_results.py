@@ -1,0 +1,56 @@
+"""The committed experiments' README tables are what ``evaluate.py compare`` says when it is run
+again on the committed small files (no retraining): the results cannot drift from the data."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from conftest import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("_results_table", ROOT / "experiments" / "results_table.py")
+results_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(results_table)
+
+EXPERIMENTS = sorted(p.parent for p in (ROOT / "experiments").glob("*/README.md")
+                     if results_table.BEGIN in p.read_text())
+
+
+def test_every_results_experiment_is_found():
+    names = {p.name for p in EXPERIMENTS}
+    assert {"stacked-digits"} <= names, names
+
+
+@pytest.mark.parametrize("folder", EXPERIMENTS, ids=lambda p: p.name)
+def test_readme_table_is_what_compare_says_on_the_committed_runs(folder, tmp_path):
+    cli = load_script("evaluate.py", "cli")
+    from click.testing import CliRunner
+
+    cand = sorted(str(p) for p in folder.glob("mn-s*") if p.is_dir())
+    base = sorted(str(p) for p in folder.glob("bn-s*") if p.is_dir())
+    assert len(cand) == len(base) >= 3
+    for metric in results_table.METRICS:
+        res = CliRunner().invoke(cli, ["compare", *cand, *[x for b in base for x in ("--baseline", b)],
+                                       "--metric", metric, "--eval-seeds", "3", "--label", "mn",
+                                       "--baseline-label", "bn", "--out", str(tmp_path / "compare" / metric),
+                                       "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+    table = results_table.results_table(tmp_path)
+    readme = (folder / "README.md").read_text()
+    block = readme.split(results_table.BEGIN, 1)[1].split(results_table.END, 1)[0].strip()
+    assert block == table
+
+
+def test_replace_block_keeps_the_rest_and_refuses_a_readme_without_one():
+    text = f"head\n{results_table.BEGIN}\nold\n{results_table.END}\ntail\n"
+    assert results_table.replace_block(text, "new") == f"head\n{results_table.BEGIN}\nnew\n{results_table.END}\ntail\n"
+    with pytest.raises(Exception, match="no .* block"):
+        results_table.replace_block("no block here", "new")
+
+
+def test_numbers_use_a_true_minus_and_no_exponent():
+    assert results_table.number(-1084.2) == "−1084" and results_table.number(0.0123456) == "0.01235"
+    assert results_table.number(None) == "–" and results_table.number(12345.6) == "12346"
