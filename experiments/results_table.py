@@ -4,6 +4,8 @@
     python experiments/results_table.py experiments/stacked-digits-weak-d           # print it
     python experiments/results_table.py experiments/stacked-digits-weak-d --write   # into README.md
 
+    python experiments/results_table.py experiments/stacked-digits-norms --per-arm  # one seed, many arms
+
 One row per metric (``modes``, ``kl_modes``, ``cfd``): each arm's best, the candidate minus the
 baseline at the best, at the common final iteration and over the curve (AUC), each with its
 bracket (a 95% bootstrap interval, or the range of n below 5 pairs) and exact permutation p, the
@@ -17,9 +19,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's package first
 
 METRICS = ("modes", "kl_modes", "cfd")
 BEGIN, END = "<!-- results-table -->", "<!-- /results-table -->"
@@ -93,6 +98,28 @@ def results_table(folder: Path) -> str:
     return "\n".join([header, "|" + "---|" * 9, *[row(r) for r in reports]])
 
 
+def per_arm_table(folder: Path, iterations: tuple[int, ...] = (400, 1000, 2000)) -> str:
+    """One row per run (an exploratory one-seed sweep): each metric at ``iterations`` and its
+    best (with the iteration of the best), straight from the runs' ``metrics.jsonl`` (the
+    training evaluation: one evaluation seed); runs by name."""
+    from dcgan_mn.runfolder import RunFolder
+    from dcgan_mn.metrics.specs import metric_spec
+
+    runs = sorted(p for p in folder.iterdir() if (p / "metrics.jsonl").is_file())
+    header = ["run"] + [f"{m} at {i:,}" for m in METRICS for i in iterations] + [f"best {m} (at)" for m in METRICS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        rows = {int(r["iteration"]): r for r in RunFolder(run).metrics_rows() if "iteration" in r}
+        cells = [run.name] + [number(rows.get(i, {}).get(m)) for m in METRICS for i in iterations]
+        for m in METRICS:
+            scored = [(r[m], i) for i, r in rows.items() if r.get(m) is not None]
+            pick = max if metric_spec(m).direction == "max" else min
+            best = pick(scored, key=lambda t: t[0]) if scored else None
+            cells.append("–" if best is None else f"{number(best[0])} ({best[1]:,})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def replace_block(text: str, table: str) -> str:
     """``text`` with the results-table block's content replaced by ``table``."""
     if BEGIN not in text or END not in text:
@@ -105,9 +132,11 @@ def replace_block(text: str, table: str) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--write", is_flag=True, help="replace the table block in FOLDER/README.md")
-def main(folder: Path, write: bool) -> None:
+@click.option("--per-arm", is_flag=True,
+              help="one row per run, from metrics.jsonl (a one-seed sweep over many arms)")
+def main(folder: Path, write: bool, per_arm: bool) -> None:
     """Print (or --write) the results table of the experiment in FOLDER."""
-    table = results_table(folder)
+    table = per_arm_table(folder) if per_arm else results_table(folder)
     if not write:
         click.echo(table)
         return

@@ -54,3 +54,15 @@ def test_replace_block_keeps_the_rest_and_refuses_a_readme_without_one():
 def test_numbers_use_a_true_minus_and_no_exponent():
     assert results_table.number(-1084.2) == "−1084" and results_table.number(0.0123456) == "0.01235"
     assert results_table.number(None) == "–" and results_table.number(12345.6) == "12346"
+
+
+def test_per_arm_table_reads_each_runs_metrics(tmp_path):
+    from dcgan_mn.fileio import append_jsonl
+
+    for name, modes in (("a-s0", [10, 500, 400]), ("b-s0", [30, 20, 900])):
+        (tmp_path / name).mkdir()
+        for it, m in zip((400, 1000, 2000), modes):
+            append_jsonl(tmp_path / name / "metrics.jsonl", {"iteration": it, "modes": m, "kl_modes": 1.0 / m, "cfd": 9000 / m})
+    lines = results_table.per_arm_table(tmp_path).splitlines()
+    assert lines[2].startswith("| a-s0 | 10 | 500 | 400 |") and lines[2].endswith("| 500 (1,000) | 0.002 (1,000) | 18 (1,000) |")
+    assert lines[3].startswith("| b-s0 | 30 | 20 | 900 |") and lines[3].endswith("| 900 (2,000) | 0.001111 (2,000) | 10 (2,000) |")
