@@ -12,7 +12,8 @@ bracket (a 95% bootstrap interval, or the range of n below 5 pairs) and exact pe
 paper's acceleration (median over all pairs, a pair that never reached counted against the
 candidate, and how many reached), and how many runs per arm were still improving. ``--write``
 replaces the block between ``<!-- results-table -->`` and ``<!-- /results-table -->`` in the
-folder's README.md, so the README's table is what ``compare`` says (tests check that it is).
+folder's README.md, so the README's table is what ``compare`` says (tests check that it is);
+``--per-arm --write`` fills the ``<!-- per-arm-table -->`` block instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout'
 
 METRICS = ("modes", "kl_modes", "cfd")
 BEGIN, END = "<!-- results-table -->", "<!-- /results-table -->"
+# A one-seed many-arm sweep's table has its own block: no compare stands behind it.
+PER_ARM_BEGIN, PER_ARM_END = "<!-- per-arm-table -->", "<!-- /per-arm-table -->"
 
 
 def number(v: float | None) -> str:
@@ -120,13 +123,18 @@ def per_arm_table(folder: Path, iterations: tuple[int, ...] = (400, 1000, 2000))
     return "\n".join(lines)
 
 
-def replace_block(text: str, table: str) -> str:
-    """``text`` with the results-table block's content replaced by ``table``."""
-    if BEGIN not in text or END not in text:
-        raise click.ClickException(f"no {BEGIN} ... {END} block to replace")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+def replace_block(text: str, table: str, begin: str = BEGIN, end: str = END) -> str:
+    """``text`` with the content of its ``begin`` ... ``end`` block replaced by ``table``."""
+    if begin not in text or end not in text:
+        raise click.ClickException(f"no {begin} ... {end} block to replace")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{table}\n{end}{tail}"
+
+
+def block(text: str, begin: str = BEGIN, end: str = END) -> str:
+    """The content of ``text``'s ``begin`` ... ``end`` block, stripped."""
+    return text.split(begin, 1)[1].split(end, 1)[0].strip()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,7 +149,8 @@ def main(folder: Path, write: bool, per_arm: bool) -> None:
         click.echo(table)
         return
     readme = folder / "README.md"
-    readme.write_text(replace_block(readme.read_text(), table))
+    markers = (PER_ARM_BEGIN, PER_ARM_END) if per_arm else (BEGIN, END)
+    readme.write_text(replace_block(readme.read_text(), table, *markers))
     click.echo(f"wrote the results table into {readme}")
 
 

@@ -40,8 +40,18 @@ def test_readme_table_is_what_compare_says_on_the_committed_runs(folder, tmp_pat
         assert res.exit_code == 0, res.output
     table = results_table.results_table(tmp_path)
     readme = (folder / "README.md").read_text()
-    block = readme.split(results_table.BEGIN, 1)[1].split(results_table.END, 1)[0].strip()
-    assert block == table
+    assert results_table.block(readme) == table
+
+
+PER_ARM = sorted(p.parent for p in (ROOT / "experiments").glob("*/README.md")
+                 if results_table.PER_ARM_BEGIN in p.read_text())
+
+
+@pytest.mark.parametrize("folder", PER_ARM, ids=lambda p: p.name)
+def test_readme_per_arm_table_is_what_the_committed_runs_say(folder):
+    readme = (folder / "README.md").read_text()
+    table = results_table.per_arm_table(folder)
+    assert results_table.block(readme, results_table.PER_ARM_BEGIN, results_table.PER_ARM_END) == table
 
 
 def test_replace_block_keeps_the_rest_and_refuses_a_readme_without_one():
@@ -49,6 +59,11 @@ def test_replace_block_keeps_the_rest_and_refuses_a_readme_without_one():
     assert results_table.replace_block(text, "new") == f"head\n{results_table.BEGIN}\nnew\n{results_table.END}\ntail\n"
     with pytest.raises(Exception, match="no .* block"):
         results_table.replace_block("no block here", "new")
+    # The per-arm block is its own: writing it leaves a results table alone.
+    both = text + f"{results_table.PER_ARM_BEGIN}\nold\n{results_table.PER_ARM_END}\n"
+    out = results_table.replace_block(both, "arms", results_table.PER_ARM_BEGIN, results_table.PER_ARM_END)
+    assert results_table.block(out) == "old"
+    assert results_table.block(out, results_table.PER_ARM_BEGIN, results_table.PER_ARM_END) == "arms"
 
 
 def test_numbers_use_a_true_minus_and_no_exponent():
