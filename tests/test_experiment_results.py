@@ -19,9 +19,15 @@ EXPERIMENTS = sorted(p.parent for p in (ROOT / "experiments").glob("*/README.md"
                      if results_table.BEGIN in p.read_text())
 
 
+PER_ARM = sorted(p.parent for p in (ROOT / "experiments").glob("*/README.md")
+                 if results_table.PER_ARM_BEGIN in p.read_text())
+
+
 def test_every_results_experiment_is_found():
+    # A README whose markers were mistyped would drop out of the checks below silently.
     names = {p.name for p in EXPERIMENTS}
     assert {"stacked-digits", "stacked-digits-weak-d"} <= names, names
+    assert {"stacked-digits-norms"} <= {p.name for p in PER_ARM}, PER_ARM
 
 
 @pytest.mark.parametrize("folder", EXPERIMENTS, ids=lambda p: p.name)
@@ -41,10 +47,6 @@ def test_readme_table_is_what_compare_says_on_the_committed_runs(folder, tmp_pat
     table = results_table.results_table(tmp_path)
     readme = (folder / "README.md").read_text()
     assert results_table.block(readme) == table
-
-
-PER_ARM = sorted(p.parent for p in (ROOT / "experiments").glob("*/README.md")
-                 if results_table.PER_ARM_BEGIN in p.read_text())
 
 
 @pytest.mark.parametrize("folder", PER_ARM, ids=lambda p: p.name)
