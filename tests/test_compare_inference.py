@@ -72,7 +72,7 @@ def test_never_reached_pair_counts_against_the_candidate(tmp_path):
     # The permutation test ranks the not-reached pair as the most extreme one for the baseline.
     p = report["statistics"]["permutation"]["tests"]["acceleration"]
     assert p["statistic"] == "signed_rank"
-    assert p["p"] == pytest.approx(flips_p([0.5, 0.5, -1e9], C._signed_rank))
+    assert p["p"] == pytest.approx(flips_p([0.5, 0.5, -1e9], C.signed_rank))
     # Two of three never reached: the median is "not reached".
     cand[1] = read(tmp_path, "mn-late", [90, 80, 70, 65, 60, 58], seed=1)
     s = C.compare_runs(cand, base)["summary"]
@@ -82,7 +82,7 @@ def test_never_reached_pair_counts_against_the_candidate(tmp_path):
 
 def test_sign_and_permutation_tests_count_not_reached_for_the_baseline():
     stat = {"mean": None, "ci": None}
-    assert C._verdict(stat, True, [-math.inf, -math.inf, -math.inf]).startswith(
+    assert C.verdict(stat, True, [-math.inf, -math.inf, -math.inf]).startswith(
         "3 of 3 pairs favour the baseline; 3 never reached the target")
     res = C.paired_permutation_p([-0.1, -0.2, -math.inf], statistic="signed_rank")
     assert res["p"] == pytest.approx(0.25) and res["exact"]  # all three for the baseline: 2/2^3
@@ -119,7 +119,7 @@ def test_permutation_p_equals_enumeration_of_all_sign_flips(tmp_path, n):
         assert tests[f"{key}_difference"]["p"] == pytest.approx(flips_p(diffs, np.mean)), key
         assert tests[f"{key}_difference"]["exact"] and tests[f"{key}_difference"]["smallest_p"] == pytest.approx(2 / 2 ** n)
     accs = [p["acceleration"] if p["reached"] else -1e9 for p in report["pairs"]]
-    assert tests["acceleration"]["p"] == pytest.approx(flips_p(accs, C._signed_rank))
+    assert tests["acceleration"]["p"] == pytest.approx(flips_p(accs, C.signed_rank))
     ci_label = report["summary"]["difference"]["best"]["ci_label"]
     assert ci_label == ("range of 3" if n == 3 else "95%")
     if n == 3:
@@ -209,7 +209,7 @@ def test_time_figure_from_a_loaded_machine_or_other_devices_warns(tmp_path):
 def test_plot_labels_inside_the_figure(tmp_path):
     cand = [read(tmp_path, "mn", [v - 3 for v in BASE])]
     base = [read(tmp_path, "bn", BASE)]
-    fig = C._curve_figure(C.compare_runs(cand, base))
+    fig = C.curve_figure(C.compare_runs(cand, base))
     fig.canvas.draw()
     box = fig.bbox
     for text in (fig.axes[0].yaxis.label, fig.axes[0].xaxis.label, fig.axes[0].title):

@@ -107,7 +107,7 @@ def test_shifted_arm_gives_intervals_excluding_zero(tmp_path):
     assert report["evaluation_interval"] == 200 and s["resolution"]["mean"] == pytest.approx(0.25)
     assert "only as fine as interval / S_base = 25.0%" in C.render_markdown(report)
     # Higher-is-better metric: the same numbers read the other way round.
-    assert C._verdict({"mean": -1.0, "ci": [-2.0, -0.5]}, True, [-1.0] * 5).endswith("worse")
+    assert C.verdict({"mean": -1.0, "ci": [-2.0, -0.5]}, True, [-1.0] * 5).endswith("worse")
 
 
 @pytest.mark.parametrize("values, phrase", [
@@ -121,8 +121,8 @@ def test_shifted_arm_gives_intervals_excluding_zero(tmp_path):
 def test_verdicts_do_not_overclaim_with_few_seeds(values, phrase):
     """Three seeds make a percentile interval equal to [min, max] (~75% coverage): below five
     units the verdict counts signs instead of claiming 95%."""
-    stat = C._stat(values)
-    assert phrase in C._verdict(stat, True, values)
+    stat = C.summarize(values)
+    assert phrase in C.verdict(stat, True, values)
     if len(values) == 3:
         assert stat["ci"] == pytest.approx([min(values), max(values)])  # the range, exactly
 
