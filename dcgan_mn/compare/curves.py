@@ -175,11 +175,41 @@ def read_run(
     if not rows:
         raise CompareError(f"run {str(path)!r}: metrics.jsonl has no {metric!r} values")
 
+    rows, mode, count = _one_protocol(rows, path, metric, count_key, config.get("sample_mode"),
+                                      sample_mode, num_samples)
+
+    by_iteration = {}
+    for r in rows:  # the last evaluation of an iteration wins
+        by_iteration[int(r["iteration"])] = r
+    its = sorted(by_iteration)
+    values = [float(by_iteration[i][metric]) for i in its]
+    used = [by_iteration[i] for i in its]  # the rows behind the curve (and their seed rows below)
+    seed_values = None
+    if eval_seeds > 1:
+        seed_values, matching = _seed_scores(folder, path, metric, count_key, mode, count,
+                                             [by_iteration[i] for i in its], eval_seeds)
+        values = [statistics.fmean(p) for p in seed_values]
+        used = [*used, *matching]
+    return RunCurve(
+        name=run.name, path=str(run), seed=config.get("seed"), metric=metric,
+        sample_mode=mode, num_samples=count, iterations=its, values=values,
+        train_seconds=[by_iteration[i].get("train_seconds") for i in its],
+        direction=spec.direction, seed_values=seed_values,
+        provenance=_provenance(run, used, metric),
+        load_per_core=[_float_or_none(by_iteration[i].get("load_per_core")) for i in its],
+        device=_training_device(run, config, [by_iteration[i] for i in its]),
+    )
+
+
+def _one_protocol(rows: list[dict], path, metric: str, count_key: str, config_mode: Optional[str],
+                  sample_mode: Optional[str], num_samples: Optional[int]) -> tuple[list[dict], str, int]:
+    """The rows of one sample mode and one sample count (the given ones, else the only ones, else
+    for the sample mode the config's): numbers from different protocols are not one curve."""
     mode = sample_mode
     modes = Counter(r.get("sample_mode") for r in rows)
     if mode is None:
         if len(modes) > 1:
-            mode = config.get("sample_mode")
+            mode = config_mode
             if mode not in modes:
                 raise CompareError(
                     f"run {str(path)!r}: metrics.jsonl mixes sample modes {sorted(map(str, modes))}: "
@@ -201,42 +231,31 @@ def read_run(
     if not rows:
         raise CompareError(f"run {str(path)!r}: no {metric!r} rows with sample mode {mode!r} and "
                            f"{count} samples")
+    return rows, mode, count
 
-    by_iteration = {}
-    for r in rows:  # the last evaluation of an iteration wins
-        by_iteration[int(r["iteration"])] = r
-    its = sorted(by_iteration)
-    values = [float(by_iteration[i][metric]) for i in its]
-    used = [by_iteration[i] for i in its]  # the rows behind the curve (and their seed rows below)
-    seed_values = None
-    if eval_seeds > 1:
-        from ..rescore import evaluation_seeds, seed_rows
 
-        matching = [r for r in seed_rows(folder) if r.get(metric) is not None
-                    and r.get("sample_mode") == mode and r.get(count_key) == count]
-        extra = {(int(r["iteration"]), int(r.get("seed", 0))): float(r[metric]) for r in matching}
-        seed_values = []
-        for i, v in zip(its, values):
-            point = [v]
-            for s in evaluation_seeds(int(by_iteration[i].get("seed", 0)), eval_seeds)[1:]:
-                if (i, s) not in extra:
-                    raise CompareError(
-                        f"run {str(path)!r}: iteration {i} has no {metric} score from evaluation "
-                        f"seed {s} in {RunFolder.EVAL_SEEDS}; `evaluate.py compare --eval-seeds "
-                        f"{eval_seeds}` scores it from the run's snapshots")
-                point.append(extra[(i, s)])
-            seed_values.append(point)
-        values = [statistics.fmean(p) for p in seed_values]
-        used = [*used, *matching]
-    return RunCurve(
-        name=run.name, path=str(run), seed=config.get("seed"), metric=metric,
-        sample_mode=mode, num_samples=count, iterations=its, values=values,
-        train_seconds=[by_iteration[i].get("train_seconds") for i in its],
-        direction=spec.direction, seed_values=seed_values,
-        provenance=_provenance(run, used, metric),
-        load_per_core=[_float_or_none(by_iteration[i].get("load_per_core")) for i in its],
-        device=_training_device(run, config, [by_iteration[i] for i in its]),
-    )
+def _seed_scores(folder: RunFolder, path, metric: str, count_key: str, mode: str, count: int,
+                 curve_rows: list[dict], eval_seeds: int) -> tuple[list[list[float]], list[dict]]:
+    """Per curve point, its training row's score then those of the next ``eval_seeds`` - 1
+    evaluation seeds (from ``eval_seeds.jsonl``); and the seed rows used."""
+    from ..rescore import evaluation_seeds, seed_rows
+
+    matching = [r for r in seed_rows(folder) if r.get(metric) is not None
+                and r.get("sample_mode") == mode and r.get(count_key) == count]
+    extra = {(int(r["iteration"]), int(r.get("seed", 0))): float(r[metric]) for r in matching}
+    seed_values = []
+    for row in curve_rows:
+        i = int(row["iteration"])
+        point = [float(row[metric])]
+        for s in evaluation_seeds(int(row.get("seed", 0)), eval_seeds)[1:]:
+            if (i, s) not in extra:
+                raise CompareError(
+                    f"run {str(path)!r}: iteration {i} has no {metric} score from evaluation "
+                    f"seed {s} in {RunFolder.EVAL_SEEDS}; `evaluate.py compare --eval-seeds "
+                    f"{eval_seeds}` scores it from the run's snapshots")
+            point.append(extra[(i, s)])
+        seed_values.append(point)
+    return seed_values, matching
 
 
 def _float_or_none(v) -> Optional[float]:
