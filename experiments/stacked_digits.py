@@ -6,6 +6,7 @@
     python experiments/stacked_digits.py --arm bn="--mn-layers none" \\
         --arm mn-all="--mn-layers all" --arm mn-k5="--mn-layers 0,1 --mn-components 5"
     python experiments/stacked_digits.py --dry-run            # print the plan and exit
+    python experiments/stacked_digits.py --jobs 4             # 4 runs at once (cores / 4 threads each)
 
 Each run is ``train.py`` in a subprocess: the shared flags (``--dataset stacked-digits``, the
 iterations, the evaluation cadence) plus its arm's flags and ``--seed``, in ``<out>/<arm>-s<seed>``.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -133,12 +135,13 @@ def planned_config(command: list[str]) -> dict:
     return json.loads(out.getvalue())
 
 
-def run_command(command: list[str]) -> int:
-    """Run one train.py / evaluate.py command line; its exit status (tests run it in-process).
+def run_command(command: list[str], env: dict | None = None) -> int:
+    """Run one train.py / evaluate.py command line (``env``: its environment, default ours); its
+    exit status (tests run it in-process).
 
     Ctrl-C reaches the child too (same process group); we then wait for it to finish its
     iteration and write its checkpoint (``subprocess.call`` would kill it after 0.25 s)."""
-    proc = subprocess.Popen(command)
+    proc = subprocess.Popen(command, env=env)
     while True:
         try:
             return proc.wait()
@@ -230,6 +233,56 @@ def write_sample_grid(folder: Path, path: Path, sample_mode: str, batch_size: in
     save_image(images * 0.5 + 0.5, str(path), nrow=8, padding=2)
 
 
+def train_run(i: int, total: int, run: Run, command: list[str], state: str, reached: int, iters: int,
+              progress: bool, env: dict | None, eval_seeds: int, device: str) -> None:
+    """Train (or resume, or restart) one run, then re-score its snapshots with ``eval_seeds``
+    evaluation seeds so that its small files are complete on their own."""
+    if state == "restart":
+        click.echo(f"[{i}/{total}] {run.name}: no checkpoint to resume from; starting it again")
+        shutil.rmtree(run.folder)
+    if state == "resume":  # the run's settings come from its checkpoint
+        command = [sys.executable, str(ROOT / "train.py"), "--resume", str(run.folder),
+                   "--iters", str(iters), "--progress" if progress else "--no-progress"]
+    click.echo(f"[{i}/{total}] {run.name}: {'resuming at ' + str(reached) if state == 'resume' else 'training'}"
+               f" ({time.strftime('%H:%M:%S')})")
+    t0 = time.perf_counter()
+    code = run_command(command, env=env)
+    if code == EXIT_NONFINITE:
+        raise click.ClickException(f"{run.name}: training went non-finite (see above); resuming "
+                                   f"would repeat it: inspect {run.folder}")
+    if code != 0:
+        raise click.ClickException(f"{run.name}: train.py exited with {code}; run the same "
+                                   f"command again to resume")
+    if eval_seeds > 1:
+        rescore(run, eval_seeds, device, progress)
+    share = evaluation_share(run)
+    click.echo(f"[{i}/{total}] {run.name}: done in {time.perf_counter() - t0:.0f} s "
+               f"({share['train_seconds']:.0f} s training, {share['eval_seconds']:.0f} s evaluation)")
+
+
+def train_all(tasks: list, jobs: int) -> None:
+    """Call each task (in order: seed by seed), ``jobs`` at a time. A failed task stops the ones
+    not yet started; those running finish (a Ctrl-C reaches their train.py, which saves a
+    checkpoint), then the first failure is raised."""
+    if jobs == 1:
+        for task in tasks:
+            task()
+        return
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    futures = [pool.submit(task) for task in tasks]
+    try:
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+    except KeyboardInterrupt:  # the running train.py processes got it too: let them save
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise click.ClickException("interrupted: run the same command again to resume") from None
+    pool.shutdown(wait=True, cancel_futures=True)
+    for future in futures:
+        if future.done() and not future.cancelled() and future.exception() is not None:
+            raise future.exception()
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
                                  "max_content_width": 100})
 @click.option("--out", default="experiments/stacked-digits", type=click.Path(file_okay=False),
@@ -248,9 +301,14 @@ def write_sample_grid(folder: Path, path: Path, sample_mode: str, batch_size: in
 @click.option("--compare/--no-compare", "run_compare", default=True,
               help="re-score and write the compare reports when every run is done")
 @click.option("--dry-run", is_flag=True, help="print the plan (what runs, what is skipped) and exit")
-@click.option("--progress/--no-progress", default=True, help="train.py's progress bars")
+@click.option("--progress/--no-progress", default=True, help="train.py's progress bars (off with --jobs > 1)")
+@click.option("--jobs", default=1, type=int,
+              help="runs trained at once (seed by seed), each with --threads CPU threads: for a machine "
+                   "with more cores than one small run uses, or a GPU that one run leaves idle")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads per run with --jobs > 1  [default: the cores / --jobs]")
 def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_size, device,
-         train_flags, run_compare, dry_run, progress) -> None:
+         train_flags, run_compare, dry_run, progress, jobs, threads) -> None:
     """Run BN vs MN (or any list of arms) on stacked digits over seeds, then compare them."""
     out = Path(out)
     parsed = [parse_arm(a) for a in arms]
@@ -259,10 +317,13 @@ def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_si
         raise click.BadParameter(f"arm names repeat: {names}", param_hint="--arm")
     if len(parsed) < 2:
         raise click.BadParameter("give at least two arms (the first is the baseline)", param_hint="--arm")
-    for flag, value in (("--iters", iters), ("--eval-every", eval_every), ("--eval-seeds", eval_seeds)):
+    threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    for flag, value in (("--iters", iters), ("--eval-every", eval_every), ("--eval-seeds", eval_seeds),
+                        ("--jobs", jobs), ("--threads", threads)):
         if value < 1:
             raise click.BadParameter(f"{value}: must be >= 1", param_hint=flag)
     seed_list = parse_seeds(seeds)
+    progress = progress and jobs == 1  # several bars from several processes would garble each other
     shared = shared_flags(iters, eval_every, mode_samples, batch_size, device,
                           tuple(shlex.split(train_flags)))
     # Seed by seed (bn-s0, mn-s0, bn-s1, ...): a sweep cut part-way leaves whole pairs.
@@ -287,32 +348,19 @@ def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_si
                 click.echo("  $ " + shlex.join(command))
         return
 
-    # ---- Train what is not done, one run at a time (each uses every core).
+    # ---- Train what is not done: one run at a time, or --jobs at once.
     t_start = time.perf_counter()
-    for i, (run, command, state, reached) in enumerate(plan, 1):
-        if state == "done":
-            continue
-        if state == "restart":
-            click.echo(f"[{i}/{len(plan)}] {run.name}: no checkpoint to resume from; starting it again")
-            shutil.rmtree(run.folder)
-        if state == "resume":  # the run's settings come from its checkpoint
-            command = [sys.executable, str(ROOT / "train.py"), "--resume", str(run.folder),
-                       "--iters", str(iters), "--progress" if progress else "--no-progress"]
-        click.echo(f"[{i}/{len(plan)}] {run.name}: {'resuming at ' + str(reached) if state == 'resume' else 'training'}"
-                   f" ({time.strftime('%H:%M:%S')})")
-        t0 = time.perf_counter()
-        code = run_command(command)
-        if code == EXIT_NONFINITE:
-            raise click.ClickException(f"{run.name}: training went non-finite (see above); resuming "
-                                       f"would repeat it: inspect {run.folder}")
-        if code != 0:
-            raise click.ClickException(f"{run.name}: train.py exited with {code}; run the same "
-                                       f"command again to resume")
-        if run_compare and eval_seeds > 1:  # the run's small files are then complete on their own
-            rescore(run, eval_seeds, device, progress)
-        share = evaluation_share(run)
-        click.echo(f"[{i}/{len(plan)}] {run.name}: done in {time.perf_counter() - t0:.0f} s "
-                   f"({share['train_seconds']:.0f} s training, {share['eval_seconds']:.0f} s evaluation)")
+    todo = [(i, *entry) for i, entry in enumerate(plan, 1) if entry[2] != "done"]
+    env = None
+    if jobs > 1:  # each run gets its share of the cores (and our own re-scoring likewise)
+        import torch
+
+        torch.set_num_threads(threads)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        click.echo(f"{min(jobs, len(todo))} runs at a time, {threads} CPU thread{'s' * (threads > 1)} each")
+    train_all([functools.partial(train_run, i, len(plan), run, command, state, reached, iters, progress,
+                                 env, eval_seeds if run_compare else 1, device)
+               for i, run, command, state, reached in todo], jobs)
     total = {k: sum(evaluation_share(r)[k] for r in runs) for k in ("train_seconds", "eval_seconds")}
     click.echo(f"all runs done ({time.perf_counter() - t_start:.0f} s in this session); over the sweep: "
                f"{total['train_seconds']:.0f} s training, {total['eval_seconds']:.0f} s evaluation "

@@ -36,7 +36,7 @@ def launched(monkeypatch, offline_hub):
     """Every command the script launches, run in this process."""
     commands = []
 
-    def run_command(command):
+    def run_command(command, env=None):
         commands.append(command)
         if command[1].endswith("train.py") and "--run-name" in command:  # which runs were re-scored by now
             out = Path(command[command.index("--out") + 1])
@@ -145,3 +145,70 @@ def test_sample_grids_show_one_seed_that_every_arm_still_has(tmp_path):
         snap.write_bytes(b"")
     assert experiment.grid_seed(runs, [0, 1, 2]) == 2
     assert experiment.grid_seed(runs, [0, 1]) is None
+
+
+class FakeTraining:
+    """A run_command that 'trains' a run by writing its last metrics row, after ``seconds``;
+    it records each run's start, its environment's thread count and the most runs at once.
+    Runs named in ``fail`` exit with 1."""
+
+    def __init__(self, seconds=0.2, fail=()):
+        import threading
+
+        self.seconds, self.fail = seconds, set(fail)
+        self.lock = threading.Lock()
+        self.started, self.threads, self.running, self.most = [], {}, 0, 0
+
+    def __call__(self, command, env=None):
+        import time
+
+        name = command[command.index("--run-name") + 1]
+        with self.lock:
+            self.started.append(name)
+            self.threads[name] = (env or {}).get("OMP_NUM_THREADS")
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0 if name in self.fail else self.seconds)
+        with self.lock:
+            self.running -= 1
+        if name in self.fail:
+            return 1
+        folder = Path(command[command.index("--out") + 1]) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.jsonl").write_text(json.dumps({"iteration": 2, "train_seconds": 1.0}) + "\n")
+        return 0
+
+
+FAKE = [a for a in TINY if a not in ("--seeds", "0")] + ["--no-compare"]
+
+
+def test_jobs_train_seed_by_seed_with_their_share_of_threads(monkeypatch, tmp_path):
+    fake = FakeTraining()
+    monkeypatch.setattr(experiment, "run_command", fake)
+    res = invoke(*FAKE, "--seeds", "0-2", "--jobs", "2", "--threads", "3", "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    assert sorted(fake.started) == sorted(f"{a}-s{s}" for s in range(3) for a in ("bn", "mn"))
+    assert set(fake.started[:2]) == {"bn-s0", "mn-s0"} and set(fake.started[-2:]) == {"bn-s2", "mn-s2"}
+    assert fake.most == 2 and set(fake.threads.values()) == {"3"}
+    assert "2 runs at a time, 3 CPU threads each" in res.output
+    # One job: one run at a time, in the environment the script was started in.
+    fake = FakeTraining(seconds=0)
+    monkeypatch.setattr(experiment, "run_command", fake)
+    res = invoke(*FAKE, "--seeds", "3", "--out", tmp_path)
+    assert res.exit_code == 0 and fake.started == ["bn-s3", "mn-s3"] and fake.most == 1
+    assert fake.threads == {"bn-s3": None, "mn-s3": None}
+
+
+def test_a_failed_job_stops_the_runs_not_yet_started(monkeypatch, tmp_path):
+    fake = FakeTraining(seconds=0.5, fail={"mn-s0"})
+    monkeypatch.setattr(experiment, "run_command", fake)
+    res = invoke(*FAKE, "--seeds", "0-2", "--jobs", "2", "--out", tmp_path)
+    assert res.exit_code == 1 and "mn-s0: train.py exited with 1" in res.output
+    assert "mn-s2" not in fake.started and (tmp_path / "bn-s0" / "metrics.jsonl").is_file()
+    # The same command again: the finished runs are skipped, the rest train.
+    fake = FakeTraining(seconds=0)
+    monkeypatch.setattr(experiment, "run_command", fake)
+    res = invoke(*FAKE, "--seeds", "0-2", "--jobs", "2", "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "bn-s0" not in fake.started and "mn-s0" in fake.started
+    assert invoke(*FAKE, "--jobs", "0", "--out", tmp_path).exit_code == 2
