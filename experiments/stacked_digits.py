@@ -32,6 +32,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ DEFAULT_ARMS = ("bn=--mn-layers none", "mn=--mn-layers 0,1")
 METRICS = ("modes", "kl_modes", "cfd")
 GRID_SEED = 0  # latents of the per-arm sample grids
 EXIT_NONFINITE = 4  # train.py's exit code for a run that went non-finite
+RESCORE_LOCK = threading.Lock()  # --jobs: re-scorings in this process run one at a time
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,10 @@ def train_run(i: int, total: int, run: Run, command: list[str], state: str, reac
         raise click.ClickException(f"{run.name}: train.py exited with {code}; run the same "
                                    f"command again to resume")
     if eval_seeds > 1:
-        rescore(run, eval_seeds, device, progress)
+        # In this process, one run at a time: evaluation seeds the global RNG per generator batch
+        # (MN's k-means++ draws), which two threads scoring at once would interleave.
+        with RESCORE_LOCK:
+            rescore(run, eval_seeds, device, progress)
     share = evaluation_share(run)
     click.echo(f"[{i}/{total}] {run.name}: done in {time.perf_counter() - t0:.0f} s "
                f"({share['train_seconds']:.0f} s training, {share['eval_seconds']:.0f} s evaluation)")

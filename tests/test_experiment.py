@@ -162,6 +162,8 @@ class FakeTraining:
     def __call__(self, command, env=None):
         import time
 
+        if "--run-name" not in command:  # evaluate.py compare: nothing to do here
+            return 0
         name = command[command.index("--run-name") + 1]
         with self.lock:
             self.started.append(name)
@@ -212,3 +214,28 @@ def test_a_failed_job_stops_the_runs_not_yet_started(monkeypatch, tmp_path):
     assert res.exit_code == 0, res.output
     assert "bn-s0" not in fake.started and "mn-s0" in fake.started
     assert invoke(*FAKE, "--jobs", "0", "--out", tmp_path).exit_code == 2
+
+
+def test_jobs_rescore_one_run_at_a_time(monkeypatch, tmp_path):
+    """Re-scoring seeds the global RNG per generator batch: two threads of this process must
+    never score at once, however many runs train at once."""
+    import threading
+    import time
+
+    lock, state = threading.Lock(), {"now": 0, "most": 0, "runs": []}
+
+    def rescore(run, eval_seeds, device, progress):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["runs"].append(run.name)
+        time.sleep(0.3)
+        with lock:
+            state["now"] -= 1
+
+    monkeypatch.setattr(experiment, "run_command", FakeTraining(seconds=0))
+    monkeypatch.setattr(experiment, "rescore", rescore)
+    args = [a for a in FAKE if a != "--no-compare"]
+    res = invoke(*args, "--seeds", "0-1", "--jobs", "4", "--eval-seeds", "3", "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    assert sorted(state["runs"]) == ["bn-s0", "bn-s1", "mn-s0", "mn-s1"] and state["most"] == 1
