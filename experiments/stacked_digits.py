@@ -278,13 +278,13 @@ def train_all(tasks: list, jobs: int) -> None:
     pool = ThreadPoolExecutor(max_workers=jobs)
     futures = [pool.submit(task) for task in tasks]
     try:
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        wait(futures, return_when=FIRST_EXCEPTION)
     except KeyboardInterrupt:  # the running train.py processes got it too: let them save
         pool.shutdown(wait=True, cancel_futures=True)
         raise click.ClickException("interrupted: run the same command again to resume") from None
-    pool.shutdown(wait=True, cancel_futures=True)
+    pool.shutdown(wait=True, cancel_futures=True)  # every future not cancelled is now done
     for future in futures:
-        if future.done() and not future.cancelled() and future.exception() is not None:
+        if not future.cancelled() and future.exception() is not None:
             raise future.exception()
 
 
@@ -322,7 +322,8 @@ def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_si
         raise click.BadParameter(f"arm names repeat: {names}", param_hint="--arm")
     if len(parsed) < 2:
         raise click.BadParameter("give at least two arms (the first is the baseline)", param_hint="--arm")
-    threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
     for flag, value in (("--iters", iters), ("--eval-every", eval_every), ("--eval-seeds", eval_seeds),
                         ("--jobs", jobs), ("--threads", threads)):
         if value < 1:

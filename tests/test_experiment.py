@@ -214,6 +214,8 @@ def test_a_failed_job_stops_the_runs_not_yet_started(monkeypatch, tmp_path):
     assert res.exit_code == 0, res.output
     assert "bn-s0" not in fake.started and "mn-s0" in fake.started
     assert invoke(*FAKE, "--jobs", "0", "--out", tmp_path).exit_code == 2
+    res = invoke(*FAKE, "--jobs", "2", "--threads", "0", "--out", tmp_path)
+    assert res.exit_code == 2 and "--threads" in res.output
 
 
 def test_jobs_rescore_one_run_at_a_time(monkeypatch, tmp_path):
