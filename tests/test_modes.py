@@ -116,7 +116,6 @@ def test_kl_matches_scipy_entropy():
 
 def test_classifier_cache_hash_and_reuse(modes_cache, modes_classifier, monkeypatch):
     assert modes_classifier.accuracy >= CL.MIN_ACCURACY["stacked-digits"]
-    assert modes_classifier.sha256 == sha256_file(modes_classifier.path)
     assert modes_classifier.path.parent == modes_cache / "mode_classifier"
     monkeypatch.setattr(CL, "train_digit_net", lambda *a, **k: pytest.fail("retrained"))
     again = CL.load_mode_classifier("stacked-digits", cache_dir=modes_cache)
@@ -130,9 +129,29 @@ def test_classifier_corrupt_cache_is_retrained(modes_classifier, tmp_path):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a checkpoint")
     clf = CL.load_mode_classifier("stacked-digits", cache_dir=cache, epochs=CL.DEFAULT_EPOCHS["stacked-digits"])
-    assert clf.sha256 == sha256_file(path) and clf.path == path  # replaced by a good one
+    assert clf.path == path and sha256_file(path) != sha256_file(modes_classifier.path)  # a new file
     for k, v in modes_classifier.net.state_dict().items():  # deterministic training
         assert torch.equal(clf.net.state_dict()[k], v), k
+    # The same network, so the same identity: the file differs (it stores its training time).
+    assert clf.sha256 == modes_classifier.sha256
+
+
+@pytest.mark.parametrize("change, same", [("train_seconds", True), ("weight", False), ("ref_sigma", False)])
+def test_classifier_identity_is_the_network_not_the_file(modes_classifier, tmp_path, change, same):
+    payload = torch.load(modes_classifier.path, map_location="cpu", weights_only=True)
+    if change == "train_seconds":
+        payload["train_seconds"] += 1.0
+    elif change == "weight":  # one float32 step in one weight: labels unchanged, network changed
+        w = next(v for k, v in payload["state_dict"].items() if k.endswith("weight"))
+        w.view(-1)[0] = torch.nextafter(w.view(-1)[0], torch.tensor(float("inf")))
+    else:
+        payload["ref_sigma"][0, 0] += 1e-9
+    path = tmp_path / "mode_classifier" / modes_classifier.path.name
+    path.parent.mkdir()
+    torch.save(payload, path)
+    clf = CL.load_mode_classifier("stacked-digits", cache_dir=tmp_path)
+    assert clf.path == path and sha256_file(path) != sha256_file(modes_classifier.path)
+    assert (clf.sha256 == modes_classifier.sha256) is same
 
 
 def test_classifier_below_accuracy_is_refused_and_not_cached(tmp_path):

@@ -2,8 +2,12 @@
 
 Trained by the tool on first use on the single training digits of the source (MNIST train, or
 the train split of scikit-learn's digits), checked on the held-out split (MNIST test, the
-digits' test split), and cached under ``<cache dir>/mode_classifier/`` with its SHA-256 and
-held-out accuracy. Counting modes with a weak classifier would count its mistakes, so a
+digits' test split), and cached under ``<cache dir>/mode_classifier/`` with its held-out
+accuracy. Its identity (``sha256``, the rows' ``classifier_sha256``) is the SHA-256 of what the
+metrics read from it, its weights and the real-feature Gaussian below, not of the cache file,
+which also stores the training time: two trainings that give the same network (training is
+deterministic on one machine) share it, and two machines whose kernels round differently, which
+train different networks, do not. Counting modes with a weak classifier would count its mistakes, so a
 classifier below ``MIN_ACCURACY`` is refused. The accuracy is measured again on every load
 (a few seconds), so a damaged cache entry cannot pass for a good one.
 
@@ -29,13 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..digits import digits_key, load_digit_split
-from ..features import sha256_file
 from ..fileio import atomic_write
 from .errors import MetricsError
 from .frechet import StreamingMoments
 
 __all__ = ["MIN_ACCURACY", "DigitNet", "ModeClassifier", "train_digit_net", "digit_accuracy",
-           "load_mode_classifier"]
+           "network_sha256", "load_mode_classifier"]
 
 MIN_ACCURACY = {"stacked-mnist": 0.985, "stacked-digits": 0.95}
 # Bump when the architecture or the training recipe changes: cached classifiers are retrained.
@@ -120,7 +123,7 @@ class ModeClassifier:
     net: DigitNet
     source: str
     accuracy: float  # held-out, measured on load
-    sha256: str  # of the cache file the weights came from
+    sha256: str  # of the weights and ref_mu / ref_sigma (network_sha256), not of the file
     path: Optional[Path]
     ref_mu: np.ndarray  # [3 * 128] real stacked images' feature mean
     ref_sigma: np.ndarray  # [3 * 128, 3 * 128] and covariance (see module docstring)
@@ -156,6 +159,20 @@ def _real_gaussian(net: DigitNet, digits: Tensor) -> tuple[np.ndarray, np.ndarra
     m = StreamingMoments(feats.shape[1]).update(feats)
     mu, sigma = m.numpy()  # [F], [F, F]
     return np.tile(mu, 3), np.kron(np.eye(3), sigma)  # [3F], blockdiag(S, S, S)
+
+
+def network_sha256(payload: dict) -> str:
+    """SHA-256 of a cached classifier's network: every state_dict tensor (name, dtype, shape,
+    bytes, in name order), then ``ref_mu`` and ``ref_sigma``. Everything else in the file (the
+    training time, the recipe's bookkeeping) is left out, so the same network has one hash."""
+    h = hashlib.sha256()
+    tensors = sorted(payload["state_dict"].items()) + [("ref_mu", payload["ref_mu"]),
+                                                       ("ref_sigma", payload["ref_sigma"])]
+    for name, tensor in tensors:
+        array = tensor.detach().cpu().contiguous().numpy()
+        h.update(f"{name}|{array.dtype}|{array.shape}|".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
 
 
 def _cache_path(cache_dir: Path, source: str, key: str) -> Path:
@@ -220,7 +237,7 @@ def load_mode_classifier(
             print(f"mode classifier for {source}: held-out accuracy {accuracy:.2%}, trained in "
                   f"{payload['train_seconds']:.1f} s, cached at {path}", file=sys.stderr)
     return ModeClassifier(
-        net=net, source=source, accuracy=accuracy, sha256=sha256_file(path), path=path,
+        net=net, source=source, accuracy=accuracy, sha256=network_sha256(payload), path=path,
         ref_mu=payload["ref_mu"].numpy().astype(np.float64),
         ref_sigma=payload["ref_sigma"].numpy().astype(np.float64),
     ).to(device)
