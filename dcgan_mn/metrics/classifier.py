@@ -8,8 +8,8 @@ metrics read from it, its weights and the real-feature Gaussian below, not of th
 which also stores the training time: two trainings that give the same network (training is
 deterministic on one machine) share it, and two machines whose kernels round differently, which
 train different networks, do not. Counting modes with a weak classifier would count its
-mistakes, so a classifier below ``MIN_ACCURACY`` is refused. The accuracy is measured again on every load
-(a few seconds), so a damaged cache entry cannot pass for a good one.
+mistakes, so a classifier below ``MIN_ACCURACY`` is refused. The accuracy is measured again on
+every load (a few seconds), so a damaged cache entry cannot pass for a good one.
 
 The cache file also holds the Gaussian of the real stacked images in the classifier's feature
 space, for ``cfd``: the three channels of a real stacked image are independent uniform draws
