@@ -113,10 +113,11 @@ def _feature_options(command):
 @_feature_options
 @click.option("--no-cache", is_flag=True, help="compute the reference statistics without the cache")
 @click.option("--seed", default=0, type=int, help="seed of the evaluation latents")
+@click.option("--ema", is_flag=True, help="score the averaged generator G_ema (runs trained with --g-ema)")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="also write the JSON here")
 @click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
 def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_weights, data_root,
-        cache_dir, no_cache, seed, feature_batch_size, fid_protocol, out, progress):
+        cache_dir, no_cache, seed, feature_batch_size, fid_protocol, ema, out, progress):
     """FID (+ KID, precision/recall, density/coverage) of TARGET against --ref.
 
     TARGET is a checkpoint file, a run folder (every generator snapshot is scored and the curve
@@ -132,19 +133,19 @@ def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_
         _fail(f"--feature-batch-size {feature_batch_size}: must be >= 1")
     try:
         report = _fid(target, ref, samples, batch_size, sample_modes, dims, _device(device), inception_weights,
-                      data_root, cache_dir, no_cache, seed, feature_batch_size, progress, fid_protocol)
+                      data_root, cache_dir, no_cache, seed, feature_batch_size, progress, fid_protocol, ema)
     except _errors() as e:
         _fail(str(e))
     _write_report(report, out)
 
 
 def _fid(target, ref, samples, batch_size, sample_modes, dims, dev, weights, data_root, cache_dir,
-         no_cache, seed, feature_batch_size, progress, fid_protocol="pytorch-fid") -> dict:
+         no_cache, seed, feature_batch_size, progress, fid_protocol="pytorch-fid", ema=False) -> dict:
     from dcgan_mn import metrics as M
     from dcgan_mn import scoring
 
     sample_modes = scoring.parse_sample_modes(sample_modes)
-    target = scoring.parse_target(target)
+    target = scoring.parse_target(target, ema=ema)
     _check_ref(ref, dims, data_root)
     extractor = _extractor(dims, weights, dev, feature_batch_size, progress, fid_protocol)
     reference = M.load_reference(ref, extractor, data_root=data_root, cache_dir=cache_dir,
@@ -156,7 +157,7 @@ def _fid(target, ref, samples, batch_size, sample_modes, dims, dev, weights, dat
             print(f"iteration {row['iteration']}: FID {row['fid']:.3f} ({row['sample_mode']})", file=sys.stderr)
 
     rows = scoring.score(target, evaluator, device=dev, sample_modes=sample_modes, batch_size=batch_size,
-                         image_batch_size=extractor.batch_size, on_row=said)
+                         image_batch_size=extractor.batch_size, on_row=said, ema=ema)
     for row in rows:
         row["tag"] = f"fid_{M.sample_count_tag(row['num_samples'])}"
     if target.kind == "run":
@@ -212,10 +213,11 @@ def _check_ref(ref: str, dims: int, data_root) -> None:
 @click.option("--cache-dir", default=None,
               help="where the mode classifier is cached (default ~/.cache/dcgan_mn)")
 @click.option("--seed", default=0, type=int, help="seed of the evaluation latents")
+@click.option("--ema", is_flag=True, help="score the averaged generator G_ema (runs trained with --g-ema)")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="also write the JSON here")
 @click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
 def modes(target, source, samples, batch_size, sample_modes, device, data_root, cache_dir, seed,
-          out, progress):
+          ema, out, progress):
     """Mode collapse on stacked digits: modes (of 1000), kl_modes and cfd of TARGET.
 
     TARGET is a checkpoint file, a run folder (every generator snapshot: the curve), or a folder
@@ -230,14 +232,14 @@ def modes(target, source, samples, batch_size, sample_modes, device, data_root, 
         _fail(f"--batch-size {batch_size}: must be >= 1")
     try:
         report = _modes(target, source, samples, batch_size, sample_modes, _device(device), data_root,
-                        cache_dir, seed, progress)
+                        cache_dir, seed, progress, ema)
     except _errors() as e:
         _fail(str(e))
     _write_report(report, out)
 
 
 def _modes(target, source, samples, batch_size, sample_modes, dev, data_root, cache_dir, seed,
-           progress) -> dict:
+           progress, ema=False) -> dict:
     from dcgan_mn import metrics as M
     from dcgan_mn import scoring
     from dcgan_mn.digits import STACKED_SOURCES
@@ -245,7 +247,7 @@ def _modes(target, source, samples, batch_size, sample_modes, dev, data_root, ca
     from dcgan_mn.metrics.modes import ModeMetrics
 
     sample_modes = scoring.parse_sample_modes(sample_modes)
-    target = scoring.parse_target(target)
+    target = scoring.parse_target(target, ema=ema)
     if source is None:
         if target.kind == "images":
             _fail(f"TARGET {target.text!r}: an image folder needs --source stacked-mnist|stacked-digits")
@@ -264,7 +266,7 @@ def _modes(target, source, samples, batch_size, sample_modes, dev, data_root, ca
                   f"cfd {row['cfd']:.2f} ({row['sample_mode']})", file=sys.stderr)
 
     rows = scoring.score(target, evaluator, device=dev, sample_modes=sample_modes, batch_size=batch_size,
-                         image_batch_size=classifier.batch_size, on_row=said)
+                         image_batch_size=classifier.batch_size, on_row=said, ema=ema)
     for row in rows:
         row["num_samples"] = row["mode_samples"]
         row["tag"] = f"modes_{M.sample_count_tag(row['num_samples'])}"
@@ -434,8 +436,9 @@ def prepare(dataset, ref, no_inception, dims, device, inception_weights, data_ro
               help="how G is sampled  [default: the run's]")
 @click.option("--batch-size", default=None, type=int, help="generator batch  [default: the run's]")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+@click.option("--ema", is_flag=True, help="the averaged generator G_ema (runs trained with --g-ema)")
 @click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
-def samples(target, num, out, fmt, which, seed, sample_mode, batch_size, device, progress):
+def samples(target, num, out, fmt, which, seed, sample_mode, batch_size, device, ema, progress):
     """Write a generator's samples exactly as the evaluator scores them (same latents for the
     same --seed, same sample mode, same uint8 quantization), e.g. for torch-fidelity, clean-fid
     or TensorFlow code. TARGET: a checkpoint, or a run folder (--which best|latest)."""
@@ -449,14 +452,14 @@ def samples(target, num, out, fmt, which, seed, sample_mode, batch_size, device,
         _fail(f"--batch-size {batch_size}: must be >= 1")
     try:
         path = scoring.generator_file(target, which)
-        gen, cfg, iteration = load_generator(path, _device(device))
+        gen, cfg, iteration = load_generator(path, _device(device), ema=ema)
         mode, batch = sample_mode or cfg.sample_mode, batch_size or cfg.batch_size
         batches = (images for _, images in M.generated_images(
             gen, num_samples=num, seed=seed, sample_mode=mode, batch_size=batch, shard=False))
         written = M.write_samples(batches, out, fmt, total=num, progress=progress)
     except _errors() as e:
         _fail(str(e))
-    print(f"wrote {num} samples of {path} (iteration {iteration}, sample mode {mode}, seed {seed}) "
+    print(f"wrote {num} samples of {path}{' (G_ema)' if ema else ''} (iteration {iteration}, sample mode {mode}, seed {seed}) "
           f"to {written}", file=sys.stderr)
 
 

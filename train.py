@@ -23,6 +23,7 @@ import click
 from click.core import ParameterSource
 
 from dcgan_mn.config import AMP_MODES, COMPILE_MODES, MN_ESTIMATORS, MN_POINTS, DATASETS, STACKED_DATASETS, TrainConfig
+from dcgan_mn.ema import EMA_STATS
 from dcgan_mn.models import G_ARCHS
 
 D = TrainConfig()  # the defaults shown in --help are the config's own
@@ -136,6 +137,26 @@ def everything_missing(first: str, cfg: TrainConfig) -> str:
 @click.option("--fid-protocol", default=D.fid_protocol, type=click.Choice(["pytorch-fid", "clean"]),
               help="image protocol before Inception: pytorch-fid's bilinear resize, or clean-fid's "
                    "PIL bicubic (absolute numbers differ; recorded in every row)")
+@click.option("--best-metric", default=None, metavar="METRIC",
+              help="the metric best.pt follows, in its direction (e.g. modes, cfd_ema)  [default: fid, "
+                   "or cfd where a stacked run has no Inception metrics]")
+# --- averaged generator ---
+@click.option("--g-ema", default=D.g_ema, type=click.FloatRange(min=0), metavar="HALF_LIFE",
+              help="keep an averaged generator G_ema (an exponential moving average of G's weights) "
+                   "with this half-life in iterations, and score it beside G at every evaluation as "
+                   "<metric>_ema (0: off). StyleGAN2-ADA's CIFAR-10 setting (500 kimg) is 7812 at "
+                   "batch 64")
+@click.option("--g-ema-rampup", default=D.g_ema_rampup, type=click.FloatRange(min=0), metavar="R",
+              help="the half-life at iteration t is at most R * (t - --g-ema-start), so the average "
+                   "forgets fast early on (StyleGAN2-ADA: 0.05; 0: no ramp-up)")
+@click.option("--g-ema-start", default=D.g_ema_start, type=click.IntRange(min=0), metavar="ITER",
+              help="before this iteration G_ema copies G (StudioGAN's g_ema_start)")
+@click.option("--g-ema-stats", default=D.g_ema_stats, type=click.Choice(EMA_STATS),
+              help="running statistics of G_ema's norm layers (used in --sample-mode running): "
+                   "standing (recomputed from G_ema's own activations before each use, as BigGAN) or "
+                   "copy (G's, as StyleGAN)")
+@click.option("--g-ema-standing-batches", default=D.g_ema_standing_batches, type=click.IntRange(min=1),
+              help="batches of --batch-size latents in each standing-statistics pass")
 # --- speed ---
 @click.option("--amp", default=D.amp, type=click.Choice(AMP_MODES),
               help="autocast: bf16 (CPUs with native bf16, Ampere+ GPUs; elsewhere it warns, ~20x "

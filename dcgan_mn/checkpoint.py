@@ -7,7 +7,8 @@ with the same header and generator block:
 
     {"format": "dcgan_mn", "schema": 1, "kind": "full" | "generator",
      "config": TrainConfig.to_dict(), "iteration": int, "images_seen": int,
-     "generator": G.state_dict(), "metrics": {...}}  # metrics: the evaluation, on snapshots
+     "generator": G.state_dict(), "metrics": {...},  # metrics: the evaluation, on snapshots
+     "generator_ema": G_ema.state_dict()}  # with --g-ema only
 
 A ``"full"`` one adds the training state (see ``state.TrainingState.checkpoint_payload``).
 Files are written atomically (a temporary file in the same folder, then ``os.replace``), so a
@@ -37,6 +38,7 @@ __all__ = [
     "load_checkpoint",
     "generator_payload",
     "load_generator",
+    "has_averaged_generator",
     "build_generator",
     "check_discriminator",
     "checkpoint_config",
@@ -151,13 +153,22 @@ def check_discriminator(cfg: TrainConfig, state: dict, path: PathLike = "") -> N
         ) from None
 
 
-def load_generator(path: PathLike, device: Any = "cpu") -> tuple[Generator, TrainConfig, int]:
+def load_generator(path: PathLike, device: Any = "cpu", *, ema: bool = False) -> tuple[Generator, TrainConfig, int]:
     """(generator on ``device`` in train mode, its TrainConfig, iteration) from a full
-    checkpoint or a generator snapshot."""
+    checkpoint or a generator snapshot; ``ema``: the averaged generator G_ema instead of G."""
     payload = load_checkpoint(path, map_location="cpu")
     cfg = checkpoint_config(payload, path)
-    gen = build_generator(cfg, payload["generator"], path).to(device)
+    key = "generator_ema" if ema else "generator"
+    if key not in payload:
+        raise CheckpointError(f"checkpoint {str(path)!r}: no averaged generator (its run was trained "
+                              f"without --g-ema); leave out --ema to use G")
+    gen = build_generator(cfg, payload[key], path).to(device)
     return gen, cfg, int(payload["iteration"])
+
+
+def has_averaged_generator(path: PathLike) -> bool:
+    """Does the checkpoint or snapshot at ``path`` hold G_ema (``--g-ema``)?"""
+    return "generator_ema" in load_checkpoint(path, map_location="cpu")
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .digits import DEFAULT_STACK_SIZE, STACKED_SOURCES as STACKED_DATASETS
+from .ema import EMA_STATS
 from .models import G_ARCHS, NUM_G_NORM_LAYERS, SAMPLE_MODES, parse_mn_layers
 from .norms import NORM_KINDS
 
@@ -89,6 +90,13 @@ class TrainConfig:
     dims: int = 2048
     fid_protocol: str = "pytorch-fid"  # or "clean": clean-fid's PIL-bicubic resize before Inception
     mode_samples: int = 26_000  # stacked datasets: samples per mode-metric evaluation (PacGAN's)
+    best_metric: Optional[str] = None  # what best.pt follows; None: FID, else the mode classifier's cfd
+    # --- averaged generator (dcgan_mn.ema) ---
+    g_ema: float = 0.0  # half-life of G_ema in iterations; 0: no averaged generator
+    g_ema_rampup: float = 0.0  # > 0: half-life at most rampup * (iteration - g_ema_start) (StyleGAN2-ADA)
+    g_ema_start: int = 0  # before this iteration G_ema copies G (StudioGAN's g_ema_start)
+    g_ema_stats: str = "standing"  # G_ema's norm statistics: standing (recomputed) | copy (G's buffers)
+    g_ema_standing_batches: int = 16  # batches of the standing-statistics pass
     # --- speed (GPU-oriented, all correct on CPU) ---
     amp: str = "none"
     channels_last: bool = False
@@ -171,6 +179,19 @@ class TrainConfig:
              self.dataset, "leaves nothing to evaluate except on a stacked dataset (mode metrics)")
         need(self.fid_protocol in FID_PROTOCOL_NAMES, "--fid-protocol", self.fid_protocol,
              f"expected one of {FID_PROTOCOL_NAMES}")
+        need(self.g_ema >= 0, "--g-ema", self.g_ema, "must be >= 0 (a half-life in iterations; 0 turns it off)")
+        need(self.g_ema_rampup >= 0, "--g-ema-rampup", self.g_ema_rampup, "must be >= 0 (0: no ramp-up)")
+        need(self.g_ema_start >= 0, "--g-ema-start", self.g_ema_start, "must be >= 0")
+        need(self.g_ema_stats in EMA_STATS, "--g-ema-stats", self.g_ema_stats, f"expected one of {EMA_STATS}")
+        need(self.g_ema_standing_batches >= 1, "--g-ema-standing-batches", self.g_ema_standing_batches,
+             "must be >= 1")
+        if self.best_metric is not None:
+            from .metrics.specs import EMA_SUFFIX, METRICS
+
+            need(self.best_metric in METRICS, "--best-metric", self.best_metric,
+                 f"expected one of {', '.join(METRICS)}")
+            need(self.g_ema > 0 or not self.best_metric.endswith(EMA_SUFFIX), "--best-metric",
+                 self.best_metric, "names the averaged generator's metric: give --g-ema too")
         need(self.amp in AMP_MODES, "--amp", self.amp, f"expected one of {AMP_MODES}")
         need(self.compile_mode in COMPILE_MODES, "--compile-mode", self.compile_mode,
              f"expected one of {COMPILE_MODES}")
@@ -234,7 +255,7 @@ RESUME_FIXED = (
     "g_arch", "z_dim", "ngf", "ndf", "mn_layers", "g_norms", "mode_components", "mn_components", "mn_fit_points", "mn_kmeans_iters",
     "mn_estimator", "mn_em_iters", "mn_point", "mn_posterior_grad", "mn_lambda_scale",
     "lr", "beta1", "beta2", "batch_size", "seed", "dataset", "hflip", "stack_size", "stack_seed",
-    "sample_mode", "ref", "dims", "mode_samples", "fid_protocol",
+    "sample_mode", "ref", "dims", "mode_samples", "fid_protocol", "g_ema", "g_ema_rampup", "g_ema_start",
 )
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "shutdown_distributed",
     "barrier",
     "broadcast_object",
+    "broadcast_",
     "all_gather_rows",
     "all_reduce_sum",
     "all_reduce_max",
@@ -95,6 +96,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s values into ``t`` on every rank, in place; returns ``t``."""
+    if _active():
+        dist.broadcast(t, src=src)
+    return t
 
 
 def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:

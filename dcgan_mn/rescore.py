@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Union
 
-from .checkpoint import load_generator
+from .checkpoint import has_averaged_generator, load_generator
 from .config import config_from_dict
 from .runfolder import RunFolder, as_run_folder
 
@@ -85,7 +85,7 @@ def rescore_run(
     if saved is None:
         raise RescoreError(f"run {str(run)!r}: no {RunFolder.CONFIG} to re-score with")
     cfg = config_from_dict(saved)
-    from .metrics.specs import MODE_COUNT_KEY, metric_spec
+    from .metrics.specs import MODE_COUNT_KEY, averaged_result, metric_spec
 
     count_key = metric_spec(metric).count_key  # a MetricsError names the known metrics
     samples = cfg.mode_samples if count_key == MODE_COUNT_KEY else cfg.fid_samples
@@ -123,7 +123,13 @@ def rescore_run(
             evaluator = M.build_evaluator(cfg, device, cache_dir=cache_dir, progress=progress)
             if evaluators is not None:
                 evaluators[setup] = evaluator
-    if metric not in getattr(evaluator, "directions", {metric: None}):
+    if metric_spec(metric).averaged:
+        from .metrics.specs import EMA_SUFFIX
+
+        scorable = metric[:-len(EMA_SUFFIX)]
+    else:
+        scorable = metric
+    if scorable not in getattr(evaluator, "directions", {scorable: None}):
         raise RescoreError(
             f"run {str(run)!r}: its evaluator here cannot score --metric {metric!r} (it scores "
             f"{sorted(evaluator.directions)}; e.g. no Inception weights on this machine)")
@@ -132,11 +138,15 @@ def rescore_run(
     from .provenance import environment, record_environment
 
     key = record_environment(folder, environment(device), max(it for it, _ in todo))
-    loaded: tuple = (None, None)
+    loaded: tuple = (None, None, None)  # (iteration, G, G_ema or None)
     for it, s in todo:
         if loaded[0] != it:
-            loaded = (it, load_generator(snapshots[it], device)[0])
-        result = evaluator.with_seed(s)(loaded[1], sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
+            G_ema = load_generator(snapshots[it], device, ema=True)[0] if has_averaged_generator(snapshots[it]) else None
+            loaded = (it, load_generator(snapshots[it], device)[0], G_ema)
+        seeded = evaluator.with_seed(s)
+        result = seeded(loaded[1], sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
+        if loaded[2] is not None:  # the averaged generator, scored alike: its <metric>_ema columns
+            result.update(averaged_result(seeded(loaded[2], sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)))
         folder.append_eval_seed_row({
             "iteration": it, "images_seen": it * cfg.batch_size, "sample_mode": cfg.sample_mode,
             **{k: v for k, v in result.items() if k not in ("iteration", "images_seen")}, "env_key": key})

@@ -40,9 +40,10 @@ class Target:
         return {"target": self.text, "kind": self.kind}
 
 
-def parse_target(text: str, *, min_images: int = 2) -> Target:
+def parse_target(text: str, *, min_images: int = 2, ema: bool = False) -> Target:
     """Classify TARGET and check it: every generator is loaded once on the CPU, so a bad file
-    fails in seconds and names itself; an image folder has at least ``min_images`` images."""
+    fails in seconds and names itself; an image folder has at least ``min_images`` images.
+    ``ema``: the averaged generators (``--ema``), which every checkpoint must hold."""
     p = Path(text)
     if p.is_file():
         files = [p]
@@ -61,7 +62,7 @@ def parse_target(text: str, *, min_images: int = 2) -> Target:
         return Target(text, "images", images=tuple(images))
     generators, cfg = [], None
     for path in files:
-        _, cfg, iteration = load_generator(path, "cpu")
+        _, cfg, iteration = load_generator(path, "cpu", ema=ema)
         generators.append((iteration, path))
     return Target(text, "checkpoint" if p.is_file() else "run", generators=tuple(generators), config=cfg)
 
@@ -95,22 +96,23 @@ def generator_file(text: str, which: str = "best") -> Path:
 
 def score(target: Target, evaluator, *, device, sample_modes: Optional[Sequence[str]] = None,
           batch_size: Optional[int] = None, image_batch_size: int = 50,
-          on_row: Optional[Callable[[dict], None]] = None) -> list[dict]:
+          on_row: Optional[Callable[[dict], None]] = None, ema: bool = False) -> list[dict]:
     """One evaluator row per (generator, sample mode), or one for the whole image folder.
 
     Generators are sampled in their run's sample mode unless ``sample_modes`` says otherwise,
     in their run's batch size unless ``batch_size`` does; each row gains ``iteration`` and
-    ``checkpoint``. ``on_row`` sees each row as it is scored (progress lines)."""
+    ``checkpoint``. ``on_row`` sees each row as it is scored (progress lines). ``ema``: score
+    each checkpoint's averaged generator G_ema (rows say ``"generator": "G_ema"``)."""
     if target.kind == "images":
         rows = [evaluator.score_images(iter_image_batches(list(target.images), image_batch_size),
                                        total=len(target.images))]
     else:
         rows = []
         for _, path in target.generators:
-            gen, cfg, iteration = load_generator(path, device)
+            gen, cfg, iteration = load_generator(path, device, ema=ema)
             for mode in sample_modes or [cfg.sample_mode]:
                 row = evaluator(gen, sample_mode=mode, batch_size=batch_size or cfg.batch_size)
-                row.update(iteration=iteration, checkpoint=str(path))
+                row.update(iteration=iteration, checkpoint=str(path), generator="G_ema" if ema else "G")
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)

@@ -12,6 +12,7 @@ schema, in one place:
      "rng": {"torch", "cuda", "python", "numpy"}, "data": BatchSampler.state_dict(),
      "fixed_noise": [64, z_dim], "best": {"metric", "value", "iteration"},
      "train_seconds": float, "log_window": StepWindow.state_dict(),
+     # with --g-ema (in snapshots too): "generator_ema": G_ema's state dict,
      # under torchrun only:
      "world_size": int, "ranks": [{"rng", "log_window", "buffers": {"generator", "discriminator"}}]}
 
@@ -32,6 +33,7 @@ from . import distributed as dist_utils
 from .config import TrainConfig
 from .data import BatchSampler
 from .distributed import DistInfo
+from .ema import EmaSchedule, GeneratorEMA
 from .models import Discriminator, Generator
 from .step import StepWindow
 
@@ -78,23 +80,45 @@ class TrainingState:
             from .sync import convert_sync_norms
 
             self.G, self.D = convert_sync_norms(self.G), convert_sync_norms(self.D)
+        # The averaged generator: a copy of G (no random draw), updated inside the step.
+        self.ema: Optional[GeneratorEMA] = None
+        if cfg.g_ema > 0:
+            self.ema = GeneratorEMA(self.G, EmaSchedule(cfg.g_ema, cfg.g_ema_rampup, cfg.g_ema_start),
+                                    stats=cfg.g_ema_stats, standing_batches=cfg.g_ema_standing_batches,
+                                    batch_size=self.sampler.local_batch)
         if dist.enabled:  # same weights everywhere, but each rank its own noise and k-means draws
             seed_everything(cfg.seed * 1_000_003 + 104_729 + dist.rank)
 
         self.window = StepWindow(device)  # loss_D, loss_G, D(x), D(G(z)) summed over the log window
         self.iteration = 0
         self.train_seconds = 0.0  # training-only seconds before this process started
-        # The snapshot kept as best.pt: by FID, or by the mode classifier's cfd when the
-        # evaluator has no Inception metrics (a stacked run without Inception weights).
-        self.best: dict = {"metric": best_metric, "value": None, "iteration": None}
+        # The snapshot kept as best.pt: by --best-metric, else FID, or the mode classifier's cfd
+        # when the evaluator has no Inception metrics (a stacked run without Inception weights).
+        self.best: dict = {"metric": cfg.best_metric or best_metric, "value": None, "iteration": None}
 
     @property
     def images_seen(self) -> int:
         return self.iteration * self.cfg.batch_size
 
     def improves_best(self, value: Optional[float]) -> bool:
-        """Is ``value`` of the best metric a new best (lower is better: FID, cfd)?"""
-        return value is not None and np.isfinite(value) and (self.best["value"] is None or value < self.best["value"])
+        """Is ``value`` of the best metric a new best (in the metric's direction: lower FID and
+        cfd, more modes)?"""
+        from .metrics.specs import METRICS
+
+        if value is None or not np.isfinite(value):
+            return False
+        spec = METRICS.get(self.best["metric"])
+        if self.best["value"] is None:
+            return True
+        return value > self.best["value"] if spec is not None and spec.higher_is_better else value < self.best["value"]
+
+    def generator_payloads(self) -> dict:
+        """What every snapshot and checkpoint holds of the generators: G, and G_ema when there is
+        one (its normalization state made ready first, so it is what was scored)."""
+        if self.ema is None:
+            return {}
+        self.ema.ready_for_use(rank_buffers_from=dist_utils.broadcast_ if self.dist.enabled else None)
+        return {"generator_ema": self.ema.state_dict()}
 
     # ---- the full checkpoint --------------------------------------------------------------------
 
@@ -104,6 +128,7 @@ class TrainingState:
         every rank calls this at the same iteration), so that resume is exact."""
         rng = ckpt.capture_rng_state(self.device)
         log_window = self.window.state_dict()
+        generators = self.generator_payloads()  # every rank: copying G's buffers may broadcast
         ranks = None
         if self.dist.enabled:  # running statistics are each rank's own (buffers are not synchronized)
             buffers = {"generator": {n: b.cpu() for n, b in self.G.named_buffers()},
@@ -111,7 +136,7 @@ class TrainingState:
             ranks = dist_utils.all_gather_objects({"rng": rng, "log_window": log_window, "buffers": buffers})
             if not self.dist.is_main:
                 return None
-        payload = ckpt.generator_payload(self.G, self.cfg, self.iteration, self.images_seen)
+        payload = ckpt.generator_payload(self.G, self.cfg, self.iteration, self.images_seen, **generators)
         payload.update(
             kind="full", discriminator=self.D.state_dict(), opt_g=self.opt_g.state_dict(),
             opt_d=self.opt_d.state_dict(), scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -126,6 +151,8 @@ class TrainingState:
         """Continue from a full checkpoint: weights, optimizers, data order, the logging window,
         the best so far, and last (set-up drew random numbers) every RNG state."""
         self.G.load_state_dict(payload["generator"])
+        if self.ema is not None:
+            self.ema.load_state_dict(payload["generator_ema"])
         self.D.load_state_dict(payload["discriminator"])
         self.opt_g.load_state_dict(payload["opt_g"])
         self.opt_d.load_state_dict(payload["opt_d"])

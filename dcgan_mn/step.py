@@ -16,6 +16,8 @@ Two spellings of the same iteration:
   an inf flag on the host. Here ``--compile`` compiles G and D separately.
 
 Both compute the same numbers (tested: their losses and weights agree to float tolerance).
+With ``--g-ema`` both end by moving the averaged generator towards G (``ema.GeneratorEMA``):
+inside the graph, with a device-side weight set before the call.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import COMPILE_MODES
+from .ema import GeneratorEMA
 from .losses import discriminator_loss, generator_loss
 
 __all__ = ["AdamUpdate", "StepOutput", "StepWindow", "TrainStep", "compile_step_config"]
@@ -125,7 +128,9 @@ class TrainStep:
     ``G_forward``/``D_forward`` are what the backward spelling calls (DDP wrappers, or compiled
     modules); the capturable spelling always calls the plain modules, since the whole step is
     compiled at once. ``D_frozen`` is what the generator step calls under DDP (D itself: its
-    gradient reducer must not wait for gradients that never come).
+    gradient reducer must not wait for gradients that never come). ``ema``: the averaged
+    generator, updated after G's optimizer step (``step(real, z, iteration)`` then needs the
+    number of iterations done before this one, for the EMA schedule).
     """
 
     def __init__(
@@ -141,8 +146,10 @@ class TrainStep:
         G_forward: Optional[nn.Module] = None,
         D_forward: Optional[nn.Module] = None,
         D_frozen: Optional[nn.Module] = None,
+        ema: Optional[GeneratorEMA] = None,
     ) -> None:
         self.G, self.D, self.opt_g, self.opt_d = G, D, opt_g, opt_d
+        self.ema = ema
         self.autocast = autocast
         self.scaler = scaler
         self.capturable = capturable and (scaler is None or not scaler.is_enabled())
@@ -157,7 +164,11 @@ class TrainStep:
         self._call: Callable[[Tensor, Tensor], StepOutput] = (
             self.capturable_step if self.capturable else self.backward_step)
 
-    def __call__(self, real: Tensor, z: Tensor) -> StepOutput:
+    def __call__(self, real: Tensor, z: Tensor, iteration: Optional[int] = None) -> StepOutput:
+        if self.ema is not None:
+            if iteration is None:
+                raise ValueError("a step with an averaged generator needs the iteration (EMA schedule)")
+            self.ema.prepare(iteration)  # a device fill outside the graph: no recompilation per step
         return self._call(real, z)
 
     def compile(self, mode: str = "default", backend: str = "inductor") -> "TrainStep":
@@ -198,6 +209,8 @@ class TrainStep:
         with self.autocast():
             loss_g = generator_loss(self.D(fake))
         self._update_g(list(torch.autograd.grad(loss_g, self._g_params)))
+        if self.ema is not None:
+            self.ema.update()
         return StepOutput(loss_d.detach(), loss_g.detach(), real_logits.detach(),
                           fake_logits.detach())
 
@@ -223,6 +236,8 @@ class TrainStep:
             scaler.update()
         finally:
             self.D.requires_grad_(True)
+        if self.ema is not None:
+            self.ema.update()
         return StepOutput(loss_d.detach(), loss_g.detach(), real_logits.detach(),
                           fake_logits.detach())
 

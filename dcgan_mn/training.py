@@ -43,6 +43,7 @@ from .device import autocast
 from .errors import ConfigError
 from .launch import Launch, decide_launch
 from .metrics import METRICS, sample_count_tag
+from .metrics.specs import EMA_SUFFIX, averaged_result
 from .log import RunLogger, run_hparams, run_outcome, write_hparams
 from .provenance import environment, record_environment
 from .runfolder import RunFolder
@@ -157,6 +158,7 @@ def train(
 
     # ---- Build the models, optimizers, data order and grid noise; restore the run we resume.
     best_metric = getattr(evaluator, "primary_metric", "fid") if evaluator is not None else "fid"
+    check_best_metric(cfg, evaluator)
     state = TrainingState(cfg, device, images, amp=launch.amp, dist=dist, best_metric=best_metric)
     if launch.payload is not None:
         state.load_payload(launch.payload)
@@ -176,7 +178,7 @@ def train(
         with StopOnSignals(keep_deferring=dist.enabled) as stop:
             stopping = agreed_stop(stop, dist, device)
             while state.iteration < cfg.iters and stopping is None:
-                out = train_step(*next_batch(state))  # one D step then one G step; stays on device
+                out = train_step(*next_batch(state), state.iteration)  # D step, G step (, G_ema); on device
                 state.iteration += 1
                 it = state.iteration
                 stopping = agreed_stop(stop, dist, device)
@@ -220,6 +222,8 @@ def train(
     # ---- Say how it ended.
     if dist.is_main and evaluating:
         directions = getattr(evaluator, "directions", None) or {m: s.direction for m, s in METRICS.items()}
+        if state.ema is not None:
+            directions = {**directions, **{f"{m}{EMA_SUFFIX}": d for m, d in directions.items()}}
         write_hparams(io.folder, run_hparams(cfg, state.G), run_outcome(io.folder.metrics_rows(), directions,
                                                                          state.iteration))
     if nonfinite_at is not None:
@@ -249,6 +253,17 @@ def training_images(launch: Launch, images: Optional[Tensor]) -> Tensor:
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (3, 32, 32):
         raise ConfigError(f"training images must be uint8 [N, 3, 32, 32], got {images.dtype} {tuple(images.shape)}")
     return images
+
+
+def check_best_metric(cfg: TrainConfig, evaluator: Optional[EvaluateFn]) -> None:
+    """``--best-metric`` must be something this run's evaluator scores (before anything is written)."""
+    scored = getattr(evaluator, "directions", None)
+    if cfg.best_metric is None or not scored or cfg.fid_every == 0:
+        return
+    scored = [*scored, *([f"{m}{EMA_SUFFIX}" for m in scored] if cfg.g_ema > 0 else [])]
+    if cfg.best_metric not in scored:
+        raise ConfigError(f"--best-metric {cfg.best_metric!r}: this run's evaluation scores "
+                          f"{', '.join(scored)}")
 
 
 def run_facts(launch: Launch, images: Tensor) -> dict:
@@ -311,7 +326,7 @@ def build_train_step(state: TrainingState, launch: Launch, compile_backend: str)
     step = TrainStep(state.G, state.D, state.opt_g, state.opt_d,
                      autocast=lambda: autocast(launch.device, launch.amp), scaler=state.scaler,
                      capturable=not launch.dist.enabled, G_forward=G_train, D_forward=D_train,
-                     D_frozen=state.D if launch.dist.enabled else None)
+                     D_frozen=state.D if launch.dist.enabled else None, ema=state.ema)
     if state.cfg.compile:
         step.compile(state.cfg.compile_mode, backend=compile_backend)
     return step
@@ -367,9 +382,14 @@ def write_grid(state: TrainingState, io: RunIO) -> None:
         return
     cfg = state.cfg
     with io.clock.paused(), local_norms(state):
-        fake = state.G.sample(state.fixed_noise, mode=cfg.sample_mode, batch_size=cfg.batch_size)  # [64, 3, 32, 32]
-        grid = make_grid(fake.float().cpu() * 0.5 + 0.5, nrow=8, padding=2)  # [3, 274, 274]
-        io.logger.image(f"samples/{cfg.sample_mode}", grid.clamp(0, 1), state.iteration)
+        for tag, G in (("samples", state.G), ("samples_ema", state.ema.G_ema if state.ema else None)):
+            if G is None:
+                continue
+            if G is not state.G and cfg.sample_mode == "running":
+                state.ema.ready_for_use()  # its running statistics (batch mode needs none)
+            fake = G.sample(state.fixed_noise, mode=cfg.sample_mode, batch_size=cfg.batch_size)  # [64, 3, 32, 32]
+            grid = make_grid(fake.float().cpu() * 0.5 + 0.5, nrow=8, padding=2)  # [3, 274, 274]
+            io.logger.image(f"{tag}/{cfg.sample_mode}", grid.clamp(0, 1), state.iteration)
 
 
 def evaluate(state: TrainingState, io: RunIO) -> None:
@@ -383,6 +403,10 @@ def evaluate(state: TrainingState, io: RunIO) -> None:
         cuda_devices = [state.device] if state.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_devices), local_norms(state):
             result = dict(io.evaluator(state.G, sample_mode=cfg.sample_mode, batch_size=cfg.batch_size))
+            generators = state.generator_payloads()  # G_ema made ready (normalization state) first
+            if state.ema is not None:  # the same evaluation of G_ema: its own <metric>_ema columns
+                result.update(averaged_result(io.evaluator(state.ema.G_ema, sample_mode=cfg.sample_mode,
+                                                           batch_size=cfg.batch_size)))
         row = {"iteration": it, "images_seen": state.images_seen,
                "sample_mode": cfg.sample_mode, "train_seconds": round(train_s, 3),
                **{k: v for k, v in result.items() if k not in ("iteration", "images_seen", "train_seconds")},
@@ -393,7 +417,7 @@ def evaluate(state: TrainingState, io: RunIO) -> None:
         io.logger.scalars({f"metrics/{names[k]}": float(v) for k, v in result.items() if k in names
                            and isinstance(v, (int, float)) and not isinstance(v, bool)}, it)
         io.logger.scalars({"time/eval_seconds": row["eval_seconds"]}, it)
-        snapshot = ckpt.generator_payload(state.G, cfg, it, state.images_seen, metrics=row)
+        snapshot = ckpt.generator_payload(state.G, cfg, it, state.images_seen, metrics=row, **generators)
         if state.dist.is_main:
             io.folder.save_snapshot(it, snapshot)
         value = result.get(state.best["metric"])
@@ -425,8 +449,9 @@ def save(state: TrainingState, io: RunIO, evaluating: bool) -> None:
             return
         io.last_checkpoint = io.folder.save_checkpoint(state.iteration, payload)
         if not evaluating:
-            io.folder.save_snapshot(state.iteration, ckpt.generator_payload(state.G, state.cfg, state.iteration,
-                                                                            state.images_seen))
+            io.folder.save_snapshot(state.iteration, ckpt.generator_payload(
+                state.G, state.cfg, state.iteration, state.images_seen,
+                **{k: payload[k] for k in ("generator_ema",) if k in payload}))
         io.folder.prune_checkpoints(state.cfg.keep_last)  # after its successor is durably written
 
 
@@ -436,4 +461,8 @@ def _metric_names(evaluator, result: dict) -> dict:
     tagged with its sample count column."""
     if hasattr(evaluator, "metric_names"):
         return evaluator.metric_names(result)
-    return {k: f"{k}_{sample_count_tag(int(result.get(METRICS[k].count_key, 0)))}" for k in result if k in METRICS}
+    names = {}
+    for k in (k for k in result if k in METRICS):
+        base, suffix = (k[:-len(EMA_SUFFIX)], EMA_SUFFIX) if METRICS[k].averaged else (k, "")
+        names[k] = f"{base}_{sample_count_tag(int(result.get(METRICS[k].count_key, 0)))}{suffix}"
+    return names

@@ -18,7 +18,8 @@ that reached ``--iters`` is skipped, a cut run resumes from its newest checkpoin
 ``train.py --resume`` does), and a run folder that was trained with other settings stops the
 script rather than being mixed in. When every run is done the script re-scores each evaluated
 snapshot with ``--eval-seeds`` evaluation seeds and writes ``evaluate.py compare`` reports for
-``modes``, ``kl_modes`` and ``cfd`` under ``<out>/compare/<metric>/``, plus one sample grid per
+``modes``, ``kl_modes`` and ``cfd`` (and, with ``--train-flags "--g-ema ..."``, the averaged
+generator's ``modes_ema``, ``kl_modes_ema`` and ``cfd_ema``) under ``<out>/compare/<metric>/``, plus one sample grid per
 arm (``<out>/samples-<arm>.png``: the final generators of the first seed whose runs still hold
 their snapshots, the same seed in every arm).
 """
@@ -377,9 +378,11 @@ def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_si
     # ---- Compare every arm with the baseline, per metric; one sample grid per arm.
     baseline = parsed[0][0]
     base_runs = [str(r.folder) for r in runs if r.arm == baseline]
+    averaged = planned_config(plan[0][1]).get("g_ema", 0) > 0  # --g-ema: G_ema's metrics too
+    metrics = (*METRICS, *(f"{m}_ema" for m in METRICS)) if averaged else METRICS
     for name, _ in parsed[1:]:
         cand_runs = [str(r.folder) for r in runs if r.arm == name]
-        for metric in METRICS:
+        for metric in metrics:
             dest = out / "compare" / (metric if len(parsed) == 2 else f"{name}-vs-{baseline}" + f"/{metric}")
             command = [sys.executable, str(ROOT / "evaluate.py"), "compare", *cand_runs,
                        *[x for b in base_runs for x in ("--baseline", b)], "--metric", metric,

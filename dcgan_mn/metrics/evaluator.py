@@ -33,7 +33,7 @@ from ..features import FeatureExtractor, quantize_images
 from .errors import MetricsError
 from .inception import InceptionMetrics
 from .reference import ReferenceStats, load_reference
-from .specs import metric_spec
+from .specs import EMA_SUFFIX, metric_spec
 
 __all__ = ["Evaluator", "build_evaluator", "generated_images", "sample_count_tag", "metric_direction", "metric_count_key"]
 
@@ -170,15 +170,18 @@ class Evaluator:
         return {k: v for f in self.families for k, v in f.directions.items()}
 
     def metric_names(self, result: dict) -> dict:
-        """{result key: name with the sample count}, e.g. {'fid': 'fid_10k', 'modes': 'modes_26k'}."""
+        """{result key: name with the sample count}, e.g. {'fid': 'fid_10k', 'modes': 'modes_26k',
+        'fid_ema': 'fid_10k_ema'} (the averaged generator's columns keep their suffix last)."""
         names = {}
         for f in self.families:
             count = result.get(f.count_key)
-            for key in f.directions:
-                if count is not None and key in result:
-                    names[key] = f"{key}_{sample_count_tag(int(count))}"
-            if f.count_key == "num_samples" and count is not None:
-                names["kid_std"] = f"kid_std_{sample_count_tag(int(count))}"
+            if count is None:
+                continue
+            keys = [*f.directions, *(("kid_std",) if f.count_key == "num_samples" else ())]
+            for key in keys:
+                for column, suffix in ((key, ""), (f"{key}{EMA_SUFFIX}", EMA_SUFFIX)):
+                    if column in result:
+                        names[column] = f"{key}_{sample_count_tag(int(count))}{suffix}"
         return names
 
     def with_seed(self, seed: int) -> "Evaluator":

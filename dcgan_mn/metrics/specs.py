@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 from .errors import MetricsError
 
-__all__ = ["MetricSpec", "METRICS", "metric_spec", "directions_of", "INCEPTION_COUNT_KEY", "MODE_COUNT_KEY"]
+__all__ = ["MetricSpec", "METRICS", "metric_spec", "directions_of", "averaged_result", "INCEPTION_COUNT_KEY",
+           "MODE_COUNT_KEY", "EMA_SUFFIX"]
 
 INCEPTION_COUNT_KEY = "num_samples"  # the Inception family's column: FID, KID, PRDC, IS
 MODE_COUNT_KEY = "mode_samples"  # the stacked-digit mode family's column: modes, kl_modes, cfd
+EMA_SUFFIX = "_ema"  # the averaged generator's metrics (--g-ema): fid_ema, modes_ema, ...
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,9 @@ class MetricSpec:
       collapse (``compare``'s collapse flag); False where the metric lives near a floor
       (kl_modes) or can be <= 0 (KID), so a ratio means nothing;
     * ``description``: one line for help texts and reports;
-    * ``headline``: shown on the progress bar and the plain log lines during training."""
+    * ``headline``: shown on the progress bar and the plain log lines during training;
+    * ``averaged``: the metric of the averaged generator (``--g-ema``), ``<metric>_ema``: the
+      same metric, scored on G_ema in the same evaluation (same samples count, same latents)."""
 
     name: str
     direction: str
@@ -37,6 +41,7 @@ class MetricSpec:
     can_collapse: bool
     description: str
     headline: bool = False
+    averaged: bool = False
 
     def __post_init__(self) -> None:
         if self.direction not in ("min", "max"):
@@ -71,6 +76,15 @@ METRICS: dict[str, MetricSpec] = dict([
     _spec("cfd", "min", MODE_COUNT_KEY, True, "Fréchet distance in the mode classifier's features",
           headline=True),
 ])
+# Every metric again for the averaged generator: written as its own column, so compare, rescore,
+# TensorBoard and HParams read it as any other metric.
+METRICS.update({
+    f"{name}{EMA_SUFFIX}": MetricSpec(f"{name}{EMA_SUFFIX}", s.direction, s.count_key, s.can_collapse,
+                                      f"{s.description}, of the averaged generator (--g-ema)", s.headline,
+                                      averaged=True)
+    for name, s in list(METRICS.items())
+})
+AVERAGED_EXTRAS = ("kid_std",)  # result columns that are not metrics but belong to the generator scored
 
 
 def metric_spec(name: str) -> MetricSpec:
@@ -83,4 +97,12 @@ def metric_spec(name: str) -> MetricSpec:
 
 def directions_of(count_key: str) -> dict[str, str]:
     """{metric: direction} of the family whose rows carry ``count_key``."""
-    return {m.name: m.direction for m in METRICS.values() if m.count_key == count_key}
+    return {m.name: m.direction for m in METRICS.values() if m.count_key == count_key and not m.averaged}
+
+
+def averaged_result(result: dict) -> dict:
+    """An evaluation of G_ema as the columns of its row: each metric (and ``kid_std``) renamed
+    ``<name>_ema``; the sample counts, sample mode and seed are the evaluation's own, shared
+    with G's columns."""
+    return {f"{k}{EMA_SUFFIX}": v for k, v in result.items()
+            if (k in METRICS and not METRICS[k].averaged) or k in AVERAGED_EXTRAS}
