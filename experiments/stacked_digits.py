@@ -221,14 +221,15 @@ def grid_seed(runs: list[Run], seeds: list[int]) -> int | None:
     return None
 
 
-def write_sample_grid(folder: Path, path: Path, sample_mode: str, batch_size: int) -> None:
-    """8x8 grid of the run's final generator snapshot, from fixed latents (GRID_SEED)."""
+def write_sample_grid(folder: Path, path: Path, sample_mode: str, batch_size: int, ema: bool = False) -> None:
+    """8x8 grid of the run's final generator snapshot (``ema``: its averaged generator), from
+    fixed latents (GRID_SEED)."""
     import torch
     from torchvision.utils import save_image
 
     from dcgan_mn.checkpoint import load_generator
 
-    G, _, _ = load_generator(RunFolder(folder).snapshots()[-1][1])
+    G, _, _ = load_generator(RunFolder(folder).snapshots()[-1][1], ema=ema)
     z = torch.randn(64, G.z_dim, generator=torch.Generator().manual_seed(GRID_SEED))  # [64, z_dim]
     torch.manual_seed(GRID_SEED)  # MN's k-means++ draws in batch mode
     with torch.no_grad():
@@ -403,6 +404,10 @@ def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_si
         path = out / f"samples-{name}.png"
         write_sample_grid(run.folder, path, sample_mode, batch_size)
         click.echo(f"sample grid {name}: {path} ({run.name}'s final generator)")
+        if averaged:
+            path = out / f"samples-{name}-ema.png"
+            write_sample_grid(run.folder, path, sample_mode, batch_size, ema=True)
+            click.echo(f"sample grid {name} (G_ema): {path} ({run.name}'s final averaged generator)")
 
 if __name__ == "__main__":
     main()
