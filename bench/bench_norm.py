@@ -8,7 +8,9 @@ Two measurements, both forward + backward, on the CPU (or --device):
 * ``step``: one full DCGAN training iteration (D step on real + detached fake, then G step;
   non-saturating BCE on logits; Adam 2e-4, betas (0.5, 0.999)) with the generator's MN layers
   set to none, (0,), (0, 1) and all, and Mode Normalization, GroupNorm or no norm in layers
-  0, 1; ratios are to the all-BN step (``none``).
+  0, 1; ratios are to the all-BN step (``none``). ``none+g_ema`` and ``0,1+g_ema`` are the same
+  steps with the averaged generator's update after G's (``--g-ema``; ``dcgan_mn.ema``), with a
+  second ratio, ``ratio_to_without_g_ema``, to the same step without it.
 
 Repetitions are interleaved (A B C D A B C D ...) so that load from other processes hits every
 variant alike; we report medians and minima, and ratios of both. Prints one JSON object.
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcgan_mn.ema import EmaSchedule, GeneratorEMA
 from dcgan_mn.models import Discriminator, Generator
 from dcgan_mn.norms import MixtureNorm2d, make_norm2d
 from dcgan_mn.device import cpu_has_native_bf16
@@ -37,6 +40,7 @@ LAYER_SHAPES = [(64, 512, 4, 4), (64, 256, 8, 8), (64, 128, 16, 16)]
 STEP_CONFIGS = {"none": ("bn", "bn", "bn"), "0": ("mn", "bn", "bn"), "0,1": ("mn", "mn", "bn"),
                 "all": ("mn", "mn", "mn"), "mode:0,1": ("mode", "mode", "bn"),
                 "group:0,1": ("group", "group", "bn"), "identity:0,1": ("none", "none", "bn")}
+G_EMA_CONFIGS = ("none", "0,1")  # also timed with the G_ema update (--g-ema)
 
 
 def _summary(times_s: list[float]) -> dict[str, float]:
@@ -99,7 +103,7 @@ class GanStep:
     """One DCGAN iteration: D on real and detached fake, then G through the same fake."""
 
     def __init__(self, norms, batch_size: int, device: torch.device, num_components: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, g_ema: bool = False) -> None:
         torch.manual_seed(seed)
         self.g = Generator(norms=norms, num_components=num_components).to(device)
         self.d = Discriminator().to(device)
@@ -109,6 +113,9 @@ class GanStep:
         self.z = torch.randn(batch_size, self.g.z_dim, device=device)
         self.ones = torch.ones(batch_size, device=device)
         self.zeros = torch.zeros(batch_size, device=device)
+        # StyleGAN2-ADA's CIFAR-10 EMA (500 kimg at batch 64, ramp-up 0.05), as the experiment uses it
+        self.ema = GeneratorEMA(self.g, EmaSchedule(7812.5, 0.05)) if g_ema else None
+        self.iteration = 0
 
     def __call__(self) -> None:
         fake = self.g(self.z)
@@ -123,15 +130,21 @@ class GanStep:
         loss_g = F.binary_cross_entropy_with_logits(self.d(fake), self.ones)
         loss_g.backward()
         self.opt_g.step()
+        if self.ema is not None:
+            self.ema.prepare(self.iteration)
+            self.ema.update()
+        self.iteration += 1
 
 
 def bench_step(reps: int, warmup: int, device: torch.device, batch_size: int,
                num_components: int) -> dict:
     steps = {name: GanStep(norms, batch_size, device, num_components)
              for name, norms in STEP_CONFIGS.items()}
+    steps.update({f"{name}+g_ema": GanStep(STEP_CONFIGS[name], batch_size, device, num_components, g_ema=True)
+                  for name in G_EMA_CONFIGS})
     times = _interleaved(steps, reps, warmup, device)
     base_median, base_min = statistics.median(times["none"]), min(times["none"])
-    return {
+    out = {
         name: {
             **_summary(t),
             "ratio_median": round(statistics.median(t) / base_median, 3),
@@ -139,6 +152,12 @@ def bench_step(reps: int, warmup: int, device: torch.device, batch_size: int,
         }
         for name, t in times.items()
     }
+    for name in G_EMA_CONFIGS:
+        with_ema, without = times[f"{name}+g_ema"], times[name]
+        out[f"{name}+g_ema"]["ratio_to_without_g_ema"] = {
+            "median": round(statistics.median(with_ema) / statistics.median(without), 3),
+            "min": round(min(with_ema) / min(without), 3)}
+    return out
 
 
 def main() -> None:

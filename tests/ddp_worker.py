@@ -5,7 +5,7 @@ environment inside the training loop.
     python -m torch.distributed.run ... tests/ddp_worker.py [--test-dump DIR] [--test-fault RANK:ITER] TRAIN_FLAGS...
 
 * ``--test-dump DIR``: when training returns, each rank saves what it holds (G's and D's state
-  dicts, the iteration) to ``DIR/rank<r>.pt``;
+  dicts, G_ema's or None, the iteration) to ``DIR/rank<r>.pt``;
 * ``--test-fault RANK:ITER``: that rank dies (``os._exit(3)``, as a crashed process) right after
   iteration ITER.
 """
@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     import torch
 
+    import dcgan_mn.state as S
     import dcgan_mn.training as T
 
     args, dump, fault = list(sys.argv[1:]), None, None
@@ -45,12 +46,21 @@ def main() -> None:
             os._exit(3)
 
     real_train = T.train
+    real_state_init = S.TrainingState.__init__
+
+    def state_init(self, *a, **kw):  # the training state, for its averaged generator
+        real_state_init(self, *a, **kw)
+        seen["state"] = self
+
+    S.TrainingState.__init__ = state_init
 
     def train(cfg, **kw):
         result = real_train(cfg, step_hook=step_hook, **kw)
         if dump is not None and seen:
             dump.mkdir(parents=True, exist_ok=True)
+            ema = seen["state"].ema
             torch.save({"generator": seen["G"].state_dict(), "discriminator": seen["D"].state_dict(),
+                        "generator_ema": ema.state_dict() if ema is not None else None,
                         "iteration": result.iteration}, dump / f"rank{rank}.pt")
         return result
 

@@ -84,6 +84,23 @@ def test_ranks_hold_identical_parameters(run4):
         assert torch.equal(ckpt["generator"][k], v), k
 
 
+@pytest.mark.parametrize("stats", ["copy", "standing"])
+def test_ranks_hold_the_same_averaged_generator(tmp_path, data_root, stats):
+    """--g-ema under DDP: every rank's G_ema is the same, weights and norm statistics (copied
+    from rank 0's G, or the same standing pass on every rank)."""
+    proc = torchrun(*TINY, "--data-root", str(data_root), "--out", str(tmp_path / "out"), "--run-name", "r",
+                    "--iters", "3", "--mn-layers", "0,1", "--g-ema", "2", "--g-ema-stats", stats,
+                    "--g-ema-standing-batches", "2", dump=tmp_path / "dump")
+    _ok(proc)
+    r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["generator_ema"].keys() == r1["generator_ema"].keys()
+    for name, value in r0["generator_ema"].items():
+        assert torch.equal(value, r1["generator_ema"][name]), name
+    # each rank's own G keeps the statistics of its own batches: the copy above was not trivial
+    assert any(not torch.equal(r0["generator"][n], r1["generator"][n]) for n in r0["generator"]
+               if "running_mean" in n)
+
+
 def test_only_rank0_writes(run4):
     assert [p.name for p in (run4 / "out").iterdir()] == ["r"]  # one run folder, one name
     run = run4 / "out" / "r"

@@ -332,3 +332,40 @@ def test_train_cli_flags(tmp_path):
     bad = invoker(main)("--dry-run", "--g-ema", "-1", "--out", tmp_path)
     assert bad.exit_code == 2 and "--g-ema" in bad.output
     assert math.isfinite(EmaSchedule(cfg["g_ema"], cfg["g_ema_rampup"]).decay(2000))
+
+
+# ---- on the device, inside the step ----------------------------------------------------------------
+
+
+def test_compiled_step_with_g_ema_is_one_graph_without_recompiling(tmp_path):
+    """The whole iteration, EMA update included, traces with fullgraph=True (a graph break
+    raises), and the per-step weight is a device tensor: no recompilation as the decay ramps
+    (aot_eager: dynamo and AOTAutograd as inductor sees them, without building C++ kernels)."""
+    import torch._dynamo
+
+    images = tiny_images()
+    kw = dict(iters=4, log_every=1, mn_layers="none", g_ema=4.0, g_ema_rampup=0.5)
+    eager = train(tiny_cfg(tmp_path, run_name="eager", **kw), images=images, progress=False)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = train(tiny_cfg(tmp_path, run_name="compiled", compile=True, **kw), images=images,
+                         progress=False, compile_backend="aot_eager")
+    a, b = C.load_checkpoint(eager.checkpoint), C.load_checkpoint(compiled.checkpoint)
+    for k, v in a["generator_ema"].items():
+        torch.testing.assert_close(b["generator_ema"][k], v, rtol=0, atol=4 * 2e-4 * 4, msg=k)
+
+
+def test_the_ema_update_adds_no_host_sync():
+    from dcgan_mn.kernels import count_ops
+
+    G = Generator(ngf=8, mn_layers="0,1")
+    ema = GeneratorEMA(G, EmaSchedule(10.0, 0.05))
+
+    def update():
+        ema.prepare(100)
+        ema.update()
+
+    update()
+    counted = count_ops(update)
+    assert counted.syncs == 0, counted.sync_names
+    assert 1 <= counted.kernels <= 3  # one fill and one foreach lerp, not one kernel per tensor
