@@ -1,4 +1,4 @@
-"""When a run stops early: a signal (SIGINT / SIGTERM) or a non-finite loss.
+"""When a run stops early: a signal (SIGINT / SIGTERM / SIGUSR2) or a non-finite loss.
 
 The loop asks once per iteration whether a signal arrived (under DDP the ranks agree, so all
 stop and save at the same iteration), and reads one device flag per log window, evaluation or
@@ -21,12 +21,14 @@ __all__ = ["StopOnSignals", "agreed_stop", "first_nonfinite"]
 
 
 class StopOnSignals:
-    """SIGINT / SIGTERM set a flag that the loop checks after each iteration; the loop then
+    """SIGINT / SIGTERM / SIGUSR2 set a flag that the loop checks after each iteration; the loop then
     saves a checkpoint and returns. A second signal acts as usual (KeyboardInterrupt / exit),
     except under torchrun (``keep_deferring``): Ctrl-C reaches a worker twice there (from the
     terminal and forwarded by torchrun), and torchrun itself escalates to SIGKILL if need be."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # SIGUSR2: Slurm's warning before a preemption or the time limit (sbatch --signal=USR2@T;
+    # what submitit asks for): stop, save, and let the job be requeued.
+    SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ())
 
     def __init__(self, keep_deferring: bool = False) -> None:
         self.received: Optional[str] = None

@@ -124,3 +124,33 @@ def offline_hub(tmp_path, monkeypatch, modes_cache):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     return tmp_path
+
+
+# ---- Slurm (the one-node cluster of .ci/slurm-up) ---------------------------------------------
+
+SLURM_NOT_UP = "Slurm is not up: run `bash .ci/slurm-up` (as root) to bring up the one-node cluster"
+
+
+def slurm_answers() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return False
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%a %T"], capture_output=True, text=True, timeout=15)
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+    return r.returncode == 0 and bool(r.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real one-node Slurm: skipped with one line where it is not up, but a failure under CI
+    (CI=true), where .ci/run brings it up before the tests."""
+    import os
+
+    if not slurm_answers():
+        if os.environ.get("CI") == "true":
+            pytest.fail(SLURM_NOT_UP, pytrace=False)
+        pytest.skip(SLURM_NOT_UP)
