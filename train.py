@@ -38,13 +38,15 @@ def _layers_text(layers) -> str:
 def everything_missing(first: str, cfg: TrainConfig) -> str:
     """The first offline failure (the Inception weights) with the rest this command lacks (its
     dataset), so one attempt names all of it; and what fetches it all at once."""
+    from dcgan_mn.commands import script_command
     from dcgan_mn.data import missing_data
 
     data = missing_data(cfg)
     also = f"; also missing: {data}" if data else ""
-    prepare = f"python evaluate.py prepare --dataset {cfg.dataset} --data-root {cfg.data_root}"
+    args = ["prepare", "--dataset", cfg.dataset, "--data-root", cfg.data_root]
     if cfg.ref not in ("cifar10-train",) and cfg.ref != cfg.dataset:
-        prepare += f" --ref {cfg.ref}"
+        args += ["--ref", cfg.ref]
+    prepare = script_command("evaluate.py", *args)
     return f"{first}{also}; {prepare} (where there is internet) fetches and lists everything this run needs"
 
 
@@ -189,7 +191,7 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
                                  RunFolderBusy, WriteError)
     from dcgan_mn.launch import decide_launch
     from dcgan_mn.metrics import build_evaluator
-    from dcgan_mn.training import train
+    from dcgan_mn.training import resume_command, train
 
     flags["dims"] = int(flags["dims"])
     given = {name: value for name, value in flags.items()
@@ -241,7 +243,7 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
     except WriteError as e:  # full disk, permissions, read-only or over quota
         if launch is not None and launch.folder.config_file.is_file():
             raise click.ClickException(f"{e}; the newest complete checkpoint is intact: fix that, then "
-                                       f"python train.py --resume {launch.folder.path}") from None
+                                       f"{resume_command(launch.folder.path, launch.dist)}") from None
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         click.echo("interrupted before training started; nothing was written", err=True)

@@ -18,6 +18,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from .commands import python_command, script_path
 from .config import TrainConfig, config_from_dict, default_run_name, resume_config
 from .device import launched_with_torchrun, resolve_amp, resolve_device
 from .distributed import DistInfo
@@ -245,7 +246,8 @@ def check_launch(cfg: TrainConfig, dist: DistInfo) -> None:
     """Flags that depend on how the processes were launched (one line naming the flag)."""
     if cfg.sync_norm and not launched_with_torchrun():
         raise ConfigError("--sync-norm: synchronizing norm statistics needs a distributed launch "
-                          "(torchrun --nproc_per_node N train.py ...)")
+                          f"({python_command('-m', 'torch.distributed.run', '--nproc_per_node', 'N')} "
+                          f"{script_path('train.py')} ...)")
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size}: not divisible by the world size "
                           f"{dist.world_size} (torchrun processes); it is the global batch")
@@ -279,6 +281,7 @@ def check_world_size(payload: Optional[dict], dist: DistInfo, target: PathLike) 
     if saved != dist.world_size:
         raise ConfigError(
             f"--resume {str(target)!r}: the run was trained on world size {saved} (processes), "
-            f"this launch has {dist.world_size}; resume it with torchrun --nproc_per_node {saved} "
+            f"this launch has {dist.world_size}; resume it with "
+            f"{python_command('-m', 'torch.distributed.run', '--nproc_per_node', saved, script_path('train.py'), '--resume', target)} "
             f"(or without torchrun when it is 1)"
         )

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from .commands import python_command, script_command, script_path
 from .config import TrainConfig
 from .data import load_dataset
 from .device import autocast
@@ -232,13 +233,21 @@ def train(
                           f"{io.folder.latest_checkpoint()}")
     elif stopping is not None:
         io.logger.message(f"{stopping}: stopped at iteration {state.iteration}; checkpoint {io.last_checkpoint}; "
-                          f"continue with: python train.py --resume {io.folder.path}")
+                          f"continue with: {resume_command(io.folder.path, dist)}")
     return TrainResult(
         run_dir=io.folder.path, config=cfg, iteration=state.iteration, images_seen=state.images_seen,
         train_seconds=io.clock.seconds(), stopped_by=stopping, checkpoint=io.last_checkpoint,
         best_metric=state.best["metric"], best_value=state.best["value"], best_iteration=state.best["iteration"],
         last_log=io.last_log,
     )
+
+
+def resume_command(run_dir: Path, dist) -> str:
+    """The command that continues this run, as it was launched (under torchrun: as many processes)."""
+    if dist.enabled:
+        return python_command("-m", "torch.distributed.run", "--nproc_per_node", dist.world_size,
+                              script_path("train.py"), "--resume", run_dir)
+    return script_command("train.py", "--resume", run_dir)
 
 
 # --------------------------------------------------------------------------------------------

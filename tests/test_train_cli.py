@@ -3,6 +3,7 @@ nothing, resume rules, and SIGINT/SIGTERM in a real subprocess."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from PIL import Image
 from conftest import TRAIN_TINY, invoker, load_script, write_fake_cifar10
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import checkpoint as C
+from dcgan_mn.commands import script_path
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("train_single_thread")
@@ -359,13 +361,14 @@ def test_offline_first_command_names_everything_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(U, "download_and_extract_archive", offline)
     out, data = tmp_path / "runs", tmp_path / "data"
+    EVALUATE = script_path("evaluate.py")
     result = run(*TINY, "--data-root", data, "--out", out, "--fid-samples", "8", "--fid-every", "2")
     assert result.exit_code == 1, result.output
     line = error_line(result)
     assert "Inception weights" in line and "--inception-weights" in line
-    assert "CIFAR-10" in line and str(data) in line and "python evaluate.py prepare" in line, line
+    assert "CIFAR-10" in line and str(data) in line and f"{shlex.quote(sys.executable)} {EVALUATE} prepare" in line, line
     no_fid = run(*TINY, "--data-root", data, "--out", out)
-    assert no_fid.exit_code == 1 and "python evaluate.py prepare" in error_line(no_fid)
+    assert no_fid.exit_code == 1 and f"{shlex.quote(sys.executable)} {EVALUATE} prepare" in error_line(no_fid)
     text = tmp_path / "hello.txt"
     text.write_text("hello\n")
     for dataset in ("cifar10", "folder"):
@@ -373,3 +376,37 @@ def test_offline_first_command_names_everything_missing(tmp_path, monkeypatch):
         assert as_file.exit_code == 1 and "is a file" in error_line(as_file), as_file.output
         assert "download" not in error_line(as_file)
     assert not out.exists()
+
+
+def unactivated_env() -> dict:
+    """The environment of a shell where the venv was never activated: no VIRTUAL_ENV and no venv
+    folder on PATH (PYTHONPATH stays: it points the interpreter at this checkout)."""
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    return {**env, "PATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def test_the_printed_resume_command_runs_as_printed(tmp_path, capsys):
+    """Ctrl-C prints the command that continues the run: it starts with the interpreter that is
+    running (a venv's python need not be on PATH), and run as printed it finishes the run."""
+    from dcgan_mn.config import TrainConfig
+    from dcgan_mn.training import train
+
+    cfg = TrainConfig(dataset="stacked-digits", stack_size=64, ngf=8, ndf=8, batch_size=8, mn_fit_points=64,
+                      device="cpu", iters=6, fid_every=0, sample_every=0, log_every=0, ckpt_every=0,
+                      out=str(tmp_path / "runs"), run_name="r")
+
+    def interrupt(iteration, G, D):
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = train(cfg, step_hook=interrupt, progress=False)
+    assert result.stopped_by == "SIGINT" and result.iteration < cfg.iters
+    said = [ln for ln in capsys.readouterr().err.splitlines() if "continue with: " in ln]
+    assert len(said) == 1, said
+    command = said[0].split("continue with: ", 1)[1]
+    assert command.startswith(shlex.quote(sys.executable) + " "), command
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300, env=unactivated_env())
+    assert done.returncode == 0, done.stderr
+    assert C.load_checkpoint(RunFolder(tmp_path / "runs" / "r").latest_checkpoint())["iteration"] == cfg.iters

@@ -238,6 +238,7 @@ def _seed_scores(folder: RunFolder, path, metric: str, count_key: str, mode: str
                  curve_rows: list[dict], eval_seeds: int) -> tuple[list[list[float]], list[dict]]:
     """Per curve point, its training row's score then those of the next ``eval_seeds`` - 1
     evaluation seeds (from ``eval_seeds.jsonl``); and the seed rows used."""
+    from ..commands import script_command
     from ..rescore import evaluation_seeds, seed_rows
 
     matching = [r for r in seed_rows(folder) if r.get(metric) is not None
@@ -251,8 +252,9 @@ def _seed_scores(folder: RunFolder, path, metric: str, count_key: str, mode: str
             if (i, s) not in extra:
                 raise CompareError(
                     f"run {str(path)!r}: iteration {i} has no {metric} score from evaluation "
-                    f"seed {s} in {RunFolder.EVAL_SEEDS}; `evaluate.py compare --eval-seeds "
-                    f"{eval_seeds}` scores it from the run's snapshots")
+                    f"seed {s} in {RunFolder.EVAL_SEEDS}; "
+                    f"{script_command('evaluate.py', 'compare', '--eval-seeds', eval_seeds)} RUN... "
+                    f"--baseline RUN... scores it from the run's snapshots")
             point.append(extra[(i, s)])
         seed_values.append(point)
     return seed_values, matching
