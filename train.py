@@ -132,8 +132,9 @@ def everything_missing(first: str, cfg: TrainConfig) -> str:
 @click.option("--inception-weights", default=None,
               help="local FID Inception weights file (offline use)  [default: torch hub cache]")
 @click.option("--inception-metrics/--no-inception-metrics", default=D.inception_metrics,
-              help="stacked datasets: also compute FID/KID/PRDC/IS (when the Inception weights are "
-                   "there), or mode metrics only on every machine")
+              help="stacked datasets: also compute FID/KID/PRDC/IS, or mode metrics only on every "
+                   "machine. Not given, they are computed where the Inception weights are found (or "
+                   "downloaded) and left out without a word where not; given, missing weights stop the run")
 @click.option("--dims", default=str(D.dims), type=click.Choice(["64", "192", "768", "2048"]),
               help="Inception feature block for FID")
 @click.option("--fid-protocol", default=D.fid_protocol, type=click.Choice(["pytorch-fid", "clean"]),
@@ -229,8 +230,12 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
         if cfg.fid_every > 0:
             # Off a terminal (a redirected log) the evaluation's bars would be nested under the
             # training bar with cursor-up codes: they are shown on a terminal only.
+            # On a stacked dataset FID is an extra, quietly left out where the weights are not
+            # here, unless asked for: by the flag, or by a resumed run that has been scoring it.
+            wants_fid = given.get("inception_metrics") is True or "fid" in cfg.extra.get("evaluated", ())
             try:
-                evaluator = build_evaluator(cfg, launch.device, progress=progress and sys.stderr.isatty())
+                evaluator = build_evaluator(cfg, launch.device, progress=progress and sys.stderr.isatty(),
+                                            require_inception=wants_fid)
             except InceptionWeightsError as e:
                 raise InceptionWeightsError(everything_missing(str(e), cfg)) from None
             launch = dataclasses.replace(launch, cfg=cfg.replace(extra={
