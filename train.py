@@ -50,6 +50,21 @@ def everything_missing(first: str, cfg: TrainConfig) -> str:
     return f"{first}{also}; {prepare} (where there is internet) fetches and lists everything this run needs"
 
 
+def already_finished(launch) -> str:
+    """What ``--resume`` of a run already at its ``--iters`` says: where it stands, its best, and
+    the command that trains it further."""
+    from dcgan_mn.checkpoint import migrate_best
+    from dcgan_mn.commands import script_command
+
+    it = launch.start_iteration
+    best = migrate_best(launch.payload.get("best"))
+    best_text = (f", best {best['metric']} {best['value']:.3f} at iteration {best['iteration']}"
+                 if best.get("value") is not None else "")
+    further = script_command("train.py", "--resume", launch.folder.path, "--iters", "M")
+    return (f"{launch.folder.path}: already at --iters {it} ({launch.payload.get('images_seen')} images, "
+            f"{launch.checkpoint.name}{best_text}); pass --iters M (M > {it}) to train further: {further}")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
                                  "max_content_width": 100})
 # --- model ---
@@ -182,14 +197,16 @@ def everything_missing(first: str, cfg: TrainConfig) -> str:
               help="with --run-name: continue <out>/<run-name> if it exists, else start it (one "
                    "command line for a pre-emptible job)")
 @click.option("--dry-run", is_flag=True, help="print the resolved config as JSON and exit")
-@click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
+@click.option("--progress/--no-progress", default=True,
+              help="progress bar on stderr when it is a terminal (elsewhere, and with --no-progress: "
+                   "one plain line per --log-every)")
 @click.pass_context
 def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flags) -> None:
     """Train a DCGAN whose generator BatchNorm layers can be Mixture Normalization layers."""
     from dcgan_mn.device import resolve_device
     from dcgan_mn.distributed import shutdown_distributed
-    from dcgan_mn.errors import (CheckpointError, ConfigError, DataError, InceptionWeightsError, MetricsError,
-                                 RunFolderBusy, WriteError)
+    from dcgan_mn.errors import (CheckpointError, ConfigError, DataError, InceptionWeightsError,
+                                 InceptionWeightsInvalid, MetricsError, RunFolderBusy, WriteError)
     from dcgan_mn.launch import decide_launch
     from dcgan_mn.metrics import build_evaluator
     from dcgan_mn.training import resume_command, train
@@ -224,6 +241,12 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
         if dry_run:
             click.echo(cfg.to_json())
             return
+        if launch.payload is not None and launch.start_iteration >= cfg.iters:
+            # Nothing to train: say so before building, opening or writing anything (no
+            # evaluator, no empty bars, the run folder left as it was).
+            if launch.dist.is_main:
+                click.echo(already_finished(launch), err=True)
+            return
         # The periodic evaluator is built before train() opens the run folder, so missing
         # Inception weights or a bad --ref stop the run before anything is written.
         evaluator = None
@@ -236,6 +259,8 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
             try:
                 evaluator = build_evaluator(cfg, launch.device, progress=progress and sys.stderr.isatty(),
                                             require_inception=wants_fid)
+            except InceptionWeightsInvalid:
+                raise  # a file that is there but wrong: fetching the rest would not help
             except InceptionWeightsError as e:
                 raise InceptionWeightsError(everything_missing(str(e), cfg)) from None
             launch = dataclasses.replace(launch, cfg=cfg.replace(extra={
@@ -256,13 +281,8 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
     finally:
         shutdown_distributed()
 
-    if result.checkpoint is None and result.stopped_by is None and launch.payload is not None:
-        # --resume of a run already at its --iters: nothing trained, nothing written
-        summary = (f"{result.run_dir}: already at --iters {result.iteration} ({result.images_seen} images, "
-                   f"{launch.checkpoint.name}); pass --iters M (M > {result.iteration}) to train further")
-    else:
-        summary = (f"{result.run_dir}: iteration {result.iteration} ({result.images_seen} images), "
-                   f"{result.train_seconds:.1f} s training, checkpoint {result.checkpoint}")
+    summary = (f"{result.run_dir}: iteration {result.iteration} ({result.images_seen} images), "
+               f"{result.train_seconds:.1f} s training, checkpoint {result.checkpoint}")
     if result.best_value is not None:
         summary += (f", best {result.best_metric} {result.best_value:.3f} at iteration "
                     f"{result.best_iteration}")

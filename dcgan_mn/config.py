@@ -158,7 +158,8 @@ class TrainConfig:
         need(0 <= self.beta2 < 1, "--beta2", self.beta2, "must be in [0, 1)")
         need(self.batch_size >= 2, "--batch-size", self.batch_size,
              "must be >= 2 (batch statistics need more than one sample)")
-        need(self.iters >= 0, "--iters", self.iters, "must be >= 0")
+        need(self.iters >= 1, "--iters", self.iters,
+             "must be >= 1 (a run trains at least one iteration; --dry-run shows the config without training)")
         need(self.seed >= 0, "--seed", self.seed, "must be >= 0")
         need(self.dataset in DATASETS, "--dataset", self.dataset, f"expected one of {DATASETS}")
         need(self.stack_size is None or self.stack_size >= 1, "--stack-size", self.stack_size, "must be >= 1")

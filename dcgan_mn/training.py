@@ -201,6 +201,8 @@ def train(
                     evaluate(state, io)
                 if due(cfg.ckpt_every, it) or stopping is not None:
                     save(state, io, evaluating)
+                if it < cfg.iters:  # the last iteration's line waits for the end-of-run evaluation
+                    io.logger.emit_line()
 
             # ---- The end of the run: a last grid, evaluation and checkpoint where they are due.
             if nonfinite_at is None:
@@ -216,6 +218,7 @@ def train(
             unsaved = io.last_checkpoint is None or io.folder.checkpoint_file(it) != io.last_checkpoint
             if nonfinite_at is None and unsaved and (it > start_iteration or launch.payload is None):
                 save(state, io, evaluating)
+            io.logger.emit_line()
     finally:
         io.logger.close()
         io.lock.release()

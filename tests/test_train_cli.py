@@ -74,6 +74,7 @@ def test_dry_run_prints_config_and_writes_nothing(env):
     (["--mn-layers", "0,x"], "'x'"),
     (["--mn-components", "0"], "--mn-components 0"),
     (["--iters", "-1"], "--iters -1"),
+    (["--iters", "0"], "--iters 0: must be >= 1"),
     (["--batch-size", "1"], "--batch-size 1"),
     (["--keep-last", "0"], "--keep-last 0"),
     (["--log-every", "-5"], "--log-every -5"),
@@ -322,19 +323,36 @@ def test_ref_help_shows_its_default_once():
 
 
 def test_resume_of_a_finished_run_says_so(env):
+    """One line (where it stands, and the command that trains further), before anything is
+    built or opened: no bars, and the run folder as it was."""
     data, out = env
     assert run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "2").exit_code == 0
-    result = run("--resume", out / "r", "--no-progress")
+    before = snapshot_tree(out / "r")
+    result = run("--resume", out / "r", "--progress")
     assert result.exit_code == 0, result.output
-    assert "checkpoint None" not in result.output
+    assert len(result.output.splitlines()) == 1, result.output
     assert "already at --iters 2" in result.output and "pass --iters M" in result.output
+    assert f"{shlex.quote(sys.executable)} {script_path('train.py')} --resume {out / 'r'} --iters M" in result.output
+    assert snapshot_tree(out / "r") == before
+
+
+def test_a_file_that_is_not_inception_weights_is_one_line(env, tmp_path):
+    data, out = env
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(bytes(range(256)) * 40)
+    result = run(*TINY, "--data-root", data, "--out", out, "--fid-every", "2", "--inception-weights", garbage)
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [error_line(result)], result.output  # no warning, no torch text
+    assert f"--inception-weights {str(garbage)!r}: not FID Inception weights" in result.output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("progress", ["--no-progress", "--progress"])
 def test_logs_off_a_terminal_are_plain_lines(tmp_path, modes_cache, progress):
-    """stderr redirected (a cluster job's log): --no-progress prints one plain line per log window
-    (iteration/total, images/s, losses, the last metric); neither mode writes cursor codes (the
-    evaluation's nested bar is off off a terminal)."""
+    """stderr redirected (a cluster job's log): with the bar on or off, one plain line per log
+    window (iteration/total, images/s, losses, the last metric), no carriage returns or cursor
+    codes; a line at an evaluated iteration shows that evaluation, so the last line agrees with
+    metrics.jsonl's last row (and the final summary)."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "stacked-digits", "--stack-size", "64",
            "--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64", "--device", "cpu",
            "--sample-every", "0", "--no-inception-metrics", "--fid-every", "2", "--mode-samples", "64",
@@ -343,14 +361,13 @@ def test_logs_off_a_terminal_are_plain_lines(tmp_path, modes_cache, progress):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "DCGAN_MN_CACHE_DIR": str(modes_cache)})
     assert done.returncode == 0, done.stderr
     log = done.stdout + done.stderr
-    assert "\x1b" not in log, repr(log)
+    assert "\x1b" not in log and "\r" not in log, repr(log)
     lines = [ln for ln in log.splitlines() if ln.startswith("iteration ")]
-    if progress == "--no-progress":
-        assert [ln.split()[1] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"], log
-        assert all("img/s" in ln and " D " in ln and " G " in ln for ln in lines), lines
-        assert "cfd" in lines[2] and "modes" in lines[2], lines  # the evaluation at iteration 2
-    else:
-        assert lines == []
+    assert [ln.split()[1] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"], log
+    assert all("img/s" in ln and " D " in ln and " G " in ln for ln in lines), lines
+    assert "cfd" not in lines[0] and "cfd" in lines[1] and "modes" in lines[1], lines  # evaluated at 2
+    last = [json.loads(r) for r in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["iteration"] == 4 and f"cfd {last['cfd']:.2f}" in lines[-1] and f"modes {last['modes']}" in lines[-1]
 
 
 def test_offline_first_command_names_everything_missing(tmp_path, monkeypatch):
