@@ -22,7 +22,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from dcgan_mn.config import AMP_MODES, COMPILE_MODES, MN_ESTIMATORS, MN_POINTS, DATASETS, STACKED_DATASETS, TrainConfig
+from dcgan_mn.config import (AMP_MODES, COMPILE_MODES, DATASETS, MN_ESTIMATORS, MN_POINTS, STACKED_DATASETS,
+                             STACKED_GRIDS, TrainConfig)
 from dcgan_mn.ema import EMA_STATS
 from dcgan_mn.models import G_ARCHS
 
@@ -129,7 +130,12 @@ def already_finished(launch) -> str:
               help="run folder name under --out  [default: <date>-<time>-<mnLAYERS-kK|bn>-s<seed>]")
 @click.option("--sample-mode", default=D.sample_mode, type=click.Choice(["batch", "running"]),
               help="how grids and metrics sample G: batch statistics at --batch-size, or running statistics")
-@click.option("--sample-every", default=D.sample_every, type=int, help="fixed-noise grid every N iterations (0: off)")
+@click.option("--sample-every", default=None, type=int,
+              help="fixed-noise grid (TensorBoard) every N iterations, and at the end (0: off)  "
+                   "[default: --iters / 10, at most 1000: ten grids a run]")
+@click.option("--stacked-grid", default=D.stacked_grid, type=click.Choice(STACKED_GRIDS),
+              help="stacked datasets: draw each sample's three digits side by side, red's first "
+                   "(digits: reads as the mode), or as trained, one digit per colour channel (rgb)")
 @click.option("--log-every", default=D.log_every, type=int, help="log losses and D outputs every N iterations (0: off)")
 @click.option("--ckpt-every", default=D.ckpt_every, type=int,
               help="full checkpoint every N iterations (0: only at the end)")

@@ -387,8 +387,12 @@ def write_logs(state: TrainingState, io: RunIO) -> None:
 
 
 def write_grid(state: TrainingState, io: RunIO) -> None:
-    """The fixed-noise 8x8 grid in the configured sample mode (buffers and RNG untouched)."""
+    """The fixed-noise 8x8 grid in the configured sample mode (buffers and RNG untouched); on a
+    stacked dataset each sample's three digits side by side (``--stacked-grid digits``), so the
+    grid shows the modes the metrics count, on grey lines that keep the samples apart."""
     from torchvision.utils import make_grid
+
+    from .digits import STACKED_SOURCES, side_by_side
 
     if not state.dist.is_main:
         return
@@ -400,7 +404,11 @@ def write_grid(state: TrainingState, io: RunIO) -> None:
             if G is not state.G and cfg.sample_mode == "running":
                 state.ema.ready_for_use()  # its running statistics (batch mode needs none)
             fake = G.sample(state.fixed_noise, mode=cfg.sample_mode, batch_size=cfg.batch_size)  # [64, 3, 32, 32]
-            grid = make_grid(fake.float().cpu() * 0.5 + 0.5, nrow=8, padding=2)  # [3, 274, 274]
+            fake = fake.float().cpu() * 0.5 + 0.5
+            if cfg.dataset in STACKED_SOURCES and cfg.stacked_grid == "digits":
+                grid = make_grid(side_by_side(fake), nrow=8, padding=2, pad_value=0.5)  # [3, 274, 786]
+            else:
+                grid = make_grid(fake, nrow=8, padding=2)  # [3, 274, 274]
             io.logger.image(f"{tag}/{cfg.sample_mode}", grid.clamp(0, 1), state.iteration)
 
 

@@ -221,3 +221,28 @@ def test_run_writes_one_hparams_session(mode_run):
     assert scalars["hparams/best_cfd"] == pytest.approx(min(r["cfd"] for r in rows), rel=1e-6)
     assert scalars["hparams/final_cfd"] == pytest.approx(rows[-1]["cfd"], rel=1e-6)
     assert scalars["hparams/iteration"] == 4
+
+
+def test_side_by_side_reads_as_the_mode():
+    real = DG.load_stacked("stacked-digits", "test", size=5, seed=1)
+    row = DG.side_by_side(real.images)  # [5, 1, 32, 96]
+    assert row.shape == (5, 1, 32, 96) and row.dtype == real.images.dtype
+    for c in range(3):  # red's digit (the mode's hundreds) on the left
+        assert torch.equal(row[:, 0, :, 32 * c:32 * (c + 1)], real.images[:, c])
+
+
+@pytest.mark.parametrize("stacked_grid,size", [("digits", (786, 274)), ("rgb", (274, 274))])
+def test_a_stacked_run_draws_ten_grids_of_its_digits(tmp_path, stacked_grid, size):
+    """Without --sample-every a run writes ten grids; a stacked run's grid puts each sample's
+    three digits side by side (8 samples of 3 x 32 px a row), or draws them as RGB when asked."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrainConfig(ngf=8, ndf=8, batch_size=8, iters=20, log_every=0, ckpt_every=0, fid_every=0, device="cpu",
+                      out=str(tmp_path / "runs"), run_name="r", mn_fit_points=64, dataset="stacked-digits",
+                      stack_size=64, stacked_grid=stacked_grid)
+    result = train(cfg, progress=False)
+    acc = EventAccumulator(str(result.run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    grids = acc.Images("samples/batch")
+    assert [g.step for g in grids] == list(range(2, 21, 2))
+    assert {(g.width, g.height) for g in grids} == {size}
