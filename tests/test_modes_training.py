@@ -246,3 +246,35 @@ def test_a_stacked_run_draws_ten_grids_of_its_digits(tmp_path, stacked_grid, siz
     grids = acc.Images("samples/batch")
     assert [g.step for g in grids] == list(range(2, 21, 2))
     assert {(g.width, g.height) for g in grids} == {size}
+
+
+def test_compare_without_metric_compares_what_best_pt_follows(mode_run, tmp_path):
+    """The README's offline runs score mode metrics only: compare without --metric compares
+    their headline metric (cfd, what best.pt follows), and says before re-scoring what it will
+    do, about how long it takes and how to skip it; --metric fid names the metrics they have."""
+    run_dir, _ = mode_run
+    res = CliRunner().invoke(eval_cli, ["compare", str(run_dir), "--baseline", str(run_dir), "--out",
+                                        str(tmp_path / "cmp"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["metric"] == "cfd"
+    lines = res.stderr.splitlines()
+    assert lines[0].startswith("comparing cfd"), lines
+    plan = lines[1]
+    assert plan.startswith("re-scoring 4 snapshot evaluations of 1 run ") and "about " in plan, plan
+    assert RunFolder.EVAL_SEEDS in plan and "--eval-seeds 1 skips it" in plan, plan
+    assert len((run_dir / RunFolder.EVAL_SEEDS).read_text().splitlines()) == 4  # the run named twice: once
+    res = CliRunner().invoke(eval_cli, ["compare", str(run_dir), "--baseline", str(run_dir), "--metric", "fid",
+                                        "--out", str(tmp_path / "cmp2"), "--no-progress"])
+    assert res.exit_code == 1
+    assert "has no 'fid' values; it has modes, kl_modes, cfd (choose one with --metric)" in res.stderr, res.stderr
+
+
+def test_runs_that_follow_different_metrics_need_metric(tmp_path):
+    for name, row in [("a", {"fid": 30.0, "num_samples": 10}), ("b", {"cfd": 5.0, "mode_samples": 10})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"iteration": 2, **row}) + "\n")
+    assert C_.headline_metric([tmp_path / "a"]) == "fid" and C_.headline_metric([tmp_path / "b"]) == "cfd"
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"best_metric": "modes"}))
+    assert C_.headline_metric([tmp_path / "b"]) == "modes"
+    with pytest.raises(C_.CompareError, match=r"different metrics \(fid: a; modes: b\): choose one with --metric"):
+        C_.headline_metric([tmp_path / "a", tmp_path / "b"])

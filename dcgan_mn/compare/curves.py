@@ -19,10 +19,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..metrics.specs import METRICS, MODE_COUNT_KEY, metric_spec
+from ..metrics.specs import METRICS, MODE_COUNT_KEY, metric_spec, primary_metric
 from ..runfolder import RunFolder
 
-__all__ = ["CompareError", "RunCurve", "read_run", "provenance_warnings", "running_median",
+__all__ = ["CompareError", "RunCurve", "read_run", "headline_metric", "provenance_warnings", "running_median",
            "area_under_curve", "evaluation_noise", "SMOOTH_WINDOW", "COLLAPSE_FACTOR", "COLLAPSE_METRICS"]
 
 SMOOTH_WINDOW = 3
@@ -173,7 +173,10 @@ def read_run(
         if isinstance(row, dict) and row.get(metric) is not None and row.get("iteration") is not None:
             rows.append(row)
     if not rows:
-        raise CompareError(f"run {str(path)!r}: metrics.jsonl has no {metric!r} values")
+        scored = _scored(all_rows)
+        has = f"it has {', '.join(scored)}" if scored else "it has no metric values at all"
+        raise CompareError(f"run {str(path)!r}: metrics.jsonl has no {metric!r} values; {has} "
+                           f"(choose one with --metric)")
 
     rows, mode, count = _one_protocol(rows, path, metric, count_key, config.get("sample_mode"),
                                       sample_mode, num_samples)
@@ -199,6 +202,35 @@ def read_run(
         load_per_core=[_float_or_none(by_iteration[i].get("load_per_core")) for i in its],
         device=_training_device(run, config, [by_iteration[i] for i in its]),
     )
+
+
+def _scored(rows: list) -> list[str]:
+    """The known metrics with values in ``rows``, in ``METRICS``' order."""
+    present = {k for r in rows if isinstance(r, dict) for k, v in r.items() if v is not None}
+    return [m for m in METRICS if m in present]
+
+
+def headline_metric(paths: Sequence) -> str:
+    """The metric the runs' ``best.pt`` follows (``--best-metric``, else FID where they scored
+    it, else cfd): what ``compare`` compares when no ``--metric`` is given. Runs that follow
+    different ones are refused with each named; folders that are no runs are left to
+    ``read_run`` to report."""
+    chosen: dict[str, list[str]] = {}
+    for path in paths:
+        folder = RunFolder(path)
+        try:
+            config = folder.read_config() or {}
+            rows = folder.metrics_rows() if folder.metrics_file.is_file() else []
+        except (OSError, ValueError):
+            continue
+        if not rows:
+            continue
+        metric = config.get("best_metric") or primary_metric(_scored(rows))
+        chosen.setdefault(metric, []).append(folder.path.name)
+    if len(chosen) > 1:
+        each = "; ".join(f"{m}: {', '.join(names)}" for m, names in chosen.items())
+        raise CompareError(f"the runs' best.pt follow different metrics ({each}): choose one with --metric")
+    return next(iter(chosen), "fid")
 
 
 def _one_protocol(rows: list[dict], path, metric: str, count_key: str, config_mode: Optional[str],

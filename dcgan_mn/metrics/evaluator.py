@@ -33,7 +33,7 @@ from ..features import FeatureExtractor, quantize_images
 from .errors import MetricsError
 from .inception import InceptionMetrics
 from .reference import ReferenceStats, load_reference
-from .specs import EMA_SUFFIX, metric_spec
+from .specs import EMA_SUFFIX, metric_spec, primary_metric
 
 __all__ = ["Evaluator", "build_evaluator", "generated_images", "sample_count_tag", "metric_direction", "metric_count_key"]
 
@@ -163,7 +163,7 @@ class Evaluator:
     @property
     def primary_metric(self) -> str:
         """The metric that picks a run's best snapshot: FID, else the mode classifier's cfd."""
-        return "fid" if self.inception else "cfd"
+        return primary_metric(self.directions)
 
     @property
     def directions(self) -> dict:
