@@ -138,8 +138,9 @@ def describe_plans(plans: list[RescorePlan], count: int) -> Optional[str]:
         how_long = f"about {_duration(sum(known))}, as long as the runs' own evaluations took"
     else:
         how_long = "how long is unknown (rows without eval_seconds)"
-    return (f"re-scoring {n} snapshot evaluation{'s' if n != 1 else ''} of {len(busy)} run{'s' if len(busy) != 1 else ''} "
-            f"with evaluation seeds up to {count} to measure the evaluation noise: {how_long}; kept in "
+    runs = f"{len(busy)} run{'s' if len(busy) != 1 else ''}"
+    return (f"re-scoring the evaluated snapshots with more evaluation seeds (--eval-seeds {count}: {n} "
+            f"scoring{'s' if n != 1 else ''} in {runs}) to measure the evaluation noise: {how_long}; kept in "
             f"<run>/{RunFolder.EVAL_SEEDS}, so done once; --eval-seeds 1 skips it")
 
 

@@ -260,7 +260,8 @@ def test_compare_without_metric_compares_what_best_pt_follows(mode_run, tmp_path
     lines = res.stderr.splitlines()
     assert lines[0].startswith("comparing cfd"), lines
     plan = lines[1]
-    assert plan.startswith("re-scoring 4 snapshot evaluations of 1 run ") and "about " in plan, plan
+    assert plan.startswith("re-scoring the evaluated snapshots") and "(--eval-seeds 3: 4 scorings in 1 run)" in plan
+    assert "about " in plan, plan
     assert RunFolder.EVAL_SEEDS in plan and "--eval-seeds 1 skips it" in plan, plan
     assert len((run_dir / RunFolder.EVAL_SEEDS).read_text().splitlines()) == 4  # the run named twice: once
     res = CliRunner().invoke(eval_cli, ["compare", str(run_dir), "--baseline", str(run_dir), "--metric", "fid",
