@@ -7,7 +7,7 @@
     python evaluate.py compare RUN... --baseline RUN...   # acceleration report
 
 FID follows pytorch-fid exactly (same Inception, same weights, same resizing, PNG-exact uint8
-images); see README "Evaluation". Results go to stdout as JSON (and to --out); progress and
+images); see docs/evaluation.md. Results go to stdout as JSON (and to --out); progress and
 tables go to stderr. Bad input stops with one line and a non-zero exit, writing nothing.
 """
 
@@ -473,9 +473,11 @@ def samples(target, num, out, fmt, which, seed, sample_mode, batch_size, device,
 @click.option("--baseline", "baselines", multiple=True, required=True,
               help="a baseline run folder (repeat the flag for several seeds)")
 @click.option("--out", default="compare", help="folder for compare.md, compare.json, compare.png")
-@click.option("--metric", default="fid",
+@click.option("--metric", default=None,
               help="the metrics.jsonl column to compare: fid, kid, kl_modes, cfd (lower is better); "
-                   "inception_score, precision, recall, density, coverage, modes (higher is better)")
+                   "inception_score, precision, recall, density, coverage, modes (higher is better); "
+                   "<metric>_ema for G_ema  [default: the runs' headline metric, the one their best.pt "
+                   "follows: --best-metric, else fid, else cfd for runs scored by mode metrics only]")
 @click.option("--sample-mode", default=None, help="which rows to use when a run has several")
 @click.option("--samples", default=None, type=int,
               help="which rows to use when a run has several sample counts (the metric's own count)")
@@ -483,8 +485,9 @@ def samples(target, num, out, fmt, which, seed, sample_mode, batch_size, device,
 @click.option("--baseline-label", default="baseline", help="name of the --baseline arm")
 @click.option("--eval-seeds", default=3, type=int,
               help="evaluation seeds per curve point: seeds beyond the training row's are scored "
-                   "from the run's snapshots once and kept in <run>/eval_seeds.jsonl (1: the "
-                   "training rows only, no evaluation-noise estimate)")
+                   "from the run's snapshots once and kept in <run>/eval_seeds.jsonl, which takes "
+                   "about as long as the runs' own evaluations did (said before it starts); 1: the "
+                   "training rows only, no re-scoring and no evaluation-noise estimate")
 @click.option("--device", default="auto", help="device for re-scoring: auto, cpu, cuda, cuda:N")
 @click.option("--cache-dir", default=None,
               help="cache of reference statistics and mode classifiers  [default: ~/.cache/dcgan_mn]")
@@ -493,7 +496,7 @@ def compare(runs, baselines, out, metric, sample_mode, samples, label, baseline_
             device, cache_dir, progress):
     """Acceleration (1 - S_cand / S_base), best, final and area under the curve of RUN...
     against --baseline, with seed-bootstrap intervals, evaluation noise, a smoothed rule and a
-    collapse flag per run (see the README, "Comparing runs")."""
+    collapse flag per run (how to read it: docs/comparing.md)."""
     from dcgan_mn import compare as C
     from dcgan_mn.rescore import RescoreError, rescore_runs
     from dcgan_mn.runfolder import RunFolder
@@ -501,6 +504,9 @@ def compare(runs, baselines, out, metric, sample_mode, samples, label, baseline_
     try:
         if eval_seeds < 1:
             raise C.CompareError(f"--eval-seeds {eval_seeds}: must be >= 1")
+        if metric is None:
+            metric = C.headline_metric([*runs, *baselines])
+            print(f"comparing {metric}, what the runs' best.pt follows (--metric chooses another)", file=sys.stderr)
         if eval_seeds > 1:  # score what the runs lack (nothing when eval_seeds.jsonl has it all)
             dev = _device(device)  # one evaluator for runs evaluated alike; each warning once
             rescore_runs([r for r in (*runs, *baselines) if RunFolder(r).metrics_file.is_file()],  # else read_run says what is wrong

@@ -22,7 +22,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from dcgan_mn.config import AMP_MODES, COMPILE_MODES, MN_ESTIMATORS, MN_POINTS, DATASETS, STACKED_DATASETS, TrainConfig
+from dcgan_mn.config import (AMP_MODES, COMPILE_MODES, DATASETS, MN_ESTIMATORS, MN_POINTS, STACKED_DATASETS,
+                             STACKED_GRIDS, TrainConfig)
 from dcgan_mn.ema import EMA_STATS
 from dcgan_mn.models import G_ARCHS
 
@@ -38,14 +39,31 @@ def _layers_text(layers) -> str:
 def everything_missing(first: str, cfg: TrainConfig) -> str:
     """The first offline failure (the Inception weights) with the rest this command lacks (its
     dataset), so one attempt names all of it; and what fetches it all at once."""
+    from dcgan_mn.commands import script_command
     from dcgan_mn.data import missing_data
 
     data = missing_data(cfg)
     also = f"; also missing: {data}" if data else ""
-    prepare = f"python evaluate.py prepare --dataset {cfg.dataset} --data-root {cfg.data_root}"
+    args = ["prepare", "--dataset", cfg.dataset, "--data-root", cfg.data_root]
     if cfg.ref not in ("cifar10-train",) and cfg.ref != cfg.dataset:
-        prepare += f" --ref {cfg.ref}"
+        args += ["--ref", cfg.ref]
+    prepare = script_command("evaluate.py", *args)
     return f"{first}{also}; {prepare} (where there is internet) fetches and lists everything this run needs"
+
+
+def already_finished(launch) -> str:
+    """What ``--resume`` of a run already at its ``--iters`` says: where it stands, its best, and
+    the command that trains it further."""
+    from dcgan_mn.checkpoint import migrate_best
+    from dcgan_mn.commands import script_command
+
+    it = launch.start_iteration
+    best = migrate_best(launch.payload.get("best"))
+    best_text = (f", best {best['metric']} {best['value']:.3f} at iteration {best['iteration']}"
+                 if best.get("value") is not None else "")
+    further = script_command("train.py", "--resume", launch.folder.path, "--iters", "M")
+    return (f"{launch.folder.path}: already at --iters {it} ({launch.payload.get('images_seen')} images, "
+            f"{launch.checkpoint.name}{best_text}); pass --iters M (M > {it}) to train further: {further}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
@@ -112,7 +130,12 @@ def everything_missing(first: str, cfg: TrainConfig) -> str:
               help="run folder name under --out  [default: <date>-<time>-<mnLAYERS-kK|bn>-s<seed>]")
 @click.option("--sample-mode", default=D.sample_mode, type=click.Choice(["batch", "running"]),
               help="how grids and metrics sample G: batch statistics at --batch-size, or running statistics")
-@click.option("--sample-every", default=D.sample_every, type=int, help="fixed-noise grid every N iterations (0: off)")
+@click.option("--sample-every", default=None, type=int,
+              help="fixed-noise grid (TensorBoard) every N iterations, and at the end (0: off)  "
+                   "[default: --iters / 10, at most 1000: ten grids a run]")
+@click.option("--stacked-grid", default=D.stacked_grid, type=click.Choice(STACKED_GRIDS),
+              help="stacked datasets: draw each sample's three digits side by side, red's first "
+                   "(digits: reads as the mode), or as trained, one digit per colour channel (rgb)")
 @click.option("--log-every", default=D.log_every, type=int, help="log losses and D outputs every N iterations (0: off)")
 @click.option("--ckpt-every", default=D.ckpt_every, type=int,
               help="full checkpoint every N iterations (0: only at the end)")
@@ -130,8 +153,9 @@ def everything_missing(first: str, cfg: TrainConfig) -> str:
 @click.option("--inception-weights", default=None,
               help="local FID Inception weights file (offline use)  [default: torch hub cache]")
 @click.option("--inception-metrics/--no-inception-metrics", default=D.inception_metrics,
-              help="stacked datasets: also compute FID/KID/PRDC/IS (when the Inception weights are "
-                   "there), or mode metrics only on every machine")
+              help="stacked datasets: also compute FID/KID/PRDC/IS, or mode metrics only on every "
+                   "machine. Not given, they are computed where the Inception weights are found (or "
+                   "downloaded) and left out without a word where not; given, missing weights stop the run")
 @click.option("--dims", default=str(D.dims), type=click.Choice(["64", "192", "768", "2048"]),
               help="Inception feature block for FID")
 @click.option("--fid-protocol", default=D.fid_protocol, type=click.Choice(["pytorch-fid", "clean"]),
@@ -179,17 +203,19 @@ def everything_missing(first: str, cfg: TrainConfig) -> str:
               help="with --run-name: continue <out>/<run-name> if it exists, else start it (one "
                    "command line for a pre-emptible job)")
 @click.option("--dry-run", is_flag=True, help="print the resolved config as JSON and exit")
-@click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
+@click.option("--progress/--no-progress", default=True,
+              help="progress bar on stderr when it is a terminal (elsewhere, and with --no-progress: "
+                   "one plain line per --log-every)")
 @click.pass_context
 def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flags) -> None:
     """Train a DCGAN whose generator BatchNorm layers can be Mixture Normalization layers."""
     from dcgan_mn.device import resolve_device
     from dcgan_mn.distributed import shutdown_distributed
-    from dcgan_mn.errors import (CheckpointError, ConfigError, DataError, InceptionWeightsError, MetricsError,
-                                 RunFolderBusy, WriteError)
+    from dcgan_mn.errors import (CheckpointError, ConfigError, DataError, InceptionWeightsError,
+                                 InceptionWeightsInvalid, MetricsError, RunFolderBusy, WriteError)
     from dcgan_mn.launch import decide_launch
     from dcgan_mn.metrics import build_evaluator
-    from dcgan_mn.training import train
+    from dcgan_mn.training import resume_command, train
 
     flags["dims"] = int(flags["dims"])
     given = {name: value for name, value in flags.items()
@@ -221,14 +247,26 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
         if dry_run:
             click.echo(cfg.to_json())
             return
+        if launch.payload is not None and launch.start_iteration >= cfg.iters:
+            # Nothing to train: say so before building, opening or writing anything (no
+            # evaluator, no empty bars, the run folder left as it was).
+            if launch.dist.is_main:
+                click.echo(already_finished(launch), err=True)
+            return
         # The periodic evaluator is built before train() opens the run folder, so missing
         # Inception weights or a bad --ref stop the run before anything is written.
         evaluator = None
         if cfg.fid_every > 0:
             # Off a terminal (a redirected log) the evaluation's bars would be nested under the
             # training bar with cursor-up codes: they are shown on a terminal only.
+            # On a stacked dataset FID is an extra, quietly left out where the weights are not
+            # here, unless asked for: by the flag, or by a resumed run that has been scoring it.
+            wants_fid = given.get("inception_metrics") is True or "fid" in cfg.extra.get("evaluated", ())
             try:
-                evaluator = build_evaluator(cfg, launch.device, progress=progress and sys.stderr.isatty())
+                evaluator = build_evaluator(cfg, launch.device, progress=progress and sys.stderr.isatty(),
+                                            require_inception=wants_fid)
+            except InceptionWeightsInvalid:
+                raise  # a file that is there but wrong: fetching the rest would not help
             except InceptionWeightsError as e:
                 raise InceptionWeightsError(everything_missing(str(e), cfg)) from None
             launch = dataclasses.replace(launch, cfg=cfg.replace(extra={
@@ -241,7 +279,7 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
     except WriteError as e:  # full disk, permissions, read-only or over quota
         if launch is not None and launch.folder.config_file.is_file():
             raise click.ClickException(f"{e}; the newest complete checkpoint is intact: fix that, then "
-                                       f"python train.py --resume {launch.folder.path}") from None
+                                       f"{resume_command(launch.folder.path, launch.dist)}") from None
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         click.echo("interrupted before training started; nothing was written", err=True)
@@ -249,13 +287,8 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
     finally:
         shutdown_distributed()
 
-    if result.checkpoint is None and result.stopped_by is None and launch.payload is not None:
-        # --resume of a run already at its --iters: nothing trained, nothing written
-        summary = (f"{result.run_dir}: already at --iters {result.iteration} ({result.images_seen} images, "
-                   f"{launch.checkpoint.name}); pass --iters M (M > {result.iteration}) to train further")
-    else:
-        summary = (f"{result.run_dir}: iteration {result.iteration} ({result.images_seen} images), "
-                   f"{result.train_seconds:.1f} s training, checkpoint {result.checkpoint}")
+    summary = (f"{result.run_dir}: iteration {result.iteration} ({result.images_seen} images), "
+               f"{result.train_seconds:.1f} s training, checkpoint {result.checkpoint}")
     if result.best_value is not None:
         summary += (f", best {result.best_metric} {result.best_value:.3f} at iteration "
                     f"{result.best_iteration}")

@@ -25,6 +25,7 @@ __all__ = [
     "RESUME_FIXED",
     "resume_config",
     "default_run_name",
+    "default_sample_every",
 ]
 
 DATASETS = ("cifar10", "folder", "stacked-mnist", "stacked-digits")
@@ -33,6 +34,7 @@ AMP_MODES = ("none", "bf16", "fp16", "auto")  # auto: bf16 where the hardware ha
 MN_ESTIMATORS = ("kmeans", "em")  # dcgan_mn.norms.ESTIMATORS
 MN_POINTS = ("vector", "channel")  # dcgan_mn.norms.POINTS
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile(mode=...)
+STACKED_GRIDS = ("digits", "rgb")  # how a stacked run's sample grid draws a sample
 FID_PROTOCOL_NAMES = ("pytorch-fid", "clean")  # features.FID_PROTOCOLS (not imported: no torch here)
 
 
@@ -77,7 +79,8 @@ class TrainConfig:
     out: str = "checkpoints"
     run_name: Optional[str] = None
     sample_mode: str = "batch"  # how grids and metrics sample the generator
-    sample_every: int = 1000
+    sample_every: Optional[int] = None  # None: default_sample_every(iters)
+    stacked_grid: str = "digits"  # stacked datasets: a sample's digits side by side | as one RGB image
     log_every: int = 100
     ckpt_every: int = 2000
     keep_last: int = 3
@@ -129,6 +132,8 @@ class TrainConfig:
             object.__setattr__(self, "mn_layers", tuple(i for i, n in enumerate(norms) if n == "mn"))
         if self.dataset in STACKED_DATASETS and self.stack_size is None:
             object.__setattr__(self, "stack_size", DEFAULT_STACK_SIZE)
+        if self.sample_every is None:
+            object.__setattr__(self, "sample_every", default_sample_every(self.iters))
         self.validate()
 
     def validate(self) -> None:
@@ -158,7 +163,8 @@ class TrainConfig:
         need(0 <= self.beta2 < 1, "--beta2", self.beta2, "must be in [0, 1)")
         need(self.batch_size >= 2, "--batch-size", self.batch_size,
              "must be >= 2 (batch statistics need more than one sample)")
-        need(self.iters >= 0, "--iters", self.iters, "must be >= 0")
+        need(self.iters >= 1, "--iters", self.iters,
+             "must be >= 1 (a run trains at least one iteration; --dry-run shows the config without training)")
         need(self.seed >= 0, "--seed", self.seed, "must be >= 0")
         need(self.dataset in DATASETS, "--dataset", self.dataset, f"expected one of {DATASETS}")
         need(self.stack_size is None or self.stack_size >= 1, "--stack-size", self.stack_size, "must be >= 1")
@@ -167,6 +173,8 @@ class TrainConfig:
              "mode metrics need at least 2 samples")
         need(self.sample_mode in SAMPLE_MODES, "--sample-mode", self.sample_mode,
              f"expected one of {SAMPLE_MODES}")
+        need(self.stacked_grid in STACKED_GRIDS, "--stacked-grid", self.stacked_grid,
+             f"expected one of {', '.join(STACKED_GRIDS)}")
         for flag, v in [("--sample-every", self.sample_every), ("--log-every", self.log_every),
                         ("--ckpt-every", self.ckpt_every), ("--fid-every", self.fid_every)]:
             need(v >= 0, flag, v, "must be >= 0 (0 turns it off)")
@@ -228,6 +236,12 @@ class TrainConfig:
             em_iters=self.mn_em_iters, point=self.mn_point, posterior_grad=self.mn_posterior_grad,
             lambda_scale=self.mn_lambda_scale,
         )
+
+
+def default_sample_every(iters: int) -> int:
+    """``--sample-every`` when not given: ten grids a run, at most one per 1000 iterations, so a
+    short run shows how its samples develop and a 100k run writes no more grids than before."""
+    return max(1, min(1000, iters // 10))
 
 
 def config_from_dict(d: dict) -> TrainConfig:

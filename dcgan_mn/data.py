@@ -49,8 +49,14 @@ CIFAR10_FILES = {
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 PathLike = Union[str, Path]
-# What the offline messages point at: it fetches, checks and lists everything a run needs.
-PREPARE_HINT = "python evaluate.py prepare, run where there is internet, fetches and lists all a run needs"
+
+
+def prepare_hint() -> str:
+    """What the offline messages point at: it fetches, checks and lists everything a run needs."""
+    from .commands import script_command
+
+    return f"{script_command('evaluate.py', 'prepare')}, run where there is internet, fetches and lists all a run needs"
+
 
 
 from .errors import DataError  # noqa: E402
@@ -71,7 +77,7 @@ def _download_cifar10(root: Path) -> None:
         raise DataError(
             f"--data-root {str(root)!r}: CIFAR-10 is not there and downloading {CIFAR10_URL} "
             f"failed ({type(e).__name__}: {e}). Offline, put {CIFAR10_ARCHIVE} into {root}/ or "
-            f"extract it so that {root / CIFAR10_FOLDER}/data_batch_1 exists ({PREPARE_HINT})."
+            f"extract it so that {root / CIFAR10_FOLDER}/data_batch_1 exists ({prepare_hint()})."
         ) from None
 
 

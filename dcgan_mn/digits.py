@@ -44,6 +44,7 @@ __all__ = [
     "stack_digits",
     "load_stacked",
     "mode_ids",
+    "side_by_side",
     "digits_key",
 ]
 
@@ -168,3 +169,10 @@ def mode_ids(labels: Tensor) -> Tensor:
     """Digit triples [N, 3] -> mode index [N] in 0..999 (100 * red + 10 * green + blue)."""
     labels = labels.to(torch.int64)
     return labels[:, 0] * 100 + labels[:, 1] * 10 + labels[:, 2]
+
+
+def side_by_side(images: Tensor) -> Tensor:
+    """Stacked images [N, 3, H, W] as their three digits in a row, grey [N, 1, H, 3W]: red on the
+    left, so a sample reads as its mode number (``mode_ids``). Drawn in colour, three digits on
+    top of each other read as a blob."""
+    return torch.cat(images.unbind(1), dim=-1).unsqueeze(1)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 __all__ = ["ConfigError", "CheckpointError", "CheckpointUnreadable", "DataError", "WriteError", "OutFolderError",
-           "RunFolderBusy", "MetricsError", "InceptionWeightsError"]
+           "RunFolderBusy", "MetricsError", "InceptionWeightsError",
+           "InceptionWeightsInvalid"]
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,10 @@ class MetricsError(ValueError):
 
 class InceptionWeightsError(RuntimeError):
     """The FID Inception weights cannot be had or are not what they claim to be."""
+
+
+class InceptionWeightsInvalid(InceptionWeightsError):
+    """A weights file that is there but is not FID Inception weights: fetching cannot fix it."""
 
 
 class WriteError(OSError):

@@ -71,7 +71,7 @@ FID_PROTOCOLS = {"pytorch-fid": PROTOCOL_VERSION,
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
 
 
-from .errors import InceptionWeightsError  # noqa: E402
+from .errors import InceptionWeightsError, InceptionWeightsInvalid  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,15 @@ class InceptionWeights:
     sha256: str
     standard: bool  # True iff this is pytorch-fid's published file (SHA-256 prefix matches)
     source: str  # "flag", "env", or "hub-cache"
+
+    @property
+    def named_as(self) -> str:
+        """How the user gave the file, for messages: the flag, the variable, or the cache path."""
+        if self.source == "flag":
+            return f"--inception-weights {str(self.path)!r}"
+        if self.source == "env":
+            return f"${WEIGHTS_ENV_VAR} {str(self.path)!r}"
+        return str(self.path)
 
 
 class FeatureExtractor(Protocol):
@@ -136,9 +145,10 @@ def resolve_inception_weights(
 
     Order: ``path`` (the ``--inception-weights`` flag), then ``$DCGAN_MN_INCEPTION_WEIGHTS``,
     then the torch hub cache, downloading ``url`` into it when missing. A file given by flag or
-    environment may be any FID Inception state dict; it is marked non-standard (and a warning is
-    shown) when its SHA-256 is not pytorch-fid's. A file in the hub cache must match the hash
-    prefix in its name, as torch hub requires of its downloads.
+    environment may be any FID Inception state dict; it is marked non-standard when its SHA-256
+    is not pytorch-fid's (``load_fid_inception`` warns once the file has proved to be Inception
+    weights at all). A file in the hub cache must match the hash prefix in its name, as torch hub
+    requires of its downloads.
     """
     standard_prefix = url_hash_prefix(FID_WEIGHTS_URL)
     source = "flag"
@@ -151,12 +161,6 @@ def resolve_inception_weights(
             raise InceptionWeightsError(f"{flag} {str(path)!r}: no such file")
         sha = sha256_file(p)
         standard = bool(standard_prefix) and sha.startswith(standard_prefix)
-        if not standard:
-            warnings.warn(
-                f"Inception weights {p} (sha256 {sha[:12]}...) are not pytorch-fid's FID weights "
-                f"(sha256 {standard_prefix}...): scores are not comparable with published FIDs",
-                stacklevel=2,
-            )
         return InceptionWeights(p, sha, standard, source)
 
     dst = hub_cache_path(url)
@@ -215,23 +219,32 @@ def load_fid_inception(weights: InceptionWeights, dims: int = 2048) -> nn.Module
 
     if dims not in FEATURE_DIMS:
         raise ValueError(f"--dims {dims!r}: expected one of {FEATURE_DIMS}")
+
+    def invalid(what: str) -> InceptionWeightsInvalid:
+        return InceptionWeightsInvalid(
+            f"{weights.named_as}: not FID Inception weights ({what}); expected pytorch-fid's "
+            f"{FID_WEIGHTS_URL.rsplit('/', 1)[-1]} ({FID_WEIGHTS_URL}) or another state dict of its InceptionV3")
+
     try:
         state_dict = torch.load(weights.path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise InceptionWeightsError(
-            f"{weights.path}: not a loadable PyTorch state dict ({type(e).__name__}: {e})"
-        ) from None
+    except Exception as e:  # unpickling errors come in many types; their text is torch's advice
+        raise invalid(f"torch.load cannot read it as a state dict: {type(e).__name__}") from None
     if not isinstance(state_dict, dict):
-        raise InceptionWeightsError(f"{weights.path}: expected a state dict, got {type(state_dict).__name__}")
+        raise invalid(f"a {type(state_dict).__name__}, not a state dict")
     block = _pfi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]
     try:
         with _pytorch_fid_loads(state_dict):
             net = _pfi.InceptionV3([block], resize_input=True, normalize_input=True)
-    except RuntimeError as e:  # load_state_dict: missing / unexpected keys, wrong shapes
-        first = str(e).strip().splitlines()
-        raise InceptionWeightsError(
-            f"{weights.path}: not FID Inception weights ({first[0] if first else e})"
-        ) from None
+    except RuntimeError as e:  # load_state_dict: "Error(s) in loading ...:", then missing / unexpected keys
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[min(1, len(lines) - 1)] if lines else type(e).__name__
+        raise invalid(detail if len(detail) <= 120 else detail[:117] + "...") from None
+    if not weights.standard and weights.source != "hub-cache":
+        warnings.warn(
+            f"Inception weights {weights.path} (sha256 {weights.sha256[:12]}...) are not pytorch-fid's FID "
+            f"weights (sha256 {url_hash_prefix(FID_WEIGHTS_URL)}...): scores are not comparable with published FIDs",
+            stacklevel=3,
+        )
     # The 2015 graph's 1008-way classifier (pytorch-fid builds it, then keeps only the blocks):
     # its weight matrix, for the Inception Score. Like the original IS code (and torch-fidelity's
     # "logits_unbiased") we use pool3 @ W without the bias.

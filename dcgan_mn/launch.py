@@ -10,6 +10,7 @@ exactly) is refused here, so a refused launch leaves every run on disk as it was
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -18,10 +19,12 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from .commands import python_command, script_path
 from .config import TrainConfig, config_from_dict, default_run_name, resume_config
 from .device import launched_with_torchrun, resolve_amp, resolve_device
 from .distributed import DistInfo
 from .errors import CheckpointError, CheckpointUnreadable, ConfigError
+from .fileio import write_failure
 from .runfolder import RunFolder, resolve_resume
 
 __all__ = ["Launch", "Resumed", "decide_launch", "resolve_run_dir", "check_ref", "check_out", "load_resume", "check_launch",
@@ -147,9 +150,13 @@ def check_ref(ref: str) -> None:
 
 def check_out(out: str) -> None:
     """``--out`` must be a folder or a path that can become one: neither it nor any folder above
-    it may be a file (one line naming --out, the file and the reason, before anything is written).
-    What only creating the folder can tell (a read-only or virtual filesystem) is reported by
-    ``RunFolder.create``."""
+    it may be a file, and its nearest existing folder must take a new folder (not read-only,
+    immutable or virtual, as /proc is). One line naming --out, the path and the reason, before
+    the evaluator is built (which can take minutes) and before anything is left on disk: the
+    probe is an empty folder, removed at once. A failure only creating the run folder itself
+    can tell (a race, a full disk) is still reported by ``RunFolder.create``."""
+    import tempfile
+
     p = Path(out).expanduser()
     for ancestor in (p, *p.parents):
         try:
@@ -160,6 +167,13 @@ def check_out(out: str) -> None:
         if not ancestor.is_dir():
             where = "is a file" if ancestor == p else f"lies under {ancestor}, which is a file"
             raise ConfigError(f"--out {out!r}: {where}, not a folder; give a folder for the run folders")
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".dcgan_mn-probe-"))
+        except OSError as e:
+            if ancestor == p:
+                raise ConfigError(f"--out {out!r}: cannot create a run folder in it ({write_failure(p, e).reason})") from None
+            raise ConfigError(f"--out {out!r}: cannot create {p.relative_to(ancestor).parts[0]!r} in {ancestor} "
+                              f"({write_failure(ancestor, e).reason})") from None
         return
 
 
@@ -245,7 +259,8 @@ def check_launch(cfg: TrainConfig, dist: DistInfo) -> None:
     """Flags that depend on how the processes were launched (one line naming the flag)."""
     if cfg.sync_norm and not launched_with_torchrun():
         raise ConfigError("--sync-norm: synchronizing norm statistics needs a distributed launch "
-                          "(torchrun --nproc_per_node N train.py ...)")
+                          f"({python_command('-m', 'torch.distributed.run', '--nproc_per_node', 'N')} "
+                          f"{script_path('train.py')} ...)")
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size}: not divisible by the world size "
                           f"{dist.world_size} (torchrun processes); it is the global batch")
@@ -279,6 +294,7 @@ def check_world_size(payload: Optional[dict], dist: DistInfo, target: PathLike) 
     if saved != dist.world_size:
         raise ConfigError(
             f"--resume {str(target)!r}: the run was trained on world size {saved} (processes), "
-            f"this launch has {dist.world_size}; resume it with torchrun --nproc_per_node {saved} "
+            f"this launch has {dist.world_size}; resume it with "
+            f"{python_command('-m', 'torch.distributed.run', '--nproc_per_node', saved, script_path('train.py'), '--resume', target)} "
             f"(or without torchrun when it is 1)"
         )

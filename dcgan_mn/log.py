@@ -89,7 +89,9 @@ class RunLogger:
     """TensorBoard events in the run folder, ``metrics.jsonl``, and a tqdm progress bar.
 
     ``purge_step``: on resume, events a crashed run wrote at or after this step are hidden by
-    TensorBoard, so a resumed curve has no doubled segment.
+    TensorBoard, so a resumed curve has no doubled segment. ``progress``: the bar, on a terminal;
+    off one (stderr redirected to a file) a bar is a stream of carriage returns, so there the
+    logger prints the plain lines of ``--no-progress`` instead.
     """
 
     def __init__(self, run: Union[RunFolder, PathLike], *, total_iters: int, start_iter: int = 0,
@@ -107,11 +109,13 @@ class RunLogger:
             if purge_step is not None:
                 _after_existing_event_files(self.run_dir)
             self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
-        self.bar = tqdm(total=total_iters, initial=start_iter, disable=not (progress and enabled),
+        bar = progress and enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total_iters, initial=start_iter, disable=not bar,
                         unit="it", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
         self.postfix: dict[str, str] = {}
         self.total_iters = total_iters
-        self.plain = enabled and not progress  # no bar: a plain line per log window instead
+        self.plain = enabled and not bar  # no bar: a plain line per log window instead
+        self.pending: Optional[tuple[int, float]] = None  # the window's line, until emit_line()
 
     # --- TensorBoard ---
 
@@ -147,11 +151,20 @@ class RunLogger:
         self.bar.set_postfix(self.postfix, refresh=False)
 
     def plain_line(self, iteration: int, images_per_s: float) -> None:
-        """With the bar off (``--no-progress``, e.g. a cluster job's log), one plain line per
-        ``--log-every`` window: iteration/total, images/s, the window's losses and D outputs
-        and the last evaluation (what the bar's postfix shows)."""
-        if not self.plain:
+        """With the bar off (``--no-progress``, or stderr not a terminal: a cluster job's log),
+        one plain line per ``--log-every`` window: iteration/total, images/s, the window's
+        losses and D outputs and the last evaluation (what the bar's postfix shows). Held until
+        ``emit_line()``, so that an evaluation of the same iteration is in it: the line at the
+        last iteration then agrees with the run's final summary."""
+        if self.plain:
+            self.pending = (iteration, images_per_s)
+
+    def emit_line(self) -> None:
+        """Print the held plain line, if any."""
+        if self.pending is None:
             return
+        iteration, images_per_s = self.pending
+        self.pending = None
         width = len(str(self.total_iters))
         pct = 100.0 * iteration / self.total_iters if self.total_iters else 100.0
         fields = "  ".join(f"{k} {v}" for k, v in self.postfix.items())

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from .commands import python_command, script_command, script_path
 from .config import TrainConfig
 from .data import load_dataset
 from .device import autocast
@@ -200,6 +201,8 @@ def train(
                     evaluate(state, io)
                 if due(cfg.ckpt_every, it) or stopping is not None:
                     save(state, io, evaluating)
+                if it < cfg.iters:  # the last iteration's line waits for the end-of-run evaluation
+                    io.logger.emit_line()
 
             # ---- The end of the run: a last grid, evaluation and checkpoint where they are due.
             if nonfinite_at is None:
@@ -215,6 +218,7 @@ def train(
             unsaved = io.last_checkpoint is None or io.folder.checkpoint_file(it) != io.last_checkpoint
             if nonfinite_at is None and unsaved and (it > start_iteration or launch.payload is None):
                 save(state, io, evaluating)
+            io.logger.emit_line()
     finally:
         io.logger.close()
         io.lock.release()
@@ -232,13 +236,21 @@ def train(
                           f"{io.folder.latest_checkpoint()}")
     elif stopping is not None:
         io.logger.message(f"{stopping}: stopped at iteration {state.iteration}; checkpoint {io.last_checkpoint}; "
-                          f"continue with: python train.py --resume {io.folder.path}")
+                          f"continue with: {resume_command(io.folder.path, dist)}")
     return TrainResult(
         run_dir=io.folder.path, config=cfg, iteration=state.iteration, images_seen=state.images_seen,
         train_seconds=io.clock.seconds(), stopped_by=stopping, checkpoint=io.last_checkpoint,
         best_metric=state.best["metric"], best_value=state.best["value"], best_iteration=state.best["iteration"],
         last_log=io.last_log,
     )
+
+
+def resume_command(run_dir: Path, dist) -> str:
+    """The command that continues this run, as it was launched (under torchrun: as many processes)."""
+    if dist.enabled:
+        return python_command("-m", "torch.distributed.run", "--nproc_per_node", dist.world_size,
+                              script_path("train.py"), "--resume", run_dir)
+    return script_command("train.py", "--resume", run_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,8 +387,12 @@ def write_logs(state: TrainingState, io: RunIO) -> None:
 
 
 def write_grid(state: TrainingState, io: RunIO) -> None:
-    """The fixed-noise 8x8 grid in the configured sample mode (buffers and RNG untouched)."""
+    """The fixed-noise 8x8 grid in the configured sample mode (buffers and RNG untouched); on a
+    stacked dataset each sample's three digits side by side (``--stacked-grid digits``), so the
+    grid shows the modes the metrics count, on grey lines that keep the samples apart."""
     from torchvision.utils import make_grid
+
+    from .digits import STACKED_SOURCES, side_by_side
 
     if not state.dist.is_main:
         return
@@ -388,7 +404,11 @@ def write_grid(state: TrainingState, io: RunIO) -> None:
             if G is not state.G and cfg.sample_mode == "running":
                 state.ema.ready_for_use()  # its running statistics (batch mode needs none)
             fake = G.sample(state.fixed_noise, mode=cfg.sample_mode, batch_size=cfg.batch_size)  # [64, 3, 32, 32]
-            grid = make_grid(fake.float().cpu() * 0.5 + 0.5, nrow=8, padding=2)  # [3, 274, 274]
+            fake = fake.float().cpu() * 0.5 + 0.5
+            if cfg.dataset in STACKED_SOURCES and cfg.stacked_grid == "digits":
+                grid = make_grid(side_by_side(fake), nrow=8, padding=2, pad_value=0.5)  # [3, 274, 786]
+            else:
+                grid = make_grid(fake, nrow=8, padding=2)  # [3, 274, 274]
             io.logger.image(f"{tag}/{cfg.sample_mode}", grid.clamp(0, 1), state.iteration)
 
 

@@ -72,3 +72,10 @@ def test_frozen_and_default_run_name():
         cfg.iters = 1
     assert default_run_name(cfg, when=0).endswith("-mn02-k5-s3")
     assert default_run_name(TrainConfig(mn_layers="none"), when=0).endswith("-bn-s0")
+
+
+def test_default_sample_every_gives_ten_grids_a_run_at_most_one_per_1000_iterations():
+    assert TrainConfig(iters=1000).sample_every == 100  # the README's offline command: ten grids
+    assert TrainConfig().sample_every == 1000  # 100k iterations: as before
+    assert TrainConfig(iters=5).sample_every == 1
+    assert TrainConfig(iters=1000, sample_every=0).sample_every == 0  # given: kept

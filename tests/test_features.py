@@ -41,12 +41,13 @@ def test_default_url_is_pytorch_fids():
 
 def test_weights_from_flag_and_env(weights_file, monkeypatch):
     monkeypatch.delenv(FT.WEIGHTS_ENV_VAR, raising=False)
-    with pytest.warns(UserWarning, match="not pytorch-fid's FID weights"):
-        w = FT.resolve_inception_weights(weights_file)
+    w = FT.resolve_inception_weights(weights_file)
     assert (w.path, w.sha256, w.standard, w.source) == (weights_file, sha256(weights_file), False, "flag")
+    # Not pytorch-fid's file: said once it has loaded as Inception weights (not before: see below).
+    with pytest.warns(UserWarning, match="not pytorch-fid's FID weights"):
+        FT.load_fid_inception(w, 64)
     monkeypatch.setenv(FT.WEIGHTS_ENV_VAR, str(weights_file))
-    with pytest.warns(UserWarning):
-        assert FT.resolve_inception_weights().source == "env"
+    assert FT.resolve_inception_weights().source == "env"
     with pytest.raises(FT.InceptionWeightsError, match=r"--inception-weights '/nope.pth': no such file"):
         FT.resolve_inception_weights("/nope.pth")
 
@@ -115,16 +116,27 @@ def test_offline_error_names_url_cache_path_and_flag(monkeypatch, tmp_path):
     assert not FT.hub_cache_path().exists()
 
 
-def test_not_inception_weights(tmp_path):
+def test_not_inception_weights(tmp_path, monkeypatch):
+    """A file that is not FID Inception weights: one line naming how it was given, what is wrong
+    and what a valid file is; no warning about it first and none of torch's own paragraphs."""
+    import warnings
+
+    monkeypatch.delenv(FT.WEIGHTS_ENV_VAR, raising=False)
     junk = tmp_path / "junk.pth"
-    junk.write_bytes(b"not a checkpoint")
+    junk.write_bytes(bytes(range(256)) * 4)
     other = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(1)}, other)
-    for path, match in [(junk, "not a loadable PyTorch state dict"), (other, "not FID Inception weights")]:
-        with pytest.warns(UserWarning):
+    for path, why in [(junk, "torch.load cannot read it as a state dict"), (other, "Missing key")]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             w = FT.resolve_inception_weights(path)
-        with pytest.raises(FT.InceptionWeightsError, match=match):
-            FT.load_fid_inception(w, 64)
+            with pytest.raises(FT.InceptionWeightsError) as err:
+                FT.load_fid_inception(w, 64)
+        assert not [c for c in caught if issubclass(c.category, UserWarning)], [str(c.message) for c in caught]
+        msg = str(err.value)
+        assert "\n" not in msg and len(msg) - len(str(path)) < 400, msg
+        assert msg.startswith(f"--inception-weights {str(path)!r}: not FID Inception weights") and why in msg, msg
+        assert "pt_inception-2015-12-05-6726825d.pth" in msg and "weights_only" not in msg, msg
 
 
 # --- images --------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def mode_run(offline_hub):
 
 def test_stacked_run_without_inception_writes_mode_rows(mode_run, modes_classifier):
     run_dir, output = mode_run
-    assert "Inception metrics are off" in output and "mode metrics only" in output
+    assert "Inception" not in output, output  # FID was not asked for: nothing to say about its weights
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [2, 4]
     for r in rows:
@@ -71,6 +71,17 @@ def test_stacked_run_without_inception_writes_mode_rows(mode_run, modes_classifi
     assert "best cfd" in output
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["ref"] == "stacked-digits" and cfg["extra"]["evaluated"] == ["cfd", "kl_modes", "modes"]
+
+
+def test_asking_for_fid_on_stacked_digits_needs_the_weights(offline_hub):
+    out = offline_hub / "runs"
+    result = CliRunner().invoke(train_cli, [*TINY, "--dataset", "stacked-digits", "--stack-size", "64",
+                                            "--iters", "2", "--fid-every", "2", "--mode-samples", "48",
+                                            "--inception-metrics", "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "Inception weights" in errors[0] and "--inception-weights" in errors[0], result.output
+    assert not out.exists()
 
 
 def test_evaluate_modes_on_run_checkpoint_and_images(mode_run, modes_cache, tmp_path):
@@ -210,3 +221,61 @@ def test_run_writes_one_hparams_session(mode_run):
     assert scalars["hparams/best_cfd"] == pytest.approx(min(r["cfd"] for r in rows), rel=1e-6)
     assert scalars["hparams/final_cfd"] == pytest.approx(rows[-1]["cfd"], rel=1e-6)
     assert scalars["hparams/iteration"] == 4
+
+
+def test_side_by_side_reads_as_the_mode():
+    real = DG.load_stacked("stacked-digits", "test", size=5, seed=1)
+    row = DG.side_by_side(real.images)  # [5, 1, 32, 96]
+    assert row.shape == (5, 1, 32, 96) and row.dtype == real.images.dtype
+    for c in range(3):  # red's digit (the mode's hundreds) on the left
+        assert torch.equal(row[:, 0, :, 32 * c:32 * (c + 1)], real.images[:, c])
+
+
+@pytest.mark.parametrize("stacked_grid,size", [("digits", (786, 274)), ("rgb", (274, 274))])
+def test_a_stacked_run_draws_ten_grids_of_its_digits(tmp_path, stacked_grid, size):
+    """Without --sample-every a run writes ten grids; a stacked run's grid puts each sample's
+    three digits side by side (8 samples of 3 x 32 px a row), or draws them as RGB when asked."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrainConfig(ngf=8, ndf=8, batch_size=8, iters=20, log_every=0, ckpt_every=0, fid_every=0, device="cpu",
+                      out=str(tmp_path / "runs"), run_name="r", mn_fit_points=64, dataset="stacked-digits",
+                      stack_size=64, stacked_grid=stacked_grid)
+    result = train(cfg, progress=False)
+    acc = EventAccumulator(str(result.run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    grids = acc.Images("samples/batch")
+    assert [g.step for g in grids] == list(range(2, 21, 2))
+    assert {(g.width, g.height) for g in grids} == {size}
+
+
+def test_compare_without_metric_compares_what_best_pt_follows(mode_run, tmp_path):
+    """The README's offline runs score mode metrics only: compare without --metric compares
+    their headline metric (cfd, what best.pt follows), and says before re-scoring what it will
+    do, about how long it takes and how to skip it; --metric fid names the metrics they have."""
+    run_dir, _ = mode_run
+    res = CliRunner().invoke(eval_cli, ["compare", str(run_dir), "--baseline", str(run_dir), "--out",
+                                        str(tmp_path / "cmp"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["metric"] == "cfd"
+    lines = res.stderr.splitlines()
+    assert lines[0].startswith("comparing cfd"), lines
+    plan = lines[1]
+    assert plan.startswith("re-scoring the evaluated snapshots") and "(--eval-seeds 3: 4 scorings in 1 run)" in plan
+    assert "about " in plan, plan
+    assert RunFolder.EVAL_SEEDS in plan and "--eval-seeds 1 skips it" in plan, plan
+    assert len((run_dir / RunFolder.EVAL_SEEDS).read_text().splitlines()) == 4  # the run named twice: once
+    res = CliRunner().invoke(eval_cli, ["compare", str(run_dir), "--baseline", str(run_dir), "--metric", "fid",
+                                        "--out", str(tmp_path / "cmp2"), "--no-progress"])
+    assert res.exit_code == 1
+    assert "has no 'fid' values; it has modes, kl_modes, cfd (choose one with --metric)" in res.stderr, res.stderr
+
+
+def test_runs_that_follow_different_metrics_need_metric(tmp_path):
+    for name, row in [("a", {"fid": 30.0, "num_samples": 10}), ("b", {"cfd": 5.0, "mode_samples": 10})]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(json.dumps({"iteration": 2, **row}) + "\n")
+    assert C_.headline_metric([tmp_path / "a"]) == "fid" and C_.headline_metric([tmp_path / "b"]) == "cfd"
+    (tmp_path / "b" / "config.json").write_text(json.dumps({"best_metric": "modes"}))
+    assert C_.headline_metric([tmp_path / "b"]) == "modes"
+    with pytest.raises(C_.CompareError, match=r"different metrics \(fid: a; modes: b\): choose one with --metric"):
+        C_.headline_metric([tmp_path / "a", tmp_path / "b"])

@@ -3,6 +3,7 @@ nothing, resume rules, and SIGINT/SIGTERM in a real subprocess."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from PIL import Image
 from conftest import TRAIN_TINY, invoker, load_script, write_fake_cifar10
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import checkpoint as C
+from dcgan_mn.commands import script_path
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("train_single_thread")
@@ -72,6 +74,7 @@ def test_dry_run_prints_config_and_writes_nothing(env):
     (["--mn-layers", "0,x"], "'x'"),
     (["--mn-components", "0"], "--mn-components 0"),
     (["--iters", "-1"], "--iters -1"),
+    (["--iters", "0"], "--iters 0: must be >= 1"),
     (["--batch-size", "1"], "--batch-size 1"),
     (["--keep-last", "0"], "--keep-last 0"),
     (["--log-every", "-5"], "--log-every -5"),
@@ -225,9 +228,15 @@ def _immutable_folder(path):
 
 
 @pytest.mark.parametrize("case", ["file", "under_file", "proc", "immutable"])
-def test_out_that_cannot_hold_a_run_is_one_line(env, tmp_path, case):
+def test_out_that_cannot_hold_a_run_is_one_line(env, tmp_path, case, monkeypatch):
     """--out at a file, under /proc or at an immutable folder: one line naming --out, the path
-    and the reason (exit 2 before anything is built, or 1 when only mkdir can tell)."""
+    and the reason (exit 2), before the evaluator is built (that can take minutes and print)."""
+    import dcgan_mn.metrics
+
+    def no_evaluator(*a, **k):
+        raise AssertionError("the evaluator was built before --out was checked")
+
+    monkeypatch.setattr(dcgan_mn.metrics, "build_evaluator", no_evaluator)
     data, _ = env
     out = {"file": tmp_path / "hello.txt", "under_file": tmp_path / "hello.txt" / "runs",
            "proc": Path("/proc/dcgan_mn_no_such_dir"), "immutable": tmp_path / "frozen"}[case]
@@ -237,12 +246,12 @@ def test_out_that_cannot_hold_a_run_is_one_line(env, tmp_path, case):
     if case == "immutable" and _immutable_folder(out) is None:
         pytest.skip("chattr +i refused here")
     try:
-        result = run(*TINY, "--data-root", data, "--out", out, "--iters", "1")
+        result = run(*TINY, "--data-root", data, "--out", out, "--iters", "1", "--fid-every", "1")
     finally:
         if case == "immutable":
             subprocess.run(["chattr", "-i", str(out)])
     assert not isinstance(result.exception, OSError), result.output
-    assert result.exit_code == (2 if case in ("file", "under_file") else 1), result.output
+    assert result.exit_code == 2, result.output
     line = error_line(result)
     assert f"--out {str(out)!r}" in line, line
     expect = {"file": "is a file", "under_file": "which is a file", "proc": "No such file or directory",
@@ -314,19 +323,36 @@ def test_ref_help_shows_its_default_once():
 
 
 def test_resume_of_a_finished_run_says_so(env):
+    """One line (where it stands, and the command that trains further), before anything is
+    built or opened: no bars, and the run folder as it was."""
     data, out = env
     assert run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "2").exit_code == 0
-    result = run("--resume", out / "r", "--no-progress")
+    before = snapshot_tree(out / "r")
+    result = run("--resume", out / "r", "--progress")
     assert result.exit_code == 0, result.output
-    assert "checkpoint None" not in result.output
+    assert len(result.output.splitlines()) == 1, result.output
     assert "already at --iters 2" in result.output and "pass --iters M" in result.output
+    assert f"{shlex.quote(sys.executable)} {script_path('train.py')} --resume {out / 'r'} --iters M" in result.output
+    assert snapshot_tree(out / "r") == before
+
+
+def test_a_file_that_is_not_inception_weights_is_one_line(env, tmp_path):
+    data, out = env
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(bytes(range(256)) * 40)
+    result = run(*TINY, "--data-root", data, "--out", out, "--fid-every", "2", "--inception-weights", garbage)
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [error_line(result)], result.output  # no warning, no torch text
+    assert f"--inception-weights {str(garbage)!r}: not FID Inception weights" in result.output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("progress", ["--no-progress", "--progress"])
 def test_logs_off_a_terminal_are_plain_lines(tmp_path, modes_cache, progress):
-    """stderr redirected (a cluster job's log): --no-progress prints one plain line per log window
-    (iteration/total, images/s, losses, the last metric); neither mode writes cursor codes (the
-    evaluation's nested bar is off off a terminal)."""
+    """stderr redirected (a cluster job's log): with the bar on or off, one plain line per log
+    window (iteration/total, images/s, losses, the last metric), no carriage returns or cursor
+    codes; a line at an evaluated iteration shows that evaluation, so the last line agrees with
+    metrics.jsonl's last row (and the final summary)."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "stacked-digits", "--stack-size", "64",
            "--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64", "--device", "cpu",
            "--sample-every", "0", "--no-inception-metrics", "--fid-every", "2", "--mode-samples", "64",
@@ -335,14 +361,13 @@ def test_logs_off_a_terminal_are_plain_lines(tmp_path, modes_cache, progress):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "DCGAN_MN_CACHE_DIR": str(modes_cache)})
     assert done.returncode == 0, done.stderr
     log = done.stdout + done.stderr
-    assert "\x1b" not in log, repr(log)
+    assert "\x1b" not in log and "\r" not in log, repr(log)
     lines = [ln for ln in log.splitlines() if ln.startswith("iteration ")]
-    if progress == "--no-progress":
-        assert [ln.split()[1] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"], log
-        assert all("img/s" in ln and " D " in ln and " G " in ln for ln in lines), lines
-        assert "cfd" in lines[2] and "modes" in lines[2], lines  # the evaluation at iteration 2
-    else:
-        assert lines == []
+    assert [ln.split()[1] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"], log
+    assert all("img/s" in ln and " D " in ln and " G " in ln for ln in lines), lines
+    assert "cfd" not in lines[0] and "cfd" in lines[1] and "modes" in lines[1], lines  # evaluated at 2
+    last = [json.loads(r) for r in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["iteration"] == 4 and f"cfd {last['cfd']:.2f}" in lines[-1] and f"modes {last['modes']}" in lines[-1]
 
 
 def test_offline_first_command_names_everything_missing(tmp_path, monkeypatch):
@@ -359,13 +384,14 @@ def test_offline_first_command_names_everything_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(U, "download_and_extract_archive", offline)
     out, data = tmp_path / "runs", tmp_path / "data"
+    EVALUATE = script_path("evaluate.py")
     result = run(*TINY, "--data-root", data, "--out", out, "--fid-samples", "8", "--fid-every", "2")
     assert result.exit_code == 1, result.output
     line = error_line(result)
     assert "Inception weights" in line and "--inception-weights" in line
-    assert "CIFAR-10" in line and str(data) in line and "python evaluate.py prepare" in line, line
+    assert "CIFAR-10" in line and str(data) in line and f"{shlex.quote(sys.executable)} {EVALUATE} prepare" in line, line
     no_fid = run(*TINY, "--data-root", data, "--out", out)
-    assert no_fid.exit_code == 1 and "python evaluate.py prepare" in error_line(no_fid)
+    assert no_fid.exit_code == 1 and f"{shlex.quote(sys.executable)} {EVALUATE} prepare" in error_line(no_fid)
     text = tmp_path / "hello.txt"
     text.write_text("hello\n")
     for dataset in ("cifar10", "folder"):
@@ -373,3 +399,37 @@ def test_offline_first_command_names_everything_missing(tmp_path, monkeypatch):
         assert as_file.exit_code == 1 and "is a file" in error_line(as_file), as_file.output
         assert "download" not in error_line(as_file)
     assert not out.exists()
+
+
+def unactivated_env() -> dict:
+    """The environment of a shell where the venv was never activated: no VIRTUAL_ENV and no venv
+    folder on PATH (PYTHONPATH stays: it points the interpreter at this checkout)."""
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    return {**env, "PATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def test_the_printed_resume_command_runs_as_printed(tmp_path, capsys):
+    """Ctrl-C prints the command that continues the run: it starts with the interpreter that is
+    running (a venv's python need not be on PATH), and run as printed it finishes the run."""
+    from dcgan_mn.config import TrainConfig
+    from dcgan_mn.training import train
+
+    cfg = TrainConfig(dataset="stacked-digits", stack_size=64, ngf=8, ndf=8, batch_size=8, mn_fit_points=64,
+                      device="cpu", iters=6, fid_every=0, sample_every=0, log_every=0, ckpt_every=0,
+                      out=str(tmp_path / "runs"), run_name="r")
+
+    def interrupt(iteration, G, D):
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = train(cfg, step_hook=interrupt, progress=False)
+    assert result.stopped_by == "SIGINT" and result.iteration < cfg.iters
+    said = [ln for ln in capsys.readouterr().err.splitlines() if "continue with: " in ln]
+    assert len(said) == 1, said
+    command = said[0].split("continue with: ", 1)[1]
+    assert command.startswith(shlex.quote(sys.executable) + " "), command
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300, env=unactivated_env())
+    assert done.returncode == 0, done.stderr
+    assert C.load_checkpoint(RunFolder(tmp_path / "runs" / "r").latest_checkpoint())["iteration"] == cfg.iters

@@ -19,10 +19,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..metrics.specs import METRICS, MODE_COUNT_KEY, metric_spec
+from ..metrics.specs import METRICS, MODE_COUNT_KEY, metric_spec, primary_metric
 from ..runfolder import RunFolder
 
-__all__ = ["CompareError", "RunCurve", "read_run", "provenance_warnings", "running_median",
+__all__ = ["CompareError", "RunCurve", "read_run", "headline_metric", "provenance_warnings", "running_median",
            "area_under_curve", "evaluation_noise", "SMOOTH_WINDOW", "COLLAPSE_FACTOR", "COLLAPSE_METRICS"]
 
 SMOOTH_WINDOW = 3
@@ -173,7 +173,10 @@ def read_run(
         if isinstance(row, dict) and row.get(metric) is not None and row.get("iteration") is not None:
             rows.append(row)
     if not rows:
-        raise CompareError(f"run {str(path)!r}: metrics.jsonl has no {metric!r} values")
+        scored = _scored(all_rows)
+        has = f"it has {', '.join(scored)}" if scored else "it has no metric values at all"
+        raise CompareError(f"run {str(path)!r}: metrics.jsonl has no {metric!r} values; {has} "
+                           f"(choose one with --metric)")
 
     rows, mode, count = _one_protocol(rows, path, metric, count_key, config.get("sample_mode"),
                                       sample_mode, num_samples)
@@ -199,6 +202,35 @@ def read_run(
         load_per_core=[_float_or_none(by_iteration[i].get("load_per_core")) for i in its],
         device=_training_device(run, config, [by_iteration[i] for i in its]),
     )
+
+
+def _scored(rows: list) -> list[str]:
+    """The known metrics with values in ``rows``, in ``METRICS``' order."""
+    present = {k for r in rows if isinstance(r, dict) for k, v in r.items() if v is not None}
+    return [m for m in METRICS if m in present]
+
+
+def headline_metric(paths: Sequence) -> str:
+    """The metric the runs' ``best.pt`` follows (``--best-metric``, else FID where they scored
+    it, else cfd): what ``compare`` compares when no ``--metric`` is given. Runs that follow
+    different ones are refused with each named; folders that are no runs are left to
+    ``read_run`` to report."""
+    chosen: dict[str, list[str]] = {}
+    for path in paths:
+        folder = RunFolder(path)
+        try:
+            config = folder.read_config() or {}
+            rows = folder.metrics_rows() if folder.metrics_file.is_file() else []
+        except (OSError, ValueError):
+            continue
+        if not rows:
+            continue
+        metric = config.get("best_metric") or primary_metric(_scored(rows))
+        chosen.setdefault(metric, []).append(folder.path.name)
+    if len(chosen) > 1:
+        each = "; ".join(f"{m}: {', '.join(names)}" for m, names in chosen.items())
+        raise CompareError(f"the runs' best.pt follow different metrics ({each}): choose one with --metric")
+    return next(iter(chosen), "fid")
 
 
 def _one_protocol(rows: list[dict], path, metric: str, count_key: str, config_mode: Optional[str],
@@ -238,6 +270,7 @@ def _seed_scores(folder: RunFolder, path, metric: str, count_key: str, mode: str
                  curve_rows: list[dict], eval_seeds: int) -> tuple[list[list[float]], list[dict]]:
     """Per curve point, its training row's score then those of the next ``eval_seeds`` - 1
     evaluation seeds (from ``eval_seeds.jsonl``); and the seed rows used."""
+    from ..commands import script_command
     from ..rescore import evaluation_seeds, seed_rows
 
     matching = [r for r in seed_rows(folder) if r.get(metric) is not None
@@ -251,8 +284,9 @@ def _seed_scores(folder: RunFolder, path, metric: str, count_key: str, mode: str
             if (i, s) not in extra:
                 raise CompareError(
                     f"run {str(path)!r}: iteration {i} has no {metric} score from evaluation "
-                    f"seed {s} in {RunFolder.EVAL_SEEDS}; `evaluate.py compare --eval-seeds "
-                    f"{eval_seeds}` scores it from the run's snapshots")
+                    f"seed {s} in {RunFolder.EVAL_SEEDS}; "
+                    f"{script_command('evaluate.py', 'compare', '--eval-seeds', eval_seeds)} RUN... "
+                    f"--baseline RUN... scores it from the run's snapshots")
             point.append(extra[(i, s)])
         seed_values.append(point)
     return seed_values, matching

@@ -33,7 +33,7 @@ from ..features import FeatureExtractor, quantize_images
 from .errors import MetricsError
 from .inception import InceptionMetrics
 from .reference import ReferenceStats, load_reference
-from .specs import EMA_SUFFIX, metric_spec
+from .specs import EMA_SUFFIX, metric_spec, primary_metric
 
 __all__ = ["Evaluator", "build_evaluator", "generated_images", "sample_count_tag", "metric_direction", "metric_count_key"]
 
@@ -163,7 +163,7 @@ class Evaluator:
     @property
     def primary_metric(self) -> str:
         """The metric that picks a run's best snapshot: FID, else the mode classifier's cfd."""
-        return "fid" if self.inception else "cfd"
+        return primary_metric(self.directions)
 
     @property
     def directions(self) -> dict:
@@ -300,13 +300,17 @@ def build_evaluator(
     cache_dir: Union[str, Path, None] = None,
     seed: int = 0,
     progress: bool = False,
+    require_inception: bool = False,
 ) -> Evaluator:
     """The periodic evaluator for a ``TrainConfig``.
 
     * Inception metrics: ``cfg.fid_samples`` samples against ``cfg.ref`` (statistics cached under
       ``cache_dir``, default ``default_cache_dir()``) with pytorch-fid's Inception at ``cfg.dims``
-      (``cfg.inception_weights`` or the hub cache). On a stacked-digit dataset, missing weights
-      turn them off (one line on stderr says so) instead of stopping the run.
+      (``cfg.inception_weights`` or the hub cache). On a stacked-digit dataset they are an extra:
+      where the weights cannot be had they are left out without a word (mode metrics are the
+      dataset's own; the run's config records what it evaluated), unless the weights were named
+      (``cfg.inception_weights``) or FID was asked for (``require_inception``: the user's
+      ``--inception-metrics``, or a resumed run that scored FID), which stop with the reason.
     * Mode metrics, on a stacked-digit dataset: ``cfg.mode_samples`` samples through the
       dataset's mode classifier (trained and cached on first use).
 
@@ -331,13 +335,10 @@ def build_evaluator(
         try:
             extractor = InceptionFeatureExtractor(cfg.dims, cfg.inception_weights, device=device,
                                                   progress=progress, fid_protocol=cfg.fid_protocol)
-        except InceptionWeightsError as e:
-            if not stacked or cfg.inception_weights:  # weights asked for by name must be there
+        except InceptionWeightsError:
+            if not stacked or cfg.inception_weights or require_inception:
                 raise
             extractor = None
-            if rank == 0:
-                print(f"Inception metrics are off ({str(e).split('; ')[0]}); evaluating "
-                      f"{cfg.dataset} with mode metrics only", file=sys.stderr)
     if extractor is not None:
         reference = load_reference(cfg.ref, extractor, data_root=cfg.data_root,
                                    cache_dir=cache_dir, progress=progress and rank == 0)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from .errors import MetricsError
 
-__all__ = ["MetricSpec", "METRICS", "metric_spec", "directions_of", "averaged_result", "INCEPTION_COUNT_KEY",
-           "MODE_COUNT_KEY", "EMA_SUFFIX"]
+__all__ = ["MetricSpec", "METRICS", "metric_spec", "directions_of", "averaged_result", "primary_metric",
+           "INCEPTION_COUNT_KEY", "MODE_COUNT_KEY", "EMA_SUFFIX"]
 
 INCEPTION_COUNT_KEY = "num_samples"  # the Inception family's column: FID, KID, PRDC, IS
 MODE_COUNT_KEY = "mode_samples"  # the stacked-digit mode family's column: modes, kl_modes, cfd
@@ -93,6 +93,12 @@ def metric_spec(name: str) -> MetricSpec:
         return METRICS[name]
     except KeyError:
         raise MetricsError(f"unknown metric {name!r}: known metrics are {', '.join(METRICS)}") from None
+
+
+def primary_metric(scored) -> str:
+    """The metric that picks a run's best snapshot (``best.pt``) when ``--best-metric`` is not
+    given, from the metrics its evaluation scores: FID, else (mode metrics only) cfd."""
+    return "fid" if "fid" in scored else "cfd"
 
 
 def directions_of(count_key: str) -> dict[str, str]:
