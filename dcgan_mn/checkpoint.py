@@ -39,6 +39,7 @@ __all__ = [
     "generator_payload",
     "load_generator",
     "has_averaged_generator",
+    "load_generators",
     "build_generator",
     "check_discriminator",
     "checkpoint_config",
@@ -169,6 +170,15 @@ def load_generator(path: PathLike, device: Any = "cpu", *, ema: bool = False) ->
 def has_averaged_generator(path: PathLike) -> bool:
     """Does the checkpoint or snapshot at ``path`` hold G_ema (``--g-ema``)?"""
     return "generator_ema" in load_checkpoint(path, map_location="cpu")
+
+
+def load_generators(path: PathLike, device: Any = "cpu") -> tuple[Generator, Optional[Generator], TrainConfig, int]:
+    """(G, G_ema or None, config, iteration) from one read of a checkpoint or snapshot."""
+    payload = load_checkpoint(path, map_location="cpu")
+    cfg = checkpoint_config(payload, path)
+    gen = build_generator(cfg, payload["generator"], path).to(device)
+    ema = build_generator(cfg, payload["generator_ema"], path).to(device) if "generator_ema" in payload else None
+    return gen, ema, cfg, int(payload["iteration"])
 
 
 # --------------------------------------------------------------------------------------------

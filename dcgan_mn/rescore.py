@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .checkpoint import has_averaged_generator, load_generator
+from .checkpoint import load_generators
 from .config import config_from_dict
 from .runfolder import RunFolder, as_run_folder
 
@@ -213,8 +213,7 @@ def rescore_run(
     loaded: tuple = (None, None, None)  # (iteration, G, G_ema or None)
     for it, s in todo:
         if loaded[0] != it:
-            G_ema = load_generator(snapshots[it], device, ema=True)[0] if has_averaged_generator(snapshots[it]) else None
-            loaded = (it, load_generator(snapshots[it], device)[0], G_ema)
+            loaded = (it, *load_generators(snapshots[it], device)[:2])
         seeded = evaluator.with_seed(s)
         result = seeded(loaded[1], sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
         if loaded[2] is not None:  # the averaged generator, scored alike: its <metric>_ema columns

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write docs/cli.md: the --help text of train.py and of every evaluate.py command.
+"""Write docs/cli.md: the --help text of train.py and of every evaluate.py and sweep.py command.
 
 The flags are documented once, in the click definitions; this page is generated from them.
 Run it after changing a flag:  python docs/make_cli_reference.py
@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
+import sweep  # noqa: E402
 import train  # noqa: E402
 
 
@@ -32,11 +33,12 @@ def main() -> None:
              "place flags are documented); `--help` on your checkout is authoritative.",
              "",
              "## `python train.py`", "", "```text", help_text(train.main, "train.py"), "```", ""]
-    root = click.Context(evaluate.cli, info_name="evaluate.py", **evaluate.cli.context_settings)
-    parts += ["## `python evaluate.py`", "", "```text", help_text(evaluate.cli, "evaluate.py"), "```", ""]
-    for name in sorted(evaluate.cli.commands):
-        parts += [f"### `python evaluate.py {name}`", "", "```text",
-                  help_text(evaluate.cli.commands[name], name, parent=root), "```", ""]
+    for script, group in (("evaluate.py", evaluate.cli), ("sweep.py", sweep.cli)):
+        root = click.Context(group, info_name=script, **group.context_settings)
+        parts += [f"## `python {script}`", "", "```text", help_text(group, script), "```", ""]
+        for name in sorted(group.commands):
+            parts += [f"### `python {script} {name}`", "", "```text",
+                      help_text(group.commands[name], name, parent=root), "```", ""]
     out = ROOT / "docs" / "cli.md"
     out.write_text("\n".join(parts), encoding="utf-8")
     print(f"wrote {out}")

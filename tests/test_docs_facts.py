@@ -64,17 +64,27 @@ def script_flags(line: str) -> list[tuple[str, list[str]]]:
     calls = []
     for i, tok in enumerate(tokens):
         name = tok.rsplit("/", 1)[-1]
-        if name not in ("train.py", "evaluate.py") or "experiments" in tok:
+        if name not in ("train.py", "evaluate.py", "sweep.py") or "experiments" in tok:
             continue
         rest = tokens[i + 1:]
         for j, t in enumerate(rest):
             if t in (";", "|", "&&", "||", "do", "done"):
                 rest = rest[:j]
                 break
-        if name == "evaluate.py":
+        if name in ("evaluate.py", "sweep.py"):
             if not rest or not re.fullmatch(r"[a-z]+", rest[0]):  # no subcommand, or a placeholder
                 continue
             command, rest = rest[0], rest[1:]
+            if name == "sweep.py":  # its --train-flags and --arm NAME=FLAGS hold train.py flags
+                command = f"sweep {command}"
+                embedded, plain = [], []
+                for j, t in enumerate(rest):
+                    if j > 0 and rest[j - 1] in ("--train-flags", "--arm"):
+                        embedded += [w for w in t.split("=", 1)[-1].split() if w.startswith("--")]
+                    else:
+                        plain.append(t)
+                rest = plain
+                calls.append(("train", embedded))
         else:
             command = "train"
         calls.append((command, [t.split("=", 1)[0] for t in rest if t.startswith("--")]))
@@ -86,9 +96,10 @@ def known_flags() -> dict[str, set[str]]:
     def options(command) -> set[str]:
         return {o for p in command.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
 
-    evaluate = load_script("evaluate.py", "cli")
+    evaluate, sweep = load_script("evaluate.py", "cli"), load_script("sweep.py", "cli")
     return {"train": options(load_script("train.py", "main")),
-            **{name: options(cmd) for name, cmd in evaluate.commands.items()}}
+            **{name: options(cmd) for name, cmd in evaluate.commands.items()},
+            **{f"sweep {name}": options(cmd) for name, cmd in sweep.commands.items()}}
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if p.name != "cli.md"], ids=rel)  # cli.md is --help itself
@@ -136,7 +147,7 @@ def test_recipes_train_at_least_the_pairs_a_result_needs(page):
     text = page.read_text(encoding="utf-8")
     loops = [len(m.split()) for block in FENCE.findall(text) for m in re.findall(r"for seed in ([^;]+);", block)]
     ranges = [int(b) - int(a) + 1 for block in FENCE.findall(text) for a, b in re.findall(r"--seeds (\d+)-(\d+)", block)]
-    assert loops, f"{rel(page)}: no seed loop left to check"
+    assert loops or ranges, f"{rel(page)}: no seed loop or sweep left to check"
     assert all(n >= minimum for n in loops + ranges), (rel(page), loops, ranges, minimum)
     said = [WORDS.get(w.lower(), w) for w in re.findall(r"\b(\w+) seeds per arm", text)]
     assert all(int(n) >= minimum for n in said), (rel(page), said)
@@ -145,10 +156,13 @@ def test_recipes_train_at_least_the_pairs_a_result_needs(page):
 @pytest.mark.parametrize("page", RECIPES, ids=rel)
 def test_gpu_recipes_compile_as_the_readme_says(page):
     """The README tells GPU users to train with --compile --compile-mode reduce-overhead; every
-    CIFAR-10 run of a seed-loop recipe (a GPU job) does."""
+    CIFAR-10 run of a seed-loop or sweep recipe (a GPU job) does."""
     assert GPU_FLAGS in (ROOT / "README.md").read_text()
     missing = []
     for block in FENCE.findall(page.read_text(encoding="utf-8")):
+        for line in shell_lines(block):  # sweeps: every run gets --train-flags
+            if "sweep.py run" in line and "stacked" not in line and GPU_FLAGS not in " ".join(line.split()):
+                missing.append(line)
         if "for seed in" not in block:
             continue
         for line in shell_lines(block):

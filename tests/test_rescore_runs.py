@@ -47,8 +47,7 @@ def test_one_evaluator_and_one_warning_for_many_runs(tmp_path, monkeypatch, capf
         return FakeEvaluator()
 
     monkeypatch.setattr(M, "build_evaluator", build)
-    monkeypatch.setattr(RS, "load_generator", lambda path, device: (object(), None, None))
-    monkeypatch.setattr(RS, "has_averaged_generator", lambda path: False)  # the snapshots are empty files
+    monkeypatch.setattr(RS, "load_generators", lambda path, device: (object(), None, None, None))
     runs = [make_run(tmp_path, f"r{i}", seed=i) for i in range(3)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # as under pytest: every warning would show

@@ -35,6 +35,13 @@ def report_metrics(config: dict) -> list[str]:
     return chosen
 
 
+def grid_seed(spec) -> Optional[int]:
+    """The first seed whose runs in every arm still hold their snapshots (the grids show one
+    seed, the same in every arm); None when none does (a clone keeps only the small files)."""
+    runs = spec.runs()
+    return next((s for s in spec.seeds if all(RunFolder(r.folder).snapshots() for r in runs if r.seed == s)), None)
+
+
 def write_sample_grid(snapshot: Path, path: Path, ema: bool = False) -> None:
     """8x8 grid of a generator snapshot (``ema``: its G_ema) from fixed latents, in its run's sample mode."""
     import torch
@@ -87,7 +94,7 @@ def write_report(out: Path, *, metrics: Optional[Sequence[str]] = None, device="
                 print(f"warning: {warning}", file=sys.stderr)
             written["compare"][str(dest.relative_to(out / "compare"))] = C.write_outputs(report, dest)
             log(f"compare {metric}: {arm.name} vs {baseline} -> {dest}")
-    seed = next((s for s in spec.seeds if all(RunFolder(r.folder).snapshots() for r in runs if r.seed == s)), None)
+    seed = grid_seed(spec)
     if seed is None:
         log("sample grids: no seed has every arm's snapshots on disk; grids left as they are")
         return written
