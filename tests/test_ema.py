@@ -12,27 +12,16 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from conftest import invoker, load_script, read_tensorboard
 from dcgan_mn import checkpoint as C
-from dcgan_mn.config import ConfigError, TrainConfig
+from dcgan_mn.config import ConfigError
 from dcgan_mn.ema import EmaSchedule, GeneratorEMA, standing_statistics
 from dcgan_mn.metrics.specs import METRICS, averaged_result
 from dcgan_mn.models import Generator
 from dcgan_mn.norms import MixtureNorm2d
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn.training import train
+from test_training import tiny_cfg, tiny_images
 
 pytestmark = pytest.mark.usefixtures("train_single_thread")
-
-
-def tiny_images(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-
-
-def tiny_cfg(tmp_path, **kw):
-    base = dict(ngf=8, ndf=8, batch_size=8, iters=6, log_every=2, sample_every=0, ckpt_every=0,
-                fid_every=0, device="cpu", out=str(tmp_path / "runs"), run_name="run", mn_fit_points=64)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def nudge(model, seed):
