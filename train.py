@@ -176,9 +176,9 @@ def already_finished(launch) -> str:
 @click.option("--g-ema-start", default=D.g_ema_start, type=click.IntRange(min=0), metavar="ITER",
               help="before this iteration G_ema copies G (StudioGAN's g_ema_start)")
 @click.option("--g-ema-stats", default=D.g_ema_stats, type=click.Choice(EMA_STATS),
-              help="running statistics of G_ema's norm layers (used in --sample-mode running): "
-                   "standing (recomputed from G_ema's own activations before each use, as BigGAN) or "
-                   "copy (G's, as StyleGAN)")
+              help="running statistics of G_ema's norm layers (used in --sample-mode running): copy "
+                   "(G's, as StyleGAN; measured better for MN) or standing (recomputed from G_ema's own "
+                   "activations before each use, as BigGAN)")
 @click.option("--g-ema-standing-batches", default=D.g_ema_standing_batches, type=click.IntRange(min=1),
               help="batches of --batch-size latents in each standing-statistics pass")
 # --- speed ---

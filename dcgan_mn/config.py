@@ -98,7 +98,7 @@ class TrainConfig:
     g_ema: float = 0.0  # half-life of G_ema in iterations; 0: no averaged generator
     g_ema_rampup: float = 0.0  # > 0: half-life at most rampup * (iteration - g_ema_start) (StyleGAN2-ADA)
     g_ema_start: int = 0  # before this iteration G_ema copies G (StudioGAN's g_ema_start)
-    g_ema_stats: str = "standing"  # G_ema's norm statistics: standing (recomputed) | copy (G's buffers)
+    g_ema_stats: str = "copy"  # G_ema's norm statistics: copy (G's buffers) | standing (recomputed)
     g_ema_standing_batches: int = 16  # batches of the standing-statistics pass
     # --- speed (GPU-oriented, all correct on CPU) ---
     amp: str = "none"
