@@ -22,6 +22,11 @@ import click
 DIMS_CHOICES = ["64", "192", "768", "2048"]
 
 
+def _on_a_terminal(progress: bool) -> bool:
+    """Progress bars redraw a line with carriage returns: a log file would fill with them."""
+    return progress and sys.stderr.isatty()
+
+
 def _fail(msg: str) -> None:
     raise click.ClickException(msg)
 
@@ -115,7 +120,8 @@ def _feature_options(command):
 @click.option("--seed", default=0, type=int, help="seed of the evaluation latents")
 @click.option("--ema", is_flag=True, help="score the averaged generator G_ema (runs trained with --g-ema)")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="also write the JSON here")
-@click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
+@click.option("--progress/--no-progress", default=True, callback=lambda ctx, param, on: _on_a_terminal(on),
+              help="progress bars on stderr (on a terminal; a redirected stderr gets none)")
 def fid(target, ref, samples, batch_size, sample_modes, dims, device, inception_weights, data_root,
         cache_dir, no_cache, seed, feature_batch_size, fid_protocol, ema, out, progress):
     """FID (+ KID, precision/recall, density/coverage) of TARGET against --ref.
@@ -215,7 +221,8 @@ def _check_ref(ref: str, dims: int, data_root) -> None:
 @click.option("--seed", default=0, type=int, help="seed of the evaluation latents")
 @click.option("--ema", is_flag=True, help="score the averaged generator G_ema (runs trained with --g-ema)")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="also write the JSON here")
-@click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
+@click.option("--progress/--no-progress", default=True, callback=lambda ctx, param, on: _on_a_terminal(on),
+              help="progress bars on stderr (on a terminal; a redirected stderr gets none)")
 def modes(target, source, samples, batch_size, sample_modes, device, data_root, cache_dir, seed,
           ema, out, progress):
     """Mode collapse on stacked digits: modes (of 1000), kl_modes and cfd of TARGET.
@@ -292,7 +299,8 @@ def _modes(target, source, samples, batch_size, sample_modes, dev, data_root, ca
 @click.option("--stats-only", is_flag=True, help="with --out: write only mu and sigma")
 @click.option("--force", is_flag=True, help="with --out: replace an existing file")
 @_feature_options
-@click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
+@click.option("--progress/--no-progress", default=True, callback=lambda ctx, param, on: _on_a_terminal(on),
+              help="progress bars on stderr (on a terminal; a redirected stderr gets none)")
 def stats(ref, out, stats_only, force, dims, device, inception_weights, data_root, cache_dir,
           feature_batch_size, fid_protocol, progress):
     """Compute (or find in the cache) the reference statistics of --ref."""
@@ -333,7 +341,8 @@ def stats(ref, out, stats_only, force, dims, device, inception_weights, data_roo
 @click.option("--no-inception", is_flag=True,
               help="skip the Inception weights and the reference (stacked runs evaluated by mode metrics only)")
 @_feature_options
-@click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
+@click.option("--progress/--no-progress", default=True, callback=lambda ctx, param, on: _on_a_terminal(on),
+              help="progress bars on stderr (on a terminal; a redirected stderr gets none)")
 def prepare(dataset, ref, no_inception, dims, device, inception_weights, data_root, cache_dir,
             feature_batch_size, fid_protocol, progress):
     """Fetch and verify everything a run needs (dataset, FID Inception weights, reference
@@ -437,7 +446,8 @@ def prepare(dataset, ref, no_inception, dims, device, inception_weights, data_ro
 @click.option("--batch-size", default=None, type=int, help="generator batch  [default: the run's]")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 @click.option("--ema", is_flag=True, help="the averaged generator G_ema (runs trained with --g-ema)")
-@click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
+@click.option("--progress/--no-progress", default=True, callback=lambda ctx, param, on: _on_a_terminal(on),
+              help="progress bar on stderr (on a terminal; a redirected stderr gets none)")
 def samples(target, num, out, fmt, which, seed, sample_mode, batch_size, device, ema, progress):
     """Write a generator's samples exactly as the evaluator scores them (same latents for the
     same --seed, same sample mode, same uint8 quantization), e.g. for torch-fidelity, clean-fid
@@ -491,7 +501,8 @@ def samples(target, num, out, fmt, which, seed, sample_mode, batch_size, device,
 @click.option("--device", default="auto", help="device for re-scoring: auto, cpu, cuda, cuda:N")
 @click.option("--cache-dir", default=None,
               help="cache of reference statistics and mode classifiers  [default: ~/.cache/dcgan_mn]")
-@click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
+@click.option("--progress/--no-progress", default=True, callback=lambda ctx, param, on: _on_a_terminal(on),
+              help="progress bars on stderr (on a terminal; a redirected stderr gets none)")
 def compare(runs, baselines, out, metric, sample_mode, samples, label, baseline_label, eval_seeds,
             device, cache_dir, progress):
     """Acceleration (1 - S_cand / S_base), best, final and area under the curve of RUN...
