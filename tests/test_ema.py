@@ -283,9 +283,10 @@ def test_evaluate_modes_ema_reproduces_the_training_row(stacked_ema_run):
     last = RunFolder(run.run_dir).metrics_rows()[-1]
     for ema, suffix in ((False, ""), (True, "_ema")):
         args = ["modes", RunFolder(run.run_dir).snapshots()[-1][1], "--samples", 40, "--cache-dir", cache,
-                "--device", "cpu", "--no-progress", *(["--ema"] if ema else [])]
+                "--device", "cpu", *(["--ema"] if ema else [])]
         result = evaluate(*args)
         assert result.exit_code == 0, result.output
+        assert "\r" not in result.output  # progress on, stderr not a terminal: no bars redrawn in a log
         report = json.loads(result.stdout)
         assert report["modes"] == last[f"modes{suffix}"] and report["cfd"] == pytest.approx(last[f"cfd{suffix}"])
         assert report["generator"] == ("G_ema" if ema else "G")
