@@ -225,11 +225,8 @@ def train(
 
     # ---- Say how it ended.
     if dist.is_main and evaluating:
-        directions = getattr(evaluator, "directions", None) or {m: s.direction for m, s in METRICS.items()}
-        if state.ema is not None:
-            directions = {**directions, **{f"{m}{EMA_SUFFIX}": d for m, d in directions.items()}}
-        write_hparams(io.folder, run_hparams(cfg, state.G), run_outcome(io.folder.metrics_rows(), directions,
-                                                                         state.iteration))
+        write_hparams(io.folder, run_hparams(cfg, state.G), run_outcome(
+            io.folder.metrics_rows(), scored_directions(evaluator, state.ema is not None), state.iteration))
     if nonfinite_at is not None:
         io.logger.message(f"non-finite losses or D outputs at iteration {nonfinite_at} (noticed at "
                           f"{state.iteration}): stopped without writing; newest finite checkpoint: "
@@ -276,6 +273,15 @@ def check_best_metric(cfg: TrainConfig, evaluator: Optional[EvaluateFn]) -> None
     if cfg.best_metric not in scored:
         raise ConfigError(f"--best-metric {cfg.best_metric!r}: this run's evaluation scores "
                           f"{', '.join(scored)}")
+
+
+def scored_directions(evaluator: EvaluateFn, averaged: bool) -> dict:
+    """{metric: "min" / "max"} of what the run scored (every known metric for an injected
+    evaluator that does not say), with the averaged generator's ``_ema`` twins."""
+    directions = getattr(evaluator, "directions", None) or {m: s.direction for m, s in METRICS.items()}
+    if averaged:
+        directions = {**directions, **{f"{m}{EMA_SUFFIX}": d for m, d in directions.items()}}
+    return directions
 
 
 def run_facts(launch: Launch, images: Tensor) -> dict:
