@@ -187,34 +187,33 @@ def train(
                     step_hook(it, state.G, state.D)
                 state.window.add(out, it)  # summed on the device; read every --log-every
                 io.logger.advance()
+                # The last iteration is graded (grid, evaluation) before its checkpoint, as any other:
+                # a run killed between the two redoes the evaluation on resume instead of losing it.
+                last = it == cfg.iters and stopping is None
+                evaluate_now = evaluating and (due(cfg.fid_every, it) or last)
                 # Before anything reads or writes this state: is it still finite?
-                writes = (evaluating and due(cfg.fid_every, it)) or due(cfg.ckpt_every, it) or stopping is not None
+                writes = evaluate_now or due(cfg.ckpt_every, it) or stopping is not None
                 if writes or due(cfg.log_every, it):
                     nonfinite_at = first_nonfinite(state.window, (state.G, state.D) if writes else (), it, dist)
                     if nonfinite_at is not None:
                         break
                 if due(cfg.log_every, it):
                     write_logs(state, io)
-                if due(cfg.sample_every, it):
+                if due(cfg.sample_every, it) or (last and cfg.sample_every > 0):
                     write_grid(state, io)
-                if evaluating and due(cfg.fid_every, it):
+                if evaluate_now:
                     evaluate(state, io)
                 if due(cfg.ckpt_every, it) or stopping is not None:
                     save(state, io, evaluating)
                 if it < cfg.iters:  # the last iteration's line waits for the end-of-run evaluation
                     io.logger.emit_line()
 
-            # ---- The end of the run: a last grid, evaluation and checkpoint where they are due.
+            # ---- The end of the run: a last checkpoint where it is due.
             if nonfinite_at is None:
                 nonfinite_at = first_nonfinite(state.window, (state.G, state.D), state.iteration, dist)
             if nonfinite_at is not None:
                 stopping = "non-finite"
             it = state.iteration
-            if stopping is None and it > start_iteration:
-                if cfg.sample_every > 0 and not due(cfg.sample_every, it):
-                    write_grid(state, io)
-                if evaluating and not due(cfg.fid_every, it):
-                    evaluate(state, io)
             unsaved = io.last_checkpoint is None or io.folder.checkpoint_file(it) != io.last_checkpoint
             if nonfinite_at is None and unsaved and (it > start_iteration or launch.payload is None):
                 save(state, io, evaluating)
