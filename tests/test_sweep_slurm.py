@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from dcgan_mn import checkpoint as C
 from dcgan_mn import sweep as S
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn.sweep.plan import RunEvents, run_progress
+from test_training import assert_same_tensors
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
 
@@ -102,19 +102,7 @@ def same_training_state(a: Path, b: Path) -> None:
     pa, pb = C.load_checkpoint(a), C.load_checkpoint(b)
     assert pa["iteration"] == pb["iteration"]
     for key in ("generator", "discriminator", "opt_g", "opt_d", "rng", "data", "log_window", "fixed_noise"):
-        flat_a, flat_b = _flatten(pa[key]), _flatten(pb[key])
-        assert flat_a.keys() == flat_b.keys(), key
-        for name in flat_a:
-            x, y = flat_a[name], flat_b[name]
-            assert (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y), f"{key}{name}"
-
-
-def _flatten(value, prefix=""):
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}.{key}").items()}
-    if isinstance(value, (list, tuple)):
-        return {k: v for i, item in enumerate(value) for k, v in _flatten(item, f"{prefix}[{i}]").items()}
-    return {prefix: value}
+        assert_same_tensors(pa[key], pb[key], key)
 
 
 def test_job_array_finishes_with_the_local_executors_reports(tmp_path):
