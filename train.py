@@ -22,12 +22,15 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from dcgan_mn.config import (AMP_MODES, COMPILE_MODES, DATASETS, MN_ESTIMATORS, MN_POINTS, STACKED_DATASETS,
-                             STACKED_GRIDS, TrainConfig)
+from dcgan_mn.config import AMP_MODES, COMPILE_MODES, STACKED_GRIDS, TrainConfig
+from dcgan_mn.data import DATASETS
+from dcgan_mn.digits import STACKED_SOURCES
 from dcgan_mn.ema import EMA_STATS
+from dcgan_mn.features import FEATURE_DIMS, FID_PROTOCOLS
 from dcgan_mn.models import G_ARCHS
+from dcgan_mn.norms import ESTIMATORS, POINTS
 
-D = TrainConfig()  # the defaults shown in --help are the config's own
+DEFAULTS = TrainConfig()  # the defaults shown in --help are the config's own
 CPU_FID_SAMPLES = 2000  # --fid-samples when training on a CPU and the flag is not given
 EXIT_NONFINITE = 4  # training went non-finite (NaN / Inf losses or D outputs); 130 / 143: signals
 
@@ -69,130 +72,130 @@ def already_finished(launch) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
                                  "max_content_width": 100})
 # --- model ---
-@click.option("--g-arch", default=D.g_arch, type=click.Choice(list(G_ARCHS)),
+@click.option("--g-arch", default=DEFAULTS.g_arch, type=click.Choice(list(G_ARCHS)),
               help="generator: dcgan32 (ConvT 4x4, 3 norm layers) or tf-dcgan (TTUR's TensorFlow "
                    "DCGAN for CIFAR-10: Linear then ConvT 5x5, 4 norm layers)")
-@click.option("--mn-layers", default=_layers_text(D.mn_layers),
+@click.option("--mn-layers", default=_layers_text(DEFAULTS.mn_layers),
               help="generator norm layers that use Mixture Normalization: comma list of 0..2 "
                    "(0..3 for tf-dcgan; 0 is nearest z), 'none' (all BatchNorm) or 'all'")
 @click.option("--g-norms", default=None, metavar="NORMS",
               help="the norm of every generator layer, 0 (nearest z) first, as a comma list of bn, "
                    "mn, mode (Mode Normalization), group (GroupNorm), none; e.g. mode,mode,bn. "
                    "Overrides --mn-layers  [default: MN in --mn-layers, BN elsewhere]")
-@click.option("--mode-components", default=D.mode_components, type=int,
+@click.option("--mode-components", default=DEFAULTS.mode_components, type=int,
               help="K, modes per Mode Normalization layer (--g-norms ... mode ...)")
-@click.option("--mn-components", default=D.mn_components, type=int, help="K, mixture components per MN layer")
-@click.option("--mn-fit-points", default=D.mn_fit_points, type=int,
+@click.option("--mn-components", default=DEFAULTS.mn_components, type=int, help="K, mixture components per MN layer")
+@click.option("--mn-fit-points", default=DEFAULTS.mn_fit_points, type=int,
               help="points per batch clustered by k-means++ to fit the mixture")
-@click.option("--mn-kmeans-iters", default=D.mn_kmeans_iters, type=int,
+@click.option("--mn-kmeans-iters", default=DEFAULTS.mn_kmeans_iters, type=int,
               help="Lloyd iterations after k-means++ seeding (--mn-estimator kmeans)")
-@click.option("--mn-estimator", default=D.mn_estimator, type=click.Choice(MN_ESTIMATORS),
+@click.option("--mn-estimator", default=DEFAULTS.mn_estimator, type=click.Choice(ESTIMATORS),
               help="how each batch's mixture is fitted: kmeans (hard k-means++ clusters; our "
                    "assumption) or em (EM iterations after k-means++ seeding)")
-@click.option("--mn-em-iters", default=D.mn_em_iters, type=int,
+@click.option("--mn-em-iters", default=DEFAULTS.mn_em_iters, type=int,
               help="EM iterations after seeding (--mn-estimator em)")
-@click.option("--mn-point", default=D.mn_point, type=click.Choice(MN_POINTS),
+@click.option("--mn-point", default=DEFAULTS.mn_point, type=click.Choice(POINTS),
               help="what one MN mixture describes: vector (the C-vector at each position, one "
                    "mixture over channels jointly; our reading) or channel (an independent 1-D "
                    "mixture per channel)")
-@click.option("--mn-posterior-grad/--no-mn-posterior-grad", default=D.mn_posterior_grad,
+@click.option("--mn-posterior-grad/--no-mn-posterior-grad", default=DEFAULTS.mn_posterior_grad,
               help="gradients flow through MN's posteriors (and lambda), or they are constants")
-@click.option("--mn-lambda-scale/--no-mn-lambda-scale", default=D.mn_lambda_scale,
+@click.option("--mn-lambda-scale/--no-mn-lambda-scale", default=DEFAULTS.mn_lambda_scale,
               help="keep the Fisher-vector factor 1/sqrt(lambda_k) (output second moment ~K for "
                    "well-separated components), or drop it")
-@click.option("--z-dim", default=D.z_dim, type=int, help="latent size")
-@click.option("--ngf", default=D.ngf, type=int, help="generator width")
-@click.option("--ndf", default=D.ndf, type=int, help="discriminator width")
+@click.option("--z-dim", default=DEFAULTS.z_dim, type=int, help="latent size")
+@click.option("--ngf", default=DEFAULTS.ngf, type=int, help="generator width")
+@click.option("--ndf", default=DEFAULTS.ndf, type=int, help="discriminator width")
 # --- optimisation ---
-@click.option("--lr", default=D.lr, type=float, help="Adam learning rate (G and D)")
-@click.option("--beta1", default=D.beta1, type=float, help="Adam beta1")
-@click.option("--beta2", default=D.beta2, type=float, help="Adam beta2")
-@click.option("--batch-size", default=D.batch_size, type=int, help="images per iteration")
-@click.option("--iters", default=D.iters, type=int,
+@click.option("--lr", default=DEFAULTS.lr, type=float, help="Adam learning rate (G and D)")
+@click.option("--beta1", default=DEFAULTS.beta1, type=float, help="Adam beta1")
+@click.option("--beta2", default=DEFAULTS.beta2, type=float, help="Adam beta2")
+@click.option("--batch-size", default=DEFAULTS.batch_size, type=int, help="images per iteration")
+@click.option("--iters", default=DEFAULTS.iters, type=int,
               help="iterations (generator updates) to train to; may be raised on --resume")
-@click.option("--seed", default=D.seed, type=int, help="seed of weights, noise and data order")
-@click.option("--device", default=D.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+@click.option("--seed", default=DEFAULTS.seed, type=int, help="seed of weights, noise and data order")
+@click.option("--device", default=DEFAULTS.device, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
 # --- data ---
-@click.option("--dataset", default=D.dataset, type=click.Choice(DATASETS),
+@click.option("--dataset", default=DEFAULTS.dataset, type=click.Choice(DATASETS),
               help="cifar10 (downloaded into --data-root on first use), folder (images under "
                    "--data-root), stacked-mnist (3 MNIST digits per image, 1000 modes; MNIST is "
                    "downloaded into --data-root) or stacked-digits (the same from scikit-learn's "
                    "bundled 8x8 digits: offline, CPU-sized)")
-@click.option("--data-root", default=D.data_root, help="where CIFAR-10 / MNIST is/goes, or the image folder")
+@click.option("--data-root", default=DEFAULTS.data_root, help="where CIFAR-10 / MNIST is/goes, or the image folder")
 @click.option("--stack-size", default=None, type=int,
               help="stacked datasets: training images drawn  [default: 128000, PacGAN's]")
-@click.option("--stack-seed", default=D.stack_seed, type=int,
+@click.option("--stack-seed", default=DEFAULTS.stack_seed, type=int,
               help="stacked datasets: seed of the drawn digit triples")
-@click.option("--hflip/--no-hflip", default=D.hflip, help="random horizontal flips of real images")
+@click.option("--hflip/--no-hflip", default=DEFAULTS.hflip, help="random horizontal flips of real images")
 # --- run folder, logging, checkpoints ---
-@click.option("--out", default=D.out, help="folder that holds one sub-folder per run")
+@click.option("--out", default=DEFAULTS.out, help="folder that holds one sub-folder per run")
 @click.option("--run-name", default=None,
               help="run folder name under --out  [default: <date>-<time>-<mnLAYERS-kK|bn>-s<seed>]")
-@click.option("--sample-mode", default=D.sample_mode, type=click.Choice(["batch", "running"]),
+@click.option("--sample-mode", default=DEFAULTS.sample_mode, type=click.Choice(["batch", "running"]),
               help="how grids and metrics sample G: batch statistics at --batch-size, or running statistics")
 @click.option("--sample-every", default=None, type=int,
               help="fixed-noise grid (TensorBoard) every N iterations, and at the end (0: off)  "
                    "[default: --iters / 10, at most 1000: ten grids a run]")
-@click.option("--stacked-grid", default=D.stacked_grid, type=click.Choice(STACKED_GRIDS),
+@click.option("--stacked-grid", default=DEFAULTS.stacked_grid, type=click.Choice(STACKED_GRIDS),
               help="stacked datasets: draw each sample's three digits side by side, red's first "
                    "(digits: reads as the mode), or as trained, one digit per colour channel (rgb)")
-@click.option("--log-every", default=D.log_every, type=int, help="log losses and D outputs every N iterations (0: off)")
-@click.option("--ckpt-every", default=D.ckpt_every, type=int,
+@click.option("--log-every", default=DEFAULTS.log_every, type=int, help="log losses and D outputs every N iterations (0: off)")
+@click.option("--ckpt-every", default=DEFAULTS.ckpt_every, type=int,
               help="full checkpoint every N iterations (0: only at the end)")
-@click.option("--keep-last", default=D.keep_last, type=int, help="full checkpoints to keep")
+@click.option("--keep-last", default=DEFAULTS.keep_last, type=int, help="full checkpoints to keep")
 # --- periodic evaluation ---
-@click.option("--fid-every", default=D.fid_every, type=int, help="evaluate (FID, and mode metrics on stacked datasets) every N iterations (0: off)")
-@click.option("--fid-samples", default=D.fid_samples, type=int,
+@click.option("--fid-every", default=DEFAULTS.fid_every, type=int, help="evaluate (FID, and mode metrics on stacked datasets) every N iterations (0: off)")
+@click.option("--fid-samples", default=DEFAULTS.fid_samples, type=int,
               help=f"generated images per evaluation (on a CPU device the default is {CPU_FID_SAMPLES})")
-@click.option("--ref", default=D.ref, show_default=False,
+@click.option("--ref", default=DEFAULTS.ref, show_default=False,
               help="FID reference: cifar10-train, cifar10-test, stacked-mnist, stacked-digits, an "
                    "image folder or a pytorch-fid .npz  [default: cifar10-train; a stacked "
                    "dataset's own name for stacked runs]")
-@click.option("--mode-samples", default=D.mode_samples, type=int,
+@click.option("--mode-samples", default=DEFAULTS.mode_samples, type=int,
               help="stacked datasets: samples per mode-metric evaluation (modes, kl_modes, cfd)")
 @click.option("--inception-weights", default=None,
               help="local FID Inception weights file (offline use)  [default: torch hub cache]")
-@click.option("--inception-metrics/--no-inception-metrics", default=D.inception_metrics,
+@click.option("--inception-metrics/--no-inception-metrics", default=DEFAULTS.inception_metrics,
               help="stacked datasets: also compute FID/KID/PRDC/IS, or mode metrics only on every "
                    "machine. Not given, they are computed where the Inception weights are found (or "
                    "downloaded) and left out without a word where not; given, missing weights stop the run")
-@click.option("--dims", default=str(D.dims), type=click.Choice(["64", "192", "768", "2048"]),
+@click.option("--dims", default=str(DEFAULTS.dims), type=click.Choice([str(d) for d in FEATURE_DIMS]),
               help="Inception feature block for FID")
-@click.option("--fid-protocol", default=D.fid_protocol, type=click.Choice(["pytorch-fid", "clean"]),
+@click.option("--fid-protocol", default=DEFAULTS.fid_protocol, type=click.Choice(list(FID_PROTOCOLS)),
               help="image protocol before Inception: pytorch-fid's bilinear resize, or clean-fid's "
                    "PIL bicubic (absolute numbers differ; recorded in every row)")
 @click.option("--best-metric", default=None, metavar="METRIC",
               help="the metric best.pt follows, in its direction (e.g. modes, cfd_ema)  [default: fid, "
                    "or cfd where a stacked run has no Inception metrics]")
 # --- averaged generator ---
-@click.option("--g-ema", default=D.g_ema, type=click.FloatRange(min=0), metavar="HALF_LIFE",
+@click.option("--g-ema", default=DEFAULTS.g_ema, type=click.FloatRange(min=0), metavar="HALF_LIFE",
               help="keep an averaged generator G_ema (an exponential moving average of G's weights) "
                    "with this half-life in iterations, and score it beside G at every evaluation as "
                    "<metric>_ema (0: off). StyleGAN2-ADA's CIFAR-10 setting (500 kimg) is 7812 at "
                    "batch 64")
-@click.option("--g-ema-rampup", default=D.g_ema_rampup, type=click.FloatRange(min=0), metavar="R",
+@click.option("--g-ema-rampup", default=DEFAULTS.g_ema_rampup, type=click.FloatRange(min=0), metavar="R",
               help="the half-life at iteration t is at most R * (t - --g-ema-start), so the average "
                    "forgets fast early on (StyleGAN2-ADA: 0.05; 0: no ramp-up)")
-@click.option("--g-ema-start", default=D.g_ema_start, type=click.IntRange(min=0), metavar="ITER",
+@click.option("--g-ema-start", default=DEFAULTS.g_ema_start, type=click.IntRange(min=0), metavar="ITER",
               help="before this iteration G_ema copies G (StudioGAN's g_ema_start)")
-@click.option("--g-ema-stats", default=D.g_ema_stats, type=click.Choice(EMA_STATS),
+@click.option("--g-ema-stats", default=DEFAULTS.g_ema_stats, type=click.Choice(EMA_STATS),
               help="running statistics of G_ema's norm layers (used in --sample-mode running): copy "
                    "(G's, as StyleGAN; measured better for MN) or standing (recomputed from G_ema's own "
                    "activations before each use, as BigGAN)")
-@click.option("--g-ema-standing-batches", default=D.g_ema_standing_batches, type=click.IntRange(min=1),
+@click.option("--g-ema-standing-batches", default=DEFAULTS.g_ema_standing_batches, type=click.IntRange(min=1),
               help="batches of --batch-size latents in each standing-statistics pass")
 # --- speed ---
-@click.option("--amp", default=D.amp, type=click.Choice(AMP_MODES),
+@click.option("--amp", default=DEFAULTS.amp, type=click.Choice(AMP_MODES),
               help="autocast: bf16 (CPUs with native bf16, Ampere+ GPUs; elsewhere it warns, ~20x "
                    "slower), fp16 (CUDA, with loss scaling), or auto (bf16 where the hardware has it)")
-@click.option("--channels-last/--no-channels-last", default=D.channels_last, help="NHWC memory format")
-@click.option("--compile/--no-compile", default=D.compile,
+@click.option("--channels-last/--no-channels-last", default=DEFAULTS.channels_last, help="NHWC memory format")
+@click.option("--compile/--no-compile", default=DEFAULTS.compile,
               help="torch.compile the whole training iteration into one graph (fullgraph; G and D "
                    "separately under torchrun or --amp fp16)")
-@click.option("--compile-mode", default=D.compile_mode, type=click.Choice(COMPILE_MODES),
+@click.option("--compile-mode", default=DEFAULTS.compile_mode, type=click.Choice(COMPILE_MODES),
               help="torch.compile mode; on a GPU reduce-overhead replays the iteration as a CUDA "
                    "graph (MN launches many small kernels: this removes their launch cost)")
-@click.option("--sync-norm/--no-sync-norm", default=D.sync_norm,
+@click.option("--sync-norm/--no-sync-norm", default=DEFAULTS.sync_norm,
               help="synchronize BN/MN statistics across ranks (torchrun)")
 # --- what to do ---
 @click.option("--resume", default=None, metavar="PATH",
@@ -236,7 +239,7 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
         if resume is not None:
             launch = decide_launch(resume=resume, overrides=given)
         else:
-            if "ref" not in given and flags["dataset"] in STACKED_DATASETS:
+            if "ref" not in given and flags["dataset"] in STACKED_SOURCES:
                 flags["ref"] = flags["dataset"]  # FID against stacked images, not CIFAR-10
             if "fid_samples" not in given and resolve_device(flags["device"]).type == "cpu":
                 # FID Inception runs at ~10 images/s on a CPU: 10k samples per evaluation would

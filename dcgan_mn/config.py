@@ -12,10 +12,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .digits import DEFAULT_STACK_SIZE, STACKED_SOURCES as STACKED_DATASETS
+from .data import DATASETS
+from .digits import DEFAULT_STACK_SIZE, STACKED_SOURCES
 from .ema import EMA_STATS
+from .features import FEATURE_DIMS, FID_PROTOCOLS
 from .models import G_ARCHS, NUM_G_NORM_LAYERS, SAMPLE_MODES, parse_mn_layers
-from .norms import NORM_KINDS
+from .norms import ESTIMATORS, NORM_KINDS, POINTS
 
 __all__ = [
     "TrainConfig",
@@ -28,14 +30,9 @@ __all__ = [
     "default_sample_every",
 ]
 
-DATASETS = ("cifar10", "folder", "stacked-mnist", "stacked-digits")
-
 AMP_MODES = ("none", "bf16", "fp16", "auto")  # auto: bf16 where the hardware has it, else none
-MN_ESTIMATORS = ("kmeans", "em")  # dcgan_mn.norms.ESTIMATORS
-MN_POINTS = ("vector", "channel")  # dcgan_mn.norms.POINTS
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile(mode=...)
 STACKED_GRIDS = ("digits", "rgb")  # how a stacked run's sample grid draws a sample
-FID_PROTOCOL_NAMES = ("pytorch-fid", "clean")  # features.FID_PROTOCOLS (not imported: no torch here)
 
 
 from .errors import ConfigError  # noqa: E402  (re-exported: the CLIs catch it from here)
@@ -130,7 +127,7 @@ class TrainConfig:
                                   f"{', '.join(NORM_KINDS)}")
             object.__setattr__(self, "g_norms", norms)
             object.__setattr__(self, "mn_layers", tuple(i for i, n in enumerate(norms) if n == "mn"))
-        if self.dataset in STACKED_DATASETS and self.stack_size is None:
+        if self.dataset in STACKED_SOURCES and self.stack_size is None:
             object.__setattr__(self, "stack_size", DEFAULT_STACK_SIZE)
         if self.sample_every is None:
             object.__setattr__(self, "sample_every", default_sample_every(self.iters))
@@ -152,10 +149,10 @@ class TrainConfig:
         need(self.mn_fit_points >= self.mn_components, "--mn-fit-points", self.mn_fit_points,
              f"must be >= --mn-components ({self.mn_components})")
         need(self.mn_kmeans_iters >= 0, "--mn-kmeans-iters", self.mn_kmeans_iters, "must be >= 0")
-        need(self.mn_estimator in MN_ESTIMATORS, "--mn-estimator", self.mn_estimator,
-             f"expected one of {MN_ESTIMATORS}")
+        need(self.mn_estimator in ESTIMATORS, "--mn-estimator", self.mn_estimator,
+             f"expected one of {ESTIMATORS}")
         need(self.mn_em_iters >= 0, "--mn-em-iters", self.mn_em_iters, "must be >= 0")
-        need(self.mn_point in MN_POINTS, "--mn-point", self.mn_point, f"expected one of {MN_POINTS}")
+        need(self.mn_point in POINTS, "--mn-point", self.mn_point, f"expected one of {POINTS}")
         need(not (self.sync_norm and self.mn_point != "vector"), "--mn-point", self.mn_point,
              "--sync-norm synchronizes the vector reading only")
         need(self.lr > 0, "--lr", self.lr, "must be > 0")
@@ -181,12 +178,12 @@ class TrainConfig:
         need(self.keep_last >= 1, "--keep-last", self.keep_last, "must be >= 1")
         need(self.fid_samples >= 2, "--fid-samples", self.fid_samples,
              "FID needs at least 2 samples")
-        need(self.dims in (64, 192, 768, 2048), "--dims", self.dims,
+        need(self.dims in FEATURE_DIMS, "--dims", self.dims,
              "expected one of 64, 192, 768, 2048 (pytorch-fid's Inception blocks)")
-        need(self.inception_metrics or self.dataset in STACKED_DATASETS, "--no-inception-metrics",
+        need(self.inception_metrics or self.dataset in STACKED_SOURCES, "--no-inception-metrics",
              self.dataset, "leaves nothing to evaluate except on a stacked dataset (mode metrics)")
-        need(self.fid_protocol in FID_PROTOCOL_NAMES, "--fid-protocol", self.fid_protocol,
-             f"expected one of {FID_PROTOCOL_NAMES}")
+        need(self.fid_protocol in FID_PROTOCOLS, "--fid-protocol", self.fid_protocol,
+             f"expected one of {tuple(FID_PROTOCOLS)}")
         need(self.g_ema >= 0, "--g-ema", self.g_ema, "must be >= 0 (a half-life in iterations; 0 turns it off)")
         need(self.g_ema_rampup >= 0, "--g-ema-rampup", self.g_ema_rampup, "must be >= 0 (0: no ramp-up)")
         need(self.g_ema_start >= 0, "--g-ema-start", self.g_ema_start, "must be >= 0")

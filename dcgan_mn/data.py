@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DATASETS",
     "DataError",
     "CIFAR10_URL",
     "CIFAR10_MD5",
@@ -59,7 +60,11 @@ def prepare_hint() -> str:
 
 
 
+from .digits import STACKED_SOURCES, load_stacked  # noqa: E402
 from .errors import DataError  # noqa: E402
+
+# Every --dataset, here and nowhere else: config, the CLIs and their help texts read this tuple.
+DATASETS = ("cifar10", "folder", *STACKED_SOURCES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,12 +205,10 @@ def load_dataset(cfg) -> Tensor:
         return load_cifar10(cfg.data_root, "train", download=True)
     if cfg.dataset == "folder":
         return load_image_folder(cfg.data_root, 32)
-    if cfg.dataset in ("stacked-mnist", "stacked-digits"):
-        from .digits import load_stacked
-
+    if cfg.dataset in STACKED_SOURCES:
         return load_stacked(cfg.dataset, "train", cfg.data_root, size=cfg.stack_size,
                             seed=cfg.stack_seed).images
-    raise DataError(f"--dataset {cfg.dataset!r}: expected cifar10, folder, stacked-mnist or stacked-digits")
+    raise DataError(f"--dataset {cfg.dataset!r}: expected one of {', '.join(DATASETS)}")
 
 
 # --------------------------------------------------------------------------------------------
