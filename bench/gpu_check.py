@@ -567,7 +567,7 @@ def check_k1_equals_batchnorm(device: torch.device) -> dict:
     buffers, eval outputs; and the K=1 mixture path (the fused kernels) against BatchNorm."""
     from torch import nn
 
-    from dcgan_mn.norms import Mixture, MixtureNorm2d, mixture_norm2d
+    from dcgan_mn.norms import Mixture, MixtureNorm2d, mixture_norm
 
     torch.manual_seed(0)
     c = 32
@@ -605,7 +605,8 @@ def check_k1_equals_batchnorm(device: torch.device) -> dict:
     points = x.transpose(0, 1).reshape(c, -1).t()  # [P, C]
     mixture = Mixture(torch.ones(1, device=device), points.mean(0, keepdim=True),
                       points.var(0, unbiased=False, keepdim=True))
-    y, _, _ = mixture_norm2d(x.flatten(2), mixture, bn.eps, bn.weight.detach(), bn.bias.detach())
+    y, _, _ = mixture_norm(x.flatten(2), mixture, bn.eps, bn.weight.detach(), bn.bias.detach(),
+                           batch_stats=True)
     with torch.no_grad():
         ok &= cmp("mixture_path_output", y.view_as(x), bn(x))
     return line(ok, max_abs_diff={k: float(f"{v:.3g}") for k, v in worst.items()},
@@ -613,10 +614,11 @@ def check_k1_equals_batchnorm(device: torch.device) -> dict:
 
 
 def check_fused_equals_reference(device: torch.device) -> dict:
-    """The fused path on [N, C, L] (``mixture_norm2d``, what the module runs) against the
-    reference on points [P, C] (``mixture_norm``), K = 3, fp32 on the device: outputs, posteriors'
-    statistics, input / gamma / beta gradients."""
-    from dcgan_mn.norms import fit_mixture, mixture_norm, mixture_norm2d
+    """The fused path on [N, C, L] (``mixture_norm``, what the module runs) against the
+    reference on points [P, C] (``reference.mixture_norm_reference``), K = 3, fp32 on the
+    device: outputs, posteriors' statistics, input / gamma / beta gradients."""
+    from dcgan_mn.norms import fit_mixture, mixture_norm
+    from dcgan_mn.norms.reference import mixture_norm_reference
 
     g = torch.Generator().manual_seed(0)
     n, c, h, w = 16, 32, 8, 8
@@ -633,12 +635,12 @@ def check_fused_equals_reference(device: torch.device) -> dict:
         ga, ba = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
         if name == "reference":
             xin = points.clone().requires_grad_()
-            x_hat, _, stats = mixture_norm(xin, mixture, 1e-5)
+            x_hat, _, stats = mixture_norm_reference(xin, mixture, 1e-5)
             y = x_hat * ga + ba
             gx_of = lambda t: t  # noqa: E731
         else:
             xin = x.flatten(2).clone().requires_grad_()
-            y, _, stats = mixture_norm2d(xin, mixture, 1e-5, ga, ba)
+            y, _, stats = mixture_norm(xin, mixture, 1e-5, ga, ba, batch_stats=True)
             y = y.transpose(1, 2).reshape(-1, c)
             gx_of = lambda t: t.transpose(1, 2).reshape(-1, c)  # noqa: E731
         gx, gg, gb = torch.autograd.grad(y, [xin, ga, ba], gy)

@@ -71,7 +71,7 @@ class EmaSchedule:
 
 def norm_layers_with_stats(model: nn.Module) -> list[nn.Module]:
     """The layers of ``model`` that keep running statistics: BatchNorm, MN, Mode Normalization."""
-    from .norms.base import _ComponentNormBase
+    from .norms.module import _ComponentNormBase
 
     return [m for m in model.modules()
             if isinstance(m, (nn.modules.batchnorm._BatchNorm, _ComponentNormBase)) and m.track_running_stats]

@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .norms import Mixture, MixtureMoments, MixtureNorm2d, sample_fit_points
+from .norms import Mixture, MixtureMoments, MixtureNorm2d
+from .norms.estimators import sample_fit_points
 
 __all__ = [
     "convert_sync_norms",

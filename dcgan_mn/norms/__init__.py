@@ -1,4 +1,4 @@
-"""Mixture Normalization (Kalayeh & Shah, TPAMI 2019) and the norm-layer factory.
+"""Mixture Normalization (Kalayeh & Shah, TPAMI 2019), Mode Normalization and the norm-layer factory.
 
 Mixture Normalization (MN) replaces BatchNorm's single Gaussian per channel with a K-component
 diagonal Gaussian mixture over the *points* of a batch (a point is the C-vector at one
@@ -7,35 +7,88 @@ component's statistics, weighted by its posterior:
 
     x_hat_p = sum_k tau[p, k] / sqrt(lambda_k) * (x_p - E_k) / sqrt(Var_k + eps)
 
-With K = 1 every posterior is exactly 1 and the layer is BatchNorm. The package, in import order
-(each module imports only those above it):
+With K = 1 every posterior is exactly 1 and the layer is BatchNorm. The package, one module per
+concept, in import order (each module imports only those above it):
 
-* ``mixture``     the value types ``Mixture`` and ``MixtureMoments``;
-* ``matching``    matching batch components to running ones;
-* ``readings``    ``point="vector"`` / ``"channel"``: what one mixture describes, as a layout;
-* ``reference``   steps 2-5 on points [P, C] in plain autograd ops, to be read with the paper;
-* ``estimators``  step 1: k-means++ seeding, Lloyd and EM, once, over [G, M, C];
-* ``functional``  the fused autograd Functions the module runs and the front door
-  ``mixture_normalization``;
-* ``module``      ``MixtureNorm2d`` (bookkeeping base + forward);
-* ``mode``        Mode Normalization (Deecke et al., ICLR 2019): ``mode_norm``, ``ModeNorm2d``;
-* ``factory``     ``make_norm2d``: bn, mn, mode, group or none by name.
+* ``mixture``     what a mixture is: the value types ``Mixture`` and ``MixtureMoments``, the
+  math shared by all below (posteriors, statistics of summed moments), matching batch
+  components to running ones, and the readings ``point="vector"`` / ``"channel"`` (``POINTS``);
+* ``estimators``  step 1: k-means++ seeding, Lloyd and EM, once, over [G, M, C] (``ESTIMATORS``);
+* ``reference``   steps 2-5 on points [P, C] in plain autograd ops, to be read with the paper; a
+  leaf that only the tests and benches import;
+* ``functional``  steps 2-5 as the module runs them (fused autograd Functions) behind the one
+  front door ``mixture_norm``;
+* ``module``      the bookkeeping MN and Mode Normalization share, and ``MixtureNorm2d``;
+* ``mode``        Mode Normalization (Deecke et al., ICLR 2019): ``mode_norm``, ``ModeNorm2d``.
 
+The factory, ``make_norm2d`` (bn, mn, mode, group or none by name, ``NORM_KINDS``), lives here:
+it is the one piece that needs both layers, a dozen lines that pick one by name, and here it
+sits above them without a module of its own.
+
+``__all__`` is what a user imports; a module's other names are imported from that module.
 Synchronized MN/BN under torch.distributed lives in ``dcgan_mn.sync``, which imports from here
 (never the other way).
 """
 
-from . import estimators, factory, functional, matching, mixture, mode, module, readings, reference
-from .estimators import *  # noqa: F401,F403  (each module's __all__ is the public surface)
-from .factory import *  # noqa: F401,F403
-from .functional import *  # noqa: F401,F403
-from .functional import _MixtureAffine, _mixture_norm2d_fixed, _PosteriorMoments  # noqa: F401 (tests, sync)
-from .matching import *  # noqa: F401,F403
-from .mixture import *  # noqa: F401,F403
-from .mode import *  # noqa: F401,F403
-from .module import *  # noqa: F401,F403
-from .readings import *  # noqa: F401,F403
-from .reference import *  # noqa: F401,F403
+from __future__ import annotations
 
-__all__ = [name for part in (mixture, matching, readings, reference, estimators, functional,
-                             module, mode, factory) for name in part.__all__]
+import math
+
+from torch import nn
+
+from .estimators import ESTIMATORS, fit_mixture
+from .functional import mixture_norm
+from .mixture import POINTS, Mixture, MixtureMoments
+from .mode import ModeNorm2d, mode_norm
+from .module import MixtureNorm2d
+
+__all__ = [
+    "Mixture",
+    "MixtureMoments",
+    "POINTS",
+    "ESTIMATORS",
+    "fit_mixture",
+    "mixture_norm",
+    "MixtureNorm2d",
+    "mode_norm",
+    "ModeNorm2d",
+    "NORM_KINDS",
+    "group_norm_groups",
+    "make_norm2d",
+]
+
+NORM_KINDS = ("bn", "mn", "mode", "group", "none")
+
+
+def group_norm_groups(num_features: int, max_groups: int = 32) -> int:
+    """GroupNorm's number of groups for C channels: the largest divisor of C that also divides
+    ``max_groups`` (32, Wu & He's default), i.e. 32 for every DCGAN width (64 * 2^i), and fewer
+    only for channel counts that 32 groups cannot split evenly (C = 3 -> 1, C = 48 -> 16)."""
+    return math.gcd(num_features, max_groups)
+
+
+def make_norm2d(
+    num_features: int,
+    kind: str,
+    num_components: int = 3,
+    **kwargs,
+) -> nn.Module:
+    """A norm layer over C = ``num_features`` channels by name:
+
+    * ``"bn"``: nn.BatchNorm2d;
+    * ``"mn"``: MixtureNorm2d with K = ``num_components`` (``kwargs`` are its other options);
+    * ``"mode"``: ModeNorm2d with K = ``num_components`` modes (``kwargs`` are its options);
+    * ``"group"``: nn.GroupNorm with ``group_norm_groups(C)`` groups;
+    * ``"none"``: nn.Identity.
+    """
+    if kind == "bn":
+        return nn.BatchNorm2d(num_features)
+    if kind == "mn":
+        return MixtureNorm2d(num_features, num_components=num_components, **kwargs)
+    if kind == "mode":
+        return ModeNorm2d(num_features, num_modes=num_components, **kwargs)
+    if kind == "group":
+        return nn.GroupNorm(group_norm_groups(num_features), num_features)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm kind {kind!r}; expected one of {', '.join(map(repr, NORM_KINDS))}")

@@ -3,7 +3,7 @@ gradient.
 
 One implementation of each estimator, over G independent groups of M points in C dimensions
 ([G, M, C]): the vector reading fits G = 1 group of C-vectors, the per-channel reading G = C
-groups of scalars (``readings.py`` makes the layout). Both estimators start from k-means++
+groups of scalars (``mixture.READINGS`` makes the layout). Both estimators start from k-means++
 seeds and run with no host synchronisation and no Python loop over points, components or
 groups:
 
@@ -19,20 +19,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .mixture import _TINY, Mixture
-from .readings import READINGS
-from .reference import mixture_posteriors
+from .mixture import _TINY, READINGS, Mixture, mixture_posteriors
 
-__all__ = [
-    "sample_fit_points",
-    "ESTIMATORS",
-    "kmeans_pp_seeds",
-    "kmeans_mixture",
-    "em_mixture",
-    "estimate_mixture",
-    "fit_mixture",
-    "channel_mixtures",
-]
+__all__ = ["ESTIMATORS", "sample_fit_points", "kmeans_pp_seeds", "estimate_mixture", "fit_mixture"]
 
 ESTIMATORS = ("kmeans", "em")
 
@@ -196,42 +185,6 @@ def estimate_mixture(
     iters = kmeans_iters if estimator == "kmeans" else em_iters
     weight, mean, var = _ITERATE[estimator](sub, sub_sq, subset_var, start, iters, eps)
     return reading.from_groups(Mixture(weight, mean + centre, var))
-
-
-def kmeans_mixture(
-    points: Tensor,
-    num_components: int,
-    *,
-    kmeans_iters: int = 2,
-    eps: float = 1e-5,
-    generator: Optional[torch.Generator] = None,
-    init_mean: Optional[Tensor] = None,
-) -> Mixture:
-    """A K-component diagonal mixture read off a k-means++ clustering of ``points`` [M, C]
-    (``estimate_mixture`` with ``estimator="kmeans"``)."""
-    return estimate_mixture(points, num_components, estimator="kmeans", kmeans_iters=kmeans_iters,
-                            eps=eps, generator=generator, init_mean=init_mean)
-
-
-def em_mixture(
-    points: Tensor,
-    num_components: int,
-    *,
-    em_iters: int = 3,
-    eps: float = 1e-5,
-    generator: Optional[torch.Generator] = None,
-    init_mean: Optional[Tensor] = None,
-) -> Mixture:
-    """A K-component diagonal Gaussian mixture fitted to ``points`` [M, C] by EM
-    (``estimate_mixture`` with ``estimator="em"``)."""
-    return estimate_mixture(points, num_components, estimator="em", em_iters=em_iters, eps=eps,
-                            generator=generator, init_mean=init_mean)
-
-
-def channel_mixtures(points: Tensor, num_components: int, **kwargs) -> Mixture:
-    """One K-component 1-D mixture per channel of fitting points [M, C] (``estimate_mixture``
-    with ``point="channel"``): weight, mean, var, each [K, C]."""
-    return estimate_mixture(points, num_components, point="channel", **kwargs)
 
 
 @torch.no_grad()

@@ -1,15 +1,16 @@
-"""Steps 2-5 of Mixture Normalization as the module runs them, and the functional front door.
+"""Steps 2-5 of Mixture Normalization as the module runs them, behind one front door.
 
-``mixture_normalization`` is to ``MixtureNorm2d`` what ``torch.nn.functional.batch_norm`` is to
+``mixture_norm`` is to ``MixtureNorm2d`` what ``torch.nn.functional.batch_norm`` is to
 ``nn.BatchNorm2d``: a pure function of the batch, the mixture (fitted to the batch, or the
-running one) and the affine parameters. Behind it:
+running one) and the affine parameters. Behind it, one private function per reading and kind
+of statistics:
 
-* the vector reading's fused path on [N, C, L] (``mixture_norm2d`` with batch statistics,
-  ``_mixture_norm2d_fixed`` with given ones): the math of ``reference.py`` in two autograd
+* the vector reading's fused path on [N, C, L] (``_vector_mixture_norm`` with batch statistics,
+  ``_vector_mixture_norm_fixed`` with given ones): the math of ``reference.py`` in two autograd
   Functions with hand-written backward passes that read and write the activations far fewer
   times than autograd would (MN is memory-bound: this made a training step of the layer about
   3x faster on CPU);
-* the per-channel reading (``channel_mixture_norm``): plain autograd ops on [N, C, K, L]; the
+* the per-channel reading (``_channel_mixture_norm``): plain autograd ops on [N, C, K, L]; the
   tests check it against the vector reading run on each channel alone (C = 1).
 
 The fused path is split where the moments are, so that synchronized MN can all-reduce them with
@@ -30,10 +31,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .mixture import _LOG_2PI, _TINY, Mixture, MixtureMoments
-from .reference import _centred_stats, _mixture_shift
+from .mixture import _LOG_2PI, _TINY, Mixture, MixtureMoments, _centred_stats, _mixture_shift
 
-__all__ = ["mixture_norm2d", "channel_mixture_norm", "mixture_normalization"]
+__all__ = ["mixture_norm"]
 
 Stats = tuple[Tensor, Tensor, Tensor, Tensor]  # (lambda, E, Var, n_eff)
 Reduce = Callable[[MixtureMoments], MixtureMoments]
@@ -216,7 +216,7 @@ class _MixtureAffine(torch.autograd.Function):
         return g_xc, g_tau, g_lam, g_mean, g_var, g_gamma, g_beta, None, None
 
 
-def mixture_norm2d(
+def _vector_mixture_norm(
     x: Tensor,
     mixture: Mixture,
     eps: float,
@@ -229,7 +229,7 @@ def mixture_norm2d(
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Training-mode MN of a batch x [N, C, L] under a fitted mixture, then the affine.
 
-    The fused equivalent of ``mixture_norm`` followed by ``y = weight * x_hat + bias``
+    The fused equivalent of ``reference.mixture_norm_reference`` followed by ``y = weight * x_hat + bias``
     (with the same switches); computes in the dtype of the mixture. Returns y [N, C, L]
     (contiguous), the posteriors tau [N, K, L] and (lambda [K], E [K, C], Var [K, C], n_eff [K]).
     """
@@ -255,7 +255,7 @@ def mixture_norm2d(
     return y, tau, (lam, mean_c + shift, var, n_eff)
 
 
-def _mixture_norm2d_fixed(
+def _vector_mixture_norm_fixed(
     x: Tensor,
     weight: Tensor,
     mean: Tensor,
@@ -280,7 +280,7 @@ def _mixture_norm2d_fixed(
     return _MixtureAffine.apply(xc, tau, weight, mean - shift, var, gamma, beta, eps, lambda_scale)
 
 
-def channel_mixture_norm(
+def _channel_mixture_norm(
     x: Tensor,
     mixture: Mixture,
     eps: float,
@@ -326,10 +326,10 @@ def channel_mixture_norm(
 def _vector_reading(x, mixture, eps, weight, bias, batch_stats, reduce, posterior_grad, lambda_scale):
     """One mixture over the C-vectors: the fused path."""
     if batch_stats:
-        return mixture_norm2d(x, mixture, eps, weight, bias, reduce,
-                              posterior_grad=posterior_grad, lambda_scale=lambda_scale)
-    y = _mixture_norm2d_fixed(x, *mixture, eps, weight, bias,
-                              posterior_grad=posterior_grad, lambda_scale=lambda_scale)
+        return _vector_mixture_norm(x, mixture, eps, weight, bias, reduce,
+                                    posterior_grad=posterior_grad, lambda_scale=lambda_scale)
+    y = _vector_mixture_norm_fixed(x, *mixture, eps, weight, bias,
+                                   posterior_grad=posterior_grad, lambda_scale=lambda_scale)
     return y, None, None
 
 
@@ -337,17 +337,17 @@ def _channel_reading(x, mixture, eps, weight, bias, batch_stats, reduce, posteri
     """One 1-D mixture per channel: plain autograd ops, never summed across processes."""
     if reduce is not None:
         raise ValueError("MixtureNorm2d(point='channel') is not synchronized across processes")
-    y, tau, stats = channel_mixture_norm(x.to(mixture.mean.dtype), mixture, eps, weight, bias,
-                                         fixed_stats=not batch_stats, posterior_grad=posterior_grad,
-                                         lambda_scale=lambda_scale)
+    y, tau, stats = _channel_mixture_norm(x.to(mixture.mean.dtype), mixture, eps, weight, bias,
+                                          fixed_stats=not batch_stats, posterior_grad=posterior_grad,
+                                          lambda_scale=lambda_scale)
     return (y, tau, stats) if batch_stats else (y, None, None)
 
 
-# The normalization of each reading (``readings.POINTS``).
+# The normalization of each reading (``mixture.POINTS``).
 _READING_FNS = {"vector": _vector_reading, "channel": _channel_reading}
 
 
-def mixture_normalization(
+def mixture_norm(
     x: Tensor,
     mixture: Mixture,
     eps: float,
@@ -368,7 +368,7 @@ def mixture_normalization(
     ``batch_stats=False``: ``mixture`` holds the running statistics, which give both the
     posteriors and the normalization, so a sample's output does not depend on its batch.
 
-    ``point`` is the reading (``readings.py``): ``mixture`` is weight [K], mean and var [K, C]
+    ``point`` is the reading (``mixture.READINGS``): ``mixture`` is weight [K], mean and var [K, C]
     for ``"vector"``, weight, mean, var [K, C] for ``"channel"``. Computes in the mixture's
     dtype. Returns y [N, C, L] (contiguous) and, with batch statistics, the posteriors tau
     ([N, K, L] or [N, C, K, L]) and (lambda, E, Var, n_eff) for the running update; otherwise

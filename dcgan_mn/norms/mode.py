@@ -45,8 +45,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import _ComponentNormBase
 from .mixture import _TINY
+from .module import _ComponentNormBase
 
 __all__ = ["ModeNorm2d", "mode_norm", "mode_gates"]
 

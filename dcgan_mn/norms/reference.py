@@ -5,9 +5,9 @@ Written to be read next to the paper (Kalayeh & Shah, TPAMI 2019):
     tau[p, k] = lambda_k N(x_p | E_k, Var_k) / sum_j lambda_j N(x_p | E_j, Var_j)   (posteriors)
     x_hat_p   = sum_k tau[p, k] / sqrt(lambda_k) * (x_p - E_k) / sqrt(Var_k + eps)
 
-The module runs the fused equivalent (``functional.py``); the tests hold the two together. The
-posteriors are also the E-step of the EM estimator, which calls ``mixture_posteriors`` on G
-groups of points at once ([G, M, C] with a mixture of weight [G, K], mean and var [G, K, C]).
+The module runs the fused equivalent (``functional.mixture_norm``); the tests and the benches
+hold the two together. A leaf: it imports the shared math (posteriors, statistics of summed
+moments) from ``mixture.py``, and nothing in the package imports it.
 """
 
 from __future__ import annotations
@@ -17,39 +17,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .mixture import _LOG_2PI, _TINY, Mixture, MixtureMoments
+from .mixture import _TINY, Mixture, MixtureMoments, _centred_stats, _mixture_shift, mixture_posteriors
 
-__all__ = [
-    "mixture_posteriors",
-    "mixture_moments",
-    "moments_to_stats",
-    "mixture_normalize",
-    "mixture_norm",
-]
-
-
-def mixture_posteriors(points: Tensor, mixture: Mixture) -> Tensor:
-    """tau[p, k] = softmax_k(log weight_k + log N(x_p | mean_k, var_k)) for points [P, C].
-
-    The diagonal-Gaussian log-density is expanded so that its point-dependent parts are two
-    matrix products; the mixture is treated as constant (no gradient to its parameters). For
-    accuracy far from zero, pass points and means centred by a common shift (the densities do
-    not change). Leading batch dimensions are allowed: points [G, M, C] with weight [G, K],
-    mean and var [G, K, C] give tau [G, M, K] (the estimators' grouped layout).
-    """
-    weight, mean, var = (t.detach() for t in mixture)
-    if weight.shape[-1] == 1:
-        # A single component has posterior exactly 1; skip the densities (K = 1 is BatchNorm).
-        return points.new_ones(*points.shape[:-1], 1)  # [..., P, 1]
-    inv_var = var.reciprocal()  # [..., K, C]
-    log_norm = -0.5 * (var.log().sum(-1) + points.shape[-1] * _LOG_2PI)  # [..., K]
-    quad = (
-        points.pow(2) @ inv_var.transpose(-1, -2)  # [..., P, K]
-        - 2.0 * points @ (mean * inv_var).transpose(-1, -2)  # [..., P, K]
-        + (mean.pow(2) * inv_var).sum(-1).unsqueeze(-2)  # [..., 1, K]
-    )
-    logits = (weight.clamp_min(_TINY).log() + log_norm).unsqueeze(-2) - 0.5 * quad  # [..., P, K]
-    return torch.softmax(logits, dim=-1)  # [..., P, K]
+__all__ = ["mixture_moments", "normalize_reference", "mixture_norm_reference"]
 
 
 def mixture_moments(points: Tensor, tau: Tensor, shift: Tensor) -> MixtureMoments:
@@ -65,32 +35,11 @@ def mixture_moments(points: Tensor, tau: Tensor, shift: Tensor) -> MixtureMoment
     )
 
 
-def _centred_stats(moments: MixtureMoments) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(lambda [K], E_k - shift [K, C], Var [K, C], n_eff [K]) from summed moments."""
-    mass = moments.mass.clamp_min(_TINY)  # [K]
-    lam = moments.mass / moments.count  # [K]
-    mean_c = moments.sum_x / mass.unsqueeze(1)  # [K, C]
-    var = (moments.sum_xx / mass.unsqueeze(1) - mean_c.pow(2)).clamp_min(0.0)  # [K, C]
-    n_eff = mass.pow(2) / moments.sum_sq_tau.clamp_min(_TINY)  # [K]
-    return lam, mean_c, var, n_eff
-
-
-def moments_to_stats(moments: MixtureMoments) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-component statistics from summed moments.
-
-    Returns lambda [K] (batch mixture weight = mean posterior), E [K, C], Var [K, C] (biased,
-    weighted by the normalized contribution w[p, k] = tau[p, k] / sum_p tau[p, k]) and the
-    effective sample size n_eff [K] = 1 / sum_p w[p, k]^2, which is P for K = 1.
-    """
-    lam, mean_c, var, n_eff = _centred_stats(moments)
-    return lam, mean_c + moments.shift, var, n_eff
-
-
-def mixture_normalize(
+def normalize_reference(
     points: Tensor, tau: Tensor, weight: Tensor, mean: Tensor, var: Tensor, eps: float,
     lambda_scale: bool = True,
 ) -> Tensor:
-    """x_hat_p = sum_k tau[p,k] / sqrt(weight_k) * (x_p - mean_k) / sqrt(var_k + eps).
+    """Step 5 alone: x_hat_p = sum_k tau[p,k] / sqrt(weight_k) * (x_p - mean_k) / sqrt(var_k + eps).
 
     Rewritten as x_p * (A @ R)_p - (A @ (mean * R))_p with A = tau / sqrt(weight) [P, K] and
     R = 1 / sqrt(var + eps) [K, C], so no [P, K, C] tensor is ever formed. ``lambda_scale=False``
@@ -104,12 +53,7 @@ def mixture_normalize(
     return points * (a @ r) - a @ (mean * r)  # [P, C]
 
 
-def _mixture_shift(mixture: Mixture) -> Tensor:
-    """The mixture's overall mean [C]: the constant every point is centred by."""
-    return (mixture.weight.unsqueeze(1) * mixture.mean).sum(0).detach()  # [C]
-
-
-def mixture_norm(
+def mixture_norm_reference(
     points: Tensor,
     mixture: Mixture,
     eps: float,
@@ -136,5 +80,5 @@ def mixture_norm(
     if reduce is not None:
         moments = reduce(moments)
     lam, mean_c, var, n_eff = _centred_stats(moments)
-    x_hat = mixture_normalize(centred, tau, lam, mean_c, var, eps, lambda_scale)  # [P, C]
+    x_hat = normalize_reference(centred, tau, lam, mean_c, var, eps, lambda_scale)  # [P, C]
     return x_hat, tau, (lam, mean_c + shift, var, n_eff)
