@@ -66,20 +66,15 @@ def decide_launch(cfg: Optional[TrainConfig] = None, resume: Optional[PathLike] 
     Resuming, the run keeps the checkpoint's config except for ``overrides`` (the flags the user
     gave); without ``overrides``, the fields in which ``cfg`` differs from the saved config are
     taken as the flags given (library callers pass a whole config)."""
-    spec = cfg.device if cfg is not None else "auto"
-    if overrides is not None and "device" in overrides:
-        spec = overrides["device"]
-    dist = dist_utils.init_distributed(resolve_device(spec))  # DistInfo() without torchrun
     payload = path = None
     restarting = False
     set_aside: tuple[Path, ...] = ()
     warnings: tuple[str, ...] = ()
-    if resume is not None:
+    if resume is not None:  # the run's config first (read only: every rank reads the same files)
         resumed = load_resume(resume)
         run_dir, path, payload, saved = resumed.run_dir, resumed.checkpoint, resumed.payload, resumed.config
         set_aside, warnings = resumed.set_aside, resumed.warnings
         restarting = payload is None
-        check_world_size(payload, dist, resume)
         if overrides is None:
             overrides = {} if cfg is None else {
                 f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
@@ -88,12 +83,16 @@ def decide_launch(cfg: Optional[TrainConfig] = None, resume: Optional[PathLike] 
         if payload is not None and cfg.iters < payload["iteration"]:
             raise ConfigError(f"--iters {cfg.iters}: the resumed run is already at iteration "
                               f"{payload['iteration']}")
+    elif cfg is None:
+        raise ValueError("decide_launch: give a config or a run to resume")
+    # The device, decided once from the run's own config; the process group is built on it.
+    device = resolve_device(cfg.device)
+    dist = dist_utils.init_distributed(device)  # DistInfo() without torchrun
+    if resume is not None:
+        check_world_size(payload, dist, resume)
     else:
-        if cfg is None:
-            raise ValueError("decide_launch: give a config or a run to resume")
         check_ref(cfg.ref)
         cfg, run_dir = decided_on_main(dist, lambda: resolve_run_dir(cfg))
-    device = resolve_device(cfg.device)
     check_launch(cfg, dist)
     amp, amp_warning = resolve_amp(cfg.amp, device)
     return Launch(cfg=cfg, folder=RunFolder(run_dir), dist=dist, device=device, amp=amp,
