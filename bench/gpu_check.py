@@ -51,6 +51,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch._dynamo  # here, not in main(): a local import there made `torch` local to all of main
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file from anywhere: the worktree's package first
@@ -1042,8 +1043,6 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # as training does: fixed shapes
-    import torch._dynamo
-
     # Every arm compiles the same code object (TrainStep.capturable_step) for its own models:
     # room for all of them, and static shapes per batch size as training has (one shape).
     torch._dynamo.config.recompile_limit = 256
