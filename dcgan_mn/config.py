@@ -17,7 +17,7 @@ from .digits import DEFAULT_STACK_SIZE, STACKED_SOURCES
 from .ema import EMA_STATS
 from .features import FEATURE_DIMS, FID_PROTOCOLS
 from .models import G_ARCHS, NUM_G_NORM_LAYERS, SAMPLE_MODES, parse_mn_layers
-from .norms import ESTIMATORS, NORM_KINDS, POINTS
+from .norms import ESTIMATORS, NORM_KINDS, POINTS, norm_specs
 
 __all__ = [
     "TrainConfig",
@@ -224,15 +224,13 @@ class TrainConfig:
         return tuple("mn" if i in self.mn_layers else "bn" for i in range(G_ARCHS[self.g_arch]))
 
     def model_kwargs(self) -> dict:
-        """Arguments of ``models.Generator`` that this config fixes."""
-        return dict(
-            z_dim=self.z_dim, ngf=self.ngf, mn_layers=self.mn_layers, arch=self.g_arch,
-            norms=self.norm_kinds(), mode_components=self.mode_components,
-            num_components=self.mn_components, fit_points=self.mn_fit_points,
-            kmeans_iters=self.mn_kmeans_iters, estimator=self.mn_estimator,
-            em_iters=self.mn_em_iters, point=self.mn_point, posterior_grad=self.mn_posterior_grad,
-            lambda_scale=self.mn_lambda_scale,
-        )
+        """Arguments of ``models.Generator`` that this config fixes: the norms as one
+        ``NormSpec`` a layer, decided here and nowhere below."""
+        norms = norm_specs(self.norm_kinds(), self.mn_components, self.mode_components,
+                           fit_points=self.mn_fit_points, kmeans_iters=self.mn_kmeans_iters,
+                           estimator=self.mn_estimator, em_iters=self.mn_em_iters, point=self.mn_point,
+                           posterior_grad=self.mn_posterior_grad, lambda_scale=self.mn_lambda_scale)
+        return dict(z_dim=self.z_dim, ngf=self.ngf, arch=self.g_arch, norms=norms)
 
 
 def default_sample_every(iters: int) -> int:

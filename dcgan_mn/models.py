@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .norms import NORM_KINDS, MixtureNorm2d, ModeNorm2d, make_norm2d
+from .norms import NORM_KINDS, MixtureNorm2d, ModeNorm2d, NormSpec, norm_specs
 from .sync import unsynchronized
 
 __all__ = [
@@ -137,36 +137,40 @@ class Generator(nn.Module):
         mn_layers: Union[str, Sequence[int], None] = (0, 1),
         num_components: int = 3,
         arch: str = "dcgan32",
-        norms: Optional[Sequence[str]] = None,
+        norms: Optional[Sequence[Union[str, NormSpec]]] = None,
         mode_components: int = 2,
         **mn_kwargs,
     ) -> None:
+        """The norms, one a layer (0 nearest z): ``norms`` as ``NormSpec`` objects (what the config
+        builds), or, for callers with names, as kinds (with ``num_components``,
+        ``mode_components`` and the MN options ``mn_kwargs``) or MN in ``mn_layers`` and BN
+        elsewhere."""
         super().__init__()
         if arch not in G_ARCHS:
             raise ValueError(f"unknown generator architecture {arch!r}; expected one of {tuple(G_ARCHS)}")
         self.z_dim = z_dim
         self.ngf = ngf
         self.arch = arch
-        self.mn_layers = parse_mn_layers(mn_layers, G_ARCHS[arch])
-        self.num_components = num_components
         widths = [8 * ngf, 4 * ngf, 2 * ngf] if arch == "dcgan32" else [8 * ngf, 4 * ngf, 2 * ngf, ngf]
         self._norm_index: list[int] = []  # positions of the norm layers in self.net
-        # One norm kind per layer (0 nearest z): given, or MN in mn_layers and BN elsewhere.
-        self.norms = tuple(norms) if norms is not None else tuple(
-            "mn" if i in self.mn_layers else "bn" for i in range(G_ARCHS[arch]))
-        if len(self.norms) != G_ARCHS[arch] or any(k not in NORM_KINDS for k in self.norms):
-            raise ValueError(f"norms {self.norms!r}: expected {G_ARCHS[arch]} of {', '.join(NORM_KINDS)} for {arch}")
-
-        def norm(i: int) -> nn.Module:
-            kind = self.norms[i]
-            if kind == "mn":
-                return make_norm2d(widths[i], kind, num_components, **mn_kwargs)
-            return make_norm2d(widths[i], kind, mode_components if kind == "mode" else 1)
+        if norms is None or not all(isinstance(n, NormSpec) for n in norms):  # names: specs, once
+            mn = parse_mn_layers(mn_layers, G_ARCHS[arch])
+            kinds = tuple(norms) if norms is not None else tuple(
+                "mn" if i in mn else "bn" for i in range(G_ARCHS[arch]))
+            if len(kinds) != G_ARCHS[arch] or any(k not in NORM_KINDS for k in kinds):
+                raise ValueError(f"norms {kinds!r}: expected {G_ARCHS[arch]} of {', '.join(NORM_KINDS)} for {arch}")
+            norms = norm_specs(kinds, num_components, mode_components, **mn_kwargs)
+        elif len(norms) != G_ARCHS[arch]:
+            raise ValueError(f"norms: {len(norms)} given, {arch} has {G_ARCHS[arch]} norm layers")
+        self.norms = tuple(spec.kind for spec in norms)
+        self.mn_layers = tuple(i for i, kind in enumerate(self.norms) if kind == "mn")
+        self.num_components = next((spec.num_components for spec in norms if spec.kind == "mn"), num_components)
+        # Each norm is built where it sits, between the convolutions: construction order is RNG order.
 
         if arch == "tf-dcgan":
             layers: list[nn.Module] = [_Project(z_dim, widths[0], 2)]  # [N, 8ngf, 2, 2]
             for i in range(4):
-                layers += [norm(i), nn.ReLU(inplace=True)]
+                layers += [norms[i](widths[i]), nn.ReLU(inplace=True)]
                 out = widths[i + 1] if i + 1 < 4 else 3
                 layers.append(_ConvTransposeSame(widths[i], out))  # [N, out, 2^(i+2), 2^(i+2)]
             self.net = nn.Sequential(*layers, nn.Tanh())
@@ -176,13 +180,13 @@ class Generator(nn.Module):
         self._norm_index = [1, 4, 7]
         self.net = nn.Sequential(
             nn.ConvTranspose2d(z_dim, widths[0], 4, 1, 0, bias=False),  # [N, 8ngf, 4, 4]
-            norm(0),
+            norms[0](widths[0]),
             nn.ReLU(inplace=True),
             nn.ConvTranspose2d(widths[0], widths[1], 4, 2, 1, bias=False),  # [N, 4ngf, 8, 8]
-            norm(1),
+            norms[1](widths[1]),
             nn.ReLU(inplace=True),
             nn.ConvTranspose2d(widths[1], widths[2], 4, 2, 1, bias=False),  # [N, 2ngf, 16, 16]
-            norm(2),
+            norms[2](widths[2]),
             nn.ReLU(inplace=True),
             nn.ConvTranspose2d(widths[2], 3, 4, 2, 1, bias=False),  # [N, 3, 32, 32]
             nn.Tanh(),

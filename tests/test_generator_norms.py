@@ -14,12 +14,31 @@ from dcgan_mn.config import ConfigError, TrainConfig, config_from_dict, default_
 from dcgan_mn.log import run_hparams
 from dcgan_mn.models import Generator
 from dcgan_mn.training import train
-from dcgan_mn.norms import MixtureNorm2d, ModeNorm2d
+from dcgan_mn.norms import MixtureNorm2d, ModeNorm2d, NormSpec, norm_specs
 from test_training import FakeEvaluator, assert_same_tensors, state_of, tiny_cfg, tiny_images
 
 pytestmark = pytest.mark.usefixtures("train_single_thread")
 
 KINDS = {"bn": nn.BatchNorm2d, "mn": MixtureNorm2d, "mode": ModeNorm2d, "group": nn.GroupNorm, "none": nn.Identity}
+
+
+@pytest.mark.parametrize("arch,norms", [("dcgan32", "mode,mn,bn"), ("tf-dcgan", "mode,group,mn,none")])
+def test_the_configs_norm_specs_build_the_generator_its_names_build(arch, norms):
+    # The config turns the flags into NormSpecs once; a caller with names gets the same model,
+    # bitwise (each norm is built where it sits, so the RNG is drawn in the same order).
+    cfg = TrainConfig(g_arch=arch, g_norms=norms, mode_components=3, mn_components=2, mn_point="channel", ngf=8)
+    specs = cfg.model_kwargs()["norms"]
+    assert [s.kind for s in specs] == norms.split(",") and hash(specs) == hash(tuple(specs))
+    torch.manual_seed(0)
+    from_specs = Generator(**cfg.model_kwargs())
+    torch.manual_seed(0)
+    from_names = Generator(ngf=8, arch=arch, norms=norms.split(","), num_components=2, mode_components=3,
+                           point="channel", fit_points=cfg.mn_fit_points)
+    assert_same_tensors(from_specs.state_dict(), from_names.state_dict())
+    assert from_specs.norm_kinds == from_names.norm_kinds == norms
+    assert specs == norm_specs(norms.split(","), 2, 3, **dict(next(s for s in specs if s.kind == "mn").options))
+    with pytest.raises(ValueError, match="unknown norm kind 'ln'; expected one of 'bn', 'mn'"):
+        NormSpec("ln")
 
 
 @pytest.mark.parametrize("arch,norms", [("dcgan32", "mode,mode,bn"), ("dcgan32", "group,mn,none"),

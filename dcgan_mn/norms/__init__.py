@@ -33,6 +33,8 @@ Synchronized MN/BN under torch.distributed lives in ``dcgan_mn.sync``, which imp
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -55,6 +57,8 @@ __all__ = [
     "NORM_KINDS",
     "group_norm_groups",
     "make_norm2d",
+    "NormSpec",
+    "norm_specs",
 ]
 
 NORM_KINDS = ("bn", "mn", "mode", "group", "none")
@@ -92,3 +96,32 @@ def make_norm2d(
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm kind {kind!r}; expected one of {', '.join(map(repr, NORM_KINDS))}")
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """One generator layer's norm, decided once at the edge (the config) and built later:
+    ``NormSpec("mn", 3, (("point", "vector"),))(C)`` is a fresh layer over C channels, as
+    torchvision passes a ``norm_layer`` callable down instead of a name. Frozen and hashable,
+    so the model never sees the strings of a command line."""
+
+    kind: str
+    num_components: int = 1  # K: MN's components, Mode Normalization's modes; 1 for the others
+    options: tuple[tuple[str, Any], ...] = ()  # MixtureNorm2d / ModeNorm2d keyword arguments
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORM_KINDS:
+            raise ValueError(f"unknown norm kind {self.kind!r}; expected one of {', '.join(map(repr, NORM_KINDS))}")
+
+    def __call__(self, num_features: int) -> nn.Module:
+        return make_norm2d(num_features, self.kind, self.num_components, **dict(self.options))
+
+
+def norm_specs(kinds: Sequence[str], mn_components: int = 3, mode_components: int = 2,
+               **mn_options) -> tuple[NormSpec, ...]:
+    """Per-layer norm kinds (``--g-norms``, or ``--mn-layers`` spelt out) -> one ``NormSpec`` a
+    layer: MN layers get K = ``mn_components`` and ``mn_options``, Mode Normalization layers
+    ``mode_components`` modes, the others nothing."""
+    options = tuple(sorted(mn_options.items()))
+    return tuple(NormSpec(kind, mn_components, options) if kind == "mn"
+                 else NormSpec(kind, mode_components if kind == "mode" else 1) for kind in kinds)
