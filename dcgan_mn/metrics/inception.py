@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import distributed as D
+from ..distributed import all_gather_rows
 from ..features import FeatureExtractor
 from .errors import MetricsError
 from .frechet import StreamingMoments
@@ -115,13 +115,13 @@ class InceptionMetrics:
         idx = torch.cat(self._idx) if self._idx else torch.empty(0, dtype=torch.long)
         rows = torch.cat(self._rows) if self._rows else torch.empty(0, self.dims)
         self._moments.all_reduce()
-        self._idx = [torch.cat(D.all_gather_rows(idx.to(device))).cpu()]
-        self._rows = [torch.cat(D.all_gather_rows(rows.to(device))).cpu()]
+        self._idx = [torch.cat(all_gather_rows(idx.to(device))).cpu()]
+        self._rows = [torch.cat(all_gather_rows(rows.to(device))).cpu()]
         if self.scores_is:
             lidx = torch.cat(self._logits_idx) if self._logits_idx else torch.empty(0, dtype=torch.long)
             logits = torch.cat(self._logits) if self._logits else torch.empty(0, 1008)
-            self._logits_idx = [torch.cat(D.all_gather_rows(lidx.to(device))).cpu()]
-            self._logits = [torch.cat(D.all_gather_rows(logits.to(device))).cpu()]
+            self._logits_idx = [torch.cat(all_gather_rows(lidx.to(device))).cpu()]
+            self._logits = [torch.cat(all_gather_rows(logits.to(device))).cpu()]
 
     def result(self) -> dict:
         idx = torch.cat(self._idx) if self._idx else torch.empty(0, dtype=torch.long)
