@@ -91,8 +91,8 @@ def _with_options(options: list, command):
     return command
 
 
-def _progress_option(help: str = "progress bars on stderr (on a terminal; a redirected stderr gets none)"):
-    return click.option("--progress/--no-progress", default=True, callback=_progress_on_a_terminal, help=help)
+def _progress_option(text: str = "progress bars on stderr (on a terminal; a redirected stderr gets none)"):
+    return click.option("--progress/--no-progress", default=True, callback=_progress_on_a_terminal, help=text)
 
 
 def _feature_options(command):

@@ -27,7 +27,7 @@ from dcgan_mn.data import DATASETS
 from dcgan_mn.digits import STACKED_SOURCES
 from dcgan_mn.ema import EMA_STATS
 from dcgan_mn.features import FEATURE_DIMS, FID_PROTOCOLS
-from dcgan_mn.models import G_ARCHS
+from dcgan_mn.models import G_ARCHS, SAMPLE_MODES
 from dcgan_mn.norms import ESTIMATORS, POINTS
 
 DEFAULTS = TrainConfig()  # the defaults shown in --help are the config's own
@@ -131,7 +131,7 @@ def already_finished(launch) -> str:
 @click.option("--out", default=DEFAULTS.out, help="folder that holds one sub-folder per run")
 @click.option("--run-name", default=None,
               help="run folder name under --out  [default: <date>-<time>-<mnLAYERS-kK|bn>-s<seed>]")
-@click.option("--sample-mode", default=DEFAULTS.sample_mode, type=click.Choice(["batch", "running"]),
+@click.option("--sample-mode", default=DEFAULTS.sample_mode, type=click.Choice(SAMPLE_MODES),
               help="how grids and metrics sample G: batch statistics at --batch-size, or running statistics")
 @click.option("--sample-every", default=None, type=int,
               help="fixed-noise grid (TensorBoard) every N iterations, and at the end (0: off)  "
