@@ -124,7 +124,7 @@ def generator_payload(generator: torch.nn.Module, cfg: TrainConfig, iteration: i
             "images_seen": int(images_seen), "generator": generator.state_dict(), **extra}
 
 
-def _misfit(module: torch.nn.Module, state: dict) -> Optional[str]:
+def _misfit(module: torch.nn.Module, state: dict) -> str | None:
     """None when ``state`` loads into ``module`` strictly; else what does not fit: the line of
     torch's error that names the first mismatch (at most 200 characters)."""
     try:

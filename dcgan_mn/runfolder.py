@@ -57,7 +57,7 @@ class _Entry:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def __get__(self, folder: Optional["RunFolder"], owner: Any = None) -> Any:
+    def __get__(self, folder: RunFolder | None, owner: Any = None) -> Any:
         return self if folder is None else folder.path / self.name
 
 

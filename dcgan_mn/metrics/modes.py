@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..distributed import all_gather_rows
 from ..digits import NUM_MODES, mode_ids
+from ..distributed import all_gather_rows
 from .classifier import ModeClassifier
 from .errors import MetricsError
 from .frechet import FrechetReference, StreamingMoments
