@@ -253,7 +253,7 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
         if launch.payload is not None and launch.start_iteration >= cfg.iters:
             # Nothing to train: say so before building, opening or writing anything (no
             # evaluator, no empty bars, the run folder left as it was).
-            if launch.dist.is_main:
+            if launch.dist_info.is_main:
                 click.echo(already_finished(launch), err=True)
             return
         # The periodic evaluator is built before train() opens the run folder, so missing
@@ -282,7 +282,7 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
     except WriteError as e:  # full disk, permissions, read-only or over quota
         if launch is not None and launch.folder.config_file.is_file():
             raise click.ClickException(f"{e}; the newest complete checkpoint is intact: fix that, then "
-                                       f"{resume_command(launch.folder.path, launch.dist)}") from None
+                                       f"{resume_command(launch.folder.path, launch.dist_info)}") from None
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         click.echo("interrupted before training started; nothing was written", err=True)
@@ -295,7 +295,7 @@ def main(ctx: click.Context, resume, resume_if_exists, dry_run, progress, **flag
     if result.best_value is not None:
         summary += (f", best {result.best_metric} {result.best_value:.3f} at iteration "
                     f"{result.best_iteration}")
-    if launch.dist.is_main:
+    if launch.dist_info.is_main:
         click.echo(summary, err=True)
     if result.stopped_by == "non-finite":
         sys.exit(EXIT_NONFINITE)

@@ -124,19 +124,27 @@ def generator_payload(generator: torch.nn.Module, cfg: TrainConfig, iteration: i
             "images_seen": int(images_seen), "generator": generator.state_dict(), **extra}
 
 
+def _misfit(module: torch.nn.Module, state: dict) -> str | None:
+    """None when ``state`` loads into ``module`` strictly; else what does not fit: the line of
+    torch's error that names the first mismatch (at most 200 characters)."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        return (lines[1] if len(lines) > 1 else lines[0] if lines else "")[:200]
+    return None
+
+
 def build_generator(cfg: TrainConfig, state: dict, path: PathLike = "") -> Generator:
     """A Generator for ``cfg`` holding ``state``; a clear error when they do not fit."""
     gen = Generator(**cfg.model_kwargs())
-    try:
-        gen.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0] if lines else ""
+    misfit = _misfit(gen, state)
+    if misfit is not None:
         raise CheckpointError(
             f"checkpoint {str(path)!r}: the generator weights do not fit the architecture of its "
             f"config (mn_layers={list(cfg.mn_layers)}, K={cfg.mn_components}, ngf={cfg.ngf}, "
-            f"z_dim={cfg.z_dim}): {detail[:200]}"
-        ) from None
+            f"z_dim={cfg.z_dim}): {misfit}"
+        )
     return gen
 
 
@@ -144,14 +152,10 @@ def check_discriminator(cfg: TrainConfig, state: dict, path: PathLike = "") -> N
     """A clear error when a checkpoint's discriminator weights do not fit its config."""
     from .models import Discriminator
 
-    try:
-        Discriminator(cfg.ndf).load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0] if lines else ""
+    misfit = _misfit(Discriminator(cfg.ndf), state)
+    if misfit is not None:
         raise CheckpointError(
-            f"checkpoint {str(path)!r}: the discriminator weights do not fit ndf={cfg.ndf}: {detail[:200]}"
-        ) from None
+            f"checkpoint {str(path)!r}: the discriminator weights do not fit ndf={cfg.ndf}: {misfit}")
 
 
 def load_generator(path: PathLike, device: Any = "cpu", *, ema: bool = False) -> tuple[Generator, TrainConfig, int]:

@@ -179,7 +179,7 @@ class TrainConfig:
         need(self.fid_samples >= 2, "--fid-samples", self.fid_samples,
              "FID needs at least 2 samples")
         need(self.dims in FEATURE_DIMS, "--dims", self.dims,
-             "expected one of 64, 192, 768, 2048 (pytorch-fid's Inception blocks)")
+             f"expected one of {', '.join(map(str, FEATURE_DIMS))} (pytorch-fid's Inception blocks)")
         need(self.inception_metrics or self.dataset in STACKED_SOURCES, "--no-inception-metrics",
              self.dataset, "leaves nothing to evaluate except on a stacked dataset (mode metrics)")
         need(self.fid_protocol in FID_PROTOCOLS, "--fid-protocol", self.fid_protocol,

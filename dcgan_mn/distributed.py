@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
+import torch.distributed
 
 from .device import launched_with_torchrun
 
@@ -21,12 +21,14 @@ __all__ = [
     "launched_with_torchrun",
     "init_distributed",
     "shutdown_distributed",
+    "initialized",
+    "rank_and_world_size",
     "barrier",
     "broadcast_object",
     "broadcast_",
     "all_gather_rows",
-    "all_reduce_sum",
-    "all_reduce_max",
+    "all_reduce_sum_",
+    "all_reduce_max_",
     "all_gather_objects",
 ]
 
@@ -63,30 +65,42 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInf
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(
+    if not initialized():
+        torch.distributed.init_process_group(
             backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
         )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend)
 
 
 def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
+    if initialized():
+        if torch.distributed.get_world_size() > 1:
             try:  # every rank is done with the group before any tears it down: gloo can abort
-                dist.barrier()  # a rank whose peer closed its sockets first ("terminate called")
+                torch.distributed.barrier()  # a rank whose peer closed its sockets first ("terminate called")
             except Exception:  # a peer already died (torchrun then stops us): nothing to wait for
                 pass
-        dist.destroy_process_group()
+        torch.distributed.destroy_process_group()
+
+
+def initialized() -> bool:
+    """Whether torch.distributed is built in and its default process group is up."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of processes ((0, 1) without a process group)."""
+    if initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return rank_and_world_size()[1] > 1
 
 
 def barrier() -> None:
     if _active():
-        dist.barrier()
+        torch.distributed.barrier()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -94,14 +108,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not _active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
 
 
 def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Rank ``src``'s values into ``t`` on every rank, in place; returns ``t``."""
     if _active():
-        dist.broadcast(t, src=src)
+        torch.distributed.broadcast(t, src=src)
     return t
 
 
@@ -112,30 +126,30 @@ def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
     """
     if not _active():
         return [t]
-    world = dist.get_world_size()
+    world = torch.distributed.get_world_size()
     n = torch.tensor([t.shape[0]], device=t.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
+    torch.distributed.all_gather(sizes, n)
     sizes_i = [int(s) for s in sizes]
     biggest = max(sizes_i)
     padded = t.new_zeros((biggest, *t.shape[1:]))
     padded[: t.shape[0]] = t
     out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
+    torch.distributed.all_gather(out, padded)
     return [o[:s] for o, s in zip(out, sizes_i)]
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (no autograd); returns ``t``."""
     if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
     """Maximum over ranks in place; returns ``t``."""
     if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t
 
 
@@ -143,6 +157,6 @@ def all_gather_objects(obj: Any) -> list:
     """Every rank's picklable object, in rank order (``[obj]`` without a process group)."""
     if not _active():
         return [obj]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
     return out

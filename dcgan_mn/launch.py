@@ -18,11 +18,10 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed as dist_utils
 from .commands import python_command, script_path
 from .config import TrainConfig, config_from_dict, default_run_name, resume_config
 from .device import launched_with_torchrun, resolve_amp, resolve_device
-from .distributed import DistInfo
+from .distributed import DistInfo, broadcast_object, init_distributed
 from .errors import CheckpointError, CheckpointUnreadable, ConfigError
 from .fileio import write_failure
 from .runfolder import RunFolder, resolve_resume
@@ -39,7 +38,7 @@ class Launch:
 
     cfg: TrainConfig
     folder: RunFolder
-    dist: DistInfo
+    dist_info: DistInfo
     device: torch.device
     amp: str  # the autocast precision in use ("none", "bf16", "fp16"), resolved from --amp
     amp_warning: Optional[str]  # e.g. bf16 on a CPU that emulates it
@@ -87,15 +86,15 @@ def decide_launch(cfg: Optional[TrainConfig] = None, resume: Optional[PathLike] 
         raise ValueError("decide_launch: give a config or a run to resume")
     # The device, decided once from the run's own config; the process group is built on it.
     device = resolve_device(cfg.device)
-    dist = dist_utils.init_distributed(device)  # DistInfo() without torchrun
+    dist_info = init_distributed(device)  # DistInfo() without torchrun
     if resume is not None:
-        check_world_size(payload, dist, resume)
+        check_world_size(payload, dist_info, resume)
     else:
         check_ref(cfg.ref)
-        cfg, run_dir = decided_on_main(dist, lambda: resolve_run_dir(cfg))
-    check_launch(cfg, dist)
+        cfg, run_dir = decided_on_main(dist_info, lambda: resolve_run_dir(cfg))
+    check_launch(cfg, dist_info)
     amp, amp_warning = resolve_amp(cfg.amp, device)
-    return Launch(cfg=cfg, folder=RunFolder(run_dir), dist=dist, device=device, amp=amp,
+    return Launch(cfg=cfg, folder=RunFolder(run_dir), dist_info=dist_info, device=device, amp=amp,
                   amp_warning=amp_warning, payload=payload, checkpoint=path, restarting=restarting,
                   set_aside=set_aside, warnings=warnings)
 
@@ -254,46 +253,46 @@ def load_resume(target: PathLike) -> Resumed:
     return Resumed(folder.path, path, payload, cfg, tuple(set_aside), tuple(warnings))
 
 
-def check_launch(cfg: TrainConfig, dist: DistInfo) -> None:
+def check_launch(cfg: TrainConfig, dist_info: DistInfo) -> None:
     """Flags that depend on how the processes were launched (one line naming the flag)."""
     if cfg.sync_norm and not launched_with_torchrun():
         raise ConfigError("--sync-norm: synchronizing norm statistics needs a distributed launch "
                           f"({python_command('-m', 'torch.distributed.run', '--nproc_per_node', 'N')} "
                           f"{script_path('train.py')} ...)")
-    if cfg.batch_size % dist.world_size:
+    if cfg.batch_size % dist_info.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size}: not divisible by the world size "
-                          f"{dist.world_size} (torchrun processes); it is the global batch")
+                          f"{dist_info.world_size} (torchrun processes); it is the global batch")
 
 
-def decided_on_main(dist: DistInfo, decide: Callable[[], Any]) -> Any:
+def decided_on_main(dist_info: DistInfo, decide: Callable[[], Any]) -> Any:
     """``decide()`` on rank 0, its result (or its error) on every rank.
 
     Used for what must agree and may race: the run folder's name (it holds the start time) and
     the check that it does not exist yet (rank 0 creates it)."""
-    if not dist.enabled:
+    if not dist_info.enabled:
         return decide()
     outcome = None
-    if dist.is_main:
+    if dist_info.is_main:
         try:
             outcome = ("ok", decide())
         except (ConfigError, CheckpointError) as e:
             outcome = ("error", e)
-    kind, value = dist_utils.broadcast_object(outcome)
+    kind, value = broadcast_object(outcome)
     if kind == "error":
         raise value
     return value
 
 
-def check_world_size(payload: Optional[dict], dist: DistInfo, target: PathLike) -> None:
+def check_world_size(payload: Optional[dict], dist_info: DistInfo, target: PathLike) -> None:
     """A checkpoint resumes exactly only on the world size that wrote it (per-rank RNG states
     and running statistics, per-rank batch slices)."""
     if payload is None:  # restarting from iteration 0: any world size
         return
     saved = int(payload.get("world_size", 1))
-    if saved != dist.world_size:
+    if saved != dist_info.world_size:
         raise ConfigError(
             f"--resume {str(target)!r}: the run was trained on world size {saved} (processes), "
-            f"this launch has {dist.world_size}; resume it with "
+            f"this launch has {dist_info.world_size}; resume it with "
             f"{python_command('-m', 'torch.distributed.run', '--nproc_per_node', saved, script_path('train.py'), '--resume', target)} "
             f"(or without torchrun when it is 1)"
         )

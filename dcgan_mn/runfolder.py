@@ -51,6 +51,16 @@ def _numbered(folder: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+class _Entry:
+    """A ``RunFolder`` attribute that reads as the path of one named entry of the folder."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, folder: RunFolder | None, owner: Any = None) -> Any:
+        return self if folder is None else folder.path / self.name
+
+
 class RunFolder:
     """One run's folder. Cheap to construct (touches nothing); ``create`` and ``claim`` act."""
 
@@ -74,37 +84,14 @@ class RunFolder:
 
     # ---- layout ------------------------------------------------------------------------------
 
-    @property
-    def config_file(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.path / self.METRICS
-
-    @property
-    def eval_seeds_file(self) -> Path:
-        return self.path / self.EVAL_SEEDS
-
-    @property
-    def provenance_file(self) -> Path:
-        return self.path / self.PROVENANCE
-
-    @property
-    def lock_file(self) -> Path:
-        return self.path / self.LOCK
-
-    @property
-    def hparams_dir(self) -> Path:
-        return self.path / self.HPARAMS
-
-    @property
-    def best_file(self) -> Path:
-        return self.path / self.BEST
-
-    @property
-    def snapshots_dir(self) -> Path:
-        return self.path / self.SNAPSHOTS
+    config_file = _Entry(CONFIG)
+    metrics_file = _Entry(METRICS)
+    eval_seeds_file = _Entry(EVAL_SEEDS)
+    provenance_file = _Entry(PROVENANCE)
+    lock_file = _Entry(LOCK)
+    hparams_dir = _Entry(HPARAMS)
+    best_file = _Entry(BEST)
+    snapshots_dir = _Entry(SNAPSHOTS)
 
     def checkpoint_file(self, iteration: int) -> Path:
         return self.path / f"ckpt-{iteration:08d}.pt"

@@ -29,10 +29,9 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from . import distributed as dist_utils
 from .config import TrainConfig
 from .data import BatchSampler
-from .distributed import DistInfo
+from .distributed import DistInfo, all_gather_objects, broadcast_
 from .ema import EmaSchedule, GeneratorEMA
 from .models import Discriminator, Generator
 from .step import StepWindow
@@ -58,11 +57,11 @@ class TrainingState:
     """What a run is at one iteration; built from its config, then (resuming) from a payload."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, images: Tensor, *, amp: str,
-                 dist: DistInfo = DistInfo(), best_metric: str = "fid") -> None:
-        self.cfg, self.device, self.dist = cfg, device, dist
+                 dist_info: DistInfo = DistInfo(), best_metric: str = "fid") -> None:
+        self.cfg, self.device, self.dist_info = cfg, device, dist_info
         # Under DDP every rank takes its slice of the same global batch (--batch-size is global).
         self.sampler = BatchSampler(images.to(device), cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip,
-                                    rank=dist.rank, world_size=dist.world_size)
+                                    rank=dist_info.rank, world_size=dist_info.world_size)
 
         # Models, optimizers and the grid's noise, all from cfg.seed.
         seed_everything(cfg.seed)
@@ -86,8 +85,8 @@ class TrainingState:
             self.ema = GeneratorEMA(self.G, EmaSchedule(cfg.g_ema, cfg.g_ema_rampup, cfg.g_ema_start),
                                     stats=cfg.g_ema_stats, standing_batches=cfg.g_ema_standing_batches,
                                     batch_size=self.sampler.local_batch)
-        if dist.enabled:  # same weights everywhere, but each rank its own noise and k-means draws
-            seed_everything(cfg.seed * 1_000_003 + 104_729 + dist.rank)
+        if dist_info.enabled:  # same weights everywhere, but each rank its own noise and k-means draws
+            seed_everything(cfg.seed * 1_000_003 + 104_729 + dist_info.rank)
 
         self.window = StepWindow(device)  # loss_D, loss_G, D(x), D(G(z)) summed over the log window
         self.iteration = 0
@@ -117,7 +116,7 @@ class TrainingState:
         one (its normalization state made ready first, so it is what was scored)."""
         if self.ema is None:
             return {}
-        self.ema.ready_for_use(rank_buffers_from=dist_utils.broadcast_ if self.dist.enabled else None)
+        self.ema.ready_for_use(rank_buffers_from=broadcast_ if self.dist_info.enabled else None)
         return {"generator_ema": self.ema.state_dict()}
 
     # ---- the full checkpoint --------------------------------------------------------------------
@@ -130,11 +129,11 @@ class TrainingState:
         log_window = self.window.state_dict()
         generators = self.generator_payloads()  # every rank: copying G's buffers may broadcast
         ranks = None
-        if self.dist.enabled:  # running statistics are each rank's own (buffers are not synchronized)
+        if self.dist_info.enabled:  # running statistics are each rank's own (buffers are not synchronized)
             buffers = {"generator": {n: b.cpu() for n, b in self.G.named_buffers()},
                        "discriminator": {n: b.cpu() for n, b in self.D.named_buffers()}}
-            ranks = dist_utils.all_gather_objects({"rng": rng, "log_window": log_window, "buffers": buffers})
-            if not self.dist.is_main:
+            ranks = all_gather_objects({"rng": rng, "log_window": log_window, "buffers": buffers})
+            if not self.dist_info.is_main:
                 return None
         payload = ckpt.generator_payload(self.G, self.cfg, self.iteration, self.images_seen, **generators)
         payload.update(
@@ -143,8 +142,8 @@ class TrainingState:
             rng=rng, data=self.sampler.state_dict(), fixed_noise=self.fixed_noise.cpu(), best=dict(self.best),
             train_seconds=train_seconds, log_window=log_window,
         )
-        if self.dist.enabled:
-            payload.update(world_size=self.dist.world_size, ranks=ranks)
+        if self.dist_info.enabled:
+            payload.update(world_size=self.dist_info.world_size, ranks=ranks)
         return payload
 
     def load_payload(self, payload: dict) -> None:
@@ -165,13 +164,14 @@ class TrainingState:
             self.best = {**self.best, **saved_best}
         self.iteration = int(payload["iteration"])
         self.train_seconds = float(payload.get("train_seconds", 0.0))
-        own = payload["ranks"][self.dist.rank] if self.dist.enabled else payload  # this rank's streams
+        # this rank's streams
+        own = payload["ranks"][self.dist_info.rank] if self.dist_info.enabled else payload
         self.window.load_state_dict(own.get("log_window") or {})
         ckpt.restore_rng_state(own["rng"], self.device)
 
     def restore_rank_buffers(self, payload: dict) -> None:
         """DDP copied rank 0's buffers when it wrapped the models: put back this rank's own."""
-        saved = payload["ranks"][self.dist.rank]["buffers"]
+        saved = payload["ranks"][self.dist_info.rank]["buffers"]
         with torch.no_grad():
             for model, part in ((self.G, "generator"), (self.D, "discriminator")):
                 for name, buf in model.named_buffers():

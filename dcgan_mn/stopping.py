@@ -13,8 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import distributed as dist_utils
-from .distributed import DistInfo
+from .distributed import DistInfo, all_reduce_max_
 from .step import StepWindow
 
 __all__ = ["StopOnSignals", "agreed_stop", "first_nonfinite"]
@@ -54,17 +53,17 @@ class StopOnSignals:
             signal.signal(sig, handler)
 
 
-def agreed_stop(stop: "StopOnSignals", dist: DistInfo, device: torch.device) -> Optional[str]:
+def agreed_stop(stop: "StopOnSignals", dist_info: DistInfo, device: torch.device) -> Optional[str]:
     """The signal that stops the run; under DDP the ranks agree (a 1-number all-reduce per
     iteration), so that all of them stop, and save, at the same iteration."""
-    if not dist.enabled:
+    if not dist_info.enabled:
         return stop.received
     signum = signal.Signals[stop.received].value if stop.received else 0
-    agreed = dist_utils.all_reduce_max(torch.tensor([signum], device=device))
+    agreed = all_reduce_max_(torch.tensor([signum], device=device))
     return signal.Signals(int(agreed.item())).name if agreed.item() else None
 
 
-def first_nonfinite(window: StepWindow, models: tuple, iteration: int, dist: DistInfo) -> Optional[int]:
+def first_nonfinite(window: StepWindow, models: tuple, iteration: int, dist_info: DistInfo) -> Optional[int]:
     """The first iteration whose losses or D outputs were not finite, or None (one host read).
     With ``models``: also their parameters (before an evaluation or a checkpoint reads them),
     counted as non-finite at ``iteration``. Under DDP any rank's counts."""
@@ -73,7 +72,7 @@ def first_nonfinite(window: StepWindow, models: tuple, iteration: int, dist: Dis
         params = [p for m in models for p in m.parameters()]
         finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
         flag = torch.where(finite | (flag >= 0), flag, iteration)
-    if dist.enabled:
-        flag = dist_utils.all_reduce_max(flag.reshape(1))[0]
+    if dist_info.enabled:
+        flag = all_reduce_max_(flag.reshape(1))[0]
     value = int(flag.item())
     return value if value >= 0 else None

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .distributed import initialized
 from .norms import Mixture, MixtureMoments, MixtureNorm2d
 from .norms.estimators import sample_fit_points
 
@@ -38,7 +39,7 @@ __all__ = [
     "unsynchronized",
     "PortableSyncBatchNorm",
     "SyncMixtureNorm2d",
-    "all_reduce_sum",
+    "differentiable_all_reduce_sum",
 ]
 
 # Device types torch's nn.SyncBatchNorm runs on; elsewhere we use PortableSyncBatchNorm.
@@ -46,7 +47,7 @@ _TORCH_SYNC_BN_DEVICES = ("cuda", "hpu", "xpu")
 
 
 def _world_size(group) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         return 1
     return dist.get_world_size(group)
 
@@ -73,7 +74,7 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-def all_reduce_sum(tensor: Tensor, group=None) -> Tensor:
+def differentiable_all_reduce_sum(tensor: Tensor, group=None) -> Tensor:
     """Autograd-aware all-reduce (sum). Same contract as the deprecated
     ``torch.distributed.nn.functional.all_reduce``; written out so that it works unchanged on
     every torch version we support."""
@@ -137,7 +138,7 @@ class SyncMixtureNorm2d(MixtureNorm2d):
             moments.count.reshape(1), moments.mass, moments.sum_sq_tau,
             moments.sum_x.reshape(-1), moments.sum_xx.reshape(-1),
         ])  # [1 + 2K + 2KC]
-        flat = all_reduce_sum(flat, self.process_group)
+        flat = differentiable_all_reduce_sum(flat, self.process_group)
         count, mass, sum_sq_tau, sum_x, sum_xx = torch.split(flat, [1, k, k, k * c, k * c])
         return MixtureMoments(count[0], mass, sum_sq_tau, sum_x.view(k, c), sum_xx.view(k, c),
                               moments.shift)
@@ -196,7 +197,7 @@ class PortableSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = [1, -1] + [1] * (input.dim() - 2)
         x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
         local_count = x.new_tensor([x.numel() / x.shape[1]])  # values per channel on this rank
-        sums = all_reduce_sum(torch.cat([x.sum(dims), local_count]), group)  # [C + 1]
+        sums = differentiable_all_reduce_sum(torch.cat([x.sum(dims), local_count]), group)  # [C + 1]
         count = sums[-1].detach()
         if float(count) <= 1:
             raise ValueError(
@@ -205,7 +206,7 @@ class PortableSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             )
         mean = sums[:-1] / count  # [C]
         centred = x - mean.view(shape)
-        var = all_reduce_sum(centred.square().sum(dims), group) / count  # [C] biased
+        var = differentiable_all_reduce_sum(centred.square().sum(dims), group) / count  # [C] biased
         y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)

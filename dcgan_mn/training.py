@@ -36,11 +36,11 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from . import distributed as dist_utils
 from .commands import python_command, script_command, script_path
 from .config import TrainConfig
 from .data import load_dataset
 from .device import autocast
+from .distributed import all_reduce_sum_
 from .errors import ConfigError
 from .launch import Launch, decide_launch
 from .metrics import METRICS, sample_count_tag
@@ -150,8 +150,8 @@ def train(
     """
     # ---- Decide which run this is. Nothing is written yet: a refused launch leaves every run as it was.
     launch = launch or decide_launch(cfg, resume)
-    dist, device = launch.dist, launch.device
-    if dist.is_main:
+    dist_info, device = launch.dist_info, launch.device
+    if dist_info.is_main:
         for warning in ((launch.amp_warning,) if launch.amp_warning else ()) + launch.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     images = training_images(launch, images)  # uint8 [N, 3, 32, 32]
@@ -160,7 +160,7 @@ def train(
     # ---- Build the models, optimizers, data order and grid noise; restore the run we resume.
     best_metric = getattr(evaluator, "primary_metric", "fid") if evaluator is not None else "fid"
     check_best_metric(cfg, evaluator)
-    state = TrainingState(cfg, device, images, amp=launch.amp, dist=dist, best_metric=best_metric)
+    state = TrainingState(cfg, device, images, amp=launch.amp, dist_info=dist_info, best_metric=best_metric)
     if launch.payload is not None:
         state.load_payload(launch.payload)
     if device.type == "cuda":
@@ -176,13 +176,13 @@ def train(
 
     # ---- Train: one D step then one G step per iteration, until cfg.iters or a signal.
     try:
-        with StopOnSignals(keep_deferring=dist.enabled) as stop:
-            stopping = agreed_stop(stop, dist, device)
+        with StopOnSignals(keep_deferring=dist_info.enabled) as stop:
+            stopping = agreed_stop(stop, dist_info, device)
             while state.iteration < cfg.iters and stopping is None:
                 out = train_step(*next_batch(state), state.iteration)  # D step, G step (, G_ema); on device
                 state.iteration += 1
                 it = state.iteration
-                stopping = agreed_stop(stop, dist, device)
+                stopping = agreed_stop(stop, dist_info, device)
                 if step_hook is not None:
                     step_hook(it, state.G, state.D)
                 state.window.add(out, it)  # summed on the device; read every --log-every
@@ -194,7 +194,8 @@ def train(
                 # Before anything reads or writes this state: is it still finite?
                 writes = evaluate_now or due(cfg.ckpt_every, it) or stopping is not None
                 if writes or due(cfg.log_every, it):
-                    nonfinite_at = first_nonfinite(state.window, (state.G, state.D) if writes else (), it, dist)
+                    checked = (state.G, state.D) if writes else ()
+                    nonfinite_at = first_nonfinite(state.window, checked, it, dist_info)
                     if nonfinite_at is not None:
                         break
                 if due(cfg.log_every, it):
@@ -210,7 +211,7 @@ def train(
 
             # ---- The end of the run: a last checkpoint where it is due.
             if nonfinite_at is None:
-                nonfinite_at = first_nonfinite(state.window, (state.G, state.D), state.iteration, dist)
+                nonfinite_at = first_nonfinite(state.window, (state.G, state.D), state.iteration, dist_info)
             if nonfinite_at is not None:
                 stopping = "non-finite"
             it = state.iteration
@@ -223,7 +224,7 @@ def train(
         io.lock.release()
 
     # ---- Say how it ended.
-    if dist.is_main and evaluating:
+    if dist_info.is_main and evaluating:
         write_hparams(io.folder, run_hparams(cfg, state.G), run_outcome(
             io.folder.metrics_rows(), scored_directions(evaluator, state.ema is not None), state.iteration))
     if nonfinite_at is not None:
@@ -232,7 +233,7 @@ def train(
                           f"{io.folder.latest_checkpoint()}")
     elif stopping is not None:
         io.logger.message(f"{stopping}: stopped at iteration {state.iteration}; checkpoint {io.last_checkpoint}; "
-                          f"continue with: {resume_command(io.folder.path, dist)}")
+                          f"continue with: {resume_command(io.folder.path, dist_info)}")
     return TrainResult(
         run_dir=io.folder.path, config=cfg, iteration=state.iteration, images_seen=state.images_seen,
         train_seconds=io.clock.seconds(), stopped_by=stopping, checkpoint=io.last_checkpoint,
@@ -241,10 +242,10 @@ def train(
     )
 
 
-def resume_command(run_dir: Path, dist) -> str:
+def resume_command(run_dir: Path, dist_info) -> str:
     """The command that continues this run, as it was launched (under torchrun: as many processes)."""
-    if dist.enabled:
-        return python_command("-m", "torch.distributed.run", "--nproc_per_node", dist.world_size,
+    if dist_info.enabled:
+        return python_command("-m", "torch.distributed.run", "--nproc_per_node", dist_info.world_size,
                               script_path("train.py"), "--resume", run_dir)
     return script_command("train.py", "--resume", run_dir)
 
@@ -287,19 +288,19 @@ def run_facts(launch: Launch, images: Tensor) -> dict:
     """What the config records of where and on what the run trains (its ``extra``)."""
     facts = {"device": str(launch.device), "torch": str(torch.__version__), "amp": launch.amp,
              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "num_train_images": int(images.shape[0])}
-    if launch.dist.enabled:
-        facts["world_size"] = launch.dist.world_size
+    if launch.dist_info.enabled:
+        facts["world_size"] = launch.dist_info.world_size
     return facts
 
 
 def open_run(launch: Launch, state: TrainingState, evaluator: Optional[EvaluateFn], progress: bool) -> RunIO:
     """Claim the run folder (rank 0 alone writes files), write its config and provenance, drop
     metrics rows a crashed run wrote past its checkpoint, and start TensorBoard and the bar."""
-    cfg, folder, dist = state.cfg, launch.folder, launch.dist
+    cfg, folder, dist_info = state.cfg, launch.folder, launch.dist_info
     dropped = 0
     env_key = None
     lock = folder.claim()  # held by rank 0 until the run ends; a second process stops here
-    if dist.is_main:
+    if dist_info.is_main:
         if not launch.continuing:
             folder.create()  # one mkdir: of two runs racing for a name, one wins
         lock.acquire()
@@ -312,7 +313,7 @@ def open_run(launch: Launch, state: TrainingState, evaluator: Optional[EvaluateF
         env_key = record_environment(folder, environment(launch.device), state.iteration)
     logger = RunLogger(folder, total_iters=cfg.iters, start_iter=state.iteration,
                        purge_step=state.iteration + 1 if launch.continuing else None, progress=progress,
-                       enabled=dist.is_main)
+                       enabled=dist_info.is_main)
     drop_note = f" (dropped {dropped} metrics rows written after that checkpoint)" if dropped else ""
     if launch.payload is not None:
         logger.message(f"resuming {folder.path} at iteration {state.iteration}{drop_note}")
@@ -330,7 +331,7 @@ def build_train_step(state: TrainingState, launch: Launch, compile_backend: str)
     DDP or fp16 loss scaling need ``backward()``). The step may run DDP-wrapped G and D;
     sampling, state dicts, telemetry and evaluation use the plain ones."""
     G_train, D_train = state.G, state.D
-    if launch.dist.enabled:
+    if launch.dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # forward_sync_buffers=False: each rank keeps the running statistics of its own batches
@@ -342,8 +343,8 @@ def build_train_step(state: TrainingState, launch: Launch, compile_backend: str)
             state.restore_rank_buffers(launch.payload)
     step = TrainStep(state.G, state.D, state.opt_g, state.opt_d,
                      autocast=lambda: autocast(launch.device, launch.amp), scaler=state.scaler,
-                     capturable=not launch.dist.enabled, G_forward=G_train, D_forward=D_train,
-                     D_frozen=state.D if launch.dist.enabled else None, ema=state.ema)
+                     capturable=not launch.dist_info.enabled, G_forward=G_train, D_forward=D_train,
+                     D_frozen=state.D if launch.dist_info.enabled else None, ema=state.ema)
     if state.cfg.compile:
         step.compile(state.cfg.compile_mode, backend=compile_backend)
     return step
@@ -375,8 +376,8 @@ def local_norms(state: TrainingState) -> contextlib.AbstractContextManager:
 def write_logs(state: TrainingState, io: RunIO) -> None:
     """Read the window's device sums (the one sync per --log-every) and log them."""
     window_means = state.window.take_means()  # [4]
-    if state.dist.enabled:  # the mean over ranks (every rank gets here at the same iteration)
-        window_means = dist_utils.all_reduce_sum(window_means) / state.dist.world_size
+    if state.dist_info.enabled:  # the mean over ranks (every rank gets here at the same iteration)
+        window_means = all_reduce_sum_(window_means) / state.dist_info.world_size
     loss_d, loss_g, d_real, d_fake = window_means.tolist()
     now, it = time.perf_counter(), state.iteration
     it_per_s = (it - io.window_start[1]) / max(now - io.window_start[0], 1e-9)
@@ -399,7 +400,7 @@ def write_grid(state: TrainingState, io: RunIO) -> None:
 
     from .digits import STACKED_SOURCES, side_by_side
 
-    if not state.dist.is_main:
+    if not state.dist_info.is_main:
         return
     cfg = state.cfg
     with io.clock.paused(), local_norms(state):
@@ -443,12 +444,12 @@ def evaluate(state: TrainingState, io: RunIO) -> None:
                            and isinstance(v, (int, float)) and not isinstance(v, bool)}, it)
         io.logger.scalars({"time/eval_seconds": row["eval_seconds"]}, it)
         snapshot = ckpt.generator_payload(state.G, cfg, it, state.images_seen, metrics=row, **generators)
-        if state.dist.is_main:
+        if state.dist_info.is_main:
             io.folder.save_snapshot(it, snapshot)
         value = result.get(state.best["metric"])
         if state.improves_best(value):
             state.best.update(value=float(value), iteration=it)
-            if state.dist.is_main:
+            if state.dist_info.is_main:
                 io.folder.save_best(snapshot)
         io.logger.show(**{k: f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in result.items()
                           if k in METRICS and METRICS[k].headline and v is not None})

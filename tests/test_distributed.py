@@ -7,21 +7,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dcgan_mn import distributed as D
+from dcgan_mn import distributed
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
-    info = D.init_distributed(torch.device("cpu"))  # already initialised: only reads env
+    info = distributed.init_distributed(torch.device("cpu"))  # already initialised: only reads env
     rows = torch.arange(3 * (rank + 1), dtype=torch.float32).reshape(rank + 1, 3) + 100 * rank
-    gathered = D.all_gather_rows(rows)
-    total = D.all_reduce_sum(torch.tensor([float(rank + 1)]))
-    obj = D.broadcast_object({"rank": rank})
+    gathered = distributed.all_gather_rows(rows)
+    total = distributed.all_reduce_sum_(torch.tensor([float(rank + 1)]))
+    obj = distributed.broadcast_object({"rank": rank})
     torch.save({"info": (info.rank, info.world_size, info.is_main), "gathered": gathered,
                 "total": total, "obj": obj}, os.path.join(out_dir, f"r{rank}.pt"))
-    D.shutdown_distributed()
+    distributed.shutdown_distributed()
 
 
 def test_collectives_on_two_ranks():
@@ -41,20 +41,20 @@ def test_collectives_on_two_ranks():
 def test_single_process_is_identity(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    info = D.init_distributed(torch.device("cpu"))
+    info = distributed.init_distributed(torch.device("cpu"))
     assert (info.world_size, info.is_main, info.enabled) == (1, True, False)
     t = torch.ones(2, 2)
-    assert D.all_gather_rows(t)[0] is t
-    assert D.broadcast_object("x") == "x"
-    assert D.all_reduce_sum(t) is t
+    assert distributed.all_gather_rows(t)[0] is t
+    assert distributed.broadcast_object("x") == "x"
+    assert distributed.all_reduce_sum_(t) is t
 
 
 def _max_and_objects_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    biggest = D.all_reduce_max(torch.tensor([[0, 15][rank]]))  # e.g. a stop signal on rank 1 only
-    objects = D.all_gather_objects({"rank": rank, "t": torch.full((2,), float(rank))})
+    biggest = distributed.all_reduce_max_(torch.tensor([[0, 15][rank]]))  # e.g. a stop signal on rank 1 only
+    objects = distributed.all_gather_objects({"rank": rank, "t": torch.full((2,), float(rank))})
     torch.save({"max": biggest, "objects": objects}, os.path.join(out_dir, f"m{rank}.pt"))
-    D.shutdown_distributed()
+    distributed.shutdown_distributed()
 
 
 def test_all_reduce_max_and_all_gather_objects():
@@ -65,5 +65,5 @@ def test_all_reduce_max_and_all_gather_objects():
         assert res["max"].item() == 15
         assert [o["rank"] for o in res["objects"]] == [0, 1]
         torch.testing.assert_close(res["objects"][1]["t"], torch.ones(2))
-    assert D.all_reduce_max(torch.tensor([3])).item() == 3  # no process group: identity
-    assert D.all_gather_objects("x") == ["x"]
+    assert distributed.all_reduce_max_(torch.tensor([3])).item() == 3  # no process group: identity
+    assert distributed.all_gather_objects("x") == ["x"]

@@ -316,7 +316,7 @@ def test_samples_refuses_a_non_empty_folder_and_bad_targets(tmp_path):
     assert res.exit_code != 0 and "exists and is not an empty folder" in res.stderr
     assert (tmp_path / "full" / "x.txt").read_text() == "keep me"
     assert "no such file" in run("samples", tmp_path / "nope", "--out", tmp_path / "o").stderr
-    assert "--num 0" in run("samples", run_dir, "--num", 0, "--out", tmp_path / "o").stderr
+    assert "'--num': 0 is not in the range x>=1" in run("samples", run_dir, "--num", 0, "--out", tmp_path / "o").stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 

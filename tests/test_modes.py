@@ -114,6 +114,10 @@ def test_kl_matches_scipy_entropy():
 # --- the classifier ----------------------------------------------------------------------------
 
 
+def test_classifier_tables_cover_exactly_the_stacked_sources():
+    assert set(CL.MIN_ACCURACY) == set(DG.STACKED_SOURCES) == set(CL.DEFAULT_EPOCHS)
+
+
 def test_classifier_cache_hash_and_reuse(modes_cache, modes_classifier, monkeypatch):
     assert modes_classifier.accuracy >= CL.MIN_ACCURACY["stacked-digits"]
     assert modes_classifier.path.parent == modes_cache / "mode_classifier"

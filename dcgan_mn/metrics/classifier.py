@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..digits import digits_key, load_digit_split
+from ..digits import STACKED_SOURCES, digits_key, load_digit_split
 from ..fileio import atomic_write
 from .errors import MetricsError
 from .frechet import StreamingMoments
@@ -40,10 +40,10 @@ from .frechet import StreamingMoments
 __all__ = ["MIN_ACCURACY", "DigitNet", "ModeClassifier", "train_digit_net", "digit_accuracy",
            "network_sha256", "load_mode_classifier"]
 
-MIN_ACCURACY = {"stacked-mnist": 0.985, "stacked-digits": 0.95}
+MIN_ACCURACY = {"stacked-mnist": 0.985, "stacked-digits": 0.95}  # one per digits.STACKED_SOURCES
 # Bump when the architecture or the training recipe changes: cached classifiers are retrained.
 RECIPE = "digitnet-v2/adam1e-3/bs128"
-DEFAULT_EPOCHS = {"stacked-mnist": 3, "stacked-digits": 30}
+DEFAULT_EPOCHS = {"stacked-mnist": 3, "stacked-digits": 30}  # one per digits.STACKED_SOURCES
 FEATURE_DIM = 128  # per channel; a stacked image's classifier features are 3 x 128
 
 
@@ -193,8 +193,8 @@ def load_mode_classifier(
     when a matching one is there, else trained (and cached when it passes the accuracy gate)."""
     from .reference import default_cache_dir
 
-    if source not in MIN_ACCURACY:
-        raise MetricsError(f"--source {source!r}: expected one of {', '.join(MIN_ACCURACY)}")
+    if source not in STACKED_SOURCES:
+        raise MetricsError(f"--source {source!r}: expected one of {', '.join(STACKED_SOURCES)}")
     need = MIN_ACCURACY[source] if min_accuracy is None else min_accuracy
     epochs = DEFAULT_EPOCHS[source] if epochs is None else epochs
     train_x, train_y = load_digit_split(source, "train", data_root)  # [n, 32, 32], [n]

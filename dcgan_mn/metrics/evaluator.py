@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..distributed import barrier, rank_and_world_size
 from ..features import FeatureExtractor, quantize_images
 from .errors import MetricsError
 from .inception import InceptionMetrics
@@ -90,7 +91,7 @@ def generated_images(
     batches_per_chunk = max(1, chunk_images // batch_size)
     chunk_size = batches_per_chunk * batch_size
     num_chunks = math.ceil(z_all.shape[0] / chunk_size)
-    rank, world = _rank_world() if shard else (0, 1)
+    rank, world = rank_and_world_size() if shard else (0, 1)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         for c in range(rank, num_chunks, world):
@@ -236,8 +237,8 @@ class Evaluator:
             for f, n in want.items():
                 f.update(offset, _head(outputs[f.needs], n))
             seen += images.shape[0]
-            bar.update(images.shape[0] * _rank_world()[1])
-        if _rank_world()[1] > 1:
+            bar.update(images.shape[0] * rank_and_world_size()[1])
+        if rank_and_world_size()[1] > 1:
             for f in self.families:
                 f.gather()
         elif seen == 0:
@@ -254,7 +255,7 @@ class Evaluator:
             raise MetricsError(f"--batch-size {batch_size}: must be >= 1")
         t0 = time.perf_counter()
         bar = tqdm(total=self.num_samples, desc=f"generate+features ({sample_mode})", unit="img",
-                   disable=not self.progress or _rank_world()[0] != 0, file=sys.stderr, leave=False)
+                   disable=not self.progress or rank_and_world_size()[0] != 0, file=sys.stderr, leave=False)
         with bar:
             result = self._run(self._generated_batches(generator, sample_mode, batch_size),
                                capped=True, bar=bar)
@@ -283,14 +284,6 @@ class Evaluator:
         return result
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def build_evaluator(
     cfg,
     device: Union[str, torch.device],
@@ -317,13 +310,12 @@ def build_evaluator(
     Under torchrun rank 0 computes (or loads) the cached parts first; the other ranks then read
     them from the cache.
     """
-    from .. import distributed as D
     from ..digits import STACKED_SOURCES
 
     stacked = cfg.dataset in STACKED_SOURCES
-    rank, world = _rank_world()
+    rank, world = rank_and_world_size()
     if world > 1 and rank != 0:
-        D.barrier()  # rank 0 fills the caches first; the others then read them
+        barrier()  # rank 0 fills the caches first; the others then read them
 
     families: list[Any] = []
     extractor = feature_extractor
@@ -353,5 +345,5 @@ def build_evaluator(
         families.append(ModeMetrics(classifier, num_samples=cfg.mode_samples))
 
     if world > 1 and rank == 0:
-        D.barrier()
+        barrier()
     return Evaluator(families=families, seed=seed, progress=progress)

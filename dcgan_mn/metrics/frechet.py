@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import distributed as D
+from ..distributed import all_gather_rows
 from .errors import MetricsError
 
 __all__ = ["StreamingMoments", "FrechetReference", "frechet_distance"]
@@ -78,7 +78,7 @@ class StreamingMoments:
             torch.tensor([float(self.count)], dtype=torch.float64, device=self.mean.device),
             self.mean, self.m2.flatten(),
         ])[None]  # [1, 1 + D + D*D]
-        rows = D.all_gather_rows(packed)
+        rows = all_gather_rows(packed)
         if len(rows) == 1:
             return self
         merged = StreamingMoments(self.dims, self.mean.device)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import distributed as D
+from ..distributed import all_gather_rows
 from ..features import FeatureExtractor
 from .errors import MetricsError
 from .frechet import StreamingMoments
@@ -53,14 +53,10 @@ class InceptionMetrics:
                 f"--ref {reference.meta.get('ref', reference.key)!r}: statistics are "
                 f"{reference.dims}-d but the features are {extractor.dims}-d (--dims)"
             )
-        self.extractor = extractor
-        self.reference = reference
-        self.num_samples = num_samples
-        self.seed = seed
-        self.prdc_k = prdc_k
-        self.max_metric_samples = max_metric_samples
-        self.kid_subsets = kid_subsets
-        self.kid_subset_size = kid_subset_size
+        self.extractor, self.reference = extractor, reference
+        self.num_samples, self.seed = num_samples, seed
+        self.max_metric_samples = max_metric_samples  # KID and PRDC read at most this many rows
+        self.kid_subsets, self.kid_subset_size, self.prdc_k = kid_subsets, kid_subset_size, prdc_k
         self.reset()
 
     @property
@@ -112,20 +108,16 @@ class InceptionMetrics:
     def gather(self) -> None:
         """Every rank ends up with all ranks' moments and kept rows."""
         device = self._moments.mean.device
-        idx = torch.cat(self._idx) if self._idx else torch.empty(0, dtype=torch.long)
-        rows = torch.cat(self._rows) if self._rows else torch.empty(0, self.dims)
         self._moments.all_reduce()
-        self._idx = [torch.cat(D.all_gather_rows(idx.to(device))).cpu()]
-        self._rows = [torch.cat(D.all_gather_rows(rows.to(device))).cpu()]
+        self._idx = [_all_rows(_joined(self._idx, torch.empty(0, dtype=torch.long)), device)]
+        self._rows = [_all_rows(_joined(self._rows, torch.empty(0, self.dims)), device)]
         if self.scores_is:
-            lidx = torch.cat(self._logits_idx) if self._logits_idx else torch.empty(0, dtype=torch.long)
-            logits = torch.cat(self._logits) if self._logits else torch.empty(0, 1008)
-            self._logits_idx = [torch.cat(D.all_gather_rows(lidx.to(device))).cpu()]
-            self._logits = [torch.cat(D.all_gather_rows(logits.to(device))).cpu()]
+            self._logits_idx = [_all_rows(_joined(self._logits_idx, torch.empty(0, dtype=torch.long)), device)]
+            self._logits = [_all_rows(_joined(self._logits, torch.empty(0, 1008)), device)]
 
     def result(self) -> dict:
-        idx = torch.cat(self._idx) if self._idx else torch.empty(0, dtype=torch.long)
-        rows = torch.cat(self._rows) if self._rows else torch.empty(0, self.dims)
+        idx = _joined(self._idx, torch.empty(0, dtype=torch.long))
+        rows = _joined(self._rows, torch.empty(0, self.dims))
         result = self.score(self._moments, rows[idx.argsort()])  # generation order, any rank count
         result.update(inception_score=None, inception_score_std=None)
         if self._logits:
@@ -169,3 +161,13 @@ class InceptionMetrics:
                 result.update(prdc(real, fake, self.prdc_k,
                                    real_radii=self.reference.real_radii(n, self.prdc_k, device)))
         return result
+
+
+def _joined(parts: list[Tensor], empty: Tensor) -> Tensor:
+    """The parts one after another (dim 0); ``empty`` when there are none."""
+    return torch.cat(parts) if parts else empty
+
+
+def _all_rows(t: Tensor, device) -> Tensor:
+    """Every rank's rows of ``t`` (gathered on ``device``), in rank order, on the CPU."""
+    return torch.cat(all_gather_rows(t.to(device))).cpu()

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import distributed as D
 from ..digits import NUM_MODES, mode_ids
+from ..distributed import all_gather_rows
 from .classifier import ModeClassifier
 from .errors import MetricsError
 from .frechet import FrechetReference, StreamingMoments
@@ -95,8 +95,8 @@ class ModeMetrics:
     def gather(self) -> None:
         """Every rank's labels and moments (identity without torchrun)."""
         idx, labels = torch.cat(self._idx), torch.cat(self._labels)
-        self._idx = [torch.cat(D.all_gather_rows(idx))]
-        self._labels = [torch.cat(D.all_gather_rows(labels))]
+        self._idx = [torch.cat(all_gather_rows(idx))]
+        self._labels = [torch.cat(all_gather_rows(labels))]
         self._moments.all_reduce()
 
     def result(self) -> dict:

@@ -126,7 +126,7 @@ def reference_identity(spec: str, data_root: Union[str, Path] = "data") -> dict:
         digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
         return {"kind": "folder", "path": str(p.resolve()), "num_files": len(files), "files_sha256": digest}
     raise MetricsError(
-        f"--ref {spec!r}: expected cifar10-train, cifar10-test, stacked-mnist, stacked-digits, an "
+        f"--ref {spec!r}: expected {', '.join([*BUILTIN_REFS, *STACKED_SOURCES])}, an "
         f"image folder or a .npz statistics file"
     )
 
