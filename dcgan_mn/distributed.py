@@ -18,6 +18,7 @@ from .device import launched_with_torchrun
 
 __all__ = [
     "DistInfo",
+    "SINGLE_PROCESS",
     "launched_with_torchrun",
     "init_distributed",
     "shutdown_distributed",
@@ -48,6 +49,9 @@ class DistInfo:
     def is_main(self) -> bool:
         """Rank 0 alone writes files (config, metrics, TensorBoard, checkpoints)."""
         return self.rank == 0
+
+
+SINGLE_PROCESS = DistInfo()  # one process, no torchrun: what DistInfo() means everywhere
 
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import BatchSampler
-from .distributed import DistInfo, all_gather_objects, broadcast_
+from .distributed import SINGLE_PROCESS, DistInfo, all_gather_objects, broadcast_
 from .ema import EmaSchedule, GeneratorEMA
 from .models import Discriminator, Generator
 from .step import StepWindow
@@ -57,7 +57,7 @@ class TrainingState:
     """What a run is at one iteration; built from its config, then (resuming) from a payload."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, images: Tensor, *, amp: str,
-                 dist_info: DistInfo = DistInfo(), best_metric: str = "fid") -> None:
+                 dist_info: DistInfo = SINGLE_PROCESS, best_metric: str = "fid") -> None:
         self.cfg, self.device, self.dist_info = cfg, device, dist_info
         # Under DDP every rank takes its slice of the same global batch (--batch-size is global).
         self.sampler = BatchSampler(images.to(device), cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip,

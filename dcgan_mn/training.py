@@ -24,7 +24,6 @@ iteration (``step``), stopping early (``stopping``), what is written (``log``, `
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import time

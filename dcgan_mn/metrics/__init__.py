@@ -29,7 +29,7 @@ from .evaluator import Evaluator, build_evaluator, generated_images, metric_coun
 __all__ = [
     "MetricsError", "StreamingMoments", "FrechetReference", "frechet_distance",
     "kernel_inception_distance", "knn_radii", "prdc", "IMAGE_EXTENSIONS", "image_folder_files",
-    "iter_image_batches", "feature_pass", "ReferenceStats", "BUILTIN_REFS", "CACHE_ENV_VAR",
+    "iter_image_batches", "SAMPLE_FORMATS", "write_samples", "generated_images", "feature_pass", "ReferenceStats", "BUILTIN_REFS", "CACHE_ENV_VAR",
     "DEFAULT_REAL_FEATURES", "default_cache_dir", "reference_identity", "reference_key",
     "load_reference", "load_stats_npz", "save_stats_npz", "InceptionMetrics", "Evaluator",
     "build_evaluator", "metric_count_key", "metric_direction", "sample_count_tag",
