@@ -51,7 +51,9 @@ def variants(path: Path, standing: list[int]) -> dict:
     copied.ready_for_use()
     out["G_ema/running/copy"] = (copied.G_ema, "running")
     for n in standing:
-        ema = GeneratorEMA(G, EmaSchedule(1.0), stats="standing", standing_batches=n, batch_size=cfg.batch_size)
+        ema = GeneratorEMA(
+            G, EmaSchedule(1.0), stats="standing", standing_batches=n, batch_size=cfg.batch_size
+        )
         ema.G_ema.load_state_dict(load_checkpoint(path)["generator_ema"])
         ema.ready_for_use()
         out[f"G_ema/running/standing-{n}"] = (ema.G_ema, "running")
@@ -61,7 +63,9 @@ def variants(path: Path, standing: list[int]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a stacked-digits run folder trained with --g-ema (its snapshots)")
-    p.add_argument("--iterations", default=None, help="comma list of snapshot iterations (default: all)")
+    p.add_argument(
+        "--iterations", default=None, help="comma list of snapshot iterations (default: all)"
+    )
     p.add_argument("--samples", type=int, default=5000, help="samples per score")
     p.add_argument("--standing", default="4,16,64", help="standing-statistics batch counts to try")
     p.add_argument("--threads", type=int, default=None)
@@ -78,18 +82,30 @@ def main() -> None:
     classifier = load_mode_classifier(cfg.dataset)
     evaluator = Evaluator(families=[ModeMetrics(classifier, num_samples=args.samples)], seed=0)
     standing = [int(n) for n in args.standing.split(",")]
-    result = {"run": args.run, "samples": args.samples, "norms": cfg.norm_kinds(), "g_ema": cfg.g_ema,
-              "g_ema_rampup": cfg.g_ema_rampup, "classifier_sha256": classifier.sha256,
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "snapshots": {}}
+    result = {
+        "run": args.run,
+        "samples": args.samples,
+        "norms": cfg.norm_kinds(),
+        "g_ema": cfg.g_ema,
+        "g_ema_rampup": cfg.g_ema_rampup,
+        "classifier_sha256": classifier.sha256,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "snapshots": {},
+    }
     for it in wanted:
-        rows = {name: score(evaluator, G, mode, cfg.batch_size)
-                for name, (G, mode) in variants(snapshots[it], standing).items()}
+        rows = {
+            name: score(evaluator, G, mode, cfg.batch_size)
+            for name, (G, mode) in variants(snapshots[it], standing).items()
+        }
         base = rows["G_ema/batch"]["cfd"]
         for row in rows.values():
             row["cfd_ratio_to_G_ema_batch"] = round(row["cfd"] / base, 3)
         result["snapshots"][str(it)] = rows
-        print(f"iteration {it}: " + ", ".join(f"{k} {v['modes']}/{v['cfd']:.0f}" for k, v in rows.items()),
-              file=sys.stderr)
+        print(
+            f"iteration {it}: "
+            + ", ".join(f"{k} {v['modes']}/{v['cfd']:.0f}" for k, v in rows.items()),
+            file=sys.stderr,
+        )
     print(json.dumps(result, indent=1))
 
 

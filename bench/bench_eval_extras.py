@@ -47,16 +47,25 @@ def main() -> None:
     out: dict = {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-        "threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
     }
 
     # ---- IS: the same evaluation with and without the logits.
     weights = save_random_fid_inception(tmp / "inception.pth")
     extractor = InceptionFeatureExtractor(2048, weights, device="cpu", progress=False)
-    images = (torch.rand(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    images = (
+        torch.rand(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255
+    ).to(torch.uint8)
     real = torch.randn(64, 2048, dtype=torch.float64)
-    ref = M.ReferenceStats(mu=real.mean(0).numpy(), sigma=torch.cov(real.T).numpy(), key="bench",
-                           features=real.float().numpy(), meta={})
+    ref = M.ReferenceStats(
+        mu=real.mean(0).numpy(),
+        sigma=torch.cov(real.T).numpy(),
+        key="bench",
+        features=real.float().numpy(),
+        meta={},
+    )
 
     class FeaturesOnly:  # the same extractor with the Inception Score switched off
         dims, batch_size, weights_sha256, has_logits = 2048, extractor.batch_size, "x", False
@@ -75,9 +84,12 @@ def main() -> None:
     for _ in range(args.reps):
         without.append(evaluation(FeaturesOnly()))
         with_is.append(evaluation(extractor))
-    out["is"] = {"images": args.images, "with_is_s": statistics.median(with_is),
-                 "without_is_s": statistics.median(without),
-                 "is_overhead": statistics.median(with_is) / statistics.median(without)}
+    out["is"] = {
+        "images": args.images,
+        "with_is_s": statistics.median(with_is),
+        "without_is_s": statistics.median(without),
+        "is_overhead": statistics.median(with_is) / statistics.median(without),
+    }
 
     # ---- Export: evaluate.py samples' writer vs save_image per image.
     from torchvision.utils import save_image
@@ -88,8 +100,17 @@ def main() -> None:
 
     def export_ours(folder: Path) -> float:
         t0 = time.perf_counter()
-        batches = (im for _, im in M.generated_images(G, num_samples=args.export, seed=0, sample_mode="batch",
-                                                      batch_size=batch, shard=False))
+        batches = (
+            im
+            for _, im in M.generated_images(
+                G,
+                num_samples=args.export,
+                seed=0,
+                sample_mode="batch",
+                batch_size=batch,
+                shard=False,
+            )
+        )
         M.write_samples(batches, folder, "png", total=args.export)
         return time.perf_counter() - t0
 
@@ -110,10 +131,16 @@ def main() -> None:
     for r in range(args.reps):
         theirs.append(export_save_image(tmp / f"save_image_{r}"))
         ours.append(export_ours(tmp / f"ours_{r}"))
-    ips_ours, ips_theirs = args.export / statistics.median(ours), args.export / statistics.median(theirs)
-    out["export"] = {"images": args.export, "ours_images_per_s": round(ips_ours, 1),
-                     "save_image_images_per_s": round(ips_theirs, 1),
-                     "export_speed": ips_ours / ips_theirs}
+    ips_ours, ips_theirs = (
+        args.export / statistics.median(ours),
+        args.export / statistics.median(theirs),
+    )
+    out["export"] = {
+        "images": args.export,
+        "ours_images_per_s": round(ips_ours, 1),
+        "save_image_images_per_s": round(ips_theirs, 1),
+        "export_speed": ips_ours / ips_theirs,
+    }
     assert math.isfinite(out["export"]["export_speed"])
     print(json.dumps(out, indent=2))
 

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the real-format file writers the suite uses
 
 from formats import save_random_fid_inception, write_pngs  # noqa: E402
+
 PYTORCH_FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
 
@@ -66,10 +67,33 @@ def end_to_end(images: int, reps: int, dims: int) -> dict:
         write_pngs(b, images, seed=2, shift=30)
         env = dict(os.environ, TORCH_HOME=str(tmp / "torch"), PYTHONWARNINGS="ignore")
         py = sys.executable
-        ours_cmd = [py, "evaluate.py", "fid", str(a), "--ref", str(b), "--dims", str(dims),
-                    "--inception-weights", str(weights), "--device", "cpu", "--no-cache",
-                    "--no-progress"]
-        theirs_cmd = [py, "-m", "pytorch_fid", str(a), str(b), "--device", "cpu", "--dims", str(dims)]
+        ours_cmd = [
+            py,
+            "evaluate.py",
+            "fid",
+            str(a),
+            "--ref",
+            str(b),
+            "--dims",
+            str(dims),
+            "--inception-weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--no-cache",
+            "--no-progress",
+        ]
+        theirs_cmd = [
+            py,
+            "-m",
+            "pytorch_fid",
+            str(a),
+            str(b),
+            "--device",
+            "cpu",
+            "--dims",
+            str(dims),
+        ]
         times = {"ours": [], "pytorch_fid": []}
         fids = {}
         for rep in range(reps):
@@ -88,7 +112,10 @@ def end_to_end(images: int, reps: int, dims: int) -> dict:
         "dims": dims,
         "reps": reps,
         "ours_s": {"median": round(med["ours"], 2), "min": round(min(times["ours"]), 2)},
-        "pytorch_fid_s": {"median": round(med["pytorch_fid"], 2), "min": round(min(times["pytorch_fid"]), 2)},
+        "pytorch_fid_s": {
+            "median": round(med["pytorch_fid"], 2),
+            "min": round(min(times["pytorch_fid"]), 2),
+        },
         "ours_images_per_s": round(2 * images / med["ours"], 2),
         "pytorch_fid_images_per_s": round(2 * images / med["pytorch_fid"], 2),
         "speedup": round(med["pytorch_fid"] / med["ours"], 3),
@@ -153,8 +180,12 @@ def main() -> None:
     p.add_argument("--skip-end-to-end", action="store_true")
     args = p.parse_args()
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
         "command": "python bench/bench_fid.py " + " ".join(sys.argv[1:]),
         "frechet_distance": frechet(2048, args.frechet_reps),
     }

@@ -37,11 +37,21 @@ from dcgan_mn.device import cpu_has_native_bf16
 
 LAYER_SHAPES = [(64, 512, 4, 4), (64, 256, 8, 8), (64, 128, 16, 16)]
 # Generator norms per layer (0 nearest z): BN, MN in 0,1 or all, and MN's relatives in 0,1.
-STEP_CONFIGS = {"bn": ("bn", "bn", "bn"), "mn01": ("mn", "mn", "bn"), "mn_all": ("mn", "mn", "mn"),
-                "mode01": ("mode", "mode", "bn"), "group01": ("group", "group", "bn"), "none01": ("none", "none", "bn")}
+STEP_CONFIGS = {
+    "bn": ("bn", "bn", "bn"),
+    "mn01": ("mn", "mn", "bn"),
+    "mn_all": ("mn", "mn", "mn"),
+    "mode01": ("mode", "mode", "bn"),
+    "group01": ("group", "group", "bn"),
+    "none01": ("none", "none", "bn"),
+}
 # MN's switches other than the defaults, counted beside them.
-VARIANTS = {"em": dict(estimator="em"), "no_posterior_grad": dict(posterior_grad=False),
-            "no_lambda_scale": dict(lambda_scale=False), "point_channel": dict(point="channel")}
+VARIANTS = {
+    "em": dict(estimator="em"),
+    "no_posterior_grad": dict(posterior_grad=False),
+    "no_lambda_scale": dict(lambda_scale=False),
+    "point_channel": dict(point="channel"),
+}
 # The budget for one MN layer (training forward + backward), eager.
 BUDGET = {"mn_k3": 64, "mn_k1": 16}
 
@@ -61,6 +71,7 @@ def layer_fn(layer: nn.Module, shape, compiled: bool):
     def run():
         with compile_step_config():  # tracing torch.autograd.grad
             return fn(x)
+
     return run
 
 
@@ -94,6 +105,7 @@ def passes_fn(norms, batch_size: int, components: int):
         loss_d = discriminator_loss(D(real), D(fake.detach()))
         torch.autograd.grad(loss_d, list(D.parameters()))
         torch.autograd.grad(generator_loss(D(fake)), list(G.parameters()))
+
     return run
 
 
@@ -126,8 +138,10 @@ def count_layers(components: list[int], compiled: bool) -> dict:
 
 
 def count_steps(batch_size: int, components: int, compiled: bool) -> dict:
-    rows = {name: measure(step_fn(spec, batch_size, components, compiled))
-            for name, spec in STEP_CONFIGS.items()}
+    rows = {
+        name: measure(step_fn(spec, batch_size, components, compiled))
+        for name, spec in STEP_CONFIGS.items()
+    }
     if not compiled:
         for name, spec in STEP_CONFIGS.items():
             rows[name]["passes_only"] = measure(passes_fn(spec, batch_size, components), warmup=1)
@@ -149,18 +163,22 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--components", default="1,3", help="K values of the MN layers to count")
     p.add_argument("--step-components", type=int, default=3, help="K of the MN layers in the steps")
-    p.add_argument("--compiled", action="store_true", help="also count under torch.compile (minutes)")
+    p.add_argument(
+        "--compiled", action="store_true", help="also count under torch.compile (minutes)"
+    )
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     components = [int(k) for k in args.components.split(",")]
     result = {
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
         "threads": torch.get_num_threads(),
         "counting": "outermost aten ops that do work (no views/metadata/allocation), fused "
-                    "compiled kernels one each; host syncs = item/_local_scalar_dense/nonzero/...",
+        "compiled kernels one each; host syncs = item/_local_scalar_dense/nonzero/...",
         "layers": count_layers(components, compiled=False),
         "step": count_steps(args.batch_size, args.step_components, compiled=False),
     }

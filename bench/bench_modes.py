@@ -59,7 +59,9 @@ def main() -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)())
         and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-        "threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
     }
 
     # Classifier training from scratch (an empty cache).
@@ -70,8 +72,17 @@ def main() -> None:
 
     # Training iterations of the default model on stacked-digits.
     def run(name: str, iters: int):
-        cfg = TrainConfig(dataset="stacked-digits", iters=iters, fid_every=0, sample_every=0,
-                          ckpt_every=0, log_every=10, device="cpu", out=str(tmp / "runs"), run_name=name)
+        cfg = TrainConfig(
+            dataset="stacked-digits",
+            iters=iters,
+            fid_every=0,
+            sample_every=0,
+            ckpt_every=0,
+            log_every=10,
+            device="cpu",
+            out=str(tmp / "runs"),
+            run_name=name,
+        )
         return train(cfg, progress=False)
 
     warm = run("warm", 5)
@@ -91,7 +102,9 @@ def main() -> None:
     out["mode_eval_s_all"] = [round(t, 2) for t in times]
     out["modes_of_untrained_generator"] = result["modes"]
     out["fid_every"] = args.fid_every
-    out["ratio_eval_to_training"] = round(out["mode_eval_s"] / (out["train_iter_s"] * args.fid_every), 4)
+    out["ratio_eval_to_training"] = round(
+        out["mode_eval_s"] / (out["train_iter_s"] * args.fid_every), 4
+    )
 
     if not args.skip_mnist:
         g = torch.Generator().manual_seed(0)

@@ -37,9 +37,15 @@ from dcgan_mn.device import cpu_has_native_bf16
 
 LAYER_SHAPES = [(64, 512, 4, 4), (64, 256, 8, 8), (64, 128, 16, 16)]
 # Generator norms per layer (0 nearest z); ratios are to the all-BN step ("none": no MN layer).
-STEP_CONFIGS = {"none": ("bn", "bn", "bn"), "0": ("mn", "bn", "bn"), "0,1": ("mn", "mn", "bn"),
-                "all": ("mn", "mn", "mn"), "mode:0,1": ("mode", "mode", "bn"),
-                "group:0,1": ("group", "group", "bn"), "identity:0,1": ("none", "none", "bn")}
+STEP_CONFIGS = {
+    "none": ("bn", "bn", "bn"),
+    "0": ("mn", "bn", "bn"),
+    "0,1": ("mn", "mn", "bn"),
+    "all": ("mn", "mn", "mn"),
+    "mode:0,1": ("mode", "mode", "bn"),
+    "group:0,1": ("group", "group", "bn"),
+    "identity:0,1": ("none", "none", "bn"),
+}
 G_EMA_CONFIGS = ("none", "0,1")  # also timed with the G_ema update (--g-ema)
 
 
@@ -66,8 +72,9 @@ def _interleaved(fns: dict, reps: int, warmup: int, device: torch.device) -> dic
     return times
 
 
-def bench_layers(reps: int, warmup: int, device: torch.device, batch_size: int,
-                 num_components: int) -> dict:
+def bench_layers(
+    reps: int, warmup: int, device: torch.device, batch_size: int, num_components: int
+) -> dict:
     out = {}
     for _, c, h, w in LAYER_SHAPES:
         shape = (batch_size, c, h, w)
@@ -85,6 +92,7 @@ def bench_layers(reps: int, warmup: int, device: torch.device, batch_size: int,
                 x.grad = None
                 layer.zero_grad(set_to_none=True)
                 layer(x).backward(grad)
+
             return run
 
         times = _interleaved({k: step(m) for k, m in layers.items()}, reps, warmup, device)
@@ -93,8 +101,11 @@ def bench_layers(reps: int, warmup: int, device: torch.device, batch_size: int,
         for name in layers:
             if name != "bn":
                 s = _summary(times[name])
-                row[name] = {**s, "ratio_median": round(s["median_ms"] / bn["median_ms"], 3),
-                             "ratio_min": round(s["min_ms"] / bn["min_ms"], 3)}
+                row[name] = {
+                    **s,
+                    "ratio_median": round(s["median_ms"] / bn["median_ms"], 3),
+                    "ratio_min": round(s["min_ms"] / bn["min_ms"], 3),
+                }
         out["x".join(map(str, shape))] = row
     return out
 
@@ -102,8 +113,15 @@ def bench_layers(reps: int, warmup: int, device: torch.device, batch_size: int,
 class GanStep:
     """One DCGAN iteration: D on real and detached fake, then G through the same fake."""
 
-    def __init__(self, norms, batch_size: int, device: torch.device, num_components: int,
-                 seed: int = 0, g_ema: bool = False) -> None:
+    def __init__(
+        self,
+        norms,
+        batch_size: int,
+        device: torch.device,
+        num_components: int,
+        seed: int = 0,
+        g_ema: bool = False,
+    ) -> None:
         torch.manual_seed(seed)
         self.g = Generator(norms=norms, num_components=num_components).to(device)
         self.d = Discriminator().to(device)
@@ -121,8 +139,9 @@ class GanStep:
         fake = self.g(self.z)
         # D step: real -> 1, fake -> 0.
         self.opt_d.zero_grad(set_to_none=True)
-        loss_d = F.binary_cross_entropy_with_logits(self.d(self.real), self.ones) + \
-            F.binary_cross_entropy_with_logits(self.d(fake.detach()), self.zeros)
+        loss_d = F.binary_cross_entropy_with_logits(
+            self.d(self.real), self.ones
+        ) + F.binary_cross_entropy_with_logits(self.d(fake.detach()), self.zeros)
         loss_d.backward()
         self.opt_d.step()
         # G step, non-saturating: fake -> 1.
@@ -136,12 +155,21 @@ class GanStep:
         self.iteration += 1
 
 
-def bench_step(reps: int, warmup: int, device: torch.device, batch_size: int,
-               num_components: int) -> dict:
-    steps = {name: GanStep(norms, batch_size, device, num_components)
-             for name, norms in STEP_CONFIGS.items()}
-    steps.update({f"{name}+g_ema": GanStep(STEP_CONFIGS[name], batch_size, device, num_components, g_ema=True)
-                  for name in G_EMA_CONFIGS})
+def bench_step(
+    reps: int, warmup: int, device: torch.device, batch_size: int, num_components: int
+) -> dict:
+    steps = {
+        name: GanStep(norms, batch_size, device, num_components)
+        for name, norms in STEP_CONFIGS.items()
+    }
+    steps.update(
+        {
+            f"{name}+g_ema": GanStep(
+                STEP_CONFIGS[name], batch_size, device, num_components, g_ema=True
+            )
+            for name in G_EMA_CONFIGS
+        }
+    )
     times = _interleaved(steps, reps, warmup, device)
     base_median, base_min = statistics.median(times["none"]), min(times["none"])
     out = {
@@ -156,7 +184,8 @@ def bench_step(reps: int, warmup: int, device: torch.device, batch_size: int,
         with_ema, without = times[f"{name}+g_ema"], times[name]
         out[f"{name}+g_ema"]["ratio_to_without_g_ema"] = {
             "median": round(statistics.median(with_ema) / statistics.median(without), 3),
-            "min": round(min(with_ema) / min(without), 3)}
+            "min": round(min(with_ema) / min(without), 3),
+        }
     return out
 
 
@@ -164,8 +193,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=30, help="timed repetitions per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-components", type=int, default=3, help="K for the MN layers")
     p.add_argument("--device", default="cpu")
@@ -186,11 +216,13 @@ def main() -> None:
         "num_components": args.num_components,
     }
     if args.only in (None, "layers"):
-        result["layers"] = bench_layers(args.reps, args.warmup, device, args.batch_size,
-                                         args.num_components)
+        result["layers"] = bench_layers(
+            args.reps, args.warmup, device, args.batch_size, args.num_components
+        )
     if args.only in (None, "step"):
-        result["step"] = bench_step(args.reps, args.warmup, device, args.batch_size,
-                                    args.num_components)
+        result["step"] = bench_step(
+            args.reps, args.warmup, device, args.batch_size, args.num_components
+        )
     print(json.dumps(result, indent=1))
 
 

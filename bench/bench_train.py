@@ -36,14 +36,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the suite's real-format writers
+# the suite's real-format writers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from formats import write_fake_cifar10  # noqa: E402
 
 
 # ---- the baseline: pytorch/examples/dcgan's loop, on our architecture ----------------------
 
 
-def baseline_images_per_s(data_root: Path, iters: int, batch_size: int, workers: int, seed: int) -> float:
+def baseline_images_per_s(
+    data_root: Path, iters: int, batch_size: int, workers: int, seed: int
+) -> float:
     import torchvision.datasets as dset
     import torchvision.datasets.cifar
     import torchvision.transforms as transforms
@@ -53,14 +56,25 @@ def baseline_images_per_s(data_root: Path, iters: int, batch_size: int, workers:
     # Our files are in the real format but are not the real files: skip torchvision's MD5 check.
     torchvision.datasets.cifar.check_integrity = lambda *a, **k: True
     torch.manual_seed(seed)
-    dataset = dset.CIFAR10(root=str(data_root), train=True, download=False, transform=transforms.Compose([
-        transforms.Resize(32), transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    ]))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True)
+    dataset = dset.CIFAR10(
+        root=str(data_root),
+        train=True,
+        download=False,
+        transform=transforms.Compose(
+            [
+                transforms.Resize(32),
+                transforms.ToTensor(),
+                transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+            ]
+        ),
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True
+    )
     device = torch.device("cpu")
     netG = Generator(z_dim=100, ngf=64, mn_layers="none").to(device)
-    netD = nn.Sequential(Discriminator(64), nn.Sigmoid()).to(device)  # the example's D ends in a sigmoid
+    # the example's D ends in a sigmoid
+    netD = nn.Sequential(Discriminator(64), nn.Sigmoid()).to(device)
     criterion = nn.BCELoss()
     optimizerD = torch.optim.Adam(netD.parameters(), lr=2e-4, betas=(0.5, 0.999))
     optimizerG = torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999))
@@ -96,8 +110,11 @@ def baseline_images_per_s(data_root: Path, iters: int, batch_size: int, workers:
         errG.backward()
         D_G_z2 = output.mean().item()
         optimizerG.step()
-        print(f"[{i}/{iters}] Loss_D: {errD.item():.4f} Loss_G: {errG.item():.4f} D(x): {D_x:.4f} "
-              f"D(G(z)): {D_G_z1:.4f} / {D_G_z2:.4f}", file=sink)
+        print(
+            f"[{i}/{iters}] Loss_D: {errD.item():.4f} Loss_G: {errG.item():.4f} D(x): {D_x:.4f} "
+            f"D(G(z)): {D_G_z1:.4f} / {D_G_z2:.4f}",
+            file=sink,
+        )
         if i + 1 < iters:
             try:
                 data = next(batches)
@@ -111,13 +128,30 @@ def baseline_images_per_s(data_root: Path, iters: int, batch_size: int, workers:
 # ---- ours: the real training function ------------------------------------------------------
 
 
-def ours_images_per_s(images: torch.Tensor, out: Path, iters: int, batch_size: int, seed: int,
-                      progress: bool, **overrides) -> float:
+def ours_images_per_s(
+    images: torch.Tensor,
+    out: Path,
+    iters: int,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    **overrides,
+) -> float:
     from dcgan_mn.config import TrainConfig
     from dcgan_mn.training import train
 
-    cfg = TrainConfig(iters=iters, batch_size=batch_size, seed=seed, device="cpu", out=str(out),
-                      log_every=10, sample_every=0, fid_every=0, ckpt_every=0, **overrides)
+    cfg = TrainConfig(
+        iters=iters,
+        batch_size=batch_size,
+        seed=seed,
+        device="cpu",
+        out=str(out),
+        log_every=10,
+        sample_every=0,
+        fid_every=0,
+        ckpt_every=0,
+        **overrides,
+    )
     result = train(cfg, images=images, progress=progress)
     return result.images_seen / result.train_seconds
 
@@ -127,9 +161,16 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=30, help="iterations per measurement")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--images-per-batch", type=int, default=1000, help="images per fake CIFAR pickle")
-    ap.add_argument("--workers", type=int, nargs="+", default=[2, 0],
-                    help="baseline DataLoader worker counts to measure (pytorch/examples default: 2)")
+    ap.add_argument(
+        "--images-per-batch", type=int, default=1000, help="images per fake CIFAR pickle"
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[2, 0],
+        help="baseline DataLoader worker counts to measure (pytorch/examples default: 2)",
+    )
     ap.add_argument("--progress", action="store_true", help="show our progress bar (stderr)")
     args = ap.parse_args()
 
@@ -142,8 +183,12 @@ def main() -> None:
         tmp = Path(tmp)
         data_root = write_fake_cifar10(tmp / "data", args.images_per_batch)
         images = load_cifar10(data_root, "train", download=False)  # uint8 [N, 3, 32, 32]
-        arms = {f"baseline_workers{w}": (lambda s, w=w: baseline_images_per_s(
-                    data_root, args.iters, args.batch_size, w, s)) for w in args.workers}
+        arms = {
+            f"baseline_workers{w}": (
+                lambda s, w=w: baseline_images_per_s(data_root, args.iters, args.batch_size, w, s)
+            )
+            for w in args.workers
+        }
         ours = {
             "ours_fp32": dict(mn_layers="none"),
             "ours_bf16_channels_last": dict(mn_layers="none", amp="bf16", channels_last=True),
@@ -152,10 +197,12 @@ def main() -> None:
         if not native_bf16:  # emulated bf16 is ~20x slower: measuring it says nothing about us
             del ours["ours_bf16_channels_last"]
             skipped["ours_bf16_channels_last"] = (
-                f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16")
+                f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16"
+            )
         for name, kw in ours.items():
-            arms[name] = (lambda s, kw=kw: ours_images_per_s(
-                images, tmp / f"runs-{s}", args.iters, args.batch_size, 0, args.progress, **kw))
+            arms[name] = lambda s, kw=kw: ours_images_per_s(
+                images, tmp / f"runs-{s}", args.iters, args.batch_size, 0, args.progress, **kw
+            )
         for name, fn in arms.items():  # warm-up: allocator, oneDNN primitives, worker imports
             fn(-1)
         samples = {name: [] for name in arms}
@@ -168,15 +215,21 @@ def main() -> None:
     baselines = {n: v for n, v in med.items() if n.startswith("baseline")}
     best_baseline = max(baselines, key=baselines.get)
     default_baseline = "baseline_workers2" if "baseline_workers2" in baselines else best_baseline
+
     def ratio(a, b):
         return round(med[a] / med[b], 3) if a in med and b in med else None
 
     report = {
         "benchmark": "training images/s, all-BN DCGAN ngf=ndf=64, CPU",
-        "iters": args.iters, "reps": args.reps, "batch_size": args.batch_size,
-        "dataset_images": 5 * args.images_per_batch, "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16,
+        "iters": args.iters,
+        "reps": args.reps,
+        "batch_size": args.batch_size,
+        "dataset_images": 5 * args.images_per_batch,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16,
         "skipped": skipped,
         "images_per_s_median": {k: round(v, 1) for k, v in med.items()},
         "images_per_s_all": {k: [round(x, 1) for x in v] for k, v in samples.items()},
@@ -185,7 +238,9 @@ def main() -> None:
         "ratio_bf16_channels_last_vs_baseline": ratio("ours_bf16_channels_last", default_baseline),
         "best_baseline": best_baseline,
         "ratio_fp32_vs_best_baseline": ratio("ours_fp32", best_baseline),
-        "ratio_bf16_channels_last_vs_best_baseline": ratio("ours_bf16_channels_last", best_baseline),
+        "ratio_bf16_channels_last_vs_best_baseline": ratio(
+            "ours_bf16_channels_last", best_baseline
+        ),
         "ratio_mn_default_vs_ours_fp32": ratio("ours_mn_default", "ours_fp32"),
         "targets": {"fp32_vs_baseline": 1.0, "bf16_channels_last_vs_baseline": 1.4},
     }

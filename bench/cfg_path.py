@@ -51,7 +51,11 @@ def import_graph() -> dict[str, set[str]]:
                 base = package
                 for _ in range(node.level - 1):
                     base = base.rpartition(".")[0]
-                stem = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+                stem = (
+                    (f"{base}.{node.module}" if node.module else base)
+                    if node.level
+                    else node.module
+                )
                 targets = [stem] + [f"{stem}.{a.name}" for a in node.names]
             for t in targets:
                 if t in modules and t != name:
@@ -69,7 +73,7 @@ def floors(graph: dict[str, set[str]]) -> tuple[dict[str, int], list[list[str]]]
         if m in floor:
             return floor[m]
         if m in stack:
-            circles.append(stack[stack.index(m):] + [m])
+            circles.append(stack[stack.index(m) :] + [m])
             return -1
         below = [visit(d, stack + [m]) for d in graph[m]]
         floor[m] = 1 + max(below, default=-1)
@@ -88,7 +92,9 @@ def trace_config_path(floor: dict[str, int]) -> dict:
 
     def carries_config(frame) -> bool:
         for value in frame.f_locals.values():
-            if isinstance(value, TrainConfig) or isinstance(getattr(value, "cfg", None), TrainConfig):
+            if isinstance(value, TrainConfig) or isinstance(
+                getattr(value, "cfg", None), TrainConfig
+            ):
                 return True
         return False
 
@@ -127,25 +133,47 @@ def trace_config_path(floor: dict[str, int]) -> dict:
 
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(out=out, run_name="r", iters=2, batch_size=8, ngf=8, ndf=8, mn_fit_points=64,
-                          fid_every=2, ckpt_every=2, log_every=1, sample_every=2, device="cpu")
+        cfg = TrainConfig(
+            out=out,
+            run_name="r",
+            iters=2,
+            batch_size=8,
+            ngf=8,
+            ndf=8,
+            mn_fit_points=64,
+            fid_every=2,
+            ckpt_every=2,
+            log_every=1,
+            sample_every=2,
+            device="cpu",
+        )
         sys.setprofile(profile)
         try:
             train(cfg, evaluator=Evaluator(), images=images, progress=False)
         finally:
             sys.setprofile(None)
-    return {"calls_carrying_config": len(calls),
-            "modules_entered": dict(Counter(callee for _, callee, _ in calls)),
-            "climbs_back": len(climbs), "climbs_back_list": climbs,
-            "reentries": len(reentries), "reentries_list": reentries}
+    return {
+        "calls_carrying_config": len(calls),
+        "modules_entered": dict(Counter(callee for _, callee, _ in calls)),
+        "climbs_back": len(climbs),
+        "climbs_back_list": climbs,
+        "reentries": len(reentries),
+        "reentries_list": reentries,
+    }
 
 
 def main() -> None:
     graph = import_graph()
     floor, circles = floors(graph)
-    up = [f"{m} -> {d}" for m, ds in graph.items() for d in ds if floor.get(d, -1) >= floor.get(m, 0)]
-    report = {"floors": dict(sorted(floor.items(), key=lambda kv: (kv[1], kv[0]))), "import_circles": circles,
-              "imports_not_pointing_down": up, **trace_config_path(floor)}
+    up = [
+        f"{m} -> {d}" for m, ds in graph.items() for d in ds if floor.get(d, -1) >= floor.get(m, 0)
+    ]
+    report = {
+        "floors": dict(sorted(floor.items(), key=lambda kv: (kv[1], kv[0]))),
+        "import_circles": circles,
+        "imports_not_pointing_down": up,
+        **trace_config_path(floor),
+    }
     print(json.dumps(report, indent=2))
 
 

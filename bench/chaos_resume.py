@@ -35,11 +35,43 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_command(out: Path, name: str, iters: int, eval_every: int, ckpt_every: int) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "--dataset", "stacked-digits", "--stack-size", "256",
-            "--ngf", "8", "--ndf", "8", "--batch-size", "16", "--mn-fit-points", "64", "--iters", str(iters),
-            "--fid-every", str(eval_every), "--mode-samples", "64", "--no-inception-metrics",
-            "--ckpt-every", str(ckpt_every), "--sample-every", str(eval_every), "--log-every", "5",
-            "--device", "cpu", "--no-progress", "--out", str(out), "--run-name", name, "--resume-if-exists"]
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--dataset",
+        "stacked-digits",
+        "--stack-size",
+        "256",
+        "--ngf",
+        "8",
+        "--ndf",
+        "8",
+        "--batch-size",
+        "16",
+        "--mn-fit-points",
+        "64",
+        "--iters",
+        str(iters),
+        "--fid-every",
+        str(eval_every),
+        "--mode-samples",
+        "64",
+        "--no-inception-metrics",
+        "--ckpt-every",
+        str(ckpt_every),
+        "--sample-every",
+        str(eval_every),
+        "--log-every",
+        "5",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--run-name",
+        name,
+        "--resume-if-exists",
+    ]
 
 
 def tensors(obj, prefix=""):
@@ -56,8 +88,17 @@ def tensors(obj, prefix=""):
             yield from tensors(v, f"{prefix}[{i}]")
 
 
-def run_chaos(kills: int, iters: int, seed: int, out: Path, eval_every: int = 20, ckpt_every: int = 15,
-              min_delay: float = 2.0, max_delay: float = 9.0, env=None) -> dict:
+def run_chaos(
+    kills: int,
+    iters: int,
+    seed: int,
+    out: Path,
+    eval_every: int = 20,
+    ckpt_every: int = 15,
+    min_delay: float = 2.0,
+    max_delay: float = 9.0,
+    env=None,
+) -> dict:
     import torch
 
     from dcgan_mn.checkpoint import load_checkpoint
@@ -68,7 +109,9 @@ def run_chaos(kills: int, iters: int, seed: int, out: Path, eval_every: int = 20
     chaos = train_command(out, "chaos", iters, eval_every, ckpt_every)
     after_first_checkpoint = 0
     for _ in range(kills):
-        proc = subprocess.Popen(chaos, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            chaos, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(rng.uniform(min_delay, max_delay))
         if proc.poll() is None:
             had_checkpoint = bool(RunFolder(out / "chaos").checkpoints())
@@ -76,33 +119,69 @@ def run_chaos(kills: int, iters: int, seed: int, out: Path, eval_every: int = 20
             after_first_checkpoint += had_checkpoint
         proc.wait()
     final = subprocess.run(chaos, env=env, capture_output=True, text=True)
-    straight = subprocess.run(train_command(out, "straight", iters, eval_every, ckpt_every), env=env,
-                              capture_output=True, text=True)
-    report = {"kills": kills, "kills_after_first_checkpoint": after_first_checkpoint, "iters": iters,
-              "final_exit": final.returncode, "straight_exit": straight.returncode}
+    straight = subprocess.run(
+        train_command(out, "straight", iters, eval_every, ckpt_every),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    report = {
+        "kills": kills,
+        "kills_after_first_checkpoint": after_first_checkpoint,
+        "iters": iters,
+        "final_exit": final.returncode,
+        "straight_exit": straight.returncode,
+    }
     if final.returncode or straight.returncode:
         report["error"] = (final.stderr or straight.stderr)[-2000:]
         return report
     a = load_checkpoint(RunFolder(out / "chaos").checkpoints()[-1][1])
     b = load_checkpoint(RunFolder(out / "straight").checkpoints()[-1][1])
-    ta, tb = dict(tensors({k: a[k] for k in ("generator", "discriminator", "opt_g", "opt_d", "rng", "data")})), \
-        dict(tensors({k: b[k] for k in ("generator", "discriminator", "opt_g", "opt_d", "rng", "data")}))
-    differ = sorted(k for k in ta.keys() | tb.keys() if k not in ta or k not in tb or not torch.equal(ta[k], tb[k]))
+    ta, tb = (
+        dict(
+            tensors(
+                {k: a[k] for k in ("generator", "discriminator", "opt_g", "opt_d", "rng", "data")}
+            )
+        ),
+        dict(
+            tensors(
+                {k: b[k] for k in ("generator", "discriminator", "opt_g", "opt_d", "rng", "data")}
+            )
+        ),
+    )
+    differ = sorted(
+        k
+        for k in ta.keys() | tb.keys()
+        if k not in ta or k not in tb or not torch.equal(ta[k], tb[k])
+    )
     loads = 0
     for _, path in RunFolder(out / "chaos").checkpoints():
         torch.load(path, weights_only=True)
         loads += 1
-    rows = [json.loads(x)["iteration"] for x in RunFolder(out / "chaos").metrics_file.read_text().splitlines()]
+    rows = [
+        json.loads(x)["iteration"]
+        for x in RunFolder(out / "chaos").metrics_file.read_text().splitlines()
+    ]
     expected = sorted({*range(eval_every, iters + 1, eval_every), iters})
-    report.update(tensors_compared=len(ta), tensors_differing=len(differ), differing=differ[:10],
-                  checkpoints_loaded=loads, metrics_rows=len(rows), metrics_rows_expected=len(expected),
-                  metrics_each_iteration_once=rows == expected, final_iteration=a["iteration"])
+    report.update(
+        tensors_compared=len(ta),
+        tensors_differing=len(differ),
+        differing=differ[:10],
+        checkpoints_loaded=loads,
+        metrics_rows=len(rows),
+        metrics_rows_expected=len(expected),
+        metrics_each_iteration_once=rows == expected,
+        final_iteration=a["iteration"],
+    )
     return report
 
 
 def passed(report: dict) -> bool:
-    return (report.get("tensors_differing") == 0 and report.get("metrics_each_iteration_once") is True
-            and report.get("final_iteration") == report["iters"])
+    return (
+        report.get("tensors_differing") == 0
+        and report.get("metrics_each_iteration_once") is True
+        and report.get("final_iteration") == report["iters"]
+    )
 
 
 def main() -> None:

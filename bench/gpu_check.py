@@ -133,16 +133,25 @@ class CompileEvents:
 
 def git_commit() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         if commit:
             return {"git_commit": commit, "git_dirty": bool(dirty)}
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"git_commit": None, "git_commit_reason": "not a git checkout (or git is missing)",
-            "git_dirty": None}
+    return {
+        "git_commit": None,
+        "git_commit_reason": "not a git checkout (or git is missing)",
+        "git_dirty": None,
+    }
 
 
 def cpu_name() -> str:
@@ -161,7 +170,8 @@ def environment(device: torch.device, args) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cuda": None, "cudnn": None,
+        "cuda": None,
+        "cudnn": None,
         **cpu_capability(),
         "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
@@ -187,9 +197,19 @@ def environment(device: torch.device, args) -> dict:
     return env
 
 
-def make_step(mn_layers, device: torch.device, *, amp: str = "none", mode: str = "eager",
-              backend: str = "inductor", ngf: int = 64, ndf: int = 64, seed: int = 0,
-              capturable: bool = True, models: Optional[tuple] = None) -> TrainStep:
+def make_step(
+    mn_layers,
+    device: torch.device,
+    *,
+    amp: str = "none",
+    mode: str = "eager",
+    backend: str = "inductor",
+    ngf: int = 64,
+    ndf: int = 64,
+    seed: int = 0,
+    capturable: bool = True,
+    models: Optional[tuple] = None,
+) -> TrainStep:
     """A training iteration as ``training.train`` builds it (Adam 2e-4, betas (0.5, 0.999), its
     step counter on the GPU when compiled there), optionally compiled."""
     if models is None:
@@ -202,14 +222,23 @@ def make_step(mn_layers, device: torch.device, *, amp: str = "none", mode: str =
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), capturable=on_gpu_counter)
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), capturable=on_gpu_counter)
     scaler = None if capturable else torch.amp.GradScaler(device.type, enabled=False)
-    step = TrainStep(G, D, opt_g, opt_d, autocast=lambda: autocast(device, amp), scaler=scaler,
-                     capturable=capturable)
+    step = TrainStep(
+        G,
+        D,
+        opt_g,
+        opt_d,
+        autocast=lambda: autocast(device, amp),
+        scaler=scaler,
+        capturable=capturable,
+    )
     if mode != "eager":
         step.compile(mode, backend=backend)
     return step
 
 
-def step_batch(batch: int, device: torch.device, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def step_batch(
+    batch: int, device: torch.device, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     real = torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1
     z = torch.randn(batch, 100, generator=g)
@@ -285,8 +314,15 @@ def build_and_warm(arm: Arm, device: torch.device, args, events: CompileEvents) 
     if cuda:
         sync(device)
         before = torch.cuda.memory_allocated(device)
-    arm.step = make_step(CONFIGS[arm.config], device, amp=AMPS[arm.amp], mode=arm.mode,
-                         backend=args.backend, ngf=args.ngf, ndf=args.ndf)
+    arm.step = make_step(
+        CONFIGS[arm.config],
+        device,
+        amp=AMPS[arm.amp],
+        mode=arm.mode,
+        backend=args.backend,
+        ngf=args.ngf,
+        ndf=args.ndf,
+    )
     arm.data = step_batch(arm.batch, device)
     t0 = time.perf_counter()
     arm()
@@ -325,18 +361,26 @@ def timed_round(arms: list[Arm], device: torch.device, events: CompileEvents, re
 def arm_json(arm: Arm, base: Optional[Arm], device: torch.device) -> dict:
     med = statistics.median(arm.times)
     row: dict[str, Any] = {
-        "median_ms": round(1e3 * med, 3), "min_ms": round(1e3 * min(arm.times), 3),
+        "median_ms": round(1e3 * med, 3),
+        "min_ms": round(1e3 * min(arm.times), 3),
         "reps": len(arm.times),
-        "ratio_to_bn": round(med / statistics.median(base.times), 3) if base and base.times else None,
-        "compile_s": arm.compile_s, "warmup_s": arm.warmup_s,
+        "ratio_to_bn": round(med / statistics.median(base.times), 3)
+        if base and base.times
+        else None,
+        "compile_s": arm.compile_s,
+        "warmup_s": arm.warmup_s,
         "steps_after_warmup": arm.steps_after_warmup,
         "recompiles_after_warmup": arm.recompiles if arm.mode != "eager" else 0,
-        "cudagraph_recordings_after_warmup": arm.recordings if arm.mode == "reduce-overhead" else None,
+        "cudagraph_recordings_after_warmup": arm.recordings
+        if arm.mode == "reduce-overhead"
+        else None,
     }
     if device.type == "cuda":
         row["peak_memory_mib"] = mib(arm.persistent_bytes + arm.step_peak_bytes)
-        row["memory_detail_mib"] = {"persistent": mib(arm.persistent_bytes),
-                                    "step_transient": mib(arm.step_peak_bytes)}
+        row["memory_detail_mib"] = {
+            "persistent": mib(arm.persistent_bytes),
+            "step_transient": mib(arm.step_peak_bytes),
+        }
     else:
         row["peak_memory_mib"] = None
         row["peak_memory_mib_reason"] = "CPU run: torch.cuda.max_memory_allocated is CUDA-only"
@@ -344,22 +388,34 @@ def arm_json(arm: Arm, base: Optional[Arm], device: torch.device) -> dict:
 
 
 def null_arm(reason: str) -> dict:
-    return {"median_ms": None, "min_ms": None, "ratio_to_bn": None, "compile_s": None,
-            "recompiles_after_warmup": None, "peak_memory_mib": None, "reason": reason}
+    return {
+        "median_ms": None,
+        "min_ms": None,
+        "ratio_to_bn": None,
+        "compile_s": None,
+        "recompiles_after_warmup": None,
+        "peak_memory_mib": None,
+        "reason": reason,
+    }
 
 
-def step_time_section(device: torch.device, args, events: CompileEvents, t_start: float) -> tuple[dict, dict]:
+def step_time_section(
+    device: torch.device, args, events: CompileEvents, t_start: float
+) -> tuple[dict, dict]:
     """(the JSON section, the arms kept for the capture check)."""
     out: dict[str, Any] = {
         "what": "one TrainStep iteration (D then G update, Adam), capturable spelling; "
-                f"Generator/Discriminator ngf={args.ngf}, ndf={args.ndf}, z_dim 100, K=3",
+        f"Generator/Discriminator ngf={args.ngf}, ndf={args.ndf}, z_dim 100, K=3",
         "timing": f"median of {args.reps} interleaved repetitions after {args.warmup} warm-up steps; "
-                  + ("torch.cuda.synchronize() before and after each timed step"
-                     if device.type == "cuda" else "wall clock per step"),
+        + (
+            "torch.cuda.synchronize() before and after each timed step"
+            if device.type == "cuda"
+            else "wall clock per step"
+        ),
         "backend": args.backend,
         "recompiles_counted_over": f"every step after warm-up (at least {args.recompile_steps})",
         "memory": "peak_memory_mib = memory an arm holds after warm-up (models, Adam state, "
-                  "compiled/CUDA-graph pools) + the transient peak of one step",
+        "compiled/CUDA-graph pools) + the transient peak of one step",
     }
     kept: dict[str, Arm] = {}
     groups = [(b, a) for b in args.batch_sizes for a in args.amps]
@@ -369,25 +425,33 @@ def step_time_section(device: torch.device, args, events: CompileEvents, t_start
         section = out.setdefault(key_b, {}).setdefault(amp, {})
         reason = None
         if amp == "bf16" and device.type == "cpu" and not cpu_capability()["native_bf16"]:
-            reason = (f"this CPU ({cpu_capability()['cpu_capability']}) has no native bf16: autocast "
-                      f"emulates it (~20x slower than fp32); not timed")
+            reason = (
+                f"this CPU ({cpu_capability()['cpu_capability']}) has no native bf16: autocast "
+                f"emulates it (~20x slower than fp32); not timed"
+            )
         if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             reason = f"{torch.cuda.get_device_name(device)} does not support bf16"
         elapsed = time.perf_counter() - t_start
         estimate = max(group_seconds) if group_seconds else 0.0
         if reason is None and gi > 0 and elapsed + estimate > args.budget_s:
-            reason = (f"skipped: --budget-s {args.budget_s:g} s (elapsed {elapsed:.0f} s, a group took "
-                      f"{estimate:.0f} s); rerun with a larger --budget-s for every group")
+            reason = (
+                f"skipped: --budget-s {args.budget_s:g} s (elapsed {elapsed:.0f} s, a group took "
+                f"{estimate:.0f} s); rerun with a larger --budget-s for every group"
+            )
         arms: list[Arm] = []
         for mode in args.modes:
             rows = section.setdefault(mode, {})
             mode_reason = reason
             if mode_reason is None and mode == "reduce-overhead" and device.type != "cuda":
-                mode_reason = "CPU run: reduce-overhead replays CUDA graphs, which need a CUDA device"
+                mode_reason = (
+                    "CPU run: reduce-overhead replays CUDA graphs, which need a CUDA device"
+                )
             for config in CONFIGS:
                 if mode_reason is None and mode != "eager" and config in args.skip_compiled:
-                    rows[config] = null_arm("--quick: not compiled, to save compile time "
-                                            "(the full run compiles every arm)")
+                    rows[config] = null_arm(
+                        "--quick: not compiled, to save compile time "
+                        "(the full run compiles every arm)"
+                    )
                 elif mode_reason:
                     rows[config] = null_arm(mode_reason)
                 else:
@@ -406,8 +470,12 @@ def step_time_section(device: torch.device, args, events: CompileEvents, t_start
         for arm in arms:
             base = next(a for a in arms if a.mode == arm.mode and a.config == "bn")
             section[arm.mode][arm.config] = arm_json(arm, base, device)
-            if arm.mode in ("reduce-overhead", "default") and arm.config == "mn01" and batch == args.batch_sizes[0] \
-                    and amp == "fp32":
+            if (
+                arm.mode in ("reduce-overhead", "default")
+                and arm.config == "mn01"
+                and batch == args.batch_sizes[0]
+                and amp == "fp32"
+            ):
                 kept[arm.mode] = arm
             else:
                 arm.step = None  # free the models (and their graphs' inputs)
@@ -449,8 +517,12 @@ def capture_section(device: torch.device, args, kept: dict) -> dict:
         out["cudagraph_skip_reasons"] = cudagraph_skip_reasons()
     else:
         reason = "CPU run: CUDA graphs need a CUDA device"
-        for k in ("cudagraph_skips", "cuda_graph_launches_per_step", "kernels_launched_outside_graphs",
-                  "replays_as_cuda_graph"):
+        for k in (
+            "cudagraph_skips",
+            "cuda_graph_launches_per_step",
+            "kernels_launched_outside_graphs",
+            "replays_as_cuda_graph",
+        ):
             out[k] = None
             out[f"{k}_reason"] = reason
     if arm is None:
@@ -462,10 +534,14 @@ def capture_section(device: torch.device, args, kept: dict) -> dict:
         prof = profile_one_step(arm, device)
         out.update(prof)
         out["replays_as_cuda_graph"] = bool(
-            skips == 0 and prof["cuda_graph_launches_per_step"] >= 1
-            and prof["kernels_launched_outside_graphs"] <= 8)
-        out["replays_as_cuda_graph_rule"] = ("no cudagraph skips, >= 1 cudaGraphLaunch per step, "
-                                             "<= 8 kernels launched outside graphs (input copies)")
+            skips == 0
+            and prof["cuda_graph_launches_per_step"] >= 1
+            and prof["kernels_launched_outside_graphs"] <= 8
+        )
+        out["replays_as_cuda_graph_rule"] = (
+            "no cudagraph skips, >= 1 cudaGraphLaunch per step, "
+            "<= 8 kernels launched outside graphs (input copies)"
+        )
     # Reproducibility: the same state and seed -> the same losses; another seed -> other ones.
     saved = snapshot(step)
     data = [step_batch(arm.batch, device, seed=100 + i) for i in range(args.capture_steps)]
@@ -476,16 +552,20 @@ def capture_section(device: torch.device, args, kept: dict) -> dict:
     restore(step, saved)
     same = runs["a"] == runs["a_again"]
     live = runs["a"] != runs["b"]
-    out.update({
-        "steps": args.capture_steps,
-        "reproducible": same,
-        "rng_live": live,
-        "max_abs_diff_same_seed": max(abs(x - y) for p, q in zip(runs["a"], runs["a_again"])
-                                      for x, y in zip(p, q)),
-        "losses_first": runs["a"][0], "losses_last": runs["a"][-1],
-        "rule": "same seed -> bitwise the same losses over the steps; another seed -> other losses "
-                "(the MN k-means++ draws change inside the compiled step)",
-    })
+    out.update(
+        {
+            "steps": args.capture_steps,
+            "reproducible": same,
+            "rng_live": live,
+            "max_abs_diff_same_seed": max(
+                abs(x - y) for p, q in zip(runs["a"], runs["a_again"]) for x, y in zip(p, q)
+            ),
+            "losses_first": runs["a"][0],
+            "losses_last": runs["a"][-1],
+            "rule": "same seed -> bitwise the same losses over the steps; another seed -> other losses "
+            "(the MN k-means++ draws change inside the compiled step)",
+        }
+    )
     return out
 
 
@@ -493,8 +573,13 @@ def cudagraph_skip_reasons() -> list[str]:
     try:
         from torch._dynamo.utils import get_compilation_metrics
 
-        return sorted({m.cudagraph_skip_reason for m in get_compilation_metrics()
-                       if getattr(m, "cudagraph_skip_reason", None)})
+        return sorted(
+            {
+                m.cudagraph_skip_reason
+                for m in get_compilation_metrics()
+                if getattr(m, "cudagraph_skip_reason", None)
+            }
+        )
     except Exception:  # noqa: BLE001 - internal API; the counter above still says how many
         return []
 
@@ -509,13 +594,18 @@ def profile_one_step(arm: Arm, device: torch.device) -> dict:
         arm()
         sync(device)
     names = [e.name for e in prof.events()]
-    launches = sum(1 for n in names if n in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
-                                             "cuLaunchKernelEx"))
+    launches = sum(
+        1
+        for n in names
+        if n in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+    )
     graph_launches = sum(1 for n in names if n in ("cudaGraphLaunch", "cuGraphLaunch"))
     gpu_kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return {"cuda_graph_launches_per_step": graph_launches,
-            "kernels_launched_outside_graphs": launches,
-            "gpu_kernels_per_step": gpu_kernels}
+    return {
+        "cuda_graph_launches_per_step": graph_launches,
+        "kernels_launched_outside_graphs": launches,
+        "gpu_kernels_per_step": gpu_kernels,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,6 +638,7 @@ def host_drawn_randomness():
             if device is not None and torch.device(device).type != "cpu" and generator is None:
                 return fn(*args, **kwargs).to(device)
             return fn(*args, device=device, generator=generator, **kwargs)
+
         return drawn_on_host
 
     for n in names:
@@ -604,14 +695,21 @@ def check_k1_equals_batchnorm(device: torch.device) -> dict:
     bn.train()
     x = torch.randn(16, c, 8, 8, device=device) * 3 + 2
     points = x.transpose(0, 1).reshape(c, -1).t()  # [P, C]
-    mixture = Mixture(torch.ones(1, device=device), points.mean(0, keepdim=True),
-                      points.var(0, unbiased=False, keepdim=True))
-    y, _, _ = mixture_norm(x.flatten(2), mixture, bn.eps, bn.weight.detach(), bn.bias.detach(),
-                           batch_stats=True)
+    mixture = Mixture(
+        torch.ones(1, device=device),
+        points.mean(0, keepdim=True),
+        points.var(0, unbiased=False, keepdim=True),
+    )
+    y, _, _ = mixture_norm(
+        x.flatten(2), mixture, bn.eps, bn.weight.detach(), bn.bias.detach(), batch_stats=True
+    )
     with torch.no_grad():
         ok &= cmp("mixture_path_output", y.view_as(x), bn(x))
-    return line(ok, max_abs_diff={k: float(f"{v:.3g}") for k, v in worst.items()},
-                tolerance=f"torch.allclose rtol={TOL_K1['rtol']}, atol={TOL_K1['atol']} (fp32)")
+    return line(
+        ok,
+        max_abs_diff={k: float(f"{v:.3g}") for k, v in worst.items()},
+        tolerance=f"torch.allclose rtol={TOL_K1['rtol']}, atol={TOL_K1['atol']} (fp32)",
+    )
 
 
 def check_fused_equals_reference(device: torch.device) -> dict:
@@ -645,14 +743,27 @@ def check_fused_equals_reference(device: torch.device) -> dict:
             y = y.transpose(1, 2).reshape(-1, c)
             gx_of = lambda t: t.transpose(1, 2).reshape(-1, c)  # noqa: E731
         gx, gg, gb = torch.autograd.grad(y, [xin, ga, ba], gy)
-        results[name] = {"output": y, "input_grad": gx_of(gx), "gamma_grad": gg, "beta_grad": gb,
-                         "lambda": stats[0], "mean": stats[1], "var": stats[2], "n_eff": stats[3]}
+        results[name] = {
+            "output": y,
+            "input_grad": gx_of(gx),
+            "gamma_grad": gg,
+            "beta_grad": gb,
+            "lambda": stats[0],
+            "mean": stats[1],
+            "var": stats[2],
+            "n_eff": stats[3],
+        }
         results[name] = {k: v.detach() for k, v in results[name].items()}
-    errors = {k: float((results["fused"][k] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-              for k, ref in results["reference"].items()}
+    errors = {
+        k: float((results["fused"][k] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+        for k, ref in results["reference"].items()
+    }
     ok = all(e <= TOL_FUSED for e in errors.values())
-    return line(ok, relative_error={k: float(f"{v:.3g}") for k, v in errors.items()},
-                tolerance=f"max |fused - reference| / max |reference| <= {TOL_FUSED:g} per tensor (fp32)")
+    return line(
+        ok,
+        relative_error={k: float(f"{v:.3g}") for k, v in errors.items()},
+        tolerance=f"max |fused - reference| / max |reference| <= {TOL_FUSED:g} per tensor (fp32)",
+    )
 
 
 def check_device_vs_cpu(device: torch.device, steps: int = 20) -> dict:
@@ -668,16 +779,26 @@ def check_device_vs_cpu(device: torch.device, steps: int = 20) -> dict:
         models = (copy.deepcopy(G).to(dev), copy.deepcopy(D).to(dev))
         step = make_step(None, dev, models=models)
         with host_drawn_randomness(), no_tf32():
-            losses[where] = run_losses(step, [(r.to(dev), z.to(dev)) for r, z in data], seed=3,
-                                       cudagraph=False)
+            losses[where] = run_losses(
+                step, [(r.to(dev), z.to(dev)) for r, z in data], seed=3, cudagraph=False
+            )
     diffs = [abs(a - b) for p, q in zip(losses["device"], losses["cpu"]) for a, b in zip(p, q)]
     same_device = device.type == "cpu"
-    return line(max(diffs) <= TOL_DEVICE_VS_CPU, steps=steps, max_abs_loss_diff=float(f"{max(diffs):.3g}"),
-                losses_device_last=losses["device"][-1], losses_cpu_last=losses["cpu"][-1],
-                tolerance=f"max |loss_device - loss_cpu| <= {TOL_DEVICE_VS_CPU:g} over {steps} steps "
-                          "(loss_D, loss_G ~ 0.7-1.4): different kernels (cuDNN vs oneDNN, other "
-                          "summation orders) with TF32 off; the same k-means draws on both",
-                **({"note": "the device is the CPU: both runs are the same computation"} if same_device else {}))
+    return line(
+        max(diffs) <= TOL_DEVICE_VS_CPU,
+        steps=steps,
+        max_abs_loss_diff=float(f"{max(diffs):.3g}"),
+        losses_device_last=losses["device"][-1],
+        losses_cpu_last=losses["cpu"][-1],
+        tolerance=f"max |loss_device - loss_cpu| <= {TOL_DEVICE_VS_CPU:g} over {steps} steps "
+        "(loss_D, loss_G ~ 0.7-1.4): different kernels (cuDNN vs oneDNN, other "
+        "summation orders) with TF32 off; the same k-means draws on both",
+        **(
+            {"note": "the device is the CPU: both runs are the same computation"}
+            if same_device
+            else {}
+        ),
+    )
 
 
 def check_capturable_equals_backward(device: torch.device, steps: int = 3) -> dict:
@@ -690,7 +811,9 @@ def check_capturable_equals_backward(device: torch.device, steps: int = 3) -> di
     assert steps_["capturable"].capturable and not steps_["backward"].capturable
     losses = {n: run_losses(s, data, seed=5, cudagraph=False) for n, s in steps_.items()}
     worst, ok, bitwise = 0.0, True, True
-    pairs = list(zip(sum(map(list, losses["capturable"]), []), sum(map(list, losses["backward"]), [])))
+    pairs = list(
+        zip(sum(map(list, losses["capturable"]), []), sum(map(list, losses["backward"]), []))
+    )
     for a, b in pairs:
         worst = max(worst, abs(a - b))
         ok &= math.isclose(a, b, rel_tol=TOL_CAPTURABLE["rtol"], abs_tol=TOL_CAPTURABLE["atol"])
@@ -700,17 +823,27 @@ def check_capturable_equals_backward(device: torch.device, steps: int = 3) -> di
         worst = max(worst, float((a - b).abs().max()) if a.numel() else 0.0)
         ok &= torch.allclose(a, b, **TOL_CAPTURABLE)
         bitwise &= torch.equal(a, b)
-    return line(ok, steps=steps, bitwise_equal=bitwise, max_abs_diff=float(f"{worst:.3g}"),
-                tolerance=f"rtol={TOL_CAPTURABLE['rtol']}, atol={TOL_CAPTURABLE['atol']} on losses, "
-                          "weights, buffers and Adam state (bitwise on the CPU)")
+    return line(
+        ok,
+        steps=steps,
+        bitwise_equal=bitwise,
+        max_abs_diff=float(f"{worst:.3g}"),
+        tolerance=f"rtol={TOL_CAPTURABLE['rtol']}, atol={TOL_CAPTURABLE['atol']} on losses, "
+        "weights, buffers and Adam state (bitwise on the CPU)",
+    )
 
 
 def check_reproducible(capture: dict) -> dict:
     rep, live = capture.get("reproducible"), capture.get("rng_live")
     if rep is None:
         return line(False, reason=capture.get("reproducible_reason", "not measured"))
-    return line(bool(rep and live), arm=capture.get("arm"), reproducible=rep, rng_live=live,
-                rule=capture.get("rule"))
+    return line(
+        bool(rep and live),
+        arm=capture.get("arm"),
+        reproducible=rep,
+        rng_live=live,
+        rule=capture.get("rule"),
+    )
 
 
 def correctness_section(device: torch.device) -> dict:
@@ -725,7 +858,9 @@ def correctness_section(device: torch.device) -> dict:
         try:
             out[name] = fn(device)
         except Exception as e:  # noqa: BLE001 - a crash is a failed line, with its message
-            out[name] = line(False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=3))
+            out[name] = line(
+                False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=3)
+            )
         log(f"correctness {name}: {'pass' if out[name]['passed'] else 'FAIL'}")
     return out
 
@@ -745,17 +880,22 @@ def inception_weights(path: Optional[str], tmp: Path):
         warnings.simplefilter("ignore")
         try:
             w = resolve_inception_weights(path, download=False, progress=False)
-            return w, ("real: pytorch-fid's FID Inception weights" if w.standard
-                       else f"given file {w.path} (not pytorch-fid's published weights)")
+            return w, (
+                "real: pytorch-fid's FID Inception weights"
+                if w.standard
+                else f"given file {w.path} (not pytorch-fid's published weights)"
+            )
         except InceptionWeightsError as e:
             if path:
                 raise
             file = tmp / "random_fid_inception.pth"
             save_random_fid_inception(file)
             w = resolve_inception_weights(file, download=False, progress=False)
-            return w, (f"random weights of the real FID Inception architecture (the real weights "
-                       f"are absent: {str(e).split(':')[0]}; put them in the torch hub cache or pass "
-                       f"--inception-weights for the real ones; speed is the same)")
+            return w, (
+                f"random weights of the real FID Inception architecture (the real weights "
+                f"are absent: {str(e).split(':')[0]}; put them in the torch hub cache or pass "
+                f"--inception-weights for the real ones; speed is the same)"
+            )
 
 
 @contextlib.contextmanager
@@ -798,7 +938,9 @@ def evaluation_section(device: torch.device, args, tmp: Path) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours = InceptionFeatureExtractor(2048, weights, device=device, progress=False)
-    gen = dict(num_samples=n, seed=0, sample_mode="batch", batch_size=64, chunk_images=ours.batch_size)
+    gen = dict(
+        num_samples=n, seed=0, sample_mode="batch", batch_size=64, chunk_images=ours.batch_size
+    )
 
     def our_pass():  # what an FID evaluation does: generate, quantize, features, moments
         moments = StreamingMoments(2048, device)
@@ -850,10 +992,17 @@ def evaluation_section(device: torch.device, args, tmp: Path) -> dict:
         workers = min(os.cpu_count() or 1, 8)
     if args.quick:
         workers = 0  # no worker processes to start for a few images
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull), \
-            contextlib.redirect_stdout(devnull):  # its progress bar and notes: stdout is the JSON's
-        t_files, _ = timed(lambda: calculate_activation_statistics(
-            files, theirs, their_batch, 2048, device, workers), device)
+    with (
+        open(os.devnull, "w") as devnull,
+        contextlib.redirect_stderr(devnull),
+        contextlib.redirect_stdout(devnull),
+    ):  # its progress bar and notes: stdout is the JSON's
+        t_files, _ = timed(
+            lambda: calculate_activation_statistics(
+                files, theirs, their_batch, 2048, device, workers
+            ),
+            device,
+        )
 
     k = our_feats.shape[0]  # the first chunk's features, against pytorch-fid's of the same images
     feat_diff = float(np.abs(our_feats.float().cpu().numpy() - their_acts[:k]).max())
@@ -864,19 +1013,25 @@ def evaluation_section(device: torch.device, args, tmp: Path) -> dict:
         "inception_weights_sha256": weights.sha256,
         "ours": {
             "what": "generate (MN(0,1) generator, batch 64, batch statistics) + quantize + "
-                    f"InceptionFeatureExtractor (batch {ours.batch_size}, BN folded, channels-last) "
-                    "+ streaming moments",
+            f"InceptionFeatureExtractor (batch {ours.batch_size}, BN folded, channels-last) "
+            "+ streaming moments",
             "images_per_s": round(n / t_ours, 1),
-            "features_only_images_per_s": round(n / t_ours_features, 1) if t_ours_features else None,
-            **({"features_only_images_per_s_reason": "--quick: not measured"} if not t_ours_features else {}),
+            "features_only_images_per_s": round(n / t_ours_features, 1)
+            if t_ours_features
+            else None,
+            **(
+                {"features_only_images_per_s_reason": "--quick: not measured"}
+                if not t_ours_features
+                else {}
+            ),
         },
         "pytorch_fid": {
             "what": f"pytorch-fid's InceptionV3 and get_activations loop (batch {their_batch}) on the "
-                    "same uint8 images in memory, then mean and covariance",
+            "same uint8 images in memory, then mean and covariance",
             "images_per_s": round(n / t_theirs, 1),
             "from_png_files_images_per_s": round(n / t_files, 1),
             "from_png_files_what": f"fid_score.calculate_activation_statistics over PNG files, "
-                                   f"num_workers={workers}",
+            f"num_workers={workers}",
         },
         "speedup": round(t_theirs / t_ours, 2),
         "speedup_what": "ours (generate + features) images/s over pytorch-fid's in-memory model loop",
@@ -886,9 +1041,11 @@ def evaluation_section(device: torch.device, args, tmp: Path) -> dict:
         "features_compared": f"the first {k} images' 2048-d features, ours vs pytorch-fid's",
     }
     out["mode_metrics"] = mode_metrics_eval(device, args, G, tmp)
-    log(f"evaluation: ours {out['ours']['images_per_s']} img/s, pytorch-fid "
+    log(
+        f"evaluation: ours {out['ours']['images_per_s']} img/s, pytorch-fid "
         f"{out['pytorch_fid']['images_per_s']} img/s (x{out['speedup']}); mode metrics "
-        f"{out['mode_metrics']['images_per_s']} img/s")
+        f"{out['mode_metrics']['images_per_s']} img/s"
+    )
     return out
 
 
@@ -899,23 +1056,33 @@ def mode_metrics_eval(device: torch.device, args, G, tmp: Path) -> dict:
 
     if args.quick:  # speed does not depend on accuracy: a 1-epoch classifier in a private cache
         t0 = time.perf_counter()
-        clf = load_mode_classifier("stacked-digits", cache_dir=tmp / "cache", device=device,
-                                   epochs=1, min_accuracy=0.0)
-        note = f"--quick: a 1-epoch stacked-digits classifier (trained in {time.perf_counter() - t0:.1f} s, " \
-               f"accuracy {clf.accuracy:.2f}; the real one: 30 epochs, >= 0.95)"
+        clf = load_mode_classifier(
+            "stacked-digits", cache_dir=tmp / "cache", device=device, epochs=1, min_accuracy=0.0
+        )
+        note = (
+            f"--quick: a 1-epoch stacked-digits classifier (trained in {time.perf_counter() - t0:.1f} s, "
+            f"accuracy {clf.accuracy:.2f}; the real one: 30 epochs, >= 0.95)"
+        )
     else:
         t0 = time.perf_counter()
         clf = load_mode_classifier("stacked-digits", cache_dir=args.cache_dir, device=device)
-        note = (f"the stacked-digits classifier (held-out accuracy {clf.accuracy:.3f}; loaded or "
-                f"trained and cached in {time.perf_counter() - t0:.1f} s)")
+        note = (
+            f"the stacked-digits classifier (held-out accuracy {clf.accuracy:.3f}; loaded or "
+            f"trained and cached in {time.perf_counter() - t0:.1f} s)"
+        )
     n = args.mode_images
     warm = Evaluator(families=[ModeMetrics(clf, num_samples=min(n, 256))])
     warm(G, sample_mode="batch", batch_size=64)
     ev = Evaluator(families=[ModeMetrics(clf, num_samples=n)])
     seconds, result = timed(lambda: ev(G, sample_mode="batch", batch_size=64), device)
-    return {"images": n, "images_per_s": round(n / seconds, 1), "classifier": note,
-            "what": "Evaluator with the ModeMetrics family: generate (batch 64) + classifier + "
-                    "modes, KL and cfd", "modes_found": result["modes"]}
+    return {
+        "images": n,
+        "images_per_s": round(n / seconds, 1),
+        "classifier": note,
+        "what": "Evaluator with the ModeMetrics family: generate (batch 64) + classifier + "
+        "modes, KL and cfd",
+        "modes_found": result["modes"],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,7 +1090,9 @@ def mode_metrics_eval(device: torch.device, args, G, tmp: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def target(name: str, want: str, value, passed: Optional[bool], reason: Optional[str] = None) -> dict:
+def target(
+    name: str, want: str, value, passed: Optional[bool], reason: Optional[str] = None
+) -> dict:
     row = {"name": name, "target": want, "value": value, "passed": passed}
     if passed is None:
         row["reason"] = reason or "not measured"
@@ -937,36 +1106,93 @@ def targets(result: dict, device: torch.device, args) -> list[dict]:
     ro = ((st.get(b) or {}).get("fp32") or {}).get("reduce-overhead") or {}
     ratio = (ro.get("mn01") or {}).get("ratio_to_bn")
     if ratio is None:
-        reason = ((ro.get("mn01") or {}).get("reason")
-                  or ("CPU run: reduce-overhead needs CUDA" if device.type != "cuda" else "not measured"))
-        rows.append(target("mn01_step_ratio_reduce_overhead_b64", f"<= {TARGET_MN01_RATIO}", None, None, reason))
+        reason = (ro.get("mn01") or {}).get("reason") or (
+            "CPU run: reduce-overhead needs CUDA" if device.type != "cuda" else "not measured"
+        )
+        rows.append(
+            target(
+                "mn01_step_ratio_reduce_overhead_b64", f"<= {TARGET_MN01_RATIO}", None, None, reason
+            )
+        )
     else:
-        rows.append(target("mn01_step_ratio_reduce_overhead_b64", f"<= {TARGET_MN01_RATIO}", ratio,
-                           ratio <= TARGET_MN01_RATIO))
-    recompiles = [arm["recompiles_after_warmup"] for per_b in st.values() if isinstance(per_b, dict)
-                  for per_amp in per_b.values() if isinstance(per_amp, dict)
-                  for mode, arms in per_amp.items() if mode != "eager" and isinstance(arms, dict)
-                  for arm in arms.values() if isinstance(arm, dict) and arm.get("recompiles_after_warmup") is not None]
+        rows.append(
+            target(
+                "mn01_step_ratio_reduce_overhead_b64",
+                f"<= {TARGET_MN01_RATIO}",
+                ratio,
+                ratio <= TARGET_MN01_RATIO,
+            )
+        )
+    recompiles = [
+        arm["recompiles_after_warmup"]
+        for per_b in st.values()
+        if isinstance(per_b, dict)
+        for per_amp in per_b.values()
+        if isinstance(per_amp, dict)
+        for mode, arms in per_amp.items()
+        if mode != "eager" and isinstance(arms, dict)
+        for arm in arms.values()
+        if isinstance(arm, dict) and arm.get("recompiles_after_warmup") is not None
+    ]
     if recompiles:
-        rows.append(target("recompiles_after_warmup", "0 in every compiled arm", sum(recompiles),
-                           sum(recompiles) == 0))
+        rows.append(
+            target(
+                "recompiles_after_warmup",
+                "0 in every compiled arm",
+                sum(recompiles),
+                sum(recompiles) == 0,
+            )
+        )
     else:
-        rows.append(target("recompiles_after_warmup", "0 in every compiled arm", None, None,
-                           "no compiled arm was run"))
+        rows.append(
+            target(
+                "recompiles_after_warmup",
+                "0 in every compiled arm",
+                None,
+                None,
+                "no compiled arm was run",
+            )
+        )
     cap = result.get("capture") or {}
     if device.type == "cuda" and cap.get("replays_as_cuda_graph") is not None:
-        rows.append(target("reduce_overhead_replays_cuda_graph", "true", cap["replays_as_cuda_graph"],
-                           cap["replays_as_cuda_graph"]))
+        rows.append(
+            target(
+                "reduce_overhead_replays_cuda_graph",
+                "true",
+                cap["replays_as_cuda_graph"],
+                cap["replays_as_cuda_graph"],
+            )
+        )
     else:
-        rows.append(target("reduce_overhead_replays_cuda_graph", "true", None, None,
-                           cap.get("replays_as_cuda_graph_reason") or "not measured"))
+        rows.append(
+            target(
+                "reduce_overhead_replays_cuda_graph",
+                "true",
+                None,
+                None,
+                cap.get("replays_as_cuda_graph_reason") or "not measured",
+            )
+        )
     ev = result.get("evaluation") or {}
     if ev.get("speedup") is not None:
-        rows.append(target("eval_speedup_vs_pytorch_fid", f">= {TARGET_EVAL_SPEEDUP}x", ev["speedup"],
-                           ev["speedup"] >= TARGET_EVAL_SPEEDUP))
+        rows.append(
+            target(
+                "eval_speedup_vs_pytorch_fid",
+                f">= {TARGET_EVAL_SPEEDUP}x",
+                ev["speedup"],
+                ev["speedup"] >= TARGET_EVAL_SPEEDUP,
+            )
+        )
     else:
-        rows.append(target("eval_speedup_vs_pytorch_fid", f">= {TARGET_EVAL_SPEEDUP}x", None, None,
-                           ev.get("error", "not measured")))
+        rows.append(
+            target(
+                "eval_speedup_vs_pytorch_fid",
+                f">= {TARGET_EVAL_SPEEDUP}x",
+                None,
+                None,
+                ev.get("error", "not measured"),
+            )
+        )
     for name, row in (result.get("correctness") or {}).items():
         rows.append(target(f"correctness/{name}", "passes", row["passed"], row["passed"]))
     return rows
@@ -975,32 +1201,59 @@ def targets(result: dict, device: torch.device, args) -> list[dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
-    p.add_argument("--quick", action="store_true",
-                   help="smaller and faster: batch 64 only, fewer reps, small models on a CPU, "
-                        "the aot_eager backend on a CPU")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller and faster: batch 64 only, fewer reps, small models on a CPU, "
+        "the aot_eager backend on a CPU",
+    )
     p.add_argument("--batch-sizes", default=None, help="default 64,256 (--quick: 64)")
     p.add_argument("--amps", default=None, help="default fp32,bf16 (--quick on a CPU: fp32)")
     p.add_argument("--modes", default=None, help="default eager,default,reduce-overhead")
-    p.add_argument("--backend", default=None,
-                   help="torch.compile backend (default inductor; --quick on a CPU: aot_eager)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per arm (default 30; --quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; --quick 2)")
-    p.add_argument("--recompile-steps", type=int, default=None,
-                   help="steps after warm-up over which recompilations are counted (default 50; --quick 5)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="torch.compile backend (default inductor; --quick on a CPU: aot_eager)",
+    )
+    p.add_argument(
+        "--reps", type=int, default=None, help="timed repetitions per arm (default 30; --quick 3)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (default 5; --quick 2)"
+    )
+    p.add_argument(
+        "--recompile-steps",
+        type=int,
+        default=None,
+        help="steps after warm-up over which recompilations are counted (default 50; --quick 5)",
+    )
     p.add_argument("--ngf", type=int, default=None, help="default 64 (--quick on a CPU: 16)")
     p.add_argument("--ndf", type=int, default=None, help="default 64 (--quick on a CPU: 16)")
     p.add_argument("--eval-images", type=int, default=None, help="default 5000 (--quick: 8)")
     p.add_argument("--mode-images", type=int, default=None, help="default 26000 (--quick: 256)")
-    p.add_argument("--capture-steps", type=int, default=None,
-                   help="steps of the reproducibility check (default 20; --quick 8)")
+    p.add_argument(
+        "--capture-steps",
+        type=int,
+        default=None,
+        help="steps of the reproducibility check (default 20; --quick 8)",
+    )
     p.add_argument("--inception-weights", default=None, help="FID Inception weights file")
-    p.add_argument("--cache-dir", default=None, help="mode classifier cache (default: the project's)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="skip step-time groups that would end past this many seconds (default 360; "
-                        "the first group, b64 fp32, always runs)")
+    p.add_argument(
+        "--cache-dir", default=None, help="mode classifier cache (default: the project's)"
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="skip step-time groups that would end past this many seconds (default 360; "
+        "the first group, b64 fp32, always runs)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (--quick on a CPU: 1)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: step_time, "
-                                              "capture, correctness, evaluation")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated sections to skip: step_time, capture, correctness, evaluation",
+    )
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
     return args
@@ -1008,7 +1261,9 @@ def parse_args(argv=None):
 
 def finish_args(args, device: torch.device) -> None:
     cpu_quick = args.quick and device.type == "cpu"
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or ("64" if args.quick else "64,256")).split(",")]
+    args.batch_sizes = [
+        int(b) for b in (args.batch_sizes or ("64" if args.quick else "64,256")).split(",")
+    ]
     args.amps = (args.amps or ("fp32" if cpu_quick else "fp32,bf16")).split(",")
     args.modes = (args.modes or ",".join(MODES)).split(",")  # reduce-overhead: null on a CPU
     for a in args.amps:
@@ -1056,13 +1311,24 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "environment": environment(device, args),
         "settings": {
-            "batch_sizes": args.batch_sizes, "amps": args.amps, "modes": args.modes,
+            "batch_sizes": args.batch_sizes,
+            "amps": args.amps,
+            "modes": args.modes,
             "compile_backend": args.backend,
-            "compile_backend_note": ("aot_eager on a CPU in --quick: it traces the same single graph "
-                                     "as inductor without building kernels (inductor takes minutes "
-                                     "there)") if args.backend == "aot_eager" else "inductor, as --compile trains",
-            "reps": args.reps, "warmup": args.warmup, "recompile_steps": args.recompile_steps,
-            "ngf": args.ngf, "ndf": args.ndf, "num_components": 3, "budget_s": args.budget_s,
+            "compile_backend_note": (
+                "aot_eager on a CPU in --quick: it traces the same single graph "
+                "as inductor without building kernels (inductor takes minutes "
+                "there)"
+            )
+            if args.backend == "aot_eager"
+            else "inductor, as --compile trains",
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "recompile_steps": args.recompile_steps,
+            "ngf": args.ngf,
+            "ndf": args.ndf,
+            "num_components": 3,
+            "budget_s": args.budget_s,
             "dynamo": {"recompile_limit": 256, "automatic_dynamic_shapes": False},
         },
     }
@@ -1097,7 +1363,9 @@ def main(argv=None) -> int:
             result["correctness"]["reproducible_same_seed"] = check_reproducible(result["capture"])
     result["targets"] = targets(result, device, args)
     correctness = result.get("correctness") or {}
-    failed = [k for k, v in correctness.items() if isinstance(v, dict) and not v.get("passed", True)]
+    failed = [
+        k for k, v in correctness.items() if isinstance(v, dict) and not v.get("passed", True)
+    ]
     result["correctness_passed"] = not failed and "error" not in correctness
     result["errors"] = errors
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
@@ -1109,8 +1377,10 @@ def main(argv=None) -> int:
     log("targets:")
     for row in result["targets"]:
         mark = {True: "pass", False: "FAIL", None: "n/a "}[row["passed"]]
-        log(f"  [{mark}] {row['name']}: {row['value']} (target {row['target']})"
-            + (f" - {row['reason']}" if row.get("reason") else ""))
+        log(
+            f"  [{mark}] {row['name']}: {row['value']} (target {row['target']})"
+            + (f" - {row['reason']}" if row.get("reason") else "")
+        )
     log(f"done in {result['elapsed_s']} s")
     if failed:
         return 1

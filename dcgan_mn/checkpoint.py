@@ -77,8 +77,18 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r}: not a file")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError, AttributeError, TypeError, KeyError, IndexError) as e:
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        ValueError,
+        AttributeError,
+        TypeError,
+        KeyError,
+        IndexError,
+    ) as e:
         # KeyError: torch's weights_only unpickler reading text (a memo index it never stored).
         raise CheckpointUnreadable(  # our sentence and the exception's class, not torch's internals
             f"checkpoint {str(path)!r}: unreadable: corrupt, truncated or not a torch file "
@@ -94,7 +104,9 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r}: unknown kind {payload.get('kind')!r}")
     missing = [k for k in ("config", "iteration", "images_seen", "generator") if k not in payload]
     if payload["kind"] == "full":
-        missing += [k for k in ("discriminator", "opt_g", "opt_d", "rng", "fixed_noise") if k not in payload]
+        missing += [
+            k for k in ("discriminator", "opt_g", "opt_d", "rng", "fixed_noise") if k not in payload
+        ]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r}: incomplete, lacks {missing}")
     return payload
@@ -105,7 +117,9 @@ def checkpoint_config(payload: dict, path: PathLike = "") -> TrainConfig:
     try:
         return config_from_dict(payload["config"])
     except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r}: its config is not valid here ({e})") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: its config is not valid here ({e})"
+        ) from None
 
 
 def migrate_best(best: Optional[dict]) -> dict:
@@ -117,11 +131,20 @@ def migrate_best(best: Optional[dict]) -> dict:
     return best
 
 
-def generator_payload(generator: torch.nn.Module, cfg: TrainConfig, iteration: int,
-                      images_seen: int, **extra: Any) -> dict:
+def generator_payload(
+    generator: torch.nn.Module, cfg: TrainConfig, iteration: int, images_seen: int, **extra: Any
+) -> dict:
     """A generator-only snapshot (small: what re-scoring a run needs)."""
-    return {"format": FORMAT, "schema": SCHEMA, "kind": "generator", "config": cfg.to_dict(), "iteration": int(iteration),
-            "images_seen": int(images_seen), "generator": generator.state_dict(), **extra}
+    return {
+        "format": FORMAT,
+        "schema": SCHEMA,
+        "kind": "generator",
+        "config": cfg.to_dict(),
+        "iteration": int(iteration),
+        "images_seen": int(images_seen),
+        "generator": generator.state_dict(),
+        **extra,
+    }
 
 
 def _misfit(module: torch.nn.Module, state: dict) -> str | None:
@@ -155,18 +178,23 @@ def check_discriminator(cfg: TrainConfig, state: dict, path: PathLike = "") -> N
     misfit = _misfit(Discriminator(cfg.ndf), state)
     if misfit is not None:
         raise CheckpointError(
-            f"checkpoint {str(path)!r}: the discriminator weights do not fit ndf={cfg.ndf}: {misfit}")
+            f"checkpoint {str(path)!r}: the discriminator weights do not fit ndf={cfg.ndf}: {misfit}"
+        )
 
 
-def load_generator(path: PathLike, device: Any = "cpu", *, ema: bool = False) -> tuple[Generator, TrainConfig, int]:
+def load_generator(
+    path: PathLike, device: Any = "cpu", *, ema: bool = False
+) -> tuple[Generator, TrainConfig, int]:
     """(generator on ``device`` in train mode, its TrainConfig, iteration) from a full
     checkpoint or a generator snapshot; ``ema``: the averaged generator G_ema instead of G."""
     payload = load_checkpoint(path, map_location="cpu")
     cfg = checkpoint_config(payload, path)
     key = "generator_ema" if ema else "generator"
     if key not in payload:
-        raise CheckpointError(f"checkpoint {str(path)!r}: no averaged generator (its run was trained "
-                              f"without --g-ema); leave out --ema to use G")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: no averaged generator (its run was trained "
+            f"without --g-ema); leave out --ema to use G"
+        )
     gen = build_generator(cfg, payload[key], path).to(device)
     return gen, cfg, int(payload["iteration"])
 
@@ -176,12 +204,18 @@ def has_averaged_generator(path: PathLike) -> bool:
     return "generator_ema" in load_checkpoint(path, map_location="cpu")
 
 
-def load_generators(path: PathLike, device: Any = "cpu") -> tuple[Generator, Optional[Generator], TrainConfig, int]:
+def load_generators(
+    path: PathLike, device: Any = "cpu"
+) -> tuple[Generator, Optional[Generator], TrainConfig, int]:
     """(G, G_ema or None, config, iteration) from one read of a checkpoint or snapshot."""
     payload = load_checkpoint(path, map_location="cpu")
     cfg = checkpoint_config(payload, path)
     gen = build_generator(cfg, payload["generator"], path).to(device)
-    ema = build_generator(cfg, payload["generator_ema"], path).to(device) if "generator_ema" in payload else None
+    ema = (
+        build_generator(cfg, payload["generator_ema"], path).to(device)
+        if "generator_ema" in payload
+        else None
+    )
     return gen, ema, cfg, int(payload["iteration"])
 
 
@@ -197,8 +231,13 @@ def capture_rng_state(device: Any = None) -> dict:
     state = {
         "torch": torch.get_rng_state(),
         "python": [py_version, list(py_state), py_gauss],
-        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos),
-                  int(np_has_gauss), float(np_gauss)],
+        "numpy": [
+            np_kind,
+            torch.from_numpy(np_keys.astype(np.int64)),
+            int(np_pos),
+            int(np_has_gauss),
+            float(np_gauss),
+        ],
         "cuda": None,
     }
     device = torch.device(device) if device is not None else None

@@ -41,7 +41,9 @@ from .errors import ConfigError  # noqa: E402  (re-exported: the CLIs catch it f
 @dataclass(frozen=True)
 class TrainConfig:
     # --- model ---
-    g_arch: str = "dcgan32"  # generator architecture: dcgan32 (docs/design.md) | tf-dcgan (TTUR's DCGAN)
+    g_arch: str = (
+        "dcgan32"  # generator architecture: dcgan32 (docs/design.md) | tf-dcgan (TTUR's DCGAN)
+    )
     z_dim: int = 100
     ngf: int = 64
     ndf: int = 64
@@ -77,7 +79,9 @@ class TrainConfig:
     run_name: Optional[str] = None
     sample_mode: str = "batch"  # how grids and metrics sample the generator
     sample_every: Optional[int] = None  # None: default_sample_every(iters)
-    stacked_grid: str = "digits"  # stacked datasets: a sample's digits side by side | as one RGB image
+    stacked_grid: str = (
+        "digits"  # stacked datasets: a sample's digits side by side | as one RGB image
+    )
     log_every: int = 100
     ckpt_every: int = 2000
     keep_last: int = 3
@@ -86,14 +90,20 @@ class TrainConfig:
     fid_samples: int = 10_000
     ref: str = "cifar10-train"
     inception_weights: Optional[str] = None
-    inception_metrics: bool = True  # False: a stacked run evaluates mode metrics only, on any machine
+    inception_metrics: bool = (
+        True  # False: a stacked run evaluates mode metrics only, on any machine
+    )
     dims: int = 2048
     fid_protocol: str = "pytorch-fid"  # or "clean": clean-fid's PIL-bicubic resize before Inception
     mode_samples: int = 26_000  # stacked datasets: samples per mode-metric evaluation (PacGAN's)
-    best_metric: Optional[str] = None  # what best.pt follows; None: FID, else the mode classifier's cfd
+    best_metric: Optional[str] = (
+        None  # what best.pt follows; None: FID, else the mode classifier's cfd
+    )
     # --- averaged generator (dcgan_mn.ema) ---
     g_ema: float = 0.0  # half-life of G_ema in iterations; 0: no averaged generator
-    g_ema_rampup: float = 0.0  # > 0: half-life at most rampup * (iteration - g_ema_start) (StyleGAN2-ADA)
+    g_ema_rampup: float = (
+        0.0  # > 0: half-life at most rampup * (iteration - g_ema_start) (StyleGAN2-ADA)
+    )
     g_ema_start: int = 0  # before this iteration G_ema copies G (StudioGAN's g_ema_start)
     g_ema_stats: str = "copy"  # G_ema's norm statistics: copy (G's buffers) | standing (recomputed)
     g_ema_standing_batches: int = 16  # batches of the standing-statistics pass
@@ -122,11 +132,15 @@ class TrainConfig:
             norms = tuple(n.strip() for n in norms)
             layers = G_ARCHS[self.g_arch]
             if len(norms) != layers or any(n not in NORM_KINDS for n in norms):
-                raise ConfigError(f"--g-norms {','.join(norms)!r}: expected {layers} comma-separated norms "
-                                  f"(one per {self.g_arch} norm layer, 0 nearest z), each one of "
-                                  f"{', '.join(NORM_KINDS)}")
+                raise ConfigError(
+                    f"--g-norms {','.join(norms)!r}: expected {layers} comma-separated norms "
+                    f"(one per {self.g_arch} norm layer, 0 nearest z), each one of "
+                    f"{', '.join(NORM_KINDS)}"
+                )
             object.__setattr__(self, "g_norms", norms)
-            object.__setattr__(self, "mn_layers", tuple(i for i, n in enumerate(norms) if n == "mn"))
+            object.__setattr__(
+                self, "mn_layers", tuple(i for i, n in enumerate(norms) if n == "mn")
+            )
         if self.dataset in STACKED_SOURCES and self.stack_size is None:
             object.__setattr__(self, "stack_size", DEFAULT_STACK_SIZE)
         if self.sample_every is None:
@@ -143,65 +157,158 @@ class TrainConfig:
         need(self.ndf >= 1, "--ndf", self.ndf, "must be >= 1")
         need(self.mn_components >= 1, "--mn-components", self.mn_components, "K must be >= 1")
         need(self.mode_components >= 1, "--mode-components", self.mode_components, "K must be >= 1")
-        need(not (self.sync_norm and "mode" in self.norm_kinds()), "--g-norms", ",".join(self.norm_kinds()),
-             "--sync-norm synchronizes BN and MN statistics only (Mode Normalization would use each "
-             "rank's batch alone)")
-        need(self.mn_fit_points >= self.mn_components, "--mn-fit-points", self.mn_fit_points,
-             f"must be >= --mn-components ({self.mn_components})")
+        need(
+            not (self.sync_norm and "mode" in self.norm_kinds()),
+            "--g-norms",
+            ",".join(self.norm_kinds()),
+            "--sync-norm synchronizes BN and MN statistics only (Mode Normalization would use each "
+            "rank's batch alone)",
+        )
+        need(
+            self.mn_fit_points >= self.mn_components,
+            "--mn-fit-points",
+            self.mn_fit_points,
+            f"must be >= --mn-components ({self.mn_components})",
+        )
         need(self.mn_kmeans_iters >= 0, "--mn-kmeans-iters", self.mn_kmeans_iters, "must be >= 0")
-        need(self.mn_estimator in ESTIMATORS, "--mn-estimator", self.mn_estimator,
-             f"expected one of {ESTIMATORS}")
+        need(
+            self.mn_estimator in ESTIMATORS,
+            "--mn-estimator",
+            self.mn_estimator,
+            f"expected one of {ESTIMATORS}",
+        )
         need(self.mn_em_iters >= 0, "--mn-em-iters", self.mn_em_iters, "must be >= 0")
         need(self.mn_point in POINTS, "--mn-point", self.mn_point, f"expected one of {POINTS}")
-        need(not (self.sync_norm and self.mn_point != "vector"), "--mn-point", self.mn_point,
-             "--sync-norm synchronizes the vector reading only")
+        need(
+            not (self.sync_norm and self.mn_point != "vector"),
+            "--mn-point",
+            self.mn_point,
+            "--sync-norm synchronizes the vector reading only",
+        )
         need(self.lr > 0, "--lr", self.lr, "must be > 0")
         need(0 <= self.beta1 < 1, "--beta1", self.beta1, "must be in [0, 1)")
         need(0 <= self.beta2 < 1, "--beta2", self.beta2, "must be in [0, 1)")
-        need(self.batch_size >= 2, "--batch-size", self.batch_size,
-             "must be >= 2 (batch statistics need more than one sample)")
-        need(self.iters >= 1, "--iters", self.iters,
-             "must be >= 1 (a run trains at least one iteration; --dry-run shows the config without training)")
+        need(
+            self.batch_size >= 2,
+            "--batch-size",
+            self.batch_size,
+            "must be >= 2 (batch statistics need more than one sample)",
+        )
+        need(
+            self.iters >= 1,
+            "--iters",
+            self.iters,
+            "must be >= 1 (a run trains at least one iteration; --dry-run shows the config without training)",
+        )
         need(self.seed >= 0, "--seed", self.seed, "must be >= 0")
         need(self.dataset in DATASETS, "--dataset", self.dataset, f"expected one of {DATASETS}")
-        need(self.stack_size is None or self.stack_size >= 1, "--stack-size", self.stack_size, "must be >= 1")
+        need(
+            self.stack_size is None or self.stack_size >= 1,
+            "--stack-size",
+            self.stack_size,
+            "must be >= 1",
+        )
         need(self.stack_seed >= 0, "--stack-seed", self.stack_seed, "must be >= 0")
-        need(self.mode_samples >= 2, "--mode-samples", self.mode_samples,
-             "mode metrics need at least 2 samples")
-        need(self.sample_mode in SAMPLE_MODES, "--sample-mode", self.sample_mode,
-             f"expected one of {SAMPLE_MODES}")
-        need(self.stacked_grid in STACKED_GRIDS, "--stacked-grid", self.stacked_grid,
-             f"expected one of {', '.join(STACKED_GRIDS)}")
-        for flag, v in [("--sample-every", self.sample_every), ("--log-every", self.log_every),
-                        ("--ckpt-every", self.ckpt_every), ("--fid-every", self.fid_every)]:
+        need(
+            self.mode_samples >= 2,
+            "--mode-samples",
+            self.mode_samples,
+            "mode metrics need at least 2 samples",
+        )
+        need(
+            self.sample_mode in SAMPLE_MODES,
+            "--sample-mode",
+            self.sample_mode,
+            f"expected one of {SAMPLE_MODES}",
+        )
+        need(
+            self.stacked_grid in STACKED_GRIDS,
+            "--stacked-grid",
+            self.stacked_grid,
+            f"expected one of {', '.join(STACKED_GRIDS)}",
+        )
+        for flag, v in [
+            ("--sample-every", self.sample_every),
+            ("--log-every", self.log_every),
+            ("--ckpt-every", self.ckpt_every),
+            ("--fid-every", self.fid_every),
+        ]:
             need(v >= 0, flag, v, "must be >= 0 (0 turns it off)")
         need(self.keep_last >= 1, "--keep-last", self.keep_last, "must be >= 1")
-        need(self.fid_samples >= 2, "--fid-samples", self.fid_samples,
-             "FID needs at least 2 samples")
-        need(self.dims in FEATURE_DIMS, "--dims", self.dims,
-             f"expected one of {', '.join(map(str, FEATURE_DIMS))} (pytorch-fid's Inception blocks)")
-        need(self.inception_metrics or self.dataset in STACKED_SOURCES, "--no-inception-metrics",
-             self.dataset, "leaves nothing to evaluate except on a stacked dataset (mode metrics)")
-        need(self.fid_protocol in FID_PROTOCOLS, "--fid-protocol", self.fid_protocol,
-             f"expected one of {tuple(FID_PROTOCOLS)}")
-        need(self.g_ema >= 0, "--g-ema", self.g_ema, "must be >= 0 (a half-life in iterations; 0 turns it off)")
-        need(self.g_ema_rampup >= 0, "--g-ema-rampup", self.g_ema_rampup, "must be >= 0 (0: no ramp-up)")
+        need(
+            self.fid_samples >= 2, "--fid-samples", self.fid_samples, "FID needs at least 2 samples"
+        )
+        need(
+            self.dims in FEATURE_DIMS,
+            "--dims",
+            self.dims,
+            f"expected one of {', '.join(map(str, FEATURE_DIMS))} (pytorch-fid's Inception blocks)",
+        )
+        need(
+            self.inception_metrics or self.dataset in STACKED_SOURCES,
+            "--no-inception-metrics",
+            self.dataset,
+            "leaves nothing to evaluate except on a stacked dataset (mode metrics)",
+        )
+        need(
+            self.fid_protocol in FID_PROTOCOLS,
+            "--fid-protocol",
+            self.fid_protocol,
+            f"expected one of {tuple(FID_PROTOCOLS)}",
+        )
+        need(
+            self.g_ema >= 0,
+            "--g-ema",
+            self.g_ema,
+            "must be >= 0 (a half-life in iterations; 0 turns it off)",
+        )
+        need(
+            self.g_ema_rampup >= 0,
+            "--g-ema-rampup",
+            self.g_ema_rampup,
+            "must be >= 0 (0: no ramp-up)",
+        )
         need(self.g_ema_start >= 0, "--g-ema-start", self.g_ema_start, "must be >= 0")
-        need(self.g_ema_stats in EMA_STATS, "--g-ema-stats", self.g_ema_stats, f"expected one of {EMA_STATS}")
-        need(self.g_ema_standing_batches >= 1, "--g-ema-standing-batches", self.g_ema_standing_batches,
-             "must be >= 1")
+        need(
+            self.g_ema_stats in EMA_STATS,
+            "--g-ema-stats",
+            self.g_ema_stats,
+            f"expected one of {EMA_STATS}",
+        )
+        need(
+            self.g_ema_standing_batches >= 1,
+            "--g-ema-standing-batches",
+            self.g_ema_standing_batches,
+            "must be >= 1",
+        )
         if self.best_metric is not None:
             from .metrics.specs import EMA_SUFFIX, METRICS
 
-            need(self.best_metric in METRICS, "--best-metric", self.best_metric,
-                 f"expected one of {', '.join(METRICS)}")
-            need(self.g_ema > 0 or not self.best_metric.endswith(EMA_SUFFIX), "--best-metric",
-                 self.best_metric, "names the averaged generator's metric: give --g-ema too")
+            need(
+                self.best_metric in METRICS,
+                "--best-metric",
+                self.best_metric,
+                f"expected one of {', '.join(METRICS)}",
+            )
+            need(
+                self.g_ema > 0 or not self.best_metric.endswith(EMA_SUFFIX),
+                "--best-metric",
+                self.best_metric,
+                "names the averaged generator's metric: give --g-ema too",
+            )
         need(self.amp in AMP_MODES, "--amp", self.amp, f"expected one of {AMP_MODES}")
-        need(self.compile_mode in COMPILE_MODES, "--compile-mode", self.compile_mode,
-             f"expected one of {COMPILE_MODES}")
-        need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-             "--device", self.device, "expected auto, cpu, cuda or cuda:N")
+        need(
+            self.compile_mode in COMPILE_MODES,
+            "--compile-mode",
+            self.compile_mode,
+            f"expected one of {COMPILE_MODES}",
+        )
+        need(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+            "--device",
+            self.device,
+            "expected auto, cpu, cuda or cuda:N",
+        )
 
     # --- serialisation ---
 
@@ -226,10 +333,18 @@ class TrainConfig:
     def model_kwargs(self) -> dict:
         """Arguments of ``models.Generator`` that this config fixes: the norms as one
         ``NormSpec`` a layer, decided here and nowhere below."""
-        norms = norm_specs(self.norm_kinds(), self.mn_components, self.mode_components,
-                           fit_points=self.mn_fit_points, kmeans_iters=self.mn_kmeans_iters,
-                           estimator=self.mn_estimator, em_iters=self.mn_em_iters, point=self.mn_point,
-                           posterior_grad=self.mn_posterior_grad, lambda_scale=self.mn_lambda_scale)
+        norms = norm_specs(
+            self.norm_kinds(),
+            self.mn_components,
+            self.mode_components,
+            fit_points=self.mn_fit_points,
+            kmeans_iters=self.mn_kmeans_iters,
+            estimator=self.mn_estimator,
+            em_iters=self.mn_em_iters,
+            point=self.mn_point,
+            posterior_grad=self.mn_posterior_grad,
+            lambda_scale=self.mn_lambda_scale,
+        )
         return dict(z_dim=self.z_dim, ngf=self.ngf, arch=self.g_arch, norms=norms)
 
 
@@ -261,10 +376,38 @@ def flag_name(field_name: str) -> str:
 # What a resumed run must keep: the model, the optimisation, the data and the evaluation
 # protocol. Everything else (length, device, logging cadence, speed switches) may change.
 RESUME_FIXED = (
-    "g_arch", "z_dim", "ngf", "ndf", "mn_layers", "g_norms", "mode_components", "mn_components", "mn_fit_points", "mn_kmeans_iters",
-    "mn_estimator", "mn_em_iters", "mn_point", "mn_posterior_grad", "mn_lambda_scale",
-    "lr", "beta1", "beta2", "batch_size", "seed", "dataset", "hflip", "stack_size", "stack_seed",
-    "sample_mode", "ref", "dims", "mode_samples", "fid_protocol", "g_ema", "g_ema_rampup", "g_ema_start",
+    "g_arch",
+    "z_dim",
+    "ngf",
+    "ndf",
+    "mn_layers",
+    "g_norms",
+    "mode_components",
+    "mn_components",
+    "mn_fit_points",
+    "mn_kmeans_iters",
+    "mn_estimator",
+    "mn_em_iters",
+    "mn_point",
+    "mn_posterior_grad",
+    "mn_lambda_scale",
+    "lr",
+    "beta1",
+    "beta2",
+    "batch_size",
+    "seed",
+    "dataset",
+    "hflip",
+    "stack_size",
+    "stack_seed",
+    "sample_mode",
+    "ref",
+    "dims",
+    "mode_samples",
+    "fid_protocol",
+    "g_ema",
+    "g_ema_rampup",
+    "g_ema_start",
 )
 
 

@@ -43,10 +43,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_FOLDER = "cifar-10-batches-py"
-CIFAR10_FILES = {
-    "train": [f"data_batch_{i}" for i in range(1, 6)],
-    "test": ["test_batch"],
-}
+CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 PathLike = Union[str, Path]
@@ -57,7 +54,6 @@ def prepare_hint() -> str:
     from .commands import script_command
 
     return f"{script_command('evaluate.py', 'prepare')}, run where there is internet, fetches and lists all a run needs"
-
 
 
 from .digits import STACKED_SOURCES, load_stacked  # noqa: E402
@@ -77,7 +73,9 @@ def _download_cifar10(root: Path) -> None:
 
     try:
         # Skips the download when root/cifar-10-python.tar.gz is already there with the right MD5.
-        download_and_extract_archive(CIFAR10_URL, str(root), filename=CIFAR10_ARCHIVE, md5=CIFAR10_MD5)
+        download_and_extract_archive(
+            CIFAR10_URL, str(root), filename=CIFAR10_ARCHIVE, md5=CIFAR10_MD5
+        )
     except Exception as e:  # URLError, HTTPError, timeouts, MD5 mismatch, tar errors, ...
         raise DataError(
             f"--data-root {str(root)!r}: CIFAR-10 is not there and downloading {CIFAR10_URL} "
@@ -134,7 +132,9 @@ def find_images(root: PathLike) -> list[Path]:
     _not_a_file(root)
     if not root.is_dir():
         raise DataError(f"--data-root {str(root)!r}: no such folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
     if not files:
         raise DataError(
             f"--data-root {str(root)!r}: no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) "
@@ -158,7 +158,9 @@ def _load_square(path: Path, size: int) -> np.ndarray:
                 im = im.resize((size, size), Image.BICUBIC)
             return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # PIL raises many types for unreadable files
-        raise DataError(f"--data-root: cannot read image {path} ({type(e).__name__}: {e})") from None
+        raise DataError(
+            f"--data-root: cannot read image {path} ({type(e).__name__}: {e})"
+        ) from None
 
 
 def load_image_folder(root: PathLike, size: int = 32) -> Tensor:
@@ -175,8 +177,10 @@ def _not_a_file(root: Path) -> None:
         if p.exists():
             if not p.is_dir():
                 where = "is a file" if p == root else f"lies under {p}, which is a file"
-                raise DataError(f"--data-root {str(root)!r}: {where}, not a folder; give the folder that "
-                                f"holds (or will hold) the dataset")
+                raise DataError(
+                    f"--data-root {str(root)!r}: {where}, not a folder; give the folder that "
+                    f"holds (or will hold) the dataset"
+                )
             return
 
 
@@ -186,8 +190,15 @@ def missing_data(cfg) -> Optional[str]:
     root = Path(cfg.data_root).expanduser()
     if cfg.dataset == "cifar10":
         folder = root / CIFAR10_FOLDER
-        have = all((folder / n).is_file() for n in CIFAR10_FILES["train"]) or (root / CIFAR10_ARCHIVE).is_file()
-        return None if have else f"CIFAR-10 (not in --data-root {str(root)!r}; {CIFAR10_URL} on first use)"
+        have = (
+            all((folder / n).is_file() for n in CIFAR10_FILES["train"])
+            or (root / CIFAR10_ARCHIVE).is_file()
+        )
+        return (
+            None
+            if have
+            else f"CIFAR-10 (not in --data-root {str(root)!r}; {CIFAR10_URL} on first use)"
+        )
     if cfg.dataset == "stacked-mnist":
         from .digits import MNIST_FILES
 
@@ -206,8 +217,9 @@ def load_dataset(cfg) -> Tensor:
     if cfg.dataset == "folder":
         return load_image_folder(cfg.data_root, 32)
     if cfg.dataset in STACKED_SOURCES:
-        return load_stacked(cfg.dataset, "train", cfg.data_root, size=cfg.stack_size,
-                            seed=cfg.stack_seed).images
+        return load_stacked(
+            cfg.dataset, "train", cfg.data_root, size=cfg.stack_size, seed=cfg.stack_seed
+        ).images
     raise DataError(f"--dataset {cfg.dataset!r}: expected one of {', '.join(DATASETS)}")
 
 
@@ -229,12 +241,24 @@ class BatchSampler:
     ``[rank * B/world, (rank+1) * B/world)`` of each global batch.
     """
 
-    def __init__(self, images: Tensor, batch_size: int, *, seed: int = 0, hflip: bool = False,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        hflip: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
+            )
         if batch_size % world_size:
-            raise ValueError(f"--batch-size {batch_size}: not divisible by the world size {world_size}")
+            raise ValueError(
+                f"--batch-size {batch_size}: not divisible by the world size {world_size}"
+            )
         if images.shape[0] < batch_size:
             raise DataError(
                 f"--batch-size {batch_size}: the dataset has only {images.shape[0]} images"
@@ -267,11 +291,11 @@ class BatchSampler:
             self.pos = 0
             self._load_epoch()
         start = self.pos + self.rank * self.local_batch
-        idx = self._perm[start:start + self.local_batch]  # [B]
+        idx = self._perm[start : start + self.local_batch]  # [B]
         self.pos += self.batch_size
         x = self.images.index_select(0, idx)  # uint8 [B, C, H, W]
         if self._flip is not None:
-            flip = self._flip[start:start + self.local_batch].view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+            flip = self._flip[start : start + self.local_batch].view(-1, 1, 1, 1)  # [B, 1, 1, 1]
             x = torch.where(flip, x.flip(3), x)
         return x.float().div_(127.5).sub_(1.0)  # [B, C, H, W] in [-1, 1]
 

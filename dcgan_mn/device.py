@@ -11,8 +11,15 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["AMP_DTYPES", "launched_with_torchrun", "resolve_device", "cpu_has_native_bf16", "resolve_amp",
-           "autocast", "cpu_capability"]
+__all__ = [
+    "AMP_DTYPES",
+    "launched_with_torchrun",
+    "resolve_device",
+    "cpu_has_native_bf16",
+    "resolve_amp",
+    "autocast",
+    "cpu_capability",
+]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,7 +62,10 @@ def cpu_has_native_bf16() -> bool:
 def cpu_capability() -> dict:
     """What a CPU benchmark must record next to its figures: the vector ISA torch dispatches to
     and whether bf16 is native (figures compare only within one capability)."""
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16()}
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
+    }
 
 
 def resolve_amp(amp: str, device: torch.device) -> tuple[str, Optional[str]]:
@@ -71,9 +81,11 @@ def resolve_amp(amp: str, device: torch.device) -> tuple[str, Optional[str]]:
             return ("bf16" if torch.cuda.is_bf16_supported() else "none"), None
         return ("bf16" if device.type == "cpu" and cpu_has_native_bf16() else "none"), None
     if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        return amp, (f"--amp bf16: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, "
-                     f"so autocast emulates it: expect it ~20x slower than fp32 (--amp none, or --amp "
-                     f"auto to choose by hardware)")
+        return amp, (
+            f"--amp bf16: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, "
+            f"so autocast emulates it: expect it ~20x slower than fp32 (--amp none, or --amp "
+            f"auto to choose by hardware)"
+        )
     return amp, None
 
 

@@ -52,8 +52,12 @@ STACKED_SOURCES = ("stacked-mnist", "stacked-digits")
 NUM_MODES = 1000  # 10 digits in each of 3 channels
 DEFAULT_STACK_SIZE = 128_000  # PacGAN's Stacked MNIST training-set size
 # The four files torchvision's MNIST reader wants in <data-root>/MNIST/raw (gz: as downloaded).
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 DIGITS_TEST_SIZE = 450  # of sklearn's 1,797 digits (a quarter, as train_test_split's default)
 DIGITS_SPLIT_SEED = 0
 
@@ -101,10 +105,16 @@ def _load_mnist(root: PathLike, split: str, download: bool) -> tuple[Tensor, Ten
     images = ds.data.to(torch.uint8)  # [n, 28, 28]
     labels = ds.targets.to(torch.int64)  # [n]
     if images.dim() != 3 or images.shape[0] != labels.shape[0]:
-        raise DataError(f"--data-root {str(root)!r}: {raw} holds images {tuple(images.shape)} and "
-                        f"labels {tuple(labels.shape)} that do not match")
-    pad = [(32 - images.shape[2]) // 2, (32 - images.shape[2] + 1) // 2,
-           (32 - images.shape[1]) // 2, (32 - images.shape[1] + 1) // 2]
+        raise DataError(
+            f"--data-root {str(root)!r}: {raw} holds images {tuple(images.shape)} and "
+            f"labels {tuple(labels.shape)} that do not match"
+        )
+    pad = [
+        (32 - images.shape[2]) // 2,
+        (32 - images.shape[2] + 1) // 2,
+        (32 - images.shape[1]) // 2,
+        (32 - images.shape[1] + 1) // 2,
+    ]
     return F.pad(images, pad), labels  # [n, 32, 32]: zero padding keeps every pixel
 
 
@@ -122,8 +132,9 @@ def _load_sklearn_digits(split: str) -> tuple[Tensor, Tensor]:
     return x[:, 0].round().clamp(0, 255).to(torch.uint8), labels[idx]  # [n, 32, 32], [n]
 
 
-def load_digit_split(source: str, split: str, data_root: PathLike = "data",
-                     download: bool = True) -> tuple[Tensor, Tensor]:
+def load_digit_split(
+    source: str, split: str, data_root: PathLike = "data", download: bool = True
+) -> tuple[Tensor, Tensor]:
     """Single digits of ``source``'s ``split``: uint8 [n, 32, 32] and int64 labels [n] in 0..9."""
     _check_source(source)
     _check_split(split)
@@ -156,13 +167,26 @@ def stack_digits(images: Tensor, labels: Tensor, size: int, seed: int) -> tuple[
     return images[idx], labels[idx]  # [size, 3, 32, 32], [size, 3]
 
 
-def load_stacked(source: str, split: str = "train", data_root: PathLike = "data", *,
-                 size: int = DEFAULT_STACK_SIZE, seed: int = 0, download: bool = True) -> StackedDigits:
+def load_stacked(
+    source: str,
+    split: str = "train",
+    data_root: PathLike = "data",
+    *,
+    size: int = DEFAULT_STACK_SIZE,
+    seed: int = 0,
+    download: bool = True,
+) -> StackedDigits:
     """The stacked set of ``source``'s ``split``: ``size`` images, triples drawn with ``seed``."""
     digits, digit_labels = load_digit_split(source, split, data_root, download)
     images, labels = stack_digits(digits, digit_labels, size, seed)
-    return StackedDigits(images=images, labels=labels, source=source, split=split, seed=seed,
-                         num_source_digits=int(digits.shape[0]))
+    return StackedDigits(
+        images=images,
+        labels=labels,
+        source=source,
+        split=split,
+        seed=seed,
+        num_source_digits=int(digits.shape[0]),
+    )
 
 
 def mode_ids(labels: Tensor) -> Tensor:

@@ -54,7 +54,6 @@ class DistInfo:
 SINGLE_PROCESS = DistInfo()  # one process, no torchrun: what DistInfo() means everywhere
 
 
-
 def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group torchrun describes in the environment (nccl on CUDA, else gloo).
 

@@ -39,9 +39,16 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EMA_STATS", "EmaSchedule", "GeneratorEMA", "norm_layers_with_stats", "standing_statistics"]
+__all__ = [
+    "EMA_STATS",
+    "EmaSchedule",
+    "GeneratorEMA",
+    "norm_layers_with_stats",
+    "standing_statistics",
+]
 
-EMA_STATS = ("copy", "standing")  # how G_ema's norm layers get their running statistics (default first)
+# how G_ema's norm layers get their running statistics (default first)
+EMA_STATS = ("copy", "standing")
 STANDING_SEED = 6_700_417  # latents and k-means draws of the standing-statistics pass
 
 
@@ -73,8 +80,12 @@ def norm_layers_with_stats(model: nn.Module) -> list[nn.Module]:
     """The layers of ``model`` that keep running statistics: BatchNorm, MN, Mode Normalization."""
     from .norms.module import _ComponentNormBase
 
-    return [m for m in model.modules()
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, _ComponentNormBase)) and m.track_running_stats]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, _ComponentNormBase))
+        and m.track_running_stats
+    ]
 
 
 @torch.no_grad()
@@ -106,8 +117,15 @@ class GeneratorEMA:
     G; ``ready_for_use()`` gives G_ema its normalization state (``stats``) before it is sampled or
     saved. ``state_dict`` / ``load_state_dict`` are G_ema's module state (what a checkpoint holds)."""
 
-    def __init__(self, G: nn.Module, schedule: EmaSchedule, *, stats: str = "copy",
-                 standing_batches: int = 16, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        G: nn.Module,
+        schedule: EmaSchedule,
+        *,
+        stats: str = "copy",
+        standing_batches: int = 16,
+        batch_size: int = 64,
+    ) -> None:
         if stats not in EMA_STATS:
             raise ValueError(f"stats must be one of {EMA_STATS}, got {stats!r}")
         self.G = G
@@ -128,8 +146,9 @@ class GeneratorEMA:
     @torch.no_grad()
     def update(self) -> None:
         """G_ema <- lerp(G_ema, G, 1 - decay): AveragedModel's EMA update, with a device weight."""
-        torch._foreach_lerp_(self._ema_params, [p.detach() for p in self._params],
-                             [self.weight] * len(self._params))
+        torch._foreach_lerp_(
+            self._ema_params, [p.detach() for p in self._params], [self.weight] * len(self._params)
+        )
 
     # ---- normalization state ---------------------------------------------------------------------
 
@@ -156,7 +175,9 @@ class GeneratorEMA:
         """The standing pass's latents: ``standing_batches`` batches [batch_size, z_dim] from their own stream."""
         gen = torch.Generator().manual_seed(STANDING_SEED)
         for _ in range(self.standing_batches):
-            yield torch.randn(self.batch_size, self.G_ema.z_dim, generator=gen).to(self.weight.device)
+            yield torch.randn(self.batch_size, self.G_ema.z_dim, generator=gen).to(
+                self.weight.device
+            )
 
     # ---- checkpoints -----------------------------------------------------------------------------
 

@@ -9,9 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["ConfigError", "CheckpointError", "CheckpointUnreadable", "DataError", "WriteError", "OutFolderError",
-           "RunFolderBusy", "MetricsError", "InceptionWeightsError",
-           "InceptionWeightsInvalid"]
+__all__ = [
+    "ConfigError",
+    "CheckpointError",
+    "CheckpointUnreadable",
+    "DataError",
+    "WriteError",
+    "OutFolderError",
+    "RunFolderBusy",
+    "MetricsError",
+    "InceptionWeightsError",
+    "InceptionWeightsInvalid",
+]
 
 
 class ConfigError(ValueError):
@@ -63,8 +72,9 @@ class OutFolderError(WriteError):
     """A new run's folder cannot be created under ``--out`` (a file in the way, a read-only,
     immutable or virtual filesystem): one line naming ``--out``, the folder and the reason."""
 
-    def __init__(self, out: Union[str, Path], path: Union[str, Path], reason: str,
-                 code: Optional[int] = None) -> None:
+    def __init__(
+        self, out: Union[str, Path], path: Union[str, Path], reason: str, code: Optional[int] = None
+    ) -> None:
         super().__init__(path, reason, code)
         self.out = str(out)
 

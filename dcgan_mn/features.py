@@ -64,8 +64,10 @@ FEATURE_DIMS = (64, 192, 768, 2048)  # pytorch_fid.inception.InceptionV3.BLOCK_I
 PROTOCOL_VERSION = "uint8-png/pytorch-fid-0.3-resize299-bilinear/v1"
 # --fid-protocol: pytorch-fid's (bilinear resize of float images inside the network) or
 # clean-fid's "clean" mode (PIL bicubic resize of each uint8 channel as float, before it).
-FID_PROTOCOLS = {"pytorch-fid": PROTOCOL_VERSION,
-                 "clean": "uint8-png/clean-fid-pil-bicubic299-float/v1"}
+FID_PROTOCOLS = {
+    "pytorch-fid": PROTOCOL_VERSION,
+    "clean": "uint8-png/clean-fid-pil-bicubic299-float/v1",
+}
 
 # torch.hub's convention: the file name ends in "-<first hex digits of its SHA-256>.<ext>".
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
@@ -173,7 +175,9 @@ def resolve_inception_weights(
             # torch hub writes to a temporary file, checks the SHA-256 prefix, then renames.
             torch.hub.download_url_to_file(url, str(dst), hash_prefix=prefix, progress=progress)
         except (urllib.error.URLError, OSError, RuntimeError, ValueError) as e:
-            raise InceptionWeightsError(_missing_message(url, dst, f"{type(e).__name__}: {e}")) from None
+            raise InceptionWeightsError(
+                _missing_message(url, dst, f"{type(e).__name__}: {e}")
+            ) from None
     sha = sha256_file(dst)
     if prefix and not sha.startswith(prefix):
         raise InceptionWeightsError(
@@ -223,7 +227,8 @@ def load_fid_inception(weights: InceptionWeights, dims: int = 2048) -> nn.Module
     def invalid(what: str) -> InceptionWeightsInvalid:
         return InceptionWeightsInvalid(
             f"{weights.named_as}: not FID Inception weights ({what}); expected pytorch-fid's "
-            f"{FID_WEIGHTS_URL.rsplit('/', 1)[-1]} ({FID_WEIGHTS_URL}) or another state dict of its InceptionV3")
+            f"{FID_WEIGHTS_URL.rsplit('/', 1)[-1]} ({FID_WEIGHTS_URL}) or another state dict of its InceptionV3"
+        )
 
     try:
         state_dict = torch.load(weights.path, map_location="cpu", weights_only=True)
@@ -235,7 +240,9 @@ def load_fid_inception(weights: InceptionWeights, dims: int = 2048) -> nn.Module
     try:
         with _pytorch_fid_loads(state_dict):
             net = _pfi.InceptionV3([block], resize_input=True, normalize_input=True)
-    except RuntimeError as e:  # load_state_dict: "Error(s) in loading ...:", then missing / unexpected keys
+    except (
+        RuntimeError
+    ) as e:  # load_state_dict: "Error(s) in loading ...:", then missing / unexpected keys
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[min(1, len(lines) - 1)] if lines else type(e).__name__
         raise invalid(detail if len(detail) <= 120 else detail[:117] + "...") from None
@@ -249,7 +256,9 @@ def load_fid_inception(weights: InceptionWeights, dims: int = 2048) -> nn.Module
     # its weight matrix, for the Inception Score. Like the original IS code (and torch-fidelity's
     # "logits_unbiased") we use pool3 @ W without the bias.
     fc = state_dict.get("fc.weight")
-    net.register_buffer("logits_weight", fc.detach().float().clone() if isinstance(fc, Tensor) else None)
+    net.register_buffer(
+        "logits_weight", fc.detach().float().clone() if isinstance(fc, Tensor) else None
+    )
     return net.eval()
 
 
@@ -290,7 +299,9 @@ def clean_resize(images: Tensor, size: int = 299) -> Tensor:
     from PIL import Image
 
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}"
+        )
     arr = images.cpu().numpy().astype(np.float32)  # [N, 3, H, W]
     out = np.empty((arr.shape[0], 3, size, size), dtype=np.float32)
     for i in range(arr.shape[0]):
@@ -332,7 +343,9 @@ class InceptionFeatureExtractor:
         fid_protocol: str = "pytorch-fid",
     ) -> None:
         if fid_protocol not in FID_PROTOCOLS:
-            raise ValueError(f"--fid-protocol {fid_protocol!r}: expected one of {sorted(FID_PROTOCOLS)}")
+            raise ValueError(
+                f"--fid-protocol {fid_protocol!r}: expected one of {sorted(FID_PROTOCOLS)}"
+            )
         self.fid_protocol = fid_protocol
         self.protocol = FID_PROTOCOLS[fid_protocol]
         if not isinstance(weights, InceptionWeights):
@@ -362,7 +375,9 @@ class InceptionFeatureExtractor:
     def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(features [N, 2048], the 2015 graph's logits [N, 1008]) from one forward pass."""
         if not self.has_logits:
-            raise ValueError("Inception Score logits need --dims 2048 and weights with the classifier (fc.weight)")
+            raise ValueError(
+                "Inception Score logits need --dims 2048 and weights with the classifier (fc.weight)"
+            )
         return self._forward(images, logits=True)
 
     @torch.inference_mode()
@@ -373,10 +388,13 @@ class InceptionFeatureExtractor:
             )
         out, out_logits = [], []
         for chunk in images.split(self.batch_size):
-            if self.fid_protocol == "clean":  # [B, 3, 299, 299]; the network's resize is then a no-op
+            if (
+                self.fid_protocol == "clean"
+            ):  # [B, 3, 299, 299]; the network's resize is then a no-op
                 x = clean_resize(chunk).to(self.device).div_(255)
             else:
-                x = chunk.to(self.device, non_blocking=True).float().div_(255)  # [B, 3, H, W] in [0, 1]
+                # [B, 3, H, W] in [0, 1]
+                x = chunk.to(self.device, non_blocking=True).float().div_(255)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             feat = self.net(x)[0]  # [B, dims, h, w]

@@ -15,8 +15,14 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Union
 
-__all__ = ["WriteError", "atomic_write", "write_failure", "write_json_atomic", "append_jsonl",
-           "read_jsonl"]
+__all__ = [
+    "WriteError",
+    "atomic_write",
+    "write_failure",
+    "write_json_atomic",
+    "append_jsonl",
+    "read_jsonl",
+]
 
 PathLike = Union[str, Path]
 
@@ -128,5 +134,8 @@ def read_jsonl(path: PathLike) -> list[dict]:
         except json.JSONDecodeError:
             if i != len(numbered) - 1:
                 raise ValueError(f"{path}: line {line_no} is not JSON") from None
-            print(f"warning: {path}: ignoring line {line_no}, cut short (a crash mid-write?)", file=sys.stderr)
+            print(
+                f"warning: {path}: ignoring line {line_no}, cut short (a crash mid-write?)",
+                file=sys.stderr,
+            )
     return rows

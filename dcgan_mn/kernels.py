@@ -29,24 +29,85 @@ __all__ = ["OpCount", "count_ops", "METADATA_OPS", "SYNC_OPS"]
 
 # Operators that launch no kernel: views, metadata and allocation without initialisation.
 METADATA_OPS = frozenset(
-    "aten::" + name for name in (
-        "view", "_unsafe_view", "reshape", "expand", "expand_as", "transpose", "t", "permute",
-        "unsqueeze", "squeeze", "select", "slice", "narrow", "as_strided", "alias", "detach",
-        "detach_", "lift_fresh", "empty", "empty_like", "empty_strided", "resize_", "new_empty", "new_empty_strided", "zeros_like_noop", "unflatten",
-        "flatten", "split", "split_with_sizes", "unbind", "chunk", "numpy_T", "diagonal",
-        "view_as", "_reshape_alias", "set_", "result_type", "size", "stride", "is_same_size",
-        "_has_compatible_shallow_copy_type", "requires_grad_", "contiguous", "movedim",
-        "to", "type_as", "_to_copy_noop", "broadcast_tensors", "real", "conj", "resolve_conj",
-        "resolve_neg", "_shape_as_tensor", "lift", "_nested_tensor_from_mask_left_aligned",
+    "aten::" + name
+    for name in (
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "expand",
+        "expand_as",
+        "transpose",
+        "t",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "narrow",
+        "as_strided",
+        "alias",
+        "detach",
+        "detach_",
+        "lift_fresh",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "resize_",
+        "new_empty",
+        "new_empty_strided",
+        "zeros_like_noop",
+        "unflatten",
+        "flatten",
+        "split",
+        "split_with_sizes",
+        "unbind",
+        "chunk",
+        "numpy_T",
+        "diagonal",
+        "view_as",
+        "_reshape_alias",
+        "set_",
+        "result_type",
+        "size",
+        "stride",
+        "is_same_size",
+        "_has_compatible_shallow_copy_type",
+        "requires_grad_",
+        "contiguous",
+        "movedim",
+        "to",
+        "type_as",
+        "_to_copy_noop",
+        "broadcast_tensors",
+        "real",
+        "conj",
+        "resolve_conj",
+        "resolve_neg",
+        "_shape_as_tensor",
+        "lift",
+        "_nested_tensor_from_mask_left_aligned",
     )
 )
 
 # Operators that make the host wait for the device (a read of a value, or a data-dependent size).
 SYNC_OPS = frozenset(
-    "aten::" + name for name in (
-        "item", "_local_scalar_dense", "nonzero", "nonzero_static", "is_nonzero", "equal",
-        "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
-        "unique_dim", "repeat_interleave", "allclose", "tolist",
+    "aten::" + name
+    for name in (
+        "item",
+        "_local_scalar_dense",
+        "nonzero",
+        "nonzero_static",
+        "is_nonzero",
+        "equal",
+        "masked_select",
+        "unique",
+        "_unique",
+        "_unique2",
+        "unique_consecutive",
+        "unique_dim",
+        "repeat_interleave",
+        "allclose",
+        "tolist",
     )
 )
 
@@ -63,8 +124,12 @@ class OpCount(NamedTuple):
 
     def to_json(self, top: int = 12) -> dict:
         most = sorted(self.by_name.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
-        return {"kernels": self.kernels, "host_syncs": self.syncs,
-                "sync_ops": dict(self.sync_names), "top_ops": dict(most)}
+        return {
+            "kernels": self.kernels,
+            "host_syncs": self.syncs,
+            "sync_ops": dict(self.sync_names),
+            "top_ops": dict(most),
+        }
 
 
 def _is_compiled_kernel(name: str) -> bool:

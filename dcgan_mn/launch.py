@@ -26,8 +26,18 @@ from .errors import CheckpointError, CheckpointUnreadable, ConfigError
 from .fileio import write_failure
 from .runfolder import RunFolder, resolve_resume
 
-__all__ = ["Launch", "Resumed", "decide_launch", "resolve_run_dir", "check_ref", "check_out", "load_resume", "check_launch",
-           "check_world_size", "decided_on_main"]
+__all__ = [
+    "Launch",
+    "Resumed",
+    "decide_launch",
+    "resolve_run_dir",
+    "check_ref",
+    "check_out",
+    "load_resume",
+    "check_launch",
+    "check_world_size",
+    "decided_on_main",
+]
 
 PathLike = Union[str, Path]
 
@@ -58,8 +68,11 @@ class Launch:
         return int(self.payload["iteration"]) if self.payload is not None else 0
 
 
-def decide_launch(cfg: Optional[TrainConfig] = None, resume: Optional[PathLike] = None,
-                  overrides: Optional[dict[str, Any]] = None) -> Launch:
+def decide_launch(
+    cfg: Optional[TrainConfig] = None,
+    resume: Optional[PathLike] = None,
+    overrides: Optional[dict[str, Any]] = None,
+) -> Launch:
     """The launch of a new run (``cfg``) or of ``--resume TARGET``.
 
     Resuming, the run keeps the checkpoint's config except for ``overrides`` (the flags the user
@@ -71,17 +84,33 @@ def decide_launch(cfg: Optional[TrainConfig] = None, resume: Optional[PathLike] 
     warnings: tuple[str, ...] = ()
     if resume is not None:  # the run's config first (read only: every rank reads the same files)
         resumed = load_resume(resume)
-        run_dir, path, payload, saved = resumed.run_dir, resumed.checkpoint, resumed.payload, resumed.config
+        run_dir, path, payload, saved = (
+            resumed.run_dir,
+            resumed.checkpoint,
+            resumed.payload,
+            resumed.config,
+        )
         set_aside, warnings = resumed.set_aside, resumed.warnings
         restarting = payload is None
         if overrides is None:
-            overrides = {} if cfg is None else {
-                f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                if f.name not in ("out", "run_name", "extra") and getattr(cfg, f.name) != getattr(saved, f.name)}
-        cfg = resume_config(saved, overrides).replace(out=str(run_dir.parent), run_name=run_dir.name)
+            overrides = (
+                {}
+                if cfg is None
+                else {
+                    f.name: getattr(cfg, f.name)
+                    for f in dataclasses.fields(cfg)
+                    if f.name not in ("out", "run_name", "extra")
+                    and getattr(cfg, f.name) != getattr(saved, f.name)
+                }
+            )
+        cfg = resume_config(saved, overrides).replace(
+            out=str(run_dir.parent), run_name=run_dir.name
+        )
         if payload is not None and cfg.iters < payload["iteration"]:
-            raise ConfigError(f"--iters {cfg.iters}: the resumed run is already at iteration "
-                              f"{payload['iteration']}")
+            raise ConfigError(
+                f"--iters {cfg.iters}: the resumed run is already at iteration "
+                f"{payload['iteration']}"
+            )
     elif cfg is None:
         raise ValueError("decide_launch: give a config or a run to resume")
     # The device, decided once from the run's own config; the process group is built on it.
@@ -94,9 +123,19 @@ def decide_launch(cfg: Optional[TrainConfig] = None, resume: Optional[PathLike] 
         cfg, run_dir = decided_on_main(dist_info, lambda: resolve_run_dir(cfg))
     check_launch(cfg, dist_info)
     amp, amp_warning = resolve_amp(cfg.amp, device)
-    return Launch(cfg=cfg, folder=RunFolder(run_dir), dist_info=dist_info, device=device, amp=amp,
-                  amp_warning=amp_warning, payload=payload, checkpoint=path, restarting=restarting,
-                  set_aside=set_aside, warnings=warnings)
+    return Launch(
+        cfg=cfg,
+        folder=RunFolder(run_dir),
+        dist_info=dist_info,
+        device=device,
+        amp=amp,
+        amp_warning=amp_warning,
+        payload=payload,
+        checkpoint=path,
+        restarting=restarting,
+        set_aside=set_aside,
+        warnings=warnings,
+    )
 
 
 def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
@@ -117,7 +156,9 @@ def resolve_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     try:
         taken = run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir()))
     except OSError as e:
-        raise ConfigError(f"--out {cfg.out!r}: cannot read {run_dir} ({e.strerror or type(e).__name__})") from None
+        raise ConfigError(
+            f"--out {cfg.out!r}: cannot read {run_dir} ({e.strerror or type(e).__name__})"
+        ) from None
     if taken:
         raise ConfigError(
             f"--run-name {cfg.run_name!r}: {run_dir} already exists; continue that run with "
@@ -141,9 +182,15 @@ def check_ref(ref: str) -> None:
         return
     if p.suffix != ".npz" and p.is_dir():
         return
-    what = "no such statistics file" if p.suffix == ".npz" else "neither a built-in reference nor a folder"
-    raise ConfigError(f"--ref {ref!r}: {what}; expected {', '.join(names)}, an image folder or a "
-                      f"pytorch-fid .npz statistics file")
+    what = (
+        "no such statistics file"
+        if p.suffix == ".npz"
+        else "neither a built-in reference nor a folder"
+    )
+    raise ConfigError(
+        f"--ref {ref!r}: {what}; expected {', '.join(names)}, an image folder or a "
+        f"pytorch-fid .npz statistics file"
+    )
 
 
 def check_out(out: str) -> None:
@@ -164,14 +211,20 @@ def check_out(out: str) -> None:
             continue
         if not ancestor.is_dir():
             where = "is a file" if ancestor == p else f"lies under {ancestor}, which is a file"
-            raise ConfigError(f"--out {out!r}: {where}, not a folder; give a folder for the run folders")
+            raise ConfigError(
+                f"--out {out!r}: {where}, not a folder; give a folder for the run folders"
+            )
         try:
             os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".dcgan_mn-probe-"))
         except OSError as e:
             if ancestor == p:
-                raise ConfigError(f"--out {out!r}: cannot create a run folder in it ({write_failure(p, e).reason})") from None
-            raise ConfigError(f"--out {out!r}: cannot create {p.relative_to(ancestor).parts[0]!r} in {ancestor} "
-                              f"({write_failure(ancestor, e).reason})") from None
+                raise ConfigError(
+                    f"--out {out!r}: cannot create a run folder in it ({write_failure(p, e).reason})"
+                ) from None
+            raise ConfigError(
+                f"--out {out!r}: cannot create {p.relative_to(ancestor).parts[0]!r} in {ancestor} "
+                f"({write_failure(ancestor, e).reason})"
+            ) from None
         return
 
 
@@ -183,7 +236,9 @@ class Resumed:
     checkpoint: Optional[Path]  # None: a folder without checkpoint, restarted from iteration 0
     payload: Optional[dict]
     config: TrainConfig
-    set_aside: tuple[Path, ...] = ()  # unreadable newer checkpoints, to be moved aside (never deleted)
+    set_aside: tuple[
+        Path, ...
+    ] = ()  # unreadable newer checkpoints, to be moved aside (never deleted)
     warnings: tuple[str, ...] = ()  # one line each, shown when the run starts
 
 
@@ -202,8 +257,10 @@ def load_resume(target: PathLike) -> Resumed:
         try:
             cfg = config_from_dict(folder.read_config())
         except (ValueError, ConfigError) as e:
-            raise CheckpointError(f"--resume {str(target)!r}: no checkpoint, and its {RunFolder.CONFIG} "
-                                  f"is unreadable ({e})") from None
+            raise CheckpointError(
+                f"--resume {str(target)!r}: no checkpoint, and its {RunFolder.CONFIG} "
+                f"is unreadable ({e})"
+            ) from None
         return Resumed(folder.path, None, None, cfg)
     folder, path = resolve_resume(target)
     set_aside: list[Path] = []
@@ -226,7 +283,8 @@ def load_resume(target: PathLike) -> Resumed:
             warnings.append(
                 f"unreadable checkpoint{'s' if len(set_aside) > 1 else ''} "
                 f"{', '.join(p.name for p in reversed(set_aside))} (corrupt or truncated): moved aside as "
-                f"{', '.join(p.name + '.corrupt' for p in reversed(set_aside))}; continuing from {path.name}")
+                f"{', '.join(p.name + '.corrupt' for p in reversed(set_aside))}; continuing from {path.name}"
+            )
     else:
         payload = ckpt.load_checkpoint(path, map_location="cpu")
     if payload["kind"] != "full":
@@ -234,7 +292,9 @@ def load_resume(target: PathLike) -> Resumed:
             f"--resume {str(target)!r}: a generator-only snapshot cannot be resumed; use a "
             f"full checkpoint (ckpt-*.pt) or the run folder"
         )
-    newer = [p.name for i, p in folder.checkpoints() if i > payload["iteration"] and p not in set_aside]
+    newer = [
+        p.name for i, p in folder.checkpoints() if i > payload["iteration"] and p not in set_aside
+    ]
     if newer:
         raise CheckpointError(
             f"--resume {str(target)!r}: the run folder has newer checkpoints ({', '.join(newer)}); "
@@ -248,20 +308,27 @@ def load_resume(target: PathLike) -> Resumed:
             config_from_dict(folder.read_config())
         except (ValueError, TypeError, AttributeError, OSError, ConfigError) as e:
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-            warnings.insert(0, f"{folder.config_file} is unreadable ({reason[:200]}); using the config saved "
-                               f"in {path.name} and rewriting {RunFolder.CONFIG} from it")
+            warnings.insert(
+                0,
+                f"{folder.config_file} is unreadable ({reason[:200]}); using the config saved "
+                f"in {path.name} and rewriting {RunFolder.CONFIG} from it",
+            )
     return Resumed(folder.path, path, payload, cfg, tuple(set_aside), tuple(warnings))
 
 
 def check_launch(cfg: TrainConfig, dist_info: DistInfo) -> None:
     """Flags that depend on how the processes were launched (one line naming the flag)."""
     if cfg.sync_norm and not launched_with_torchrun():
-        raise ConfigError("--sync-norm: synchronizing norm statistics needs a distributed launch "
-                          f"({python_command('-m', 'torch.distributed.run', '--nproc_per_node', 'N')} "
-                          f"{script_path('train.py')} ...)")
+        raise ConfigError(
+            "--sync-norm: synchronizing norm statistics needs a distributed launch "
+            f"({python_command('-m', 'torch.distributed.run', '--nproc_per_node', 'N')} "
+            f"{script_path('train.py')} ...)"
+        )
     if cfg.batch_size % dist_info.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size}: not divisible by the world size "
-                          f"{dist_info.world_size} (torchrun processes); it is the global batch")
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size}: not divisible by the world size "
+            f"{dist_info.world_size} (torchrun processes); it is the global batch"
+        )
 
 
 def decided_on_main(dist_info: DistInfo, decide: Callable[[], Any]) -> Any:

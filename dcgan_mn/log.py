@@ -48,9 +48,16 @@ def run_hparams(cfg, generator) -> dict:
     (``norms``: "mn,mn,bn", layer 0 first), K, the seed and the dataset, then MN's readings
     (estimator, point, posterior_grad, lambda_scale). Few on purpose: TensorBoard's table shows the
     first hparams only until more are ticked."""
-    return {"dataset": cfg.dataset, "mn_components": cfg.mn_components, "norms": generator.norm_kinds, "seed": cfg.seed,
-            "mn_estimator": cfg.mn_estimator, "mn_point": cfg.mn_point, "mn_posterior_grad": cfg.mn_posterior_grad,
-            "mn_lambda_scale": cfg.mn_lambda_scale}
+    return {
+        "dataset": cfg.dataset,
+        "mn_components": cfg.mn_components,
+        "norms": generator.norm_kinds,
+        "seed": cfg.seed,
+        "mn_estimator": cfg.mn_estimator,
+        "mn_point": cfg.mn_point,
+        "mn_posterior_grad": cfg.mn_posterior_grad,
+        "mn_lambda_scale": cfg.mn_lambda_scale,
+    }
 
 
 def run_outcome(rows: list[dict], directions: dict, iteration: int) -> dict:
@@ -60,8 +67,11 @@ def run_outcome(rows: list[dict], directions: dict, iteration: int) -> dict:
     out: dict[str, float] = {"hparams/iteration": float(iteration)}
     rows = [r for r in rows if r.get("iteration", 0) <= iteration]
     for metric, direction in directions.items():
-        values = [float(r[metric]) for r in rows if isinstance(r.get(metric), (int, float))
-                  and math.isfinite(r[metric])]
+        values = [
+            float(r[metric])
+            for r in rows
+            if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])
+        ]
         if values:
             out[f"hparams/best_{metric}"] = max(values) if direction == "max" else min(values)
             out[f"hparams/final_{metric}"] = values[-1]
@@ -94,9 +104,16 @@ class RunLogger:
     logger prints the plain lines of ``--no-progress`` instead.
     """
 
-    def __init__(self, run: Union[RunFolder, PathLike], *, total_iters: int, start_iter: int = 0,
-                 purge_step: Optional[int] = None, progress: bool = True,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self,
+        run: Union[RunFolder, PathLike],
+        *,
+        total_iters: int,
+        start_iter: int = 0,
+        purge_step: Optional[int] = None,
+        progress: bool = True,
+        enabled: bool = True,
+    ) -> None:
         from tqdm import tqdm
 
         self.folder = as_run_folder(run)
@@ -110,8 +127,15 @@ class RunLogger:
                 _after_existing_event_files(self.run_dir)
             self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step)
         bar = progress and enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total_iters, initial=start_iter, disable=not bar,
-                        unit="it", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+        self.bar = tqdm(
+            total=total_iters,
+            initial=start_iter,
+            disable=not bar,
+            unit="it",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
         self.postfix: dict[str, str] = {}
         self.total_iters = total_iters
         self.plain = enabled and not bar  # no bar: a plain line per log window instead
@@ -168,8 +192,11 @@ class RunLogger:
         width = len(str(self.total_iters))
         pct = 100.0 * iteration / self.total_iters if self.total_iters else 100.0
         fields = "  ".join(f"{k} {v}" for k, v in self.postfix.items())
-        print(f"iteration {iteration:>{width}}/{self.total_iters} ({pct:5.1f}%)  {images_per_s:8.1f} img/s  {fields}",
-              file=sys.stderr, flush=True)
+        print(
+            f"iteration {iteration:>{width}}/{self.total_iters} ({pct:5.1f}%)  {images_per_s:8.1f} img/s  {fields}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def message(self, text: str) -> None:
         """A line above the bar (or on stderr when the bar is off)."""

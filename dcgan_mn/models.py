@@ -43,7 +43,9 @@ G_ARCHS = {"dcgan32": 3, "tf-dcgan": 4}  # generator architecture -> number of n
 SAMPLE_MODES = ("batch", "running")
 
 
-def parse_mn_layers(spec: Union[str, Iterable[int], None], num_layers: int = NUM_G_NORM_LAYERS) -> tuple[int, ...]:
+def parse_mn_layers(
+    spec: Union[str, Iterable[int], None], num_layers: int = NUM_G_NORM_LAYERS
+) -> tuple[int, ...]:
     """'0,1' / 'none' / 'all' / an iterable of ints -> a sorted tuple of generator layer indices
     in 0..num_layers-1. Raises ValueError naming the bad index or token.
     """
@@ -101,6 +103,7 @@ def _tf_dcgan_init_(module: nn.Module) -> None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+
 class _Project(nn.Module):
     """z [N, z_dim] -> Linear -> [N, C, S, S] (tf-dcgan's first layer, reshaped channels-first)."""
 
@@ -112,7 +115,8 @@ class _Project(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         # TensorFlow reshapes the linear output [N, S*S*C] as NHWC; read it the same way.
         h = self.linear(z.flatten(1))  # [N, S*S*C]
-        return h.view(-1, self.size, self.size, self.channels).permute(0, 3, 1, 2).contiguous()  # [N, C, S, S]
+        # [N, C, S, S]
+        return h.view(-1, self.size, self.size, self.channels).permute(0, 3, 1, 2).contiguous()
 
 
 class _ConvTransposeSame(nn.ConvTranspose2d):
@@ -147,24 +151,35 @@ class Generator(nn.Module):
         elsewhere."""
         super().__init__()
         if arch not in G_ARCHS:
-            raise ValueError(f"unknown generator architecture {arch!r}; expected one of {tuple(G_ARCHS)}")
+            raise ValueError(
+                f"unknown generator architecture {arch!r}; expected one of {tuple(G_ARCHS)}"
+            )
         self.z_dim = z_dim
         self.ngf = ngf
         self.arch = arch
-        widths = [8 * ngf, 4 * ngf, 2 * ngf] if arch == "dcgan32" else [8 * ngf, 4 * ngf, 2 * ngf, ngf]
+        widths = (
+            [8 * ngf, 4 * ngf, 2 * ngf] if arch == "dcgan32" else [8 * ngf, 4 * ngf, 2 * ngf, ngf]
+        )
         self._norm_index: list[int] = []  # positions of the norm layers in self.net
         if norms is None or not all(isinstance(n, NormSpec) for n in norms):  # names: specs, once
             mn = parse_mn_layers(mn_layers, G_ARCHS[arch])
-            kinds = tuple(norms) if norms is not None else tuple(
-                "mn" if i in mn else "bn" for i in range(G_ARCHS[arch]))
+            kinds = (
+                tuple(norms)
+                if norms is not None
+                else tuple("mn" if i in mn else "bn" for i in range(G_ARCHS[arch]))
+            )
             if len(kinds) != G_ARCHS[arch] or any(k not in NORM_KINDS for k in kinds):
-                raise ValueError(f"norms {kinds!r}: expected {G_ARCHS[arch]} of {', '.join(NORM_KINDS)} for {arch}")
+                raise ValueError(
+                    f"norms {kinds!r}: expected {G_ARCHS[arch]} of {', '.join(NORM_KINDS)} for {arch}"
+                )
             norms = norm_specs(kinds, num_components, mode_components, **mn_kwargs)
         elif len(norms) != G_ARCHS[arch]:
             raise ValueError(f"norms: {len(norms)} given, {arch} has {G_ARCHS[arch]} norm layers")
         self.norms = tuple(spec.kind for spec in norms)
         self.mn_layers = tuple(i for i, kind in enumerate(self.norms) if kind == "mn")
-        self.num_components = next((spec.num_components for spec in norms if spec.kind == "mn"), num_components)
+        self.num_components = next(
+            (spec.num_components for spec in norms if spec.kind == "mn"), num_components
+        )
         # Each norm is built where it sits, between the convolutions: construction order is RNG order.
 
         if arch == "tf-dcgan":
@@ -230,7 +245,6 @@ class Generator(nn.Module):
             )
         return self.net(z[:, :, None, None])  # [N, 3, 32, 32]
 
-
     @torch.no_grad()
     def sample(self, z: Tensor, mode: str = "batch", batch_size: int | None = None) -> Tensor:
         """Generate images for z [N, z_dim] without changing any buffer or the global RNG.
@@ -248,8 +262,11 @@ class Generator(nn.Module):
         was_training = self.training
         devices = [z.device] if z.device.type == "cuda" else []
         try:
-            with preserved_norm_state(self), torch.random.fork_rng(devices=devices), \
-                    unsynchronized(self):
+            with (
+                preserved_norm_state(self),
+                torch.random.fork_rng(devices=devices),
+                unsynchronized(self),
+            ):
                 self.train(mode == "batch")
                 return torch.cat([self(zc) for zc in z.split(chunk)])
         finally:
@@ -261,8 +278,11 @@ def preserved_norm_state(module: nn.Module) -> Iterator[None]:
     """Restore every buffer and norm telemetry (MN's and Mode Normalization's ``last_*``
     records) of ``module`` on exit (sampling is read-only)."""
     saved = {name: b.clone() for name, b in module.named_buffers()}
-    telemetry = [(m, {k: v for k, v in vars(m).items() if k.startswith("last_")})
-                 for m in module.modules() if isinstance(m, (MixtureNorm2d, ModeNorm2d))]
+    telemetry = [
+        (m, {k: v for k, v in vars(m).items() if k.startswith("last_")})
+        for m in module.modules()
+        if isinstance(m, (MixtureNorm2d, ModeNorm2d))
+    ]
     try:
         yield
     finally:

@@ -36,11 +36,19 @@ def _code_version() -> str:
 
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-                                capture_output=True, text=True, timeout=5)
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         if commit.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
             return commit.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -52,9 +60,14 @@ def environment(device=None) -> dict:
     import torch
 
     device = torch.device(device) if device is not None else torch.device("cpu")
-    env = {"python": platform.python_version(), **{name: _version(name) for name in LIBRARIES},
-           "dcgan_mn": _code_version(), "device": device.type,
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
+    env = {
+        "python": platform.python_version(),
+        **{name: _version(name) for name in LIBRARIES},
+        "dcgan_mn": _code_version(),
+        "device": device.type,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+    }
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -68,8 +81,11 @@ def env_key(env: dict) -> str:
 
 def read_environments(run: Union[RunFolder, str, Path]) -> dict[str, dict]:
     """{env_key: environment} of a run folder's manifest (empty without one)."""
-    return {row["env_key"]: row["environment"] for row in as_run_folder(run).provenance_rows()
-            if "env_key" in row and "environment" in row}
+    return {
+        row["env_key"]: row["environment"]
+        for row in as_run_folder(run).provenance_rows()
+        if "env_key" in row and "environment" in row
+    }
 
 
 def record_environment(run: Union[RunFolder, str, Path], env: dict, iteration: int) -> str:

@@ -22,8 +22,16 @@ from .checkpoint import load_generators
 from .config import config_from_dict
 from .runfolder import RunFolder, as_run_folder
 
-__all__ = ["RescoreError", "RescorePlan", "evaluation_seeds", "seed_rows", "plan_rescore", "describe_plans",
-           "rescore_run", "rescore_runs"]
+__all__ = [
+    "RescoreError",
+    "RescorePlan",
+    "evaluation_seeds",
+    "seed_rows",
+    "plan_rescore",
+    "describe_plans",
+    "rescore_run",
+    "rescore_runs",
+]
 
 
 class RescoreError(ValueError):
@@ -44,14 +52,27 @@ def seed_rows(run: Union[RunFolder, str, Path]) -> list[dict]:
 
 
 def _has(rows: list[dict], metric: str) -> set[tuple[int, int, Optional[str]]]:
-    return {(int(r["iteration"]), int(r.get("seed", 0)), r.get("sample_mode"))
-            for r in rows if r.get(metric) is not None and r.get("iteration") is not None}
+    return {
+        (int(r["iteration"]), int(r.get("seed", 0)), r.get("sample_mode"))
+        for r in rows
+        if r.get(metric) is not None and r.get("iteration") is not None
+    }
 
 
 def _evaluation_setup(cfg, device) -> tuple:
     """What an evaluator is built from: runs that agree on it share one evaluator."""
-    return (cfg.dataset, cfg.ref, cfg.dims, cfg.inception_weights, cfg.fid_protocol, cfg.fid_samples,
-            cfg.mode_samples, getattr(cfg, "inception_metrics", True), str(cfg.data_root), str(device))
+    return (
+        cfg.dataset,
+        cfg.ref,
+        cfg.dims,
+        cfg.inception_weights,
+        cfg.fid_protocol,
+        cfg.fid_samples,
+        cfg.mode_samples,
+        getattr(cfg, "inception_metrics", True),
+        str(cfg.data_root),
+        str(device),
+    )
 
 
 @dataclass
@@ -86,20 +107,30 @@ def plan_rescore(run_dir: Union[RunFolder, str, Path], metric: str, count: int) 
     count_key = metric_spec(metric).count_key  # a MetricsError names the known metrics
     samples = cfg.mode_samples if count_key == MODE_COUNT_KEY else cfg.fid_samples
     rows = folder.metrics_rows()
-    trained = [r for r in rows
-               if r.get(metric) is not None and r.get("sample_mode") == cfg.sample_mode
-               and r.get(count_key) == samples]  # the rows the run's own evaluator wrote
+    # the rows the run's own evaluator wrote
+    trained = [
+        r
+        for r in rows
+        if r.get(metric) is not None
+        and r.get("sample_mode") == cfg.sample_mode
+        and r.get(count_key) == samples
+    ]
     if not trained and any(r.get(metric) is not None for r in rows):
         raise RescoreError(
             f"run {str(run)!r}: its {metric} rows were not scored with the {samples} samples and sample "
             f"mode {cfg.sample_mode!r} of its config.json, so they cannot be re-scored alike "
-            f"(use --eval-seeds 1)")
-    have = _has(trained, metric) | _has([r for r in seed_rows(folder) if r.get(count_key) == samples], metric)
+            f"(use --eval-seeds 1)"
+        )
+    have = _has(trained, metric) | _has(
+        [r for r in seed_rows(folder) if r.get(count_key) == samples], metric
+    )
     todo = []  # (iteration, seed)
     cost: dict[int, Optional[float]] = {}
     for row in trained:
         it = int(row["iteration"])
-        cost[it] = row.get("eval_seconds") if isinstance(row.get("eval_seconds"), (int, float)) else None
+        cost[it] = (
+            row.get("eval_seconds") if isinstance(row.get("eval_seconds"), (int, float)) else None
+        )
         for s in evaluation_seeds(int(row.get("seed", 0)), count):
             if (it, s, cfg.sample_mode) not in have and (it, s) not in todo:
                 todo.append((it, s))
@@ -110,7 +141,8 @@ def plan_rescore(run_dir: Union[RunFolder, str, Path], metric: str, count: int) 
             raise RescoreError(
                 f"run {str(run)!r}: no generator snapshot for iteration(s) {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''} to score with {count} evaluation seeds "
-                f"(use --eval-seeds 1 to compare the training rows only)")
+                f"(use --eval-seeds 1 to compare the training rows only)"
+            )
     known = [cost[it] for it, _ in todo]
     seconds = float(sum(known)) if todo and all(c is not None for c in known) else None
     return RescorePlan(folder, cfg, metric, samples, todo, seconds)
@@ -139,13 +171,15 @@ def describe_plans(plans: list[RescorePlan], count: int) -> Optional[str]:
     else:
         how_long = "how long is unknown (rows without eval_seconds)"
     runs = f"{len(busy)} run{'s' if len(busy) != 1 else ''}"
-    return (f"re-scoring the evaluated snapshots with more evaluation seeds (--eval-seeds {count}: {n} "
-            f"scoring{'s' if n != 1 else ''} in {runs}) to measure the evaluation noise: {how_long}; kept in "
-            f"<run>/{RunFolder.EVAL_SEEDS}, so done once; --eval-seeds 1 skips it")
+    return (
+        f"re-scoring the evaluated snapshots with more evaluation seeds (--eval-seeds {count}: {n} "
+        f"scoring{'s' if n != 1 else ''} in {runs}) to measure the evaluation noise: {how_long}; kept in "
+        f"<run>/{RunFolder.EVAL_SEEDS}, so done once; --eval-seeds 1 skips it"
+    )
 
 
 def rescore_runs(
-    runs, metric: str, count: int, *, device="cpu", cache_dir=None, progress: bool = False,
+    runs, metric: str, count: int, *, device="cpu", cache_dir=None, progress: bool = False
 ) -> int:
     """``rescore_run`` for each of ``runs``, planned first (every run checked, and one line on
     stderr saying what it will do and about how long, before anything is scored), with one
@@ -154,7 +188,8 @@ def rescore_runs(
     per run); each distinct warning is shown once. Returns how many scores it added."""
     import warnings
 
-    unique = {Path(r).resolve(): r for r in reversed(list(runs))}  # a run named twice is scored once
+    # a run named twice is scored once
+    unique = {Path(r).resolve(): r for r in reversed(list(runs))}
     plans = [plan_rescore(r, metric, count) for r in reversed(unique.values())]
     said = describe_plans(plans, count)
     if said:
@@ -162,13 +197,31 @@ def rescore_runs(
     evaluators: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("once")
-        return sum(rescore_run(p.folder, metric, count, device=device, cache_dir=cache_dir, progress=progress,
-                               evaluators=evaluators, plan=p) for p in plans)
+        return sum(
+            rescore_run(
+                p.folder,
+                metric,
+                count,
+                device=device,
+                cache_dir=cache_dir,
+                progress=progress,
+                evaluators=evaluators,
+                plan=p,
+            )
+            for p in plans
+        )
 
 
 def rescore_run(
-    run_dir: Union[RunFolder, str, Path], metric: str, count: int, *, device="cpu", evaluator=None,
-    cache_dir=None, progress: bool = False, evaluators: Optional[dict] = None,
+    run_dir: Union[RunFolder, str, Path],
+    metric: str,
+    count: int,
+    *,
+    device="cpu",
+    evaluator=None,
+    cache_dir=None,
+    progress: bool = False,
+    evaluators: Optional[dict] = None,
     plan: Optional[RescorePlan] = None,
 ) -> int:
     """Score every evaluated snapshot of ``run_dir`` that lacks ``metric`` for one of its
@@ -198,15 +251,19 @@ def rescore_run(
     if metric_spec(metric).averaged:
         from .metrics.specs import EMA_SUFFIX
 
-        scorable = metric[:-len(EMA_SUFFIX)]
+        scorable = metric[: -len(EMA_SUFFIX)]
     else:
         scorable = metric
     if scorable not in getattr(evaluator, "directions", {scorable: None}):
         raise RescoreError(
             f"run {str(run)!r}: its evaluator here cannot score --metric {metric!r} (it scores "
-            f"{sorted(evaluator.directions)}; e.g. no Inception weights on this machine)")
+            f"{sorted(evaluator.directions)}; e.g. no Inception weights on this machine)"
+        )
     estimate = f", about {_duration(plan.seconds)}" if plan.seconds is not None else ""
-    print(f"{run.name}: {len(todo)} re-scorings of {plan.samples} samples each{estimate}", file=sys.stderr)
+    print(
+        f"{run.name}: {len(todo)} re-scorings of {plan.samples} samples each{estimate}",
+        file=sys.stderr,
+    )
     from .provenance import environment, record_environment
 
     key = record_environment(folder, environment(device), max(it for it, _ in todo))
@@ -217,8 +274,18 @@ def rescore_run(
         seeded = evaluator.with_seed(s)
         result = seeded(loaded[1], sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
         if loaded[2] is not None:  # the averaged generator, scored alike: its <metric>_ema columns
-            result.update(averaged_result(seeded(loaded[2], sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)))
-        folder.append_eval_seed_row({
-            "iteration": it, "images_seen": it * cfg.batch_size, "sample_mode": cfg.sample_mode,
-            **{k: v for k, v in result.items() if k not in ("iteration", "images_seen")}, "env_key": key})
+            result.update(
+                averaged_result(
+                    seeded(loaded[2], sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
+                )
+            )
+        folder.append_eval_seed_row(
+            {
+                "iteration": it,
+                "images_seen": it * cfg.batch_size,
+                "sample_mode": cfg.sample_mode,
+                **{k: v for k, v in result.items() if k not in ("iteration", "images_seen")},
+                "env_key": key,
+            }
+        )
     return len(todo)

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import CheckpointError, OutFolderError
-from .fileio import append_jsonl, atomic_write, read_jsonl, save_torch_atomic, write_failure, write_json_atomic
+from .fileio import (
+    append_jsonl,
+    atomic_write,
+    read_jsonl,
+    save_torch_atomic,
+    write_failure,
+    write_json_atomic,
+)
 
 __all__ = ["RunFolder", "RunFolderBusy", "resolve_resume", "as_run_folder"]
 
@@ -114,16 +121,22 @@ class RunFolder:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except FileExistsError:  # mkdir(exist_ok) on a file, or on a path through one
-            raise OutFolderError(out, self.path, "a file is in the way (--out must be a folder)") from None
+            raise OutFolderError(
+                out, self.path, "a file is in the way (--out must be a folder)"
+            ) from None
         except OSError as e:
             raise OutFolderError(out, self.path, write_failure(out, e).reason, e.errno) from None
         try:
             self.path.mkdir()
         except FileExistsError:
-            raise RunFolderBusy(f"{self.path}: already exists (another run took this --run-name); continue "
-                                f"it with --resume {self.path}, or choose another --run-name") from None
+            raise RunFolderBusy(
+                f"{self.path}: already exists (another run took this --run-name); continue "
+                f"it with --resume {self.path}, or choose another --run-name"
+            ) from None
         except OSError as e:
-            raise OutFolderError(out, self.path, write_failure(self.path, e).reason, e.errno) from None
+            raise OutFolderError(
+                out, self.path, write_failure(self.path, e).reason, e.errno
+            ) from None
         return self
 
     def claim(self):
@@ -231,7 +244,9 @@ def resolve_resume(target: PathLike) -> tuple[RunFolder, Path]:
         folder = RunFolder(p)
         ckpt = folder.latest_checkpoint()
         if ckpt is None:
-            raise CheckpointError(f"--resume {str(target)!r}: no full checkpoints (ckpt-*.pt) in this folder")
+            raise CheckpointError(
+                f"--resume {str(target)!r}: no full checkpoints (ckpt-*.pt) in this folder"
+            )
         return folder, ckpt
     if p.is_file():
         return RunFolder(p.parent), p

@@ -63,15 +63,24 @@ class RunLock:
             h = self.holder()
             raise RunFolderBusy(
                 f"{self.path.parent}: in use by pid {h.get('pid', '?')} on {h.get('host', '?')} "
-                f"(since {h.get('started', '?')}); stop that run first") from None
+                f"(since {h.get('started', '?')}); stop that run first"
+            ) from None
         previous = self.holder()  # cleared on release: a record left means its holder died
         if previous.get("pid"):
             dead = previous.get("host") == socket.gethostname() and not _alive(int(previous["pid"]))
-            print(f"{self.path.parent}: taking over the run folder from pid {previous['pid']} on "
-                  f"{previous.get('host', '?')}, which ended without releasing it"
-                  + (" (no longer running)" if dead else ""), file=sys.stderr)
-        record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+            print(
+                f"{self.path.parent}: taking over the run folder from pid {previous['pid']} on "
+                f"{previous.get('host', '?')}, which ended without releasing it"
+                + (" (no longer running)" if dead else ""),
+                file=sys.stderr,
+            )
+        record = json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        ).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, record, 0)
         os.fsync(fd)

@@ -52,19 +52,27 @@ def parse_target(text: str, *, min_images: int = 2, ema: bool = False) -> Target
     elif RunFolder(p).is_run():
         files = [path for _, path in RunFolder(p).snapshots()]
         if not files:
-            raise MetricsError(f"TARGET {text!r}: run folder has no generator snapshots (snapshots/G-*.pt)")
+            raise MetricsError(
+                f"TARGET {text!r}: run folder has no generator snapshots (snapshots/G-*.pt)"
+            )
     else:
         images = image_folder_files(p)
         if not images:
-            raise MetricsError(f"TARGET {text!r}: no images in this folder (and it is not a run folder)")
+            raise MetricsError(
+                f"TARGET {text!r}: no images in this folder (and it is not a run folder)"
+            )
         if len(images) < min_images:
-            raise MetricsError(f"TARGET {text!r}: FID needs at least {min_images} images, found {len(images)}")
+            raise MetricsError(
+                f"TARGET {text!r}: FID needs at least {min_images} images, found {len(images)}"
+            )
         return Target(text, "images", images=tuple(images))
     generators, cfg = [], None
     for path in files:
         _, cfg, iteration = load_generator(path, "cpu", ema=ema)
         generators.append((iteration, path))
-    return Target(text, "checkpoint" if p.is_file() else "run", generators=tuple(generators), config=cfg)
+    return Target(
+        text, "checkpoint" if p.is_file() else "run", generators=tuple(generators), config=cfg
+    )
 
 
 def parse_sample_modes(text: Optional[str]) -> Optional[list[str]]:
@@ -73,7 +81,9 @@ def parse_sample_modes(text: Optional[str]) -> Optional[list[str]]:
         return None
     modes = [m.strip() for m in text.split(",") if m.strip()]
     if not modes or any(m not in SAMPLE_MODES for m in modes):
-        raise MetricsError(f"--sample-modes {text!r}: expected a comma list of {', '.join(SAMPLE_MODES)}")
+        raise MetricsError(
+            f"--sample-modes {text!r}: expected a comma list of {', '.join(SAMPLE_MODES)}"
+        )
     return modes
 
 
@@ -94,9 +104,17 @@ def generator_file(text: str, which: str = "best") -> Path:
     return snapshots[-1][1]
 
 
-def score(target: Target, evaluator, *, device, sample_modes: Optional[Sequence[str]] = None,
-          batch_size: Optional[int] = None, image_batch_size: int = 50,
-          on_row: Optional[Callable[[dict], None]] = None, ema: bool = False) -> list[dict]:
+def score(
+    target: Target,
+    evaluator,
+    *,
+    device,
+    sample_modes: Optional[Sequence[str]] = None,
+    batch_size: Optional[int] = None,
+    image_batch_size: int = 50,
+    on_row: Optional[Callable[[dict], None]] = None,
+    ema: bool = False,
+) -> list[dict]:
     """One evaluator row per (generator, sample mode), or one for the whole image folder.
 
     Generators are sampled in their run's sample mode unless ``sample_modes`` says otherwise,
@@ -104,15 +122,20 @@ def score(target: Target, evaluator, *, device, sample_modes: Optional[Sequence[
     ``checkpoint``. ``on_row`` sees each row as it is scored (progress lines). ``ema``: score
     each checkpoint's averaged generator G_ema (rows say ``"generator": "G_ema"``)."""
     if target.kind == "images":
-        rows = [evaluator.score_images(iter_image_batches(list(target.images), image_batch_size),
-                                       total=len(target.images))]
+        rows = [
+            evaluator.score_images(
+                iter_image_batches(list(target.images), image_batch_size), total=len(target.images)
+            )
+        ]
     else:
         rows = []
         for _, path in target.generators:
             gen, cfg, iteration = load_generator(path, device, ema=ema)
             for mode in sample_modes or [cfg.sample_mode]:
                 row = evaluator(gen, sample_mode=mode, batch_size=batch_size or cfg.batch_size)
-                row.update(iteration=iteration, checkpoint=str(path), generator="G_ema" if ema else "G")
+                row.update(
+                    iteration=iteration, checkpoint=str(path), generator="G_ema" if ema else "G"
+                )
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)

@@ -56,12 +56,26 @@ def fixed_noise(cfg: TrainConfig, device: torch.device) -> Tensor:
 class TrainingState:
     """What a run is at one iteration; built from its config, then (resuming) from a payload."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, images: Tensor, *, amp: str,
-                 dist_info: DistInfo = SINGLE_PROCESS, best_metric: str = "fid") -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        device: torch.device,
+        images: Tensor,
+        *,
+        amp: str,
+        dist_info: DistInfo = SINGLE_PROCESS,
+        best_metric: str = "fid",
+    ) -> None:
         self.cfg, self.device, self.dist_info = cfg, device, dist_info
         # Under DDP every rank takes its slice of the same global batch (--batch-size is global).
-        self.sampler = BatchSampler(images.to(device), cfg.batch_size, seed=cfg.seed, hflip=cfg.hflip,
-                                    rank=dist_info.rank, world_size=dist_info.world_size)
+        self.sampler = BatchSampler(
+            images.to(device),
+            cfg.batch_size,
+            seed=cfg.seed,
+            hflip=cfg.hflip,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+        )
 
         # Models, optimizers and the grid's noise, all from cfg.seed.
         seed_everything(cfg.seed)
@@ -71,21 +85,33 @@ class TrainingState:
         # capturable: Adam's step counter lives on the GPU, as a CUDA graph (--compile) needs.
         capturable = cfg.compile and device.type == "cuda"
         betas = (cfg.beta1, cfg.beta2)
-        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas, capturable=capturable)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=betas, capturable=capturable)
+        self.opt_g = torch.optim.Adam(
+            self.G.parameters(), lr=cfg.lr, betas=betas, capturable=capturable
+        )
+        self.opt_d = torch.optim.Adam(
+            self.D.parameters(), lr=cfg.lr, betas=betas, capturable=capturable
+        )
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.fixed_noise = fixed_noise(cfg, device)  # [64, z_dim]
-        if cfg.sync_norm:  # before DDP wraps them; parameters are shared, so the optimizers stay valid
+        if (
+            cfg.sync_norm
+        ):  # before DDP wraps them; parameters are shared, so the optimizers stay valid
             from .sync import convert_sync_norms
 
             self.G, self.D = convert_sync_norms(self.G), convert_sync_norms(self.D)
         # The averaged generator: a copy of G (no random draw), updated inside the step.
         self.ema: Optional[GeneratorEMA] = None
         if cfg.g_ema > 0:
-            self.ema = GeneratorEMA(self.G, EmaSchedule(cfg.g_ema, cfg.g_ema_rampup, cfg.g_ema_start),
-                                    stats=cfg.g_ema_stats, standing_batches=cfg.g_ema_standing_batches,
-                                    batch_size=self.sampler.local_batch)
-        if dist_info.enabled:  # same weights everywhere, but each rank its own noise and k-means draws
+            self.ema = GeneratorEMA(
+                self.G,
+                EmaSchedule(cfg.g_ema, cfg.g_ema_rampup, cfg.g_ema_start),
+                stats=cfg.g_ema_stats,
+                standing_batches=cfg.g_ema_standing_batches,
+                batch_size=self.sampler.local_batch,
+            )
+        if (
+            dist_info.enabled
+        ):  # same weights everywhere, but each rank its own noise and k-means draws
             seed_everything(cfg.seed * 1_000_003 + 104_729 + dist_info.rank)
 
         self.window = StepWindow(device)  # loss_D, loss_G, D(x), D(G(z)) summed over the log window
@@ -93,7 +119,11 @@ class TrainingState:
         self.train_seconds = 0.0  # training-only seconds before this process started
         # The snapshot kept as best.pt: by --best-metric, else FID, or the mode classifier's cfd
         # when the evaluator has no Inception metrics (a stacked run without Inception weights).
-        self.best: dict = {"metric": cfg.best_metric or best_metric, "value": None, "iteration": None}
+        self.best: dict = {
+            "metric": cfg.best_metric or best_metric,
+            "value": None,
+            "iteration": None,
+        }
 
     @property
     def images_seen(self) -> int:
@@ -109,7 +139,11 @@ class TrainingState:
         spec = METRICS.get(self.best["metric"])
         if self.best["value"] is None:
             return True
-        return value > self.best["value"] if spec is not None and spec.higher_is_better else value < self.best["value"]
+        return (
+            value > self.best["value"]
+            if spec is not None and spec.higher_is_better
+            else value < self.best["value"]
+        )
 
     def generator_payloads(self) -> dict:
         """What every snapshot and checkpoint holds of the generators: G, and G_ema when there is
@@ -129,18 +163,31 @@ class TrainingState:
         log_window = self.window.state_dict()
         generators = self.generator_payloads()  # every rank: copying G's buffers may broadcast
         ranks = None
-        if self.dist_info.enabled:  # running statistics are each rank's own (buffers are not synchronized)
-            buffers = {"generator": {n: b.cpu() for n, b in self.G.named_buffers()},
-                       "discriminator": {n: b.cpu() for n, b in self.D.named_buffers()}}
+        if (
+            self.dist_info.enabled
+        ):  # running statistics are each rank's own (buffers are not synchronized)
+            buffers = {
+                "generator": {n: b.cpu() for n, b in self.G.named_buffers()},
+                "discriminator": {n: b.cpu() for n, b in self.D.named_buffers()},
+            }
             ranks = all_gather_objects({"rng": rng, "log_window": log_window, "buffers": buffers})
             if not self.dist_info.is_main:
                 return None
-        payload = ckpt.generator_payload(self.G, self.cfg, self.iteration, self.images_seen, **generators)
+        payload = ckpt.generator_payload(
+            self.G, self.cfg, self.iteration, self.images_seen, **generators
+        )
         payload.update(
-            kind="full", discriminator=self.D.state_dict(), opt_g=self.opt_g.state_dict(),
-            opt_d=self.opt_d.state_dict(), scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            rng=rng, data=self.sampler.state_dict(), fixed_noise=self.fixed_noise.cpu(), best=dict(self.best),
-            train_seconds=train_seconds, log_window=log_window,
+            kind="full",
+            discriminator=self.D.state_dict(),
+            opt_g=self.opt_g.state_dict(),
+            opt_d=self.opt_d.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            rng=rng,
+            data=self.sampler.state_dict(),
+            fixed_noise=self.fixed_noise.cpu(),
+            best=dict(self.best),
+            train_seconds=train_seconds,
+            log_window=log_window,
         )
         if self.dist_info.enabled:
             payload.update(world_size=self.dist_info.world_size, ranks=ranks)

@@ -58,7 +58,9 @@ class AdamUpdate:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         if type(optimizer) is not torch.optim.Adam:
-            raise TypeError(f"the capturable step needs torch.optim.Adam, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"the capturable step needs torch.optim.Adam, got {type(optimizer).__name__}"
+            )
         from torch.optim.adam import adam
 
         self.optimizer = optimizer
@@ -70,8 +72,12 @@ class AdamUpdate:
         try:
             from torch.optim.optimizer import _get_scalar_dtype
         except ImportError:  # older torch: float32 unless float64 is the default
+
             def _get_scalar_dtype(is_fused=None):
-                return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                return (
+                    torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                )
+
         for group in self.optimizer.param_groups:
             on_device = group["capturable"] or group["fused"]
             for p in group["params"]:
@@ -79,12 +85,18 @@ class AdamUpdate:
                 if len(state) > 0:
                     continue
                 state["step"] = (
-                    torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
-                    if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu"))
+                    torch.zeros(
+                        (), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device
+                    )
+                    if on_device
+                    else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")
+                )
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
 
     @torch.no_grad()
     def __call__(self, grads: list) -> None:
@@ -92,19 +104,28 @@ class AdamUpdate:
         start = 0
         for group in self.optimizer.param_groups:
             params = group["params"]
-            group_grads = grads[start:start + len(params)]
+            group_grads = grads[start : start + len(params)]
             start += len(params)
             states = [self.optimizer.state[p] for p in params]
             options = {
-                "amsgrad": group["amsgrad"], "beta1": group["betas"][0], "beta2": group["betas"][1],
-                "lr": group["lr"], "weight_decay": group["weight_decay"], "eps": group["eps"],
-                "maximize": group["maximize"], "foreach": group["foreach"],
-                "capturable": group["capturable"], "differentiable": group["differentiable"],
-                "fused": group["fused"], "has_complex": False,
+                "amsgrad": group["amsgrad"],
+                "beta1": group["betas"][0],
+                "beta2": group["betas"][1],
+                "lr": group["lr"],
+                "weight_decay": group["weight_decay"],
+                "eps": group["eps"],
+                "maximize": group["maximize"],
+                "foreach": group["foreach"],
+                "capturable": group["capturable"],
+                "differentiable": group["differentiable"],
+                "fused": group["fused"],
+                "has_complex": False,
                 "decoupled_weight_decay": group.get("decoupled_weight_decay", False),
             }
             self._adam(
-                list(params), list(group_grads), [st["exp_avg"] for st in states],
+                list(params),
+                list(group_grads),
+                [st["exp_avg"] for st in states],
                 [st["exp_avg_sq"] for st in states],
                 [st["max_exp_avg_sq"] for st in states] if group["amsgrad"] else [],
                 [st["step"] for st in states],
@@ -158,17 +179,23 @@ class TrainStep:
         self.D_frozen = D_frozen or self.D_forward
         self._g_params = [p for group in opt_g.param_groups for p in group["params"]]
         self._d_params = [p for group in opt_d.param_groups for p in group["params"]]
-        self._update_g, self._update_d = (AdamUpdate(opt_g), AdamUpdate(opt_d)) if self.capturable else (None, None)
+        self._update_g, self._update_d = (
+            (AdamUpdate(opt_g), AdamUpdate(opt_d)) if self.capturable else (None, None)
+        )
         if self.capturable:  # Adam's lazy state, created up front (a resumed optimizer has it)
             self._update_d.init_state(), self._update_g.init_state()
         self._call: Callable[[Tensor, Tensor], StepOutput] = (
-            self.capturable_step if self.capturable else self.backward_step)
+            self.capturable_step if self.capturable else self.backward_step
+        )
 
     def __call__(self, real: Tensor, z: Tensor, iteration: Optional[int] = None) -> StepOutput:
         if self.ema is not None:
             if iteration is None:
-                raise ValueError("a step with an averaged generator needs the iteration (EMA schedule)")
-            self.ema.prepare(iteration)  # a device fill outside the graph: no recompilation per step
+                raise ValueError(
+                    "a step with an averaged generator needs the iteration (EMA schedule)"
+                )
+            # a device fill outside the graph: no recompilation per step
+            self.ema.prepare(iteration)
         return self._call(real, z)
 
     def compile(self, mode: str = "default", backend: str = "inductor") -> "TrainStep":
@@ -190,8 +217,11 @@ class TrainStep:
         else:
             self.G_forward = torch.compile(self.G_forward, **options)
             self.D_forward = torch.compile(self.D_forward, **options)
-            self.D_frozen = (self.D_forward if self.D_frozen is self.D
-                             else torch.compile(self.D_frozen, **options))
+            self.D_frozen = (
+                self.D_forward
+                if self.D_frozen is self.D
+                else torch.compile(self.D_frozen, **options)
+            )
         return self
 
     # ---- the two spellings ---------------------------------------------------------------------
@@ -211,8 +241,9 @@ class TrainStep:
         self._update_g(list(torch.autograd.grad(loss_g, self._g_params)))
         if self.ema is not None:
             self.ema.update()
-        return StepOutput(loss_d.detach(), loss_g.detach(), real_logits.detach(),
-                          fake_logits.detach())
+        return StepOutput(
+            loss_d.detach(), loss_g.detach(), real_logits.detach(), fake_logits.detach()
+        )
 
     def backward_step(self, real: Tensor, z: Tensor) -> StepOutput:
         scaler = self.scaler
@@ -238,8 +269,9 @@ class TrainStep:
             self.D.requires_grad_(True)
         if self.ema is not None:
             self.ema.update()
-        return StepOutput(loss_d.detach(), loss_g.detach(), real_logits.detach(),
-                          fake_logits.detach())
+        return StepOutput(
+            loss_d.detach(), loss_g.detach(), real_logits.detach(), fake_logits.detach()
+        )
 
 
 class StepWindow:
@@ -260,10 +292,15 @@ class StepWindow:
 
     @torch.no_grad()
     def add(self, out: StepOutput, iteration: int) -> None:
-        numbers = torch.stack([
-            out.loss_d.float(), out.loss_g.float(),
-            torch.sigmoid(out.real_logits.float()).mean(), torch.sigmoid(out.fake_logits.float()).mean(),
-        ])  # [4]
+        # [4]
+        numbers = torch.stack(
+            [
+                out.loss_d.float(),
+                out.loss_g.float(),
+                torch.sigmoid(out.real_logits.float()).mean(),
+                torch.sigmoid(out.fake_logits.float()).mean(),
+            ]
+        )
         self.sums += numbers
         bad = ~torch.isfinite(numbers).all() & (self.first_nonfinite < 0)
         self.first_nonfinite = torch.where(bad, iteration, self.first_nonfinite)

@@ -27,7 +27,9 @@ class StopOnSignals:
 
     # SIGUSR2: Slurm's warning before a preemption or the time limit (sbatch --signal=USR2@T;
     # what submitit asks for): stop, save, and let the job be requeued.
-    SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ())
+    SIGNALS = (signal.SIGINT, signal.SIGTERM) + (
+        (signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ()
+    )
 
     def __init__(self, keep_deferring: bool = False) -> None:
         self.received: Optional[str] = None
@@ -63,7 +65,9 @@ def agreed_stop(stop: "StopOnSignals", dist_info: DistInfo, device: torch.device
     return signal.Signals(int(agreed.item())).name if agreed.item() else None
 
 
-def first_nonfinite(window: StepWindow, models: tuple, iteration: int, dist_info: DistInfo) -> Optional[int]:
+def first_nonfinite(
+    window: StepWindow, models: tuple, iteration: int, dist_info: DistInfo
+) -> Optional[int]:
     """The first iteration whose losses or D outputs were not finite, or None (one host read).
     With ``models``: also their parameters (before an evaluation or a checkpoint reads them),
     counted as non-finite at ``iteration``. Under DDP any rank's counts."""

@@ -96,8 +96,10 @@ class SyncMixtureNorm2d(MixtureNorm2d):
     def __init__(self, *args, process_group=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not self._reading.synchronizable:
-            raise ValueError("synchronized MN supports point='vector' only (--sync-norm with --mn-point "
-                             f"{self.point!r})")
+            raise ValueError(
+                "synchronized MN supports point='vector' only (--sync-norm with --mn-point "
+                f"{self.point!r})"
+            )
         self.process_group = process_group
         self.sync_enabled = True  # False inside unsynchronized()
 
@@ -134,25 +136,40 @@ class SyncMixtureNorm2d(MixtureNorm2d):
         if not self._sync_now():
             return super()._reduce_moments(moments)
         k, c = moments.sum_x.shape
-        flat = torch.cat([
-            moments.count.reshape(1), moments.mass, moments.sum_sq_tau,
-            moments.sum_x.reshape(-1), moments.sum_xx.reshape(-1),
-        ])  # [1 + 2K + 2KC]
+        # [1 + 2K + 2KC]
+        flat = torch.cat(
+            [
+                moments.count.reshape(1),
+                moments.mass,
+                moments.sum_sq_tau,
+                moments.sum_x.reshape(-1),
+                moments.sum_xx.reshape(-1),
+            ]
+        )
         flat = differentiable_all_reduce_sum(flat, self.process_group)
         count, mass, sum_sq_tau, sum_x, sum_xx = torch.split(flat, [1, k, k, k * c, k * c])
-        return MixtureMoments(count[0], mass, sum_sq_tau, sum_x.view(k, c), sum_xx.view(k, c),
-                              moments.shift)
+        return MixtureMoments(
+            count[0], mass, sum_sq_tau, sum_x.view(k, c), sum_xx.view(k, c), moments.shift
+        )
 
     @classmethod
     def from_mixture_norm(cls, module: MixtureNorm2d, process_group=None) -> "SyncMixtureNorm2d":
         """A synchronized copy sharing ``module``'s parameters, buffers and settings."""
         new = cls(
-            module.num_features, module.num_components, eps=module.eps,
-            momentum=module.momentum, affine=module.affine,
-            track_running_stats=module.track_running_stats, fit_points=module.fit_points,
-            kmeans_iters=module.kmeans_iters, estimator=module.estimator,
-            em_iters=module.em_iters, point=module.point, posterior_grad=module.posterior_grad,
-            lambda_scale=module.lambda_scale, process_group=process_group,
+            module.num_features,
+            module.num_components,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+            fit_points=module.fit_points,
+            kmeans_iters=module.kmeans_iters,
+            estimator=module.estimator,
+            em_iters=module.em_iters,
+            point=module.point,
+            posterior_grad=module.posterior_grad,
+            lambda_scale=module.lambda_scale,
+            process_group=process_group,
         )
         _share_state(module, new)
         new.reduce_moments = module.reduce_moments
@@ -177,9 +194,17 @@ class PortableSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     Otherwise it is exactly ``nn.BatchNorm``. Same parameters, buffers and state_dict keys.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None,
-                 dtype=None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum=0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
         self.sync_enabled = True  # False inside unsynchronized()
@@ -197,7 +222,8 @@ class PortableSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = [1, -1] + [1] * (input.dim() - 2)
         x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
         local_count = x.new_tensor([x.numel() / x.shape[1]])  # values per channel on this rank
-        sums = differentiable_all_reduce_sum(torch.cat([x.sum(dims), local_count]), group)  # [C + 1]
+        # [C + 1]
+        sums = differentiable_all_reduce_sum(torch.cat([x.sum(dims), local_count]), group)
         count = sums[-1].detach()
         if float(count) <= 1:
             raise ValueError(
@@ -223,10 +249,17 @@ class PortableSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(input.dtype)
 
     @classmethod
-    def from_batch_norm(cls, module: nn.modules.batchnorm._BatchNorm,
-                        process_group=None) -> "PortableSyncBatchNorm":
-        new = cls(module.num_features, module.eps, module.momentum, module.affine,
-                  module.track_running_stats, process_group)
+    def from_batch_norm(
+        cls, module: nn.modules.batchnorm._BatchNorm, process_group=None
+    ) -> "PortableSyncBatchNorm":
+        new = cls(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+        )
         _share_state(module, new)
         return new
 

@@ -159,7 +159,9 @@ def train(
     # ---- Build the models, optimizers, data order and grid noise; restore the run we resume.
     best_metric = getattr(evaluator, "primary_metric", "fid") if evaluator is not None else "fid"
     check_best_metric(cfg, evaluator)
-    state = TrainingState(cfg, device, images, amp=launch.amp, dist_info=dist_info, best_metric=best_metric)
+    state = TrainingState(
+        cfg, device, images, amp=launch.amp, dist_info=dist_info, best_metric=best_metric
+    )
     if launch.payload is not None:
         state.load_payload(launch.payload)
     if device.type == "cuda":
@@ -178,7 +180,8 @@ def train(
         with StopOnSignals(keep_deferring=dist_info.enabled) as stop:
             stopping = agreed_stop(stop, dist_info, device)
             while state.iteration < cfg.iters and stopping is None:
-                out = train_step(*next_batch(state), state.iteration)  # D step, G step (, G_ema); on device
+                # D step, G step (, G_ema); on device
+                out = train_step(*next_batch(state), state.iteration)
                 state.iteration += 1
                 it = state.iteration
                 stopping = agreed_stop(stop, dist_info, device)
@@ -210,12 +213,20 @@ def train(
 
             # ---- The end of the run: a last checkpoint where it is due.
             if nonfinite_at is None:
-                nonfinite_at = first_nonfinite(state.window, (state.G, state.D), state.iteration, dist_info)
+                nonfinite_at = first_nonfinite(
+                    state.window, (state.G, state.D), state.iteration, dist_info
+                )
             if nonfinite_at is not None:
                 stopping = "non-finite"
             it = state.iteration
-            unsaved = io.last_checkpoint is None or io.folder.checkpoint_file(it) != io.last_checkpoint
-            if nonfinite_at is None and unsaved and (it > start_iteration or launch.payload is None):
+            unsaved = (
+                io.last_checkpoint is None or io.folder.checkpoint_file(it) != io.last_checkpoint
+            )
+            if (
+                nonfinite_at is None
+                and unsaved
+                and (it > start_iteration or launch.payload is None)
+            ):
                 save(state, io, evaluating)
             io.logger.emit_line()
     finally:
@@ -224,19 +235,37 @@ def train(
 
     # ---- Say how it ended.
     if dist_info.is_main and evaluating:
-        write_hparams(io.folder, run_hparams(cfg, state.G), run_outcome(
-            io.folder.metrics_rows(), scored_directions(evaluator, state.ema is not None), state.iteration))
+        write_hparams(
+            io.folder,
+            run_hparams(cfg, state.G),
+            run_outcome(
+                io.folder.metrics_rows(),
+                scored_directions(evaluator, state.ema is not None),
+                state.iteration,
+            ),
+        )
     if nonfinite_at is not None:
-        io.logger.message(f"non-finite losses or D outputs at iteration {nonfinite_at} (noticed at "
-                          f"{state.iteration}): stopped without writing; newest finite checkpoint: "
-                          f"{io.folder.latest_checkpoint()}")
+        io.logger.message(
+            f"non-finite losses or D outputs at iteration {nonfinite_at} (noticed at "
+            f"{state.iteration}): stopped without writing; newest finite checkpoint: "
+            f"{io.folder.latest_checkpoint()}"
+        )
     elif stopping is not None:
-        io.logger.message(f"{stopping}: stopped at iteration {state.iteration}; checkpoint {io.last_checkpoint}; "
-                          f"continue with: {resume_command(io.folder.path, dist_info)}")
+        io.logger.message(
+            f"{stopping}: stopped at iteration {state.iteration}; checkpoint {io.last_checkpoint}; "
+            f"continue with: {resume_command(io.folder.path, dist_info)}"
+        )
     return TrainResult(
-        run_dir=io.folder.path, config=cfg, iteration=state.iteration, images_seen=state.images_seen,
-        train_seconds=io.clock.seconds(), stopped_by=stopping, checkpoint=io.last_checkpoint,
-        best_metric=state.best["metric"], best_value=state.best["value"], best_iteration=state.best["iteration"],
+        run_dir=io.folder.path,
+        config=cfg,
+        iteration=state.iteration,
+        images_seen=state.images_seen,
+        train_seconds=io.clock.seconds(),
+        stopped_by=stopping,
+        checkpoint=io.last_checkpoint,
+        best_metric=state.best["metric"],
+        best_value=state.best["value"],
+        best_iteration=state.best["iteration"],
         last_log=io.last_log,
     )
 
@@ -244,8 +273,15 @@ def train(
 def resume_command(run_dir: Path, dist_info) -> str:
     """The command that continues this run, as it was launched (under torchrun: as many processes)."""
     if dist_info.enabled:
-        return python_command("-m", "torch.distributed.run", "--nproc_per_node", dist_info.world_size,
-                              script_path("train.py"), "--resume", run_dir)
+        return python_command(
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            dist_info.world_size,
+            script_path("train.py"),
+            "--resume",
+            run_dir,
+        )
     return script_command("train.py", "--resume", run_dir)
 
 
@@ -259,7 +295,9 @@ def training_images(launch: Launch, images: Optional[Tensor]) -> Tensor:
     if images is None:
         images = load_dataset(launch.cfg)
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (3, 32, 32):
-        raise ConfigError(f"training images must be uint8 [N, 3, 32, 32], got {images.dtype} {tuple(images.shape)}")
+        raise ConfigError(
+            f"training images must be uint8 [N, 3, 32, 32], got {images.dtype} {tuple(images.shape)}"
+        )
     return images
 
 
@@ -270,14 +308,17 @@ def check_best_metric(cfg: TrainConfig, evaluator: Optional[EvaluateFn]) -> None
         return
     scored = [*scored, *([f"{m}{EMA_SUFFIX}" for m in scored] if cfg.g_ema > 0 else [])]
     if cfg.best_metric not in scored:
-        raise ConfigError(f"--best-metric {cfg.best_metric!r}: this run's evaluation scores "
-                          f"{', '.join(scored)}")
+        raise ConfigError(
+            f"--best-metric {cfg.best_metric!r}: this run's evaluation scores {', '.join(scored)}"
+        )
 
 
 def scored_directions(evaluator: EvaluateFn, averaged: bool) -> dict:
     """{metric: "min" / "max"} of what the run scored (every known metric for an injected
     evaluator that does not say), with the averaged generator's ``_ema`` twins."""
-    directions = getattr(evaluator, "directions", None) or {m: s.direction for m, s in METRICS.items()}
+    directions = getattr(evaluator, "directions", None) or {
+        m: s.direction for m, s in METRICS.items()
+    }
     if averaged:
         directions = {**directions, **{f"{m}{EMA_SUFFIX}": d for m, d in directions.items()}}
     return directions
@@ -285,14 +326,21 @@ def scored_directions(evaluator: EvaluateFn, averaged: bool) -> dict:
 
 def run_facts(launch: Launch, images: Tensor) -> dict:
     """What the config records of where and on what the run trains (its ``extra``)."""
-    facts = {"device": str(launch.device), "torch": str(torch.__version__), "amp": launch.amp,
-             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "num_train_images": int(images.shape[0])}
+    facts = {
+        "device": str(launch.device),
+        "torch": str(torch.__version__),
+        "amp": launch.amp,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "num_train_images": int(images.shape[0]),
+    }
     if launch.dist_info.enabled:
         facts["world_size"] = launch.dist_info.world_size
     return facts
 
 
-def open_run(launch: Launch, state: TrainingState, evaluator: Optional[EvaluateFn], progress: bool) -> RunIO:
+def open_run(
+    launch: Launch, state: TrainingState, evaluator: Optional[EvaluateFn], progress: bool
+) -> RunIO:
     """Claim the run folder (rank 0 alone writes files), write its config and provenance, drop
     metrics rows a crashed run wrote past its checkpoint, and start TensorBoard and the bar."""
     cfg, folder, dist_info = state.cfg, launch.folder, launch.dist_info
@@ -303,26 +351,44 @@ def open_run(launch: Launch, state: TrainingState, evaluator: Optional[EvaluateF
         if not launch.continuing:
             folder.create()  # one mkdir: of two runs racing for a name, one wins
         lock.acquire()
-        for path in launch.set_aside:  # unreadable newer checkpoints (load_resume's warning names them)
+        for (
+            path
+        ) in launch.set_aside:  # unreadable newer checkpoints (load_resume's warning names them)
             if path.exists():
                 folder.set_aside(path)
         folder.write_config(cfg.to_dict())
         if launch.continuing:
             dropped = folder.drop_metrics_after(state.iteration)
         env_key = record_environment(folder, environment(launch.device), state.iteration)
-    logger = RunLogger(folder, total_iters=cfg.iters, start_iter=state.iteration,
-                       purge_step=state.iteration + 1 if launch.continuing else None, progress=progress,
-                       enabled=dist_info.is_main)
-    drop_note = f" (dropped {dropped} metrics rows written after that checkpoint)" if dropped else ""
+    logger = RunLogger(
+        folder,
+        total_iters=cfg.iters,
+        start_iter=state.iteration,
+        purge_step=state.iteration + 1 if launch.continuing else None,
+        progress=progress,
+        enabled=dist_info.is_main,
+    )
+    drop_note = (
+        f" (dropped {dropped} metrics rows written after that checkpoint)" if dropped else ""
+    )
     if launch.payload is not None:
         logger.message(f"resuming {folder.path} at iteration {state.iteration}{drop_note}")
     else:
         if launch.restarting:
-            logger.message(f"{folder.path} has no checkpoint yet: restarting it from iteration 0 with its "
-                           f"saved config" + (f" (dropped {dropped} metrics rows)" if dropped else ""))
+            logger.message(
+                f"{folder.path} has no checkpoint yet: restarting it from iteration 0 with its "
+                f"saved config" + (f" (dropped {dropped} metrics rows)" if dropped else "")
+            )
         logger.text("config", "    " + cfg.to_json().replace("\n", "\n    "))  # markdown code block
-    return RunIO(folder=folder, logger=logger, clock=Clock(state.train_seconds), lock=lock, evaluator=evaluator,
-                 env_key=env_key, window_start=(time.perf_counter(), state.iteration))
+    return RunIO(
+        folder=folder,
+        logger=logger,
+        clock=Clock(state.train_seconds),
+        lock=lock,
+        evaluator=evaluator,
+        env_key=env_key,
+        window_start=(time.perf_counter(), state.iteration),
+    )
 
 
 def build_train_step(state: TrainingState, launch: Launch, compile_backend: str) -> TrainStep:
@@ -340,10 +406,19 @@ def build_train_step(state: TrainingState, launch: Launch, compile_backend: str)
         D_train = DDP(state.D, device_ids=device_ids, forward_sync_buffers=False)
         if launch.payload is not None:  # DDP copied rank 0's buffers: put back this rank's own
             state.restore_rank_buffers(launch.payload)
-    step = TrainStep(state.G, state.D, state.opt_g, state.opt_d,
-                     autocast=lambda: autocast(launch.device, launch.amp), scaler=state.scaler,
-                     capturable=not launch.dist_info.enabled, G_forward=G_train, D_forward=D_train,
-                     D_frozen=state.D if launch.dist_info.enabled else None, ema=state.ema)
+    step = TrainStep(
+        state.G,
+        state.D,
+        state.opt_g,
+        state.opt_d,
+        autocast=lambda: autocast(launch.device, launch.amp),
+        scaler=state.scaler,
+        capturable=not launch.dist_info.enabled,
+        G_forward=G_train,
+        D_forward=D_train,
+        D_frozen=state.D if launch.dist_info.enabled else None,
+        ema=state.ema,
+    )
     if state.cfg.compile:
         step.compile(state.cfg.compile_mode, backend=compile_backend)
     return step
@@ -382,10 +457,18 @@ def write_logs(state: TrainingState, io: RunIO) -> None:
     it_per_s = (it - io.window_start[1]) / max(now - io.window_start[0], 1e-9)
     io.window_start = (now, it)
     io.last_log = {"loss_D": loss_d, "loss_G": loss_g, "D_x": d_real, "D_G_z": d_fake}
-    values = {"loss/D": loss_d, "loss/G": loss_g, "D/real": d_real, "D/fake": d_fake,
-              "time/it_per_s": it_per_s, "time/images_per_s": it_per_s * state.cfg.batch_size,
-              "time/train_seconds": io.clock.seconds(), "progress/images_seen": state.images_seen,
-              "progress/epoch": state.sampler.epoch_progress, **state.G.norm_telemetry()}
+    values = {
+        "loss/D": loss_d,
+        "loss/G": loss_g,
+        "D/real": d_real,
+        "D/fake": d_fake,
+        "time/it_per_s": it_per_s,
+        "time/images_per_s": it_per_s * state.cfg.batch_size,
+        "time/train_seconds": io.clock.seconds(),
+        "progress/images_seen": state.images_seen,
+        "progress/epoch": state.sampler.epoch_progress,
+        **state.G.norm_telemetry(),
+    }
     io.logger.scalars(values, it)
     io.logger.show(D=f"{loss_d:.3f}", G=f"{loss_g:.3f}", Dx=f"{d_real:.2f}", DGz=f"{d_fake:.2f}")
     io.logger.plain_line(it, it_per_s * state.cfg.batch_size)  # when the bar is off (--no-progress)
@@ -403,15 +486,20 @@ def write_grid(state: TrainingState, io: RunIO) -> None:
         return
     cfg = state.cfg
     with io.clock.paused(), local_norms(state):
-        for tag, G in (("samples", state.G), ("samples_ema", state.ema.G_ema if state.ema else None)):
+        for tag, G in (
+            ("samples", state.G),
+            ("samples_ema", state.ema.G_ema if state.ema else None),
+        ):
             if G is None:
                 continue
             if G is not state.G and cfg.sample_mode == "running":
                 state.ema.ready_for_use()  # its running statistics (batch mode needs none)
-            fake = G.sample(state.fixed_noise, mode=cfg.sample_mode, batch_size=cfg.batch_size)  # [64, 3, 32, 32]
+            # [64, 3, 32, 32]
+            fake = G.sample(state.fixed_noise, mode=cfg.sample_mode, batch_size=cfg.batch_size)
             fake = fake.float().cpu() * 0.5 + 0.5
             if cfg.dataset in STACKED_SOURCES and cfg.stacked_grid == "digits":
-                grid = make_grid(side_by_side(fake), nrow=8, padding=2, pad_value=0.5)  # [3, 274, 786]
+                # [3, 274, 786]
+                grid = make_grid(side_by_side(fake), nrow=8, padding=2, pad_value=0.5)
             else:
                 grid = make_grid(fake, nrow=8, padding=2)  # [3, 274, 274]
             io.logger.image(f"{tag}/{cfg.sample_mode}", grid.clamp(0, 1), state.iteration)
@@ -427,22 +515,46 @@ def evaluate(state: TrainingState, io: RunIO) -> None:
         # the samples across ranks and gathers the features).
         cuda_devices = [state.device] if state.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_devices), local_norms(state):
-            result = dict(io.evaluator(state.G, sample_mode=cfg.sample_mode, batch_size=cfg.batch_size))
+            result = dict(
+                io.evaluator(state.G, sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
+            )
             generators = state.generator_payloads()  # G_ema made ready (normalization state) first
             if state.ema is not None:  # the same evaluation of G_ema: its own <metric>_ema columns
-                result.update(averaged_result(io.evaluator(state.ema.G_ema, sample_mode=cfg.sample_mode,
-                                                           batch_size=cfg.batch_size)))
-        row = {"iteration": it, "images_seen": state.images_seen,
-               "sample_mode": cfg.sample_mode, "train_seconds": round(train_s, 3),
-               **{k: v for k, v in result.items() if k not in ("iteration", "images_seen", "train_seconds")},
-               "eval_seconds": round(time.perf_counter() - t0, 3), "env_key": io.env_key,
-               "load_per_core": load_per_core()}
+                result.update(
+                    averaged_result(
+                        io.evaluator(
+                            state.ema.G_ema, sample_mode=cfg.sample_mode, batch_size=cfg.batch_size
+                        )
+                    )
+                )
+        row = {
+            "iteration": it,
+            "images_seen": state.images_seen,
+            "sample_mode": cfg.sample_mode,
+            "train_seconds": round(train_s, 3),
+            **{
+                k: v
+                for k, v in result.items()
+                if k not in ("iteration", "images_seen", "train_seconds")
+            },
+            "eval_seconds": round(time.perf_counter() - t0, 3),
+            "env_key": io.env_key,
+            "load_per_core": load_per_core(),
+        }
         io.logger.metrics_row(row)
         names = _metric_names(io.evaluator, result)  # e.g. fid -> fid_10k, modes -> modes_26k
-        io.logger.scalars({f"metrics/{names[k]}": float(v) for k, v in result.items() if k in names
-                           and isinstance(v, (int, float)) and not isinstance(v, bool)}, it)
+        io.logger.scalars(
+            {
+                f"metrics/{names[k]}": float(v)
+                for k, v in result.items()
+                if k in names and isinstance(v, (int, float)) and not isinstance(v, bool)
+            },
+            it,
+        )
         io.logger.scalars({"time/eval_seconds": row["eval_seconds"]}, it)
-        snapshot = ckpt.generator_payload(state.G, cfg, it, state.images_seen, metrics=row, **generators)
+        snapshot = ckpt.generator_payload(
+            state.G, cfg, it, state.images_seen, metrics=row, **generators
+        )
         if state.dist_info.is_main:
             io.folder.save_snapshot(it, snapshot)
         value = result.get(state.best["metric"])
@@ -450,8 +562,13 @@ def evaluate(state: TrainingState, io: RunIO) -> None:
             state.best.update(value=float(value), iteration=it)
             if state.dist_info.is_main:
                 io.folder.save_best(snapshot)
-        io.logger.show(**{k: f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in result.items()
-                          if k in METRICS and METRICS[k].headline and v is not None})
+        io.logger.show(
+            **{
+                k: f"{v:.2f}" if isinstance(v, float) else str(v)
+                for k, v in result.items()
+                if k in METRICS and METRICS[k].headline and v is not None
+            }
+        )
 
 
 def load_per_core() -> Optional[float]:
@@ -474,9 +591,16 @@ def save(state: TrainingState, io: RunIO, evaluating: bool) -> None:
             return
         io.last_checkpoint = io.folder.save_checkpoint(state.iteration, payload)
         if not evaluating:
-            io.folder.save_snapshot(state.iteration, ckpt.generator_payload(
-                state.G, state.cfg, state.iteration, state.images_seen,
-                **{k: payload[k] for k in ("generator_ema",) if k in payload}))
+            io.folder.save_snapshot(
+                state.iteration,
+                ckpt.generator_payload(
+                    state.G,
+                    state.cfg,
+                    state.iteration,
+                    state.images_seen,
+                    **{k: payload[k] for k in ("generator_ema",) if k in payload},
+                ),
+            )
         io.folder.prune_checkpoints(state.cfg.keep_last)  # after its successor is durably written
 
 
@@ -488,6 +612,6 @@ def _metric_names(evaluator, result: dict) -> dict:
         return evaluator.metric_names(result)
     names = {}
     for k in (k for k in result if k in METRICS):
-        base, suffix = (k[:-len(EMA_SUFFIX)], EMA_SUFFIX) if METRICS[k].averaged else (k, "")
+        base, suffix = (k[: -len(EMA_SUFFIX)], EMA_SUFFIX) if METRICS[k].averaged else (k, "")
         names[k] = f"{base}_{sample_count_tag(int(result.get(METRICS[k].count_key, 0)))}{suffix}"
     return names

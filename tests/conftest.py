@@ -11,8 +11,19 @@ from formats import save_random_fid_inception, write_fake_cifar10  # noqa: F401 
 
 # Flags of a tiny train.py run (8-wide networks, 8-image batches, no grids, no bars) that the
 # CLI suites share; each adds what it varies (evaluation cadence, --dims, logging).
-TRAIN_TINY = ("--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64",
-              "--device", "cpu", "--no-progress")
+TRAIN_TINY = (
+    "--ngf",
+    "8",
+    "--ndf",
+    "8",
+    "--batch-size",
+    "8",
+    "--mn-fit-points",
+    "64",
+    "--device",
+    "cpu",
+    "--no-progress",
+)
 
 
 @pytest.fixture
@@ -49,7 +60,9 @@ def read_tensorboard(run_dir):
 @pytest.fixture(scope="session")
 def fid_weights_file(tmp_path_factory):
     """One random FID-Inception weights file shared by every test of the session."""
-    return save_random_fid_inception(tmp_path_factory.mktemp("fid_weights") / "random_inception.pth")
+    return save_random_fid_inception(
+        tmp_path_factory.mktemp("fid_weights") / "random_inception.pth"
+    )
 
 
 def assert_eval_is_per_sample(norm, x, **tol) -> None:
@@ -138,7 +151,9 @@ def slurm_answers() -> bool:
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return False
     try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%a %T"], capture_output=True, text=True, timeout=15)
+        r = subprocess.run(
+            ["sinfo", "-h", "-o", "%a %T"], capture_output=True, text=True, timeout=15
+        )
     except (subprocess.TimeoutExpired, OSError):
         return False
     return r.returncode == 0 and bool(r.stdout.strip())

@@ -32,7 +32,7 @@ def main() -> None:
         if flag in args:
             i = args.index(flag)
             value = args[i + 1]
-            del args[i:i + 2]
+            del args[i : i + 2]
             if flag == "--test-dump":
                 dump = Path(value)
             else:
@@ -59,9 +59,15 @@ def main() -> None:
         if dump is not None and seen:
             dump.mkdir(parents=True, exist_ok=True)
             ema = seen["state"].ema
-            torch.save({"generator": seen["G"].state_dict(), "discriminator": seen["D"].state_dict(),
-                        "generator_ema": ema.state_dict() if ema is not None else None,
-                        "iteration": result.iteration}, dump / f"rank{rank}.pt")
+            torch.save(
+                {
+                    "generator": seen["G"].state_dict(),
+                    "discriminator": seen["D"].state_dict(),
+                    "generator_ema": ema.state_dict() if ema is not None else None,
+                    "iteration": result.iteration,
+                },
+                dump / f"rank{rank}.pt",
+            )
         return result
 
     T.train = train  # train.py imports it from the module when its command runs

@@ -24,10 +24,22 @@ import numpy as np
 
 PathLike = Union[str, Path]
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 
 
 # ---- CIFAR-10 -------------------------------------------------------------------------------
+
 
 class _Py2Pickler(pickle._Pickler):
     """Writes ``bytes`` as Python 2 ``str`` (the BINSTRING opcodes), as CIFAR-10's files were
@@ -38,7 +50,11 @@ class _Py2Pickler(pickle._Pickler):
 
     def _save_py2_str(self, obj: bytes) -> None:
         n = len(obj)
-        head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
+        head = (
+            pickle.SHORT_BINSTRING + bytes([n])
+            if n < 256
+            else pickle.BINSTRING + struct.pack("<i", n)
+        )
         self.write(head + obj)
         self.memoize(obj)
 
@@ -68,8 +84,11 @@ def write_cifar10_meta(folder: PathLike, images_per_batch: int = 10000) -> Path:
     """The ``batches.meta`` file of a CIFAR-10 folder (class names), in the original format."""
     path = Path(folder) / "batches.meta"
     path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {b"label_names": [c.encode() for c in CIFAR10_CLASSES],
-             b"num_cases_per_batch": images_per_batch, b"num_vis": 3072}
+    entry = {
+        b"label_names": [c.encode() for c in CIFAR10_CLASSES],
+        b"num_cases_per_batch": images_per_batch,
+        b"num_vis": 3072,
+    }
     with open(path, "wb") as f:
         _Py2Pickler(f, protocol=2).dump(entry)
     return path
@@ -88,6 +107,7 @@ def write_fake_cifar10(root: PathLike, images_per_batch: int = 40, seed: int = 0
 
 
 # ---- MNIST ----------------------------------------------------------------------------------
+
 
 def write_idx(path: PathLike, array: np.ndarray) -> Path:
     """Write a uint8 array as an IDX file (MNIST's format: magic 0x0000 08 <ndim>, big-endian
@@ -119,6 +139,7 @@ def write_mnist_raw(root: PathLike, n_train: int = 30, n_test: int = 12, seed: i
 
 # ---- the FID Inception's weights ------------------------------------------------------------
 
+
 def save_random_fid_inception(path: PathLike, seed: int = 0) -> Path:
     """A random state dict with the FID Inception's keys and shapes, as torch hub stores it: the
     real architecture (so also its speed), a variance-preserving init that keeps the deep
@@ -128,8 +149,9 @@ def save_random_fid_inception(path: PathLike, seed: int = 0) -> Path:
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None,
-                                              init_weights=False)
+        net = torchvision.models.inception_v3(
+            num_classes=1008, aux_logits=False, weights=None, init_weights=False
+        )
         for m in net.modules():
             if isinstance(m, torch.nn.Conv2d):
                 fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
@@ -140,8 +162,10 @@ def save_random_fid_inception(path: PathLike, seed: int = 0) -> Path:
 
 # ---- image folders --------------------------------------------------------------------------
 
-def write_pngs(folder: PathLike, n: int, seed: int, shift: float = 0.0, *, smooth: bool = True,
-               size: int = 32) -> Path:
+
+def write_pngs(
+    folder: PathLike, n: int, seed: int, shift: float = 0.0, *, smooth: bool = True, size: int = 32
+) -> Path:
     """n random RGB PNGs ``000.png``, ``001.png``, ... of ``size`` x ``size`` in ``folder``.
 
     ``smooth``: low-frequency noise plus a little pixel noise, brightened by ``shift`` (so deep
@@ -155,8 +179,12 @@ def write_pngs(folder: PathLike, n: int, seed: int, shift: float = 0.0, *, smoot
     if smooth:
         g = torch.Generator().manual_seed(seed)
         small = torch.rand(n, 3, 4, 4, generator=g) * 200 + shift
-        images = torch.nn.functional.interpolate(small, size=size, mode="bilinear", align_corners=False)
-        images = (images + torch.rand(n, 3, size, size, generator=g) * 40).clamp(0, 255).to(torch.uint8)
+        images = torch.nn.functional.interpolate(
+            small, size=size, mode="bilinear", align_corners=False
+        )
+        images = (
+            (images + torch.rand(n, 3, size, size, generator=g) * 40).clamp(0, 255).to(torch.uint8)
+        )
         pixels = images.permute(0, 2, 3, 1).numpy()  # [n, size, size, 3]
     else:
         rng = np.random.default_rng(seed)

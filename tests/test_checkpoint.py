@@ -26,7 +26,9 @@ def test_generator_snapshot_round_trip(tmp_path, mn_layers):
     cfg = tiny_cfg(mn_layers=mn_layers)
     gen = make_gen(cfg)
     gen(torch.randn(8, cfg.z_dim))  # move the running statistics away from their init
-    path = C.save_checkpoint(RunFolder(tmp_path).snapshot_file(120), C.generator_payload(gen, cfg, 120, 960))
+    path = C.save_checkpoint(
+        RunFolder(tmp_path).snapshot_file(120), C.generator_payload(gen, cfg, 120, 960)
+    )
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "dcgan_mn" and raw["schema"] == C.SCHEMA and raw["kind"] == "generator"
     loaded, cfg2, iteration = C.load_generator(path, "cpu")
@@ -36,10 +38,10 @@ def test_generator_snapshot_round_trip(tmp_path, mn_layers):
     assert RunFolder(tmp_path).snapshots() == [(120, path)]
 
 
-@pytest.mark.parametrize("readings", [
-    dict(mn_estimator="em", mn_em_iters=2),
-    dict(mn_posterior_grad=False, mn_lambda_scale=False),
-])
+@pytest.mark.parametrize(
+    "readings",
+    [dict(mn_estimator="em", mn_em_iters=2), dict(mn_posterior_grad=False, mn_lambda_scale=False)],
+)
 def test_mn_readings_round_trip(tmp_path, readings):
     """MN's switches travel in the checkpoint's config: the loaded generator's layers have them,
     and it computes what the saved one computes."""
@@ -48,13 +50,19 @@ def test_mn_readings_round_trip(tmp_path, readings):
     cfg = tiny_cfg(mn_layers="all", **readings)
     gen = make_gen(cfg)
     gen(torch.randn(8, cfg.z_dim))
-    path = C.save_checkpoint(RunFolder(tmp_path).snapshot_file(4), C.generator_payload(gen, cfg, 4, 32))
+    path = C.save_checkpoint(
+        RunFolder(tmp_path).snapshot_file(4), C.generator_payload(gen, cfg, 4, 32)
+    )
     loaded, cfg2, _ = C.load_generator(path, "cpu")
     assert cfg2 == cfg
     for layer in loaded.norm_layers:
         assert isinstance(layer, MixtureNorm2d)
         assert (layer.estimator, layer.em_iters, layer.posterior_grad, layer.lambda_scale) == (
-            cfg.mn_estimator, cfg.mn_em_iters, cfg.mn_posterior_grad, cfg.mn_lambda_scale)
+            cfg.mn_estimator,
+            cfg.mn_em_iters,
+            cfg.mn_posterior_grad,
+            cfg.mn_lambda_scale,
+        )
     z = torch.randn(8, cfg.z_dim)
     torch.manual_seed(1)
     a = gen(z)
@@ -66,8 +74,14 @@ def test_load_generator_from_full_checkpoint(tmp_path):
     cfg = tiny_cfg()
     gen = make_gen(cfg)
     payload = C.generator_payload(gen, cfg, 7, 56)
-    payload.update(kind="full", discriminator={}, opt_g={}, opt_d={}, rng=C.capture_rng_state(),
-                   fixed_noise=torch.randn(64, cfg.z_dim))
+    payload.update(
+        kind="full",
+        discriminator={},
+        opt_g={},
+        opt_d={},
+        rng=C.capture_rng_state(),
+        fixed_noise=torch.randn(64, cfg.z_dim),
+    )
     path = C.save_checkpoint(RunFolder(tmp_path).checkpoint_file(7), payload)
     assert C.load_generator(path)[2] == 7
     assert RunFolder(tmp_path).latest_checkpoint() == path
@@ -75,22 +89,32 @@ def test_load_generator_from_full_checkpoint(tmp_path):
 
 def test_other_architecture_is_refused(tmp_path):
     cfg = tiny_cfg(mn_layers="0,1")
-    payload = C.generator_payload(make_gen(tiny_cfg(mn_layers="none")), cfg, 1, 8)  # BN weights, MN config
+    # BN weights, MN config
+    payload = C.generator_payload(make_gen(tiny_cfg(mn_layers="none")), cfg, 1, 8)
     path = C.save_checkpoint(tmp_path / "g.pt", payload)
     with pytest.raises(C.CheckpointError, match="do not fit the architecture") as e:
         C.load_generator(path)
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("case,match", [
-    ("missing", "no such file"),
-    ("garbage", r"unreadable: corrupt, truncated or not a torch file \((UnpicklingError|RuntimeError)\)$"),
-    ("truncated", r"unreadable: corrupt, truncated or not a torch file \((RuntimeError|BadZipFile|EOFError)\)$"),
-    ("foreign", "not a dcgan_mn checkpoint"),
-    ("plain_state_dict", "not a dcgan_mn checkpoint"),
-    ("schema", "schema 99"),
-    ("incomplete", "incomplete"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing", "no such file"),
+        (
+            "garbage",
+            r"unreadable: corrupt, truncated or not a torch file \((UnpicklingError|RuntimeError)\)$",
+        ),
+        (
+            "truncated",
+            r"unreadable: corrupt, truncated or not a torch file \((RuntimeError|BadZipFile|EOFError)\)$",
+        ),
+        ("foreign", "not a dcgan_mn checkpoint"),
+        ("plain_state_dict", "not a dcgan_mn checkpoint"),
+        ("schema", "schema 99"),
+        ("incomplete", "incomplete"),
+    ],
+)
 def test_bad_checkpoints(tmp_path, case, match):
     path = tmp_path / "x.pt"
     cfg = tiny_cfg()
@@ -161,12 +185,14 @@ def test_prune_and_resolve_resume(tmp_path):
         resolve_resume(empty)
 
 
-@pytest.mark.parametrize("text", ["hello\n", "# notes\nlr = 0.0002\n", "{\"iteration\": 3}\n"])
+@pytest.mark.parametrize("text", ["hello\n", "# notes\nlr = 0.0002\n", '{"iteration": 3}\n'])
 def test_text_file_is_unreadable_not_a_traceback(tmp_path, text):
     """A text file where a checkpoint is expected (``--resume hello.txt``, ``evaluate.py modes
     hello.txt``): torch's weights_only unpickler raises KeyError on it; ours is one line."""
     path = tmp_path / "hello.txt"
     path.write_text(text)
-    with pytest.raises(C.CheckpointError, match=r"unreadable: corrupt, truncated or not a torch file") as e:
+    with pytest.raises(
+        C.CheckpointError, match=r"unreadable: corrupt, truncated or not a torch file"
+    ) as e:
         C.load_checkpoint(path)
     assert "\n" not in str(e.value) and str(path) in str(e.value)

@@ -16,8 +16,14 @@ def make_run(root, name, fids, seed=0, seconds=None, extra_rows=(), sample_mode=
     (run / "config.json").write_text(json.dumps({"seed": seed, "sample_mode": sample_mode}))
     seconds = seconds or [10.0 * (i + 1) for i in range(len(fids))]
     rows = [
-        {"iteration": it, "images_seen": 64 * it, "fid": f, "num_samples": n,
-         "sample_mode": sample_mode, "train_seconds": t}
+        {
+            "iteration": it,
+            "images_seen": 64 * it,
+            "fid": f,
+            "num_samples": n,
+            "sample_mode": sample_mode,
+            "train_seconds": t,
+        }
         for it, f, t in zip(ITERS, fids, seconds)
     ]
     rows += list(extra_rows)
@@ -50,7 +56,10 @@ def test_seed_pairing_mean_and_std(arms):
     cand, base = arms
     report = C.compare_runs([C.read_run(r) for r in cand], [C.read_run(r) for r in base])
     assert report["pairing"] == "seed"
-    assert [(p["candidate"], p["baseline"]) for p in report["pairs"]] == [("mn-s0", "bn-s0"), ("mn-s1", "bn-s1")]
+    assert [(p["candidate"], p["baseline"]) for p in report["pairs"]] == [
+        ("mn-s0", "bn-s0"),
+        ("mn-s1", "bn-s1"),
+    ]
     acc = report["summary"]["acceleration"]
     assert acc["mean"] == pytest.approx(0.325)  # mean of 0.25 and 1 - 3000 / 5000
     assert acc["std"] == pytest.approx(statistics.stdev([0.25, 0.4]))
@@ -61,8 +70,10 @@ def test_seed_pairing_mean_and_std(arms):
 
 def test_all_pairs_when_seeds_differ_and_not_reached(tmp_path):
     base = [C.read_run(make_run(tmp_path, "bn", [80, 60, 50, 45, 47], seed=0))]
-    cand = [C.read_run(make_run(tmp_path, "mn-a", [70, 50, 44, 40, 38], seed=5)),
-            C.read_run(make_run(tmp_path, "mn-b", [90, 80, 70, 60, 50], seed=6))]
+    cand = [
+        C.read_run(make_run(tmp_path, "mn-a", [70, 50, 44, 40, 38], seed=5)),
+        C.read_run(make_run(tmp_path, "mn-b", [90, 80, 70, 60, 50], seed=6)),
+    ]
     report = C.compare_runs(cand, base)
     assert report["pairing"] == "all" and len(report["pairs"]) == 2
     missed = report["pairs"][1]
@@ -73,7 +84,12 @@ def test_all_pairs_when_seeds_differ_and_not_reached(tmp_path):
     # the median over both (not reached = -inf) is "not reached".
     acc = s["acceleration"]
     assert (acc["mean"], acc["reached"], acc["pairs"], acc["median"], acc["median_reached"]) == (
-        None, 1, 2, None, False)
+        None,
+        1,
+        2,
+        None,
+        False,
+    )
     assert "not reached" in C.render_markdown(report)
 
 
@@ -81,7 +97,13 @@ def test_curve_reading_rules(tmp_path):
     # a resumed run re-evaluated iteration 3000 (the last row wins); other modes and counts and
     # rows without a FID are ignored; a truncated last line is skipped
     extra = [
-        {"iteration": 3000, "fid": 41.0, "num_samples": 10_000, "sample_mode": "batch", "train_seconds": 31},
+        {
+            "iteration": 3000,
+            "fid": 41.0,
+            "num_samples": 10_000,
+            "sample_mode": "batch",
+            "train_seconds": 31,
+        },
         {"iteration": 6000, "fid": 1.0, "num_samples": 10_000, "sample_mode": "running"},
         {"iteration": 7000, "loss_d": 0.3},
     ]
@@ -104,8 +126,12 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "nofid" / "metrics.jsonl").write_text('{"iteration": 1, "loss_d": 0.1}\n')
     with pytest.raises(C.CompareError, match="no 'fid' values"):
         C.read_run(tmp_path / "nofid")
-    mixed = make_run(tmp_path, "mixed", [1, 2, 3, 4, 5],
-                     extra_rows=[{"iteration": 1, "fid": 3.0, "num_samples": 50_000, "sample_mode": "batch"}])
+    mixed = make_run(
+        tmp_path,
+        "mixed",
+        [1, 2, 3, 4, 5],
+        extra_rows=[{"iteration": 1, "fid": 3.0, "num_samples": 50_000, "sample_mode": "batch"}],
+    )
     with pytest.raises(C.CompareError, match="mixes sample counts .*--samples"):
         C.read_run(mixed)
     a = C.read_run(make_run(tmp_path, "a", [1, 2, 3, 4, 5], n=10_000))
@@ -116,8 +142,12 @@ def test_bad_inputs(tmp_path):
 
 def test_outputs_markdown_json_png(arms, tmp_path):
     cand, base = arms
-    report = C.compare_runs([C.read_run(r) for r in cand], [C.read_run(r) for r in base],
-                            candidate_label="MN", baseline_label="BN")
+    report = C.compare_runs(
+        [C.read_run(r) for r in cand],
+        [C.read_run(r) for r in base],
+        candidate_label="MN",
+        baseline_label="BN",
+    )
     paths = C.write_outputs(report, tmp_path / "out")
     md = (tmp_path / "out" / "compare.md").read_text()
     # Two units: the bracket is their range, and says so (it was presented as a 95% interval).
@@ -126,5 +156,9 @@ def test_outputs_markdown_json_png(arms, tmp_path):
     back = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert back["summary"]["acceleration"]["mean"] == pytest.approx(0.325)
     assert (tmp_path / "out" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["compare.json", "compare.md", "compare.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "compare.json",
+        "compare.md",
+        "compare.png",
+    ]
     assert set(paths) == {"markdown", "json", "plot"}

@@ -78,7 +78,11 @@ def test_image_folder_recursive_case_insensitive_crop_resize(tmp_path):
     _save(tmp_path / "c" / "d" / "small.bmp", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     (tmp_path / "notes.txt").write_text("not an image")
     files = D.find_images(tmp_path)
-    assert [p.relative_to(tmp_path).as_posix() for p in files] == ["a.jpg", "b/wide.PNG", "c/d/small.bmp"]
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == [
+        "a.jpg",
+        "b/wide.PNG",
+        "c/d/small.bmp",
+    ]
     images = D.load_image_folder(tmp_path, size=32)
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
     assert (images[1] == 200).all()  # the black sides were cropped away
@@ -143,7 +147,8 @@ def test_fake_batches_read_like_the_real_ones_by_torchvision(train_cifar_root, m
     import torchvision
     import torchvision.datasets.cifar
 
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a: True)  # not the real MD5s
+    # not the real MD5s
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a: True)
     tv = torchvision.datasets.CIFAR10(str(train_cifar_root), train=True, download=False)
     ours = D.load_cifar10(train_cifar_root, "train", download=False)
     assert torch.equal(torch.from_numpy(tv.data).permute(0, 3, 1, 2), ours)

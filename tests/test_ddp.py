@@ -21,27 +21,60 @@ from conftest import write_fake_cifar10
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
 WORKER = str(REPO / "tests" / "ddp_worker.py")  # train.py with the test seams (dump, fault)
-TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "8", "--fid-every", "0", "--device", "cpu",
-        "--no-progress", "--log-every", "1", "--sample-every", "0"]
+TINY = [
+    "--ngf",
+    "8",
+    "--ndf",
+    "8",
+    "--batch-size",
+    "8",
+    "--fid-every",
+    "0",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--log-every",
+    "1",
+    "--sample-every",
+    "0",
+]
 
 
 def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
     return env
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: float = 120, dump=None, fault=None) -> subprocess.CompletedProcess:
-    seams = [*(["--test-dump", str(dump)] if dump else []), *(["--test-fault", fault] if fault else [])]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), WORKER, *seams, *args]
+def torchrun(
+    *args: str, nproc: int = 2, timeout: float = 120, dump=None, fault=None
+) -> subprocess.CompletedProcess:
+    seams = [
+        *(["--test-dump", str(dump)] if dump else []),
+        *(["--test-fault", fault] if fault else []),
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        WORKER,
+        *seams,
+        *args,
+    ]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def single(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, TRAIN, *args], env=_env(), capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, TRAIN, *args], env=_env(), capture_output=True, text=True, timeout=120
+    )
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -64,9 +97,22 @@ def data_root(tmp_path_factory):
 def run4(tmp_path_factory, data_root):
     """A 2-rank DDP run to iteration 4 (checkpoints at 2 and 4), each rank's final state dumped."""
     tmp = tmp_path_factory.mktemp("ddp_run4")
-    proc = torchrun(*TINY, "--data-root", str(data_root), "--out", str(tmp / "out"),
-                    "--run-name", "r", "--iters", "4", "--ckpt-every", "2", "--keep-last", "5",
-                    dump=tmp / "dump")
+    proc = torchrun(
+        *TINY,
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(tmp / "out"),
+        "--run-name",
+        "r",
+        "--iters",
+        "4",
+        "--ckpt-every",
+        "2",
+        "--keep-last",
+        "5",
+        dump=tmp / "dump",
+    )
     _ok(proc)
     return tmp
 
@@ -88,28 +134,57 @@ def test_ranks_hold_identical_parameters(run4):
 def test_ranks_hold_the_same_averaged_generator(tmp_path, data_root, stats):
     """--g-ema under DDP: every rank's G_ema is the same, weights and norm statistics (copied
     from rank 0's G, or the same standing pass on every rank)."""
-    proc = torchrun(*TINY, "--data-root", str(data_root), "--out", str(tmp_path / "out"), "--run-name", "r",
-                    "--iters", "3", "--mn-layers", "0,1", "--g-ema", "2", "--g-ema-stats", stats,
-                    "--g-ema-standing-batches", "2", dump=tmp_path / "dump")
+    proc = torchrun(
+        *TINY,
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(tmp_path / "out"),
+        "--run-name",
+        "r",
+        "--iters",
+        "3",
+        "--mn-layers",
+        "0,1",
+        "--g-ema",
+        "2",
+        "--g-ema-stats",
+        stats,
+        "--g-ema-standing-batches",
+        "2",
+        dump=tmp_path / "dump",
+    )
     _ok(proc)
     r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["generator_ema"].keys() == r1["generator_ema"].keys()
     for name, value in r0["generator_ema"].items():
         assert torch.equal(value, r1["generator_ema"][name]), name
     # each rank's own G keeps the statistics of its own batches: the copy above was not trivial
-    assert any(not torch.equal(r0["generator"][n], r1["generator"][n]) for n in r0["generator"]
-               if "running_mean" in n)
+    assert any(
+        not torch.equal(r0["generator"][n], r1["generator"][n])
+        for n in r0["generator"]
+        if "running_mean" in n
+    )
 
 
 def test_only_rank0_writes(run4):
     assert [p.name for p in (run4 / "out").iterdir()] == ["r"]  # one run folder, one name
     run = run4 / "out" / "r"
     names = sorted(p.name for p in run.iterdir() if not p.name.startswith("events.out"))
-    assert names == ["ckpt-00000002.pt", "ckpt-00000004.pt", "config.json", "provenance.jsonl", "run.lock",
-                     "snapshots"]
+    assert names == [
+        "ckpt-00000002.pt",
+        "ckpt-00000004.pt",
+        "config.json",
+        "provenance.jsonl",
+        "run.lock",
+        "snapshots",
+    ]
     events = [p for p in run.iterdir() if p.name.startswith("events.out")]
     assert len(events) == 1  # one TensorBoard writer: rank 0's
-    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["G-00000002.pt", "G-00000004.pt"]
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == [
+        "G-00000002.pt",
+        "G-00000004.pt",
+    ]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["extra"]["world_size"] == 2 and cfg["batch_size"] == 8
     ckpt = torch.load(run / "ckpt-00000004.pt", weights_only=True)
@@ -119,14 +194,26 @@ def test_only_rank0_writes(run4):
 
 
 def test_resume_under_ddp_is_exact(run4, tmp_path, data_root):
-    straight = torchrun(*TINY, "--data-root", str(data_root), "--out", str(tmp_path / "a"),
-                        "--run-name", "r", "--iters", "6", "--ckpt-every", "2",
-                        dump=tmp_path / "dump_a")
+    straight = torchrun(
+        *TINY,
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(tmp_path / "a"),
+        "--run-name",
+        "r",
+        "--iters",
+        "6",
+        "--ckpt-every",
+        "2",
+        dump=tmp_path / "dump_a",
+    )
     _ok(straight)
     resumed_dir = tmp_path / "b" / "r"
     shutil.copytree(run4 / "out" / "r", resumed_dir)
-    resumed = torchrun("--resume", str(resumed_dir), "--iters", "6", "--no-progress",
-                       dump=tmp_path / "dump_b")
+    resumed = torchrun(
+        "--resume", str(resumed_dir), "--iters", "6", "--no-progress", dump=tmp_path / "dump_b"
+    )
     _ok(resumed)
     a = torch.load(tmp_path / "a" / "r" / "ckpt-00000006.pt", weights_only=True)
     b = torch.load(resumed_dir / "ckpt-00000006.pt", weights_only=True)
@@ -143,9 +230,23 @@ def test_resume_under_ddp_is_exact(run4, tmp_path, data_root):
 
 
 def test_sync_norm_under_ddp(tmp_path, data_root):
-    proc = torchrun(*TINY, "--data-root", str(data_root), "--out", str(tmp_path / "out"),
-                    "--run-name", "s", "--iters", "2", "--sync-norm", "--mn-layers", "0",
-                    "--mn-components", "2", dump=tmp_path / "dump")
+    proc = torchrun(
+        *TINY,
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(tmp_path / "out"),
+        "--run-name",
+        "s",
+        "--iters",
+        "2",
+        "--sync-norm",
+        "--mn-layers",
+        "0",
+        "--mn-components",
+        "2",
+        dump=tmp_path / "dump",
+    )
     _ok(proc)
     r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     # Synchronized norms: the statistics are the global batch's, so buffers agree too.
@@ -159,8 +260,22 @@ def test_sync_norm_under_ddp(tmp_path, data_root):
 @pytest.mark.parametrize("batch", [9, 3])
 def test_batch_not_divisible_is_refused(tmp_path, data_root, batch):
     out = tmp_path / "out"
-    proc = torchrun("--ngf", "8", "--ndf", "8", "--batch-size", str(batch), "--fid-every", "0",
-                    "--device", "cpu", "--data-root", str(data_root), "--out", str(out))
+    proc = torchrun(
+        "--ngf",
+        "8",
+        "--ndf",
+        "8",
+        "--batch-size",
+        str(batch),
+        "--fid-every",
+        "0",
+        "--device",
+        "cpu",
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(out),
+    )
     assert proc.returncode != 0
     assert f"--batch-size {batch}: not divisible by the world size 2" in proc.stderr
     assert not out.exists()
@@ -179,8 +294,21 @@ def test_resume_with_another_world_size_is_refused(run4, tmp_path):
 
 def test_dead_rank_fails_clearly_and_keeps_the_checkpoint(tmp_path, data_root):
     out = tmp_path / "out"
-    proc = torchrun(*TINY, "--data-root", str(data_root), "--out", str(out), "--run-name", "d",
-                    "--iters", "8", "--ckpt-every", "2", fault="1:3", timeout=90)
+    proc = torchrun(
+        *TINY,
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(out),
+        "--run-name",
+        "d",
+        "--iters",
+        "8",
+        "--ckpt-every",
+        "2",
+        fault="1:3",
+        timeout=90,
+    )
     assert proc.returncode != 0
     assert "exitcode" in proc.stderr and "3" in proc.stderr  # torchrun's failure report
     ckpts = sorted((out / "d").glob("ckpt-*.pt"))
@@ -196,11 +324,31 @@ def test_signal_to_torchrun_stops_all_ranks_at_one_iteration(tmp_path, data_root
     import time
 
     run = tmp_path / "out" / "s"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           WORKER, "--test-dump", str(tmp_path / "dump"), *TINY, "--data-root", str(data_root),
-           "--out", str(tmp_path / "out"), "--run-name", "s", "--iters", "1000000", "--ckpt-every", "0"]
-    proc = subprocess.Popen(cmd, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        WORKER,
+        "--test-dump",
+        str(tmp_path / "dump"),
+        *TINY,
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(tmp_path / "out"),
+        "--run-name",
+        "s",
+        "--iters",
+        "1000000",
+        "--ckpt-every",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not (run.is_dir() and any(run.glob("events.out*"))):
         time.sleep(0.2)
@@ -231,7 +379,9 @@ class _CollectiveEvaluator:
 
         assert not isinstance(generator, torch.nn.parallel.DistributedDataParallel)
         z = torch.randn(batch_size, generator.z_dim)  # uneven use of G across ranks is fine
-        generator.sample(z[: batch_size // (dist.get_rank() + 1)], mode=sample_mode, batch_size=batch_size)
+        generator.sample(
+            z[: batch_size // (dist.get_rank() + 1)], mode=sample_mode, batch_size=batch_size
+        )
         total = torch.tensor([float(len(self.calls) + 1)])
         dist.all_reduce(total)
         self.calls.append(total.item())
@@ -247,15 +397,32 @@ def _train_worker(rank: int, init_file: str, out: str, result_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    cfg = TrainConfig(ngf=8, ndf=8, batch_size=8, iters=4, log_every=2, sample_every=2,
-                      ckpt_every=0, fid_every=2, device="cpu", out=out, run_name="e",
-                      mn_layers=(0,), mn_components=2, mn_fit_points=32, sync_norm=True)
-    images = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(0),
-                           dtype=torch.uint8)
+    cfg = TrainConfig(
+        ngf=8,
+        ndf=8,
+        batch_size=8,
+        iters=4,
+        log_every=2,
+        sample_every=2,
+        ckpt_every=0,
+        fid_every=2,
+        device="cpu",
+        out=out,
+        run_name="e",
+        mn_layers=(0,),
+        mn_components=2,
+        mn_fit_points=32,
+        sync_norm=True,
+    )
+    images = torch.randint(
+        0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     evaluator = _CollectiveEvaluator()
     result = train(cfg, evaluator=evaluator, images=images, progress=False)
-    torch.save({"calls": evaluator.calls, "iteration": result.iteration, "best": result.best_fid},
-               os.path.join(result_dir, f"r{rank}.pt"))
+    torch.save(
+        {"calls": evaluator.calls, "iteration": result.iteration, "best": result.best_fid},
+        os.path.join(result_dir, f"r{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 
@@ -264,15 +431,22 @@ def test_train_evaluates_on_every_rank_and_rank0_writes(tmp_path):
 
     from conftest import read_tensorboard
 
-    mp.spawn(_train_worker, args=(str(tmp_path / "init"), str(tmp_path / "out"), str(tmp_path)),
-             nprocs=2, join=True)
+    mp.spawn(
+        _train_worker,
+        args=(str(tmp_path / "init"), str(tmp_path / "out"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
     r0, r1 = (torch.load(tmp_path / f"r{r}.pt") for r in (0, 1))
     assert r0["calls"] == r1["calls"] == [2.0, 4.0]  # both ranks, at iterations 2 and 4
     assert r0["best"] == r1["best"] == 8.0
     run = tmp_path / "out" / "e"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in rows] == [2, 4]
-    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["G-00000002.pt", "G-00000004.pt"]
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == [
+        "G-00000002.pt",
+        "G-00000004.pt",
+    ]
     assert (run / "best.pt").exists()
     _, images, _ = read_tensorboard(run)
     assert images["samples/batch"] == [2, 4]  # rank 0's grids, G sampled without collectives

@@ -12,15 +12,21 @@ from dcgan_mn import distributed
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     info = distributed.init_distributed(torch.device("cpu"))  # already initialised: only reads env
     rows = torch.arange(3 * (rank + 1), dtype=torch.float32).reshape(rank + 1, 3) + 100 * rank
     gathered = distributed.all_gather_rows(rows)
     total = distributed.all_reduce_sum_(torch.tensor([float(rank + 1)]))
     obj = distributed.broadcast_object({"rank": rank})
-    torch.save({"info": (info.rank, info.world_size, info.is_main), "gathered": gathered,
-                "total": total, "obj": obj}, os.path.join(out_dir, f"r{rank}.pt"))
+    torch.save(
+        {
+            "info": (info.rank, info.world_size, info.is_main),
+            "gathered": gathered,
+            "total": total,
+            "obj": obj,
+        },
+        os.path.join(out_dir, f"r{rank}.pt"),
+    )
     distributed.shutdown_distributed()
 
 
@@ -51,7 +57,8 @@ def test_single_process_is_identity(monkeypatch):
 
 def _max_and_objects_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    biggest = distributed.all_reduce_max_(torch.tensor([[0, 15][rank]]))  # e.g. a stop signal on rank 1 only
+    # e.g. a stop signal on rank 1 only
+    biggest = distributed.all_reduce_max_(torch.tensor([[0, 15][rank]]))
     objects = distributed.all_gather_objects({"rank": rank, "t": torch.full((2,), float(rank))})
     torch.save({"max": biggest, "objects": objects}, os.path.join(out_dir, f"m{rank}.pt"))
     distributed.shutdown_distributed()
@@ -59,7 +66,9 @@ def _max_and_objects_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_all_reduce_max_and_all_gather_objects():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_max_and_objects_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        mp.spawn(
+            _max_and_objects_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True
+        )
         results = [torch.load(os.path.join(tmp, f"m{r}.pt")) for r in range(2)]
     for res in results:
         assert res["max"].item() == 15

@@ -21,7 +21,9 @@ PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 RECIPES = [ROOT / "README.md", ROOT / "docs" / "training.md"]  # the pages with seed-loop recipes
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "ten": 10}
-GPU_FLAGS = "--compile --compile-mode reduce-overhead"  # what the README tells GPU users to train MN with
+GPU_FLAGS = (
+    "--compile --compile-mode reduce-overhead"  # what the README tells GPU users to train MN with
+)
 
 
 def rel(path: Path) -> str:
@@ -48,7 +50,11 @@ def shell_lines(block: str) -> list[str]:
 
 
 def fenced_commands(path: Path) -> list[str]:
-    return [line for block in FENCE.findall(path.read_text(encoding="utf-8")) for line in shell_lines(block)]
+    return [
+        line
+        for block in FENCE.findall(path.read_text(encoding="utf-8"))
+        for line in shell_lines(block)
+    ]
 
 
 def script_flags(line: str) -> list[tuple[str, list[str]]]:
@@ -66,7 +72,7 @@ def script_flags(line: str) -> list[tuple[str, list[str]]]:
         name = tok.rsplit("/", 1)[-1]
         if name not in ("train.py", "evaluate.py", "sweep.py") or "experiments" in tok:
             continue
-        rest = tokens[i + 1:]
+        rest = tokens[i + 1 :]
         for j, t in enumerate(rest):
             if t in (";", "|", "&&", "||", "do", "done"):
                 rest = rest[:j]
@@ -93,16 +99,20 @@ def script_flags(line: str) -> list[tuple[str, list[str]]]:
 
 def known_flags() -> dict[str, set[str]]:
     """{"train" or an evaluate.py subcommand: its option names}, from the click commands themselves."""
+
     def options(command) -> set[str]:
         return {o for p in command.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
 
     evaluate, sweep = load_script("evaluate.py", "cli"), load_script("sweep.py", "cli")
-    return {"train": options(load_script("train.py", "main")),
-            **{name: options(cmd) for name, cmd in evaluate.commands.items()},
-            **{f"sweep {name}": options(cmd) for name, cmd in sweep.commands.items()}}
+    return {
+        "train": options(load_script("train.py", "main")),
+        **{name: options(cmd) for name, cmd in evaluate.commands.items()},
+        **{f"sweep {name}": options(cmd) for name, cmd in sweep.commands.items()},
+    }
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "cli.md"], ids=rel)  # cli.md is --help itself
+# cli.md is --help itself
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "cli.md"], ids=rel)
 def test_documented_commands_use_flags_that_exist(page):
     known = known_flags()
     text = page.read_text(encoding="utf-8")
@@ -119,25 +129,28 @@ def test_documented_commands_use_flags_that_exist(page):
 
 def stated_minimum_pairs() -> int:
     """The number of seed pairs below which, docs/comparing.md says, no result can reach p < 0.05."""
-    m = re.search(r"Below (\d+) pairs no result can reach p < 0\.05", (ROOT / "docs" / "comparing.md").read_text())
+    m = re.search(
+        r"Below (\d+) pairs no result can reach p < 0\.05",
+        (ROOT / "docs" / "comparing.md").read_text(),
+    )
     assert m, "docs/comparing.md no longer states the minimum number of pairs"
     return int(m.group(1))
 
 
 def test_the_stated_minimum_is_the_exact_tests_own():
     n = stated_minimum_pairs()
-    assert 2 / 2 ** n < 0.05 <= 2 / 2 ** (n - 1)
+    assert 2 / 2**n < 0.05 <= 2 / 2 ** (n - 1)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=rel)
 def test_quoted_p_floors_are_two_over_two_to_the_n(page):
-    """"0.25 for 3 pairs, 0.031 for 6": each is the smallest p of an exact sign-flip test, 2/2^n."""
+    """ "0.25 for 3 pairs, 0.031 for 6": each is the smallest p of an exact sign-flip test, 2/2^n."""
     text = " ".join(page.read_text(encoding="utf-8").split())
     quoted = []
     for clause in re.findall(r"((?:\d\.\d+ for \d+(?: pairs)?(?:, | and |,? )?){2,})", text):
         quoted += [(float(p), int(n)) for p, n in re.findall(r"(\d\.\d+) for (\d+)", clause)]
     assert quoted or page.name != "comparing.md", "docs/comparing.md no longer quotes the p floors"
-    wrong = [(p, n) for p, n in quoted if abs(p - 2 / 2 ** n) > 0.0006]
+    wrong = [(p, n) for p, n in quoted if abs(p - 2 / 2**n) > 0.0006]
     assert not wrong, f"{rel(page)}: p floors that are not 2/2^n: {wrong}"
 
 
@@ -145,8 +158,16 @@ def test_quoted_p_floors_are_two_over_two_to_the_n(page):
 def test_recipes_train_at_least_the_pairs_a_result_needs(page):
     minimum = stated_minimum_pairs()
     text = page.read_text(encoding="utf-8")
-    loops = [len(m.split()) for block in FENCE.findall(text) for m in re.findall(r"for seed in ([^;]+);", block)]
-    ranges = [int(b) - int(a) + 1 for block in FENCE.findall(text) for a, b in re.findall(r"--seeds (\d+)-(\d+)", block)]
+    loops = [
+        len(m.split())
+        for block in FENCE.findall(text)
+        for m in re.findall(r"for seed in ([^;]+);", block)
+    ]
+    ranges = [
+        int(b) - int(a) + 1
+        for block in FENCE.findall(text)
+        for a, b in re.findall(r"--seeds (\d+)-(\d+)", block)
+    ]
     assert loops or ranges, f"{rel(page)}: no seed loop or sweep left to check"
     assert all(n >= minimum for n in loops + ranges), (rel(page), loops, ranges, minimum)
     said = [WORDS.get(w.lower(), w) for w in re.findall(r"\b(\w+) seeds per arm", text)]
@@ -161,7 +182,11 @@ def test_gpu_recipes_compile_as_the_readme_says(page):
     missing = []
     for block in FENCE.findall(page.read_text(encoding="utf-8")):
         for line in shell_lines(block):  # sweeps: every run gets --train-flags
-            if "sweep.py run" in line and "stacked" not in line and GPU_FLAGS not in " ".join(line.split()):
+            if (
+                "sweep.py run" in line
+                and "stacked" not in line
+                and GPU_FLAGS not in " ".join(line.split())
+            ):
                 missing.append(line)
         if "for seed in" not in block:
             continue
@@ -207,8 +232,14 @@ def test_pages_the_code_points_to_exist():
     wrong = []
     for source in [ROOT / "train.py", ROOT / "evaluate.py", *(ROOT / "dcgan_mn").rglob("*.py")]:
         text = source.read_text(encoding="utf-8")
-        wrong += [f"{rel(source)}: {page}" for page in re.findall(r"\bdocs/[\w.-]+\.md", text)
-                  if not (ROOT / page).is_file()]
-        wrong += [f"{rel(source)}: README section {s!r}" for s in re.findall(r"README,? [\"']([^\"']+)[\"']", text)
-                  if s not in readme_headings]
+        wrong += [
+            f"{rel(source)}: {page}"
+            for page in re.findall(r"\bdocs/[\w.-]+\.md", text)
+            if not (ROOT / page).is_file()
+        ]
+        wrong += [
+            f"{rel(source)}: README section {s!r}"
+            for s in re.findall(r"README,? [\"']([^\"']+)[\"']", text)
+            if s not in readme_headings
+        ]
     assert not wrong, wrong

@@ -35,7 +35,9 @@ def nudge(model, seed):
 # ---- the schedule and the update ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("half_life,rampup,start", [(10.0, 0.0, 0), (500.0, 0.05, 0), (4.0, 0.5, 3)])
+@pytest.mark.parametrize(
+    "half_life,rampup,start", [(10.0, 0.0, 0), (500.0, 0.05, 0), (4.0, 0.5, 3)]
+)
 def test_schedule_is_the_closed_form(half_life, rampup, start):
     s = EmaSchedule(half_life, rampup, start)
     for t in range(0, 60):
@@ -65,9 +67,13 @@ def test_update_equals_averaged_model_and_the_closed_form(rampup):
         reference.update_parameters(G)
         ema.prepare(t)
         ema.update()
-        for (name, mine), theirs in zip(ema.G_ema.named_parameters(), reference.module.parameters()):
+        for (name, mine), theirs in zip(
+            ema.G_ema.named_parameters(), reference.module.parameters()
+        ):
             assert torch.equal(mine, theirs), (t, name)
-            closed[name] = decay * closed[name] + (1 - decay) * dict(G.named_parameters())[name].detach()
+            closed[name] = (
+                decay * closed[name] + (1 - decay) * dict(G.named_parameters())[name].detach()
+            )
             torch.testing.assert_close(mine, closed[name], rtol=1e-6, atol=1e-7)
 
 
@@ -114,10 +120,16 @@ def test_standing_statistics_for_mn_are_the_cumulative_matched_mixture():
     for i, x in enumerate(batches):
         probe.reset_running_stats()
         probe.momentum = 1.0
-        if mean is not None:  # match the batch's components to the running mixture, as training does
+        if (
+            mean is not None
+        ):  # match the batch's components to the running mixture, as training does
             probe.running_mean.copy_(mean)
         probe(x)
-        w_i, m_i, v_i = probe.running_weight.clone(), probe.running_mean.clone(), probe.running_var.clone()
+        w_i, m_i, v_i = (
+            probe.running_weight.clone(),
+            probe.running_mean.clone(),
+            probe.running_var.clone(),
+        )
         if mean is None:
             weight, mean, var = w_i, m_i, v_i
         else:
@@ -141,7 +153,9 @@ def test_norm_state_copy_and_standing(norms):
     copied.ready_for_use()
     for mine, theirs in zip(copied.G_ema.buffers(), G.buffers()):
         assert torch.equal(mine, theirs)
-    standing = GeneratorEMA(G, EmaSchedule(10.0), stats="standing", standing_batches=3, batch_size=16)
+    standing = GeneratorEMA(
+        G, EmaSchedule(10.0), stats="standing", standing_batches=3, batch_size=16
+    )
     rng = torch.get_rng_state()
     standing.ready_for_use()
     assert torch.equal(torch.get_rng_state(), rng)  # its own streams: training's RNG is untouched
@@ -176,16 +190,27 @@ def checkpoint_of(run):
 def test_averaging_never_perturbs_training(tmp_path, mn_layers):
     images = tiny_images()
     kw = dict(mn_layers=mn_layers, iters=6, fid_every=3, sample_every=3)
-    plain = train(tiny_cfg(tmp_path, run_name="plain", **kw), images=images, progress=False,
-                  evaluator=TwoMetrics())
-    averaged = train(tiny_cfg(tmp_path, run_name="ema", g_ema=2.0, g_ema_rampup=0.5, **kw), images=images,
-                     progress=False, evaluator=TwoMetrics())
+    plain = train(
+        tiny_cfg(tmp_path, run_name="plain", **kw),
+        images=images,
+        progress=False,
+        evaluator=TwoMetrics(),
+    )
+    averaged = train(
+        tiny_cfg(tmp_path, run_name="ema", g_ema=2.0, g_ema_rampup=0.5, **kw),
+        images=images,
+        progress=False,
+        evaluator=TwoMetrics(),
+    )
     a, b = checkpoint_of(plain), checkpoint_of(averaged)
     for key in ("generator", "discriminator", "opt_g", "opt_d", "rng", "data", "log_window"):
         assert json.dumps(key) and _same(a[key], b[key]), key
     assert "generator_ema" in b and "generator_ema" not in a
-    assert any(not torch.equal(b["generator_ema"][k], b["generator"][k]) for k in b["generator"]
-               if b["generator"][k].is_floating_point())
+    assert any(
+        not torch.equal(b["generator_ema"][k], b["generator"][k])
+        for k in b["generator"]
+        if b["generator"][k].is_floating_point()
+    )
     rows = RunFolder(averaged.run_dir).metrics_rows()
     assert [r["iteration"] for r in rows] == [3, 6]
     assert all("fid" in r and "fid_ema" in r and r["fid"] != r["fid_ema"] for r in rows)
@@ -210,11 +235,25 @@ def _same(x, y):
 def test_resume_mid_rampup_is_bitwise(tmp_path):
     images = tiny_images()
     kw = dict(mn_layers="0,1", g_ema=50.0, g_ema_rampup=0.5, g_ema_start=1, fid_every=3, iters=8)
-    full = train(tiny_cfg(tmp_path, run_name="full", **kw), images=images, progress=False, evaluator=TwoMetrics())
-    part = train(tiny_cfg(tmp_path, run_name="part", **{**kw, "iters": 4}), images=images, progress=False,
-                 evaluator=TwoMetrics())
-    resumed = train(tiny_cfg(tmp_path, run_name="part", **kw), images=images, progress=False,
-                    resume=part.run_dir, evaluator=TwoMetrics())
+    full = train(
+        tiny_cfg(tmp_path, run_name="full", **kw),
+        images=images,
+        progress=False,
+        evaluator=TwoMetrics(),
+    )
+    part = train(
+        tiny_cfg(tmp_path, run_name="part", **{**kw, "iters": 4}),
+        images=images,
+        progress=False,
+        evaluator=TwoMetrics(),
+    )
+    resumed = train(
+        tiny_cfg(tmp_path, run_name="part", **kw),
+        images=images,
+        progress=False,
+        resume=part.run_dir,
+        evaluator=TwoMetrics(),
+    )
     a, b = checkpoint_of(full), checkpoint_of(resumed)
     for key in ("generator", "generator_ema", "discriminator", "opt_g", "opt_d", "rng"):
         assert _same(a[key], b[key]), key
@@ -236,8 +275,12 @@ def test_best_follows_the_named_metric_in_its_direction(tmp_path):
             ema_modes = {2: 10, 4: 30, 6: 20}.get(self.calls, 0)
             return {"modes": ema_modes, "cfd": 1.0, "mode_samples": 100, "sample_mode": sample_mode}
 
-    run = train(tiny_cfg(tmp_path, g_ema=5.0, fid_every=2, best_metric="modes_ema"), images=tiny_images(),
-                progress=False, evaluator=Rising())
+    run = train(
+        tiny_cfg(tmp_path, g_ema=5.0, fid_every=2, best_metric="modes_ema"),
+        images=tiny_images(),
+        progress=False,
+        evaluator=Rising(),
+    )
     assert (run.best_metric, run.best_value, run.best_iteration) == ("modes_ema", 30, 4)
     best = C.load_checkpoint(RunFolder(run.run_dir).best_file)
     assert best["iteration"] == 4 and "generator_ema" in best
@@ -249,8 +292,12 @@ def test_best_metric_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="--best-metric 'nope'"):
         tiny_cfg(tmp_path, best_metric="nope")
     with pytest.raises(ConfigError, match="--best-metric 'modes'.*scores fid, fid_ema"):
-        train(tiny_cfg(tmp_path, g_ema=5.0, fid_every=2, best_metric="modes"), images=tiny_images(),
-              progress=False, evaluator=TwoMetrics())
+        train(
+            tiny_cfg(tmp_path, g_ema=5.0, fid_every=2, best_metric="modes"),
+            images=tiny_images(),
+            progress=False,
+            evaluator=TwoMetrics(),
+        )
     assert not (tmp_path / "runs" / "run").exists()
 
 
@@ -258,8 +305,14 @@ def test_averaged_metrics_are_registered():
     for name, spec in list(METRICS.items()):
         if not spec.averaged:
             twin = METRICS[f"{name}_ema"]
-            assert (twin.direction, twin.count_key, twin.averaged) == (spec.direction, spec.count_key, True)
-    row = averaged_result({"fid": 3.0, "kid_std": 0.1, "num_samples": 10, "sample_mode": "batch", "seed": 0})
+            assert (twin.direction, twin.count_key, twin.averaged) == (
+                spec.direction,
+                spec.count_key,
+                True,
+            )
+    row = averaged_result(
+        {"fid": 3.0, "kid_std": 0.1, "num_samples": 10, "sample_mode": "batch", "seed": 0}
+    )
     assert row == {"fid_ema": 3.0, "kid_std_ema": 0.1}
 
 
@@ -271,8 +324,16 @@ def stacked_ema_run(tmp_path, modes_cache, monkeypatch):
     monkeypatch.setenv("DCGAN_MN_CACHE_DIR", str(modes_cache))
     from dcgan_mn.metrics import build_evaluator
 
-    cfg = tiny_cfg(tmp_path, dataset="stacked-digits", stack_size=256, inception_metrics=False, g_ema=3.0,
-                   iters=4, fid_every=2, mode_samples=40)
+    cfg = tiny_cfg(
+        tmp_path,
+        dataset="stacked-digits",
+        stack_size=256,
+        inception_metrics=False,
+        g_ema=3.0,
+        iters=4,
+        fid_every=2,
+        mode_samples=40,
+    )
     evaluator = build_evaluator(cfg, "cpu", cache_dir=modes_cache)
     return train(cfg, evaluator=evaluator, progress=False), modes_cache
 
@@ -282,13 +343,25 @@ def test_evaluate_modes_ema_reproduces_the_training_row(stacked_ema_run):
     evaluate = invoker(load_script("evaluate.py", "cli"))
     last = RunFolder(run.run_dir).metrics_rows()[-1]
     for ema, suffix in ((False, ""), (True, "_ema")):
-        args = ["modes", RunFolder(run.run_dir).snapshots()[-1][1], "--samples", 40, "--cache-dir", cache,
-                "--device", "cpu", *(["--ema"] if ema else [])]
+        args = [
+            "modes",
+            RunFolder(run.run_dir).snapshots()[-1][1],
+            "--samples",
+            40,
+            "--cache-dir",
+            cache,
+            "--device",
+            "cpu",
+            *(["--ema"] if ema else []),
+        ]
         result = evaluate(*args)
         assert result.exit_code == 0, result.output
-        assert "\r" not in result.output  # progress on, stderr not a terminal: no bars redrawn in a log
+        # progress on, stderr not a terminal: no bars redrawn in a log
+        assert "\r" not in result.output
         report = json.loads(result.stdout)
-        assert report["modes"] == last[f"modes{suffix}"] and report["cfd"] == pytest.approx(last[f"cfd{suffix}"])
+        assert report["modes"] == last[f"modes{suffix}"] and report["cfd"] == pytest.approx(
+            last[f"cfd{suffix}"]
+        )
         assert report["generator"] == ("G_ema" if ema else "G")
 
 
@@ -305,8 +378,9 @@ def test_rescore_scores_the_averaged_generator_too(stacked_ema_run):
 
 def test_ema_of_a_run_without_it_is_one_line(tmp_path):
     run = train(tiny_cfg(tmp_path, fid_every=0), images=tiny_images(), progress=False)
-    result = invoker(load_script("evaluate.py", "cli"))("samples", run.run_dir, "--num", 4, "--out",
-                                                        tmp_path / "s", "--ema", "--no-progress")
+    result = invoker(load_script("evaluate.py", "cli"))(
+        "samples", run.run_dir, "--num", 4, "--out", tmp_path / "s", "--ema", "--no-progress"
+    )
     assert result.exit_code != 0
     assert "no averaged generator" in result.output and "--g-ema" in result.output
     assert "Traceback" not in result.output
@@ -314,8 +388,19 @@ def test_ema_of_a_run_without_it_is_one_line(tmp_path):
 
 def test_train_cli_flags(tmp_path):
     main = load_script("train.py", "main")
-    result = invoker(main)("--dry-run", "--g-ema", "7812.5", "--g-ema-rampup", "0.05", "--g-ema-stats", "copy",
-                           "--device", "cpu", "--out", tmp_path)
+    result = invoker(main)(
+        "--dry-run",
+        "--g-ema",
+        "7812.5",
+        "--g-ema-rampup",
+        "0.05",
+        "--g-ema-stats",
+        "copy",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     cfg = json.loads(result.stdout)
     assert (cfg["g_ema"], cfg["g_ema_rampup"], cfg["g_ema_stats"]) == (7812.5, 0.05, "copy")
@@ -338,8 +423,12 @@ def test_compiled_step_with_g_ema_is_one_graph_without_recompiling(tmp_path):
     eager = train(tiny_cfg(tmp_path, run_name="eager", **kw), images=images, progress=False)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled = train(tiny_cfg(tmp_path, run_name="compiled", compile=True, **kw), images=images,
-                         progress=False, compile_backend="aot_eager")
+        compiled = train(
+            tiny_cfg(tmp_path, run_name="compiled", compile=True, **kw),
+            images=images,
+            progress=False,
+            compile_backend="aot_eager",
+        )
     a, b = C.load_checkpoint(eager.checkpoint), C.load_checkpoint(compiled.checkpoint)
     for k, v in a["generator_ema"].items():
         torch.testing.assert_close(b["generator_ema"][k], v, rtol=0, atol=4 * 2e-4 * 4, msg=k)

@@ -17,7 +17,6 @@ from conftest import invoker, load_script, write_fake_cifar10
 from formats import write_pngs
 
 
-
 cli = load_script("evaluate.py", "cli")
 
 
@@ -50,8 +49,17 @@ def test_fid_of_two_folders_equals_pytorch_fid(weights_file, folders, tmp_path, 
     from pytorch_fid.fid_score import calculate_frechet_distance, compute_statistics_of_path
 
     a, b = folders
-    common = ["--dims", 64, "--inception-weights", weights_file, "--device", "cpu", "--no-progress",
-              "--cache-dir", tmp_path / "cache"]
+    common = [
+        "--dims",
+        64,
+        "--inception-weights",
+        weights_file,
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--cache-dir",
+        tmp_path / "cache",
+    ]
     # reference statistics of b: computed, cached, and exported in pytorch-fid's format
     npz = tmp_path / "b.npz"
     res = run("stats", "--ref", b, "--out", npz, *common)
@@ -79,10 +87,14 @@ def test_fid_of_two_folders_equals_pytorch_fid(weights_file, folders, tmp_path, 
     assert row["fid"] == pytest.approx(their_fid, rel=1e-4)
     with np.load(npz) as f:
         np.testing.assert_allclose(f["mu"], mu_b, rtol=1e-5, atol=1e-6 * np.abs(mu_b).max())
-        np.testing.assert_allclose(f["sigma"], sigma_b, rtol=1e-4, atol=1e-5 * np.abs(sigma_b).max())
+        np.testing.assert_allclose(
+            f["sigma"], sigma_b, rtol=1e-4, atol=1e-5 * np.abs(sigma_b).max()
+        )
     # our FID is pytorch-fid's Frechet distance of our statistics of a against the exported b
     assert row["fid"] == pytest.approx(
-        calculate_frechet_distance(mu_a, sigma_a, np.load(npz)["mu"], np.load(npz)["sigma"]), rel=1e-4)
+        calculate_frechet_distance(mu_a, sigma_a, np.load(npz)["mu"], np.load(npz)["sigma"]),
+        rel=1e-4,
+    )
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -96,8 +108,19 @@ def test_bad_inputs_one_line_nonzero_nothing_written(weights_file, folders, tmp_
     (broken / "001.png").write_bytes(b"\x89PNG nope")
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d2048.npz", mu=rng.standard_normal(2048), sigma=np.eye(2048))
-    common = ["--dims", 64, "--inception-weights", weights_file, "--device", "cpu", "--no-progress",
-              "--out", out, "--cache-dir", tmp_path / "c"]
+    common = [
+        "--dims",
+        64,
+        "--inception-weights",
+        weights_file,
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        out,
+        "--cache-dir",
+        tmp_path / "c",
+    ]
     cases = [
         (["fid", a, "--ref", tmp_path / "d2048.npz", *common], "2048-d but the features are 64-d"),
         (["fid", tmp_path / "empty", "--ref", b, *common], "no images in this folder"),
@@ -108,10 +131,25 @@ def test_bad_inputs_one_line_nonzero_nothing_written(weights_file, folders, tmp_
         (["fid", a, "--ref", b, "--samples", 1, *common], "--samples 1: FID needs at least 2"),
         (["fid", a, "--ref", b, "--sample-modes", "eval", *common], "--sample-modes 'eval'"),
         (["fid", a, "--ref", "cifar10", *common], "expected cifar10-train"),
-        (["fid", a, "--ref", b, "--dims", 64, "--inception-weights", tmp_path / "none.pth", "--out", out],
-         "no such file"),
-        (["stats", "--ref", b, "--out", out, "--dims", 64, "--inception-weights", weights_file],
-         "file exists"),
+        (
+            [
+                "fid",
+                a,
+                "--ref",
+                b,
+                "--dims",
+                64,
+                "--inception-weights",
+                tmp_path / "none.pth",
+                "--out",
+                out,
+            ],
+            "no such file",
+        ),
+        (
+            ["stats", "--ref", b, "--out", out, "--dims", 64, "--inception-weights", weights_file],
+            "file exists",
+        ),
     ]
     for args, message in cases:
         res = run(*args)
@@ -125,9 +163,19 @@ def test_compare_cli(tmp_path):
     def make_run(name, fids, seed):
         run_dir = tmp_path / name
         run_dir.mkdir()
-        (run_dir / "config.json").write_text(json.dumps({"seed": seed, "sample_mode": "batch", "fid_samples": 100}))
-        rows = [{"iteration": 1000 * (i + 1), "fid": f, "num_samples": 100, "sample_mode": "batch",
-                 "train_seconds": 5.0 * (i + 1)} for i, f in enumerate(fids)]
+        (run_dir / "config.json").write_text(
+            json.dumps({"seed": seed, "sample_mode": "batch", "fid_samples": 100})
+        )
+        rows = [
+            {
+                "iteration": 1000 * (i + 1),
+                "fid": f,
+                "num_samples": 100,
+                "sample_mode": "batch",
+                "train_seconds": 5.0 * (i + 1),
+            }
+            for i, f in enumerate(fids)
+        ]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return run_dir
 
@@ -135,16 +183,39 @@ def test_compare_cli(tmp_path):
     mn = make_run("mn", [55, 39, 35, 33], seed=0)
     # Three evaluation seeds (the default) need snapshots to score the extra seeds from.
     res = run("compare", mn, "--baseline", bn, "--out", tmp_path / "report")
-    assert res.exit_code != 0 and "no generator snapshot for iteration(s) [1000, 2000, 3000, 4000]" in res.stderr
+    assert (
+        res.exit_code != 0
+        and "no generator snapshot for iteration(s) [1000, 2000, 3000, 4000]" in res.stderr
+    )
     assert "--eval-seeds 1" in res.stderr and not (tmp_path / "report").exists()
-    res = run("compare", mn, "--baseline", bn, "--out", tmp_path / "report", "--label", "MN",
-              "--baseline-label", "BN", "--eval-seeds", "1")
+    res = run(
+        "compare",
+        mn,
+        "--baseline",
+        bn,
+        "--out",
+        tmp_path / "report",
+        "--label",
+        "MN",
+        "--baseline-label",
+        "BN",
+        "--eval-seeds",
+        "1",
+    )
     assert res.exit_code == 0, res.output
     assert "33.3%" in res.stdout  # 1 - 2000 / 3000
     report = json.loads((tmp_path / "report" / "compare.json").read_text())
     assert report["pairs"][0]["acceleration"] == pytest.approx(1 / 3)
-    res = run("compare", mn, "--baseline", tmp_path / "nothing", "--out", tmp_path / "report2",
-              "--eval-seeds", "1")
+    res = run(
+        "compare",
+        mn,
+        "--baseline",
+        tmp_path / "nothing",
+        "--out",
+        tmp_path / "report2",
+        "--eval-seeds",
+        "1",
+    )
     assert res.exit_code != 0 and "not a folder" in res.stderr
     assert not (tmp_path / "report2").exists()
 
@@ -178,15 +249,24 @@ def make_run_folder(root, iterations, mn_layers="0"):
     from dcgan_mn.config import TrainConfig
     from dcgan_mn.models import Generator
 
-    cfg = TrainConfig(z_dim=8, ngf=4, mn_layers=mn_layers, mn_fit_points=64, batch_size=8,
-                      sample_mode="running", dims=64)
+    cfg = TrainConfig(
+        z_dim=8,
+        ngf=4,
+        mn_layers=mn_layers,
+        mn_fit_points=64,
+        batch_size=8,
+        sample_mode="running",
+        dims=64,
+    )
     root.mkdir(parents=True)
     (root / "config.json").write_text(cfg.to_json())
     gens = {}
     for it in iterations:
         torch.manual_seed(it)
         gens[it] = Generator(**cfg.model_kwargs())
-        save_checkpoint(RunFolder(root).snapshot_file(it), generator_payload(gens[it], cfg, it, 8 * it))
+        save_checkpoint(
+            RunFolder(root).snapshot_file(it), generator_payload(gens[it], cfg, it, 8 * it)
+        )
     return cfg, gens
 
 
@@ -196,19 +276,41 @@ def test_fid_of_run_folder_and_checkpoint(tiny_features, folders, tmp_path):
     _, b = folders
     run_dir = tmp_path / "run"
     cfg, gens = make_run_folder(run_dir, [100, 200])
-    common = ["--ref", b, "--samples", 12, "--device", "cpu", "--dims", 64, "--no-progress",
-              "--cache-dir", tmp_path / "c"]
+    common = [
+        "--ref",
+        b,
+        "--samples",
+        12,
+        "--device",
+        "cpu",
+        "--dims",
+        64,
+        "--no-progress",
+        "--cache-dir",
+        tmp_path / "c",
+    ]
     res = run("fid", run_dir, "--sample-modes", "batch,running", *common)
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["results"]
     assert [(r["iteration"], r["sample_mode"]) for r in rows] == [
-        (100, "batch"), (100, "running"), (200, "batch"), (200, "running")]
-    assert all(r["num_samples"] == 12 and r["batch_size"] == 8 and r["tag"] == "fid_12" for r in rows)
+        (100, "batch"),
+        (100, "running"),
+        (200, "batch"),
+        (200, "running"),
+    ]
+    assert all(
+        r["num_samples"] == 12 and r["batch_size"] == 8 and r["tag"] == "fid_12" for r in rows
+    )
     assert "fid batch" in res.stderr and "fid running" in res.stderr  # the curve, side by side
     # the same number as the evaluator computes directly
-    ev = Evaluator(TinyFeatures(), load_reference(str(b), TinyFeatures(), cache_dir=tmp_path / "c"),
-                   num_samples=12)
-    assert rows[3]["fid"] == pytest.approx(ev(gens[200], sample_mode="running", batch_size=8)["fid"], rel=1e-12)
+    ev = Evaluator(
+        TinyFeatures(),
+        load_reference(str(b), TinyFeatures(), cache_dir=tmp_path / "c"),
+        num_samples=12,
+    )
+    assert rows[3]["fid"] == pytest.approx(
+        ev(gens[200], sample_mode="running", batch_size=8)["fid"], rel=1e-12
+    )
     # one checkpoint file: the run's configured sample mode and batch size
     res = run("fid", run_dir / "snapshots" / "G-00000100.pt", *common)
     assert res.exit_code == 0, res.output
@@ -217,7 +319,9 @@ def test_fid_of_run_folder_and_checkpoint(tiny_features, folders, tmp_path):
     # a plain pytorch-fid .npz (mu, sigma) as --ref: the same FID, no KID/PRDC (no real features)
     ref = load_reference(str(b), TinyFeatures(), cache_dir=tmp_path / "c")
     np.savez(tmp_path / "plain.npz", mu=ref.mu, sigma=ref.sigma)
-    res = run("fid", run_dir / "snapshots" / "G-00000100.pt", *common[2:], "--ref", tmp_path / "plain.npz")
+    res = run(
+        "fid", run_dir / "snapshots" / "G-00000100.pt", *common[2:], "--ref", tmp_path / "plain.npz"
+    )
     assert res.exit_code == 0, res.output
     (plain,) = json.loads(res.stdout)["results"]
     assert plain["fid"] == pytest.approx(row["fid"], rel=1e-12) and plain["kid"] is None
@@ -233,10 +337,26 @@ def test_generator_bad_inputs(tiny_features, folders, tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
     (tmp_path / "empty_run").mkdir()
     (tmp_path / "empty_run" / "config.json").write_text("{}")
-    common = ["--ref", b, "--samples", 4, "--device", "cpu", "--dims", 64, "--no-progress",
-              "--out", out, "--cache-dir", tmp_path / "c"]
-    for target, message in [(junk, "unreadable"), (foreign, "not a dcgan_mn checkpoint"),
-                            (tmp_path / "empty_run", "no generator snapshots")]:
+    common = [
+        "--ref",
+        b,
+        "--samples",
+        4,
+        "--device",
+        "cpu",
+        "--dims",
+        64,
+        "--no-progress",
+        "--out",
+        out,
+        "--cache-dir",
+        tmp_path / "c",
+    ]
+    for target, message in [
+        (junk, "unreadable"),
+        (foreign, "not a dcgan_mn checkpoint"),
+        (tmp_path / "empty_run", "no generator snapshots"),
+    ]:
         res = run("fid", target, *common)
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert res.exit_code != 0 and len(lines) == 1 and message in lines[0], res.stderr
@@ -253,8 +373,17 @@ def test_cifar10_reference_offline_and_missing(tiny_features, folders, tmp_path,
     a, _ = folders
     data = tmp_path / "data"
     write_fake_cifar10(data, images_per_batch=6)
-    common = ["--dims", 64, "--device", "cpu", "--no-progress", "--cache-dir", tmp_path / "c",
-              "--data-root", data]
+    common = [
+        "--dims",
+        64,
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--cache-dir",
+        tmp_path / "c",
+        "--data-root",
+        data,
+    ]
     res = run("stats", "--ref", "cifar10-train", *common)
     assert res.exit_code == 0, res.output
     train = json.loads(res.stdout)
@@ -273,10 +402,24 @@ def test_cifar10_reference_offline_and_missing(tiny_features, folders, tmp_path,
     res = run("stats", "--ref", "cifar10-train", *common[:-1], tmp_path / "nodata")
     assert res.exit_code == 0 and json.loads(res.stdout)["ref_key"] == train["ref_key"]
     # ... and without them, a missing data root and no network is one clear line
-    res = run("stats", "--ref", "cifar10-train", "--dims", 64, "--device", "cpu", "--no-progress",
-              "--cache-dir", tmp_path / "c2", "--data-root", tmp_path / "nodata")
+    res = run(
+        "stats",
+        "--ref",
+        "cifar10-train",
+        "--dims",
+        64,
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--cache-dir",
+        tmp_path / "c2",
+        "--data-root",
+        tmp_path / "nodata",
+    )
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.exit_code != 0 and len(lines) == 1 and "cifar-10-python.tar.gz" in lines[0], res.stderr
+    assert res.exit_code != 0 and len(lines) == 1 and "cifar-10-python.tar.gz" in lines[0], (
+        res.stderr
+    )
 
 
 # --- samples: export what the evaluator scores ----------------------------------------------
@@ -287,20 +430,67 @@ def test_exported_samples_score_as_the_generator_does(tiny_features, folders, tm
     _, b = folders
     run_dir = tmp_path / "run"
     make_run_folder(run_dir, [100, 200], mn_layers="0")  # MN: batch mode draws k-means seeds
-    common = ["--ref", b, "--device", "cpu", "--dims", 64, "--no-progress", "--cache-dir", tmp_path / "c"]
-    res = run("samples", run_dir, "--num", 20, "--out", tmp_path / "png", "--sample-mode", mode,
-              "--seed", 3, "--no-progress")
+    common = [
+        "--ref",
+        b,
+        "--device",
+        "cpu",
+        "--dims",
+        64,
+        "--no-progress",
+        "--cache-dir",
+        tmp_path / "c",
+    ]
+    res = run(
+        "samples",
+        run_dir,
+        "--num",
+        20,
+        "--out",
+        tmp_path / "png",
+        "--sample-mode",
+        mode,
+        "--seed",
+        3,
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     assert "G-00000200.pt" in res.stderr  # no best.pt: the newest snapshot
     files = sorted((tmp_path / "png").iterdir())
     assert [f.name for f in files[:2]] == ["000000.png", "000001.png"] and len(files) == 20
     from_pngs = json.loads(run("fid", tmp_path / "png", *common).stdout)["results"][0]
-    from_gen = json.loads(run("fid", run_dir / "snapshots" / "G-00000200.pt", "--samples", 20, "--seed", 3,
-                              "--sample-modes", mode, *common).stdout)["results"][0]
+    from_gen = json.loads(
+        run(
+            "fid",
+            run_dir / "snapshots" / "G-00000200.pt",
+            "--samples",
+            20,
+            "--seed",
+            3,
+            "--sample-modes",
+            mode,
+            *common,
+        ).stdout
+    )["results"][0]
     assert from_pngs["fid"] == pytest.approx(from_gen["fid"], rel=1e-6)
     # npz: the same pixels, NHWC.
-    res = run("samples", run_dir, "--num", 20, "--out", tmp_path / "npz", "--format", "npz",
-              "--sample-mode", mode, "--seed", 3, "--which", "latest", "--no-progress")
+    res = run(
+        "samples",
+        run_dir,
+        "--num",
+        20,
+        "--out",
+        tmp_path / "npz",
+        "--format",
+        "npz",
+        "--sample-mode",
+        mode,
+        "--seed",
+        3,
+        "--which",
+        "latest",
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     arr = np.load(tmp_path / "npz" / "samples.npz")["images"]
     assert arr.dtype == np.uint8 and arr.shape == (20, 32, 32, 3)
@@ -316,7 +506,10 @@ def test_samples_refuses_a_non_empty_folder_and_bad_targets(tmp_path):
     assert res.exit_code != 0 and "exists and is not an empty folder" in res.stderr
     assert (tmp_path / "full" / "x.txt").read_text() == "keep me"
     assert "no such file" in run("samples", tmp_path / "nope", "--out", tmp_path / "o").stderr
-    assert "'--num': 0 is not in the range x>=1" in run("samples", run_dir, "--num", 0, "--out", tmp_path / "o").stderr
+    assert (
+        "'--num': 0 is not in the range x>=1"
+        in run("samples", run_dir, "--num", 0, "--out", tmp_path / "o").stderr
+    )
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
@@ -336,22 +529,47 @@ def test_prepare_offline_names_what_it_could_not_get(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
-    res = run("prepare", "--data-root", tmp_path / "data", "--cache-dir", tmp_path / "cache", "--no-progress")
+    res = run(
+        "prepare",
+        "--data-root",
+        tmp_path / "data",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--no-progress",
+    )
     assert res.exit_code == 1
-    assert "FAILED  dataset cifar10: --data-root" in res.stdout and "cifar-10-python.tar.gz" in res.stdout
+    assert (
+        "FAILED  dataset cifar10: --data-root" in res.stdout
+        and "cifar-10-python.tar.gz" in res.stdout
+    )
     assert "FAILED  FID Inception weights" in res.stdout and "pt_inception-2015-12-05" in res.stdout
-    assert ("could not get: dataset cifar10, FID Inception weights, reference statistics cifar10-train"
-            in res.stderr)
+    assert (
+        "could not get: dataset cifar10, FID Inception weights, reference statistics cifar10-train"
+        in res.stderr
+    )
     assert dcgan_mn.data.CIFAR10_FOLDER not in {p.name for p in (tmp_path / "data").glob("*")}
 
 
-def test_prepare_fetches_and_caches_then_points_a_node_at_it(tiny_features, fid_weights_file, tmp_path,
-                                                            modes_cache):
+def test_prepare_fetches_and_caches_then_points_a_node_at_it(
+    tiny_features, fid_weights_file, tmp_path, modes_cache
+):
     from conftest import write_fake_cifar10
 
     data = write_fake_cifar10(tmp_path / "data")
-    res = run("prepare", "--data-root", data, "--cache-dir", tmp_path / "cache", "--inception-weights",
-              fid_weights_file, "--dims", 64, "--device", "cpu", "--no-progress")
+    res = run(
+        "prepare",
+        "--data-root",
+        data,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--inception-weights",
+        fid_weights_file,
+        "--dims",
+        64,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     assert "ok      dataset cifar10" in res.stdout and "ok      FID Inception weights" in res.stdout
     assert "ok      reference statistics cifar10-train" in res.stdout and "FAILED" not in res.stdout
@@ -359,8 +577,17 @@ def test_prepare_fetches_and_caches_then_points_a_node_at_it(tiny_features, fid_
     assert f"export DCGAN_MN_CACHE_DIR={tmp_path / 'cache'}" in res.stdout
     assert f"export DCGAN_MN_INCEPTION_WEIGHTS={fid_weights_file}" in res.stdout
     # A stacked dataset without Inception: its mode classifier (here: already in the cache).
-    res = run("prepare", "--dataset", "stacked-digits", "--no-inception", "--cache-dir", modes_cache,
-              "--no-progress")
+    res = run(
+        "prepare",
+        "--dataset",
+        "stacked-digits",
+        "--no-inception",
+        "--cache-dir",
+        modes_cache,
+        "--no-progress",
+    )
     assert res.exit_code == 0, res.output
     assert "ok      dataset stacked-digits: scikit-learn's bundled digits" in res.stdout
-    assert "ok      mode classifier stacked-digits" in res.stdout and "held-out accuracy" in res.stdout
+    assert (
+        "ok      mode classifier stacked-digits" in res.stdout and "held-out accuracy" in res.stdout
+    )

@@ -18,13 +18,32 @@ from dcgan_mn.runfolder import RunFolder
 pytestmark = pytest.mark.usefixtures("train_single_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("_stacked_digits", ROOT / "experiments" / "stacked_digits.py")
+spec = importlib.util.spec_from_file_location(
+    "_stacked_digits", ROOT / "experiments" / "stacked_digits.py"
+)
 experiment = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = experiment
 spec.loader.exec_module(experiment)
-TINY = ["--iters", "2", "--eval-every", "2", "--mode-samples", "40", "--batch-size", "8", "--device", "cpu",
-        "--seeds", "0", "--train-flags", "--ngf 8 --ndf 8 --mn-fit-points 64 --stack-size 64",
-        "--arm", "bn=--mn-layers none", "--arm", "mn=--mn-layers 0"]
+TINY = [
+    "--iters",
+    "2",
+    "--eval-every",
+    "2",
+    "--mode-samples",
+    "40",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "--seeds",
+    "0",
+    "--train-flags",
+    "--ngf 8 --ndf 8 --mn-fit-points 64 --stack-size 64",
+    "--arm",
+    "bn=--mn-layers none",
+    "--arm",
+    "mn=--mn-layers 0",
+]
 
 
 def invoke(*args):
@@ -38,8 +57,14 @@ def test_it_prints_and_plans_the_sweep_command(tmp_path):
     args = shlex.split(command[2:])
     assert args[1].endswith("sweep.py") and args[2] == "run"
     shared = args[args.index("--train-flags") + 1]
-    for flag in ("--dataset stacked-digits", "--no-inception-metrics", "--fid-every 2", "--ckpt-every 2",
-                 "--mode-samples 40", "--ngf 8"):
+    for flag in (
+        "--dataset stacked-digits",
+        "--no-inception-metrics",
+        "--fid-every 2",
+        "--ckpt-every 2",
+        "--mode-samples 40",
+        "--ngf 8",
+    ):
         assert flag in shared, flag
     assert "bn-s0: new" in res.output and "mn-s0: new" in res.output
     assert not (tmp_path / "exp" / "sweep.json").exists()  # a dry run writes nothing
@@ -52,7 +77,9 @@ def test_tiny_runs_to_their_reports(tmp_path, offline_hub):
     for run in ("bn-s0", "mn-s0"):
         rows = RunFolder(out / run).metrics_rows()
         assert [r["iteration"] for r in rows] == [2] and "modes" in rows[0]
-        seeds = [json.loads(x)["seed"] for x in (out / run / "eval_seeds.jsonl").read_text().splitlines()]
+        seeds = [
+            json.loads(x)["seed"] for x in (out / run / "eval_seeds.jsonl").read_text().splitlines()
+        ]
         assert seeds == [1]  # re-scored by its own task once trained, for every metric at once
     assert json.loads((out / "mn-s0" / "config.json").read_text())["mn_layers"] == [0]
     for metric in ("modes", "kl_modes", "cfd"):
@@ -65,8 +92,13 @@ def test_tiny_runs_to_their_reports(tmp_path, offline_hub):
     res = invoke(*TINY, "--out", out, "--eval-seeds", "2")
     assert res.exit_code == 0 and "bn-s0: finished, skipped" in res.output
     # Another arm definition under the same name is refused, not mixed in.
-    res = invoke(*[a if a != "mn=--mn-layers 0" else "mn=--mn-layers 1" for a in TINY], "--out", out)
-    assert res.exit_code != 0 and "mn-s0: trained with other settings (mn_layers: [0] there, [1] here)" in res.output
+    res = invoke(
+        *[a if a != "mn=--mn-layers 0" else "mn=--mn-layers 1" for a in TINY], "--out", out
+    )
+    assert (
+        res.exit_code != 0
+        and "mn-s0: trained with other settings (mn_layers: [0] there, [1] here)" in res.output
+    )
 
 
 def test_a_clone_of_the_committed_experiment_is_done_not_restarted(tmp_path):
@@ -79,7 +111,9 @@ def test_a_clone_of_the_committed_experiment_is_done_not_restarted(tmp_path):
     (run.folder / "metrics.jsonl").write_text(rows)
     assert S.plan.run_progress(run.folder) == 400
     S.plan.check_resumable(run, 400)  # done: nothing to resume
-    with pytest.raises(S.SweepError, match="evaluated up to iteration 400 but has no checkpoint to resume from"):
+    with pytest.raises(
+        S.SweepError, match="evaluated up to iteration 400 but has no checkpoint to resume from"
+    ):
         S.plan.check_resumable(run, 600)
     assert (run.folder / "metrics.jsonl").read_text() == rows
 
@@ -90,7 +124,12 @@ def test_sample_grids_show_one_seed_that_every_arm_still_has(tmp_path):
     from dcgan_mn.sweep.report import grid_seed
 
     s = S.SweepSpec(tmp_path, (S.parse_arm("bn="), S.parse_arm("mn=")), (0, 1, 2), 200)
-    for name in ("bn-s0", "bn-s1", "mn-s2", "bn-s2"):  # seed 0: bn only; seed 1: bn only; seed 2: both
+    for name in (
+        "bn-s0",
+        "bn-s1",
+        "mn-s2",
+        "bn-s2",
+    ):  # seed 0: bn only; seed 1: bn only; seed 2: both
         snap = RunFolder(tmp_path / name).snapshot_file(200)
         snap.parent.mkdir(parents=True)
         snap.write_bytes(b"")

@@ -11,16 +11,24 @@ import pytest
 from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("_results_table", ROOT / "experiments" / "results_table.py")
+spec = importlib.util.spec_from_file_location(
+    "_results_table", ROOT / "experiments" / "results_table.py"
+)
 results_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(results_table)
 
-EXPERIMENTS = sorted(p.parent for p in (ROOT / "experiments").glob("*/README.md")
-                     if results_table.BEGIN in p.read_text())
+EXPERIMENTS = sorted(
+    p.parent
+    for p in (ROOT / "experiments").glob("*/README.md")
+    if results_table.BEGIN in p.read_text()
+)
 
 
-PER_ARM = sorted(p.parent for p in (ROOT / "experiments").glob("*/README.md")
-                 if results_table.PER_ARM_BEGIN in p.read_text())
+PER_ARM = sorted(
+    p.parent
+    for p in (ROOT / "experiments").glob("*/README.md")
+    if results_table.PER_ARM_BEGIN in p.read_text()
+)
 
 
 def test_every_results_experiment_is_found():
@@ -39,10 +47,26 @@ def test_readme_table_is_what_compare_says_on_the_committed_runs(folder, tmp_pat
     base = sorted(str(p) for p in folder.glob("bn-s*") if p.is_dir())
     assert len(cand) == len(base) >= 3
     for metric in results_table.METRICS:
-        res = CliRunner().invoke(cli, ["compare", *cand, *[x for b in base for x in ("--baseline", b)],
-                                       "--metric", metric, "--eval-seeds", "3", "--label", "mn",
-                                       "--baseline-label", "bn", "--out", str(tmp_path / "compare" / metric),
-                                       "--device", "cpu"])
+        res = CliRunner().invoke(
+            cli,
+            [
+                "compare",
+                *cand,
+                *[x for b in base for x in ("--baseline", b)],
+                "--metric",
+                metric,
+                "--eval-seeds",
+                "3",
+                "--label",
+                "mn",
+                "--baseline-label",
+                "bn",
+                "--out",
+                str(tmp_path / "compare" / metric),
+                "--device",
+                "cpu",
+            ],
+        )
         assert res.exit_code == 0, res.output
     table = results_table.results_table(tmp_path)
     readme = (folder / "README.md").read_text()
@@ -53,19 +77,28 @@ def test_readme_table_is_what_compare_says_on_the_committed_runs(folder, tmp_pat
 def test_readme_per_arm_table_is_what_the_committed_runs_say(folder):
     readme = (folder / "README.md").read_text()
     table = results_table.per_arm_table(folder)
-    assert results_table.block(readme, results_table.PER_ARM_BEGIN, results_table.PER_ARM_END) == table
+    assert (
+        results_table.block(readme, results_table.PER_ARM_BEGIN, results_table.PER_ARM_END) == table
+    )
 
 
 def test_replace_block_keeps_the_rest_and_refuses_a_readme_without_one():
     text = f"head\n{results_table.BEGIN}\nold\n{results_table.END}\ntail\n"
-    assert results_table.replace_block(text, "new") == f"head\n{results_table.BEGIN}\nnew\n{results_table.END}\ntail\n"
+    assert (
+        results_table.replace_block(text, "new")
+        == f"head\n{results_table.BEGIN}\nnew\n{results_table.END}\ntail\n"
+    )
     with pytest.raises(Exception, match="no .* block"):
         results_table.replace_block("no block here", "new")
     # The per-arm block is its own: writing it leaves a results table alone.
     both = text + f"{results_table.PER_ARM_BEGIN}\nold\n{results_table.PER_ARM_END}\n"
-    out = results_table.replace_block(both, "arms", results_table.PER_ARM_BEGIN, results_table.PER_ARM_END)
+    out = results_table.replace_block(
+        both, "arms", results_table.PER_ARM_BEGIN, results_table.PER_ARM_END
+    )
     assert results_table.block(out) == "old"
-    assert results_table.block(out, results_table.PER_ARM_BEGIN, results_table.PER_ARM_END) == "arms"
+    assert (
+        results_table.block(out, results_table.PER_ARM_BEGIN, results_table.PER_ARM_END) == "arms"
+    )
 
 
 def test_numbers_use_a_true_minus_and_no_exponent():
@@ -79,7 +112,14 @@ def test_per_arm_table_reads_each_runs_metrics(tmp_path):
     for name, modes in (("a-s0", [10, 500, 400]), ("b-s0", [30, 20, 900])):
         (tmp_path / name).mkdir()
         for it, m in zip((400, 1000, 2000), modes):
-            append_jsonl(tmp_path / name / "metrics.jsonl", {"iteration": it, "modes": m, "kl_modes": 1.0 / m, "cfd": 9000 / m})
+            append_jsonl(
+                tmp_path / name / "metrics.jsonl",
+                {"iteration": it, "modes": m, "kl_modes": 1.0 / m, "cfd": 9000 / m},
+            )
     lines = results_table.per_arm_table(tmp_path).splitlines()
-    assert lines[2].startswith("| a-s0 | 10 | 500 | 400 |") and lines[2].endswith("| 500 (1,000) | 0.002 (1,000) | 18 (1,000) |")
-    assert lines[3].startswith("| b-s0 | 30 | 20 | 900 |") and lines[3].endswith("| 900 (2,000) | 0.001111 (2,000) | 10 (2,000) |")
+    assert lines[2].startswith("| a-s0 | 10 | 500 | 400 |") and lines[2].endswith(
+        "| 500 (1,000) | 0.002 (1,000) | 18 (1,000) |"
+    )
+    assert lines[3].startswith("| b-s0 | 30 | 20 | 900 |") and lines[3].endswith(
+        "| 900 (2,000) | 0.001111 (2,000) | 10 (2,000) |"
+    )

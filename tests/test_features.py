@@ -42,13 +42,20 @@ def test_default_url_is_pytorch_fids():
 def test_weights_from_flag_and_env(weights_file, monkeypatch):
     monkeypatch.delenv(FT.WEIGHTS_ENV_VAR, raising=False)
     w = FT.resolve_inception_weights(weights_file)
-    assert (w.path, w.sha256, w.standard, w.source) == (weights_file, sha256(weights_file), False, "flag")
+    assert (w.path, w.sha256, w.standard, w.source) == (
+        weights_file,
+        sha256(weights_file),
+        False,
+        "flag",
+    )
     # Not pytorch-fid's file: said once it has loaded as Inception weights (not before: see below).
     with pytest.warns(UserWarning, match="not pytorch-fid's FID weights"):
         FT.load_fid_inception(w, 64)
     monkeypatch.setenv(FT.WEIGHTS_ENV_VAR, str(weights_file))
     assert FT.resolve_inception_weights().source == "env"
-    with pytest.raises(FT.InceptionWeightsError, match=r"--inception-weights '/nope.pth': no such file"):
+    with pytest.raises(
+        FT.InceptionWeightsError, match=r"--inception-weights '/nope.pth': no such file"
+    ):
         FT.resolve_inception_weights("/nope.pth")
 
 
@@ -65,7 +72,9 @@ def test_weights_from_hub_cache(weights_file, monkeypatch, tmp_path):
     assert dst == tmp_path / "torch" / "hub" / "checkpoints" / Path(url).name
     dst.parent.mkdir(parents=True)
     dst.write_bytes(weights_file.read_bytes())
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded"))
+    monkeypatch.setattr(
+        torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded")
+    )
     w = FT.resolve_inception_weights(url=url)
     assert (w.path, w.sha256, w.source) == (dst, sha256(weights_file), "hub-cache")
     ext = FT.InceptionFeatureExtractor(dims=64, weights=w)
@@ -96,7 +105,9 @@ def test_hash_mismatch_in_hub_cache(weights_file, monkeypatch, tmp_path):
     dst = FT.hub_cache_path()  # pytorch-fid's own name, but our random bytes
     dst.parent.mkdir(parents=True)
     dst.write_bytes(weights_file.read_bytes())
-    with pytest.raises(FT.InceptionWeightsError, match=r"does not start with '6726825d'.*--inception-weights"):
+    with pytest.raises(
+        FT.InceptionWeightsError, match=r"does not start with '6726825d'.*--inception-weights"
+    ):
         FT.resolve_inception_weights()
 
 
@@ -132,10 +143,15 @@ def test_not_inception_weights(tmp_path, monkeypatch):
             w = FT.resolve_inception_weights(path)
             with pytest.raises(FT.InceptionWeightsError) as err:
                 FT.load_fid_inception(w, 64)
-        assert not [c for c in caught if issubclass(c.category, UserWarning)], [str(c.message) for c in caught]
+        assert not [c for c in caught if issubclass(c.category, UserWarning)], [
+            str(c.message) for c in caught
+        ]
         msg = str(err.value)
         assert "\n" not in msg and len(msg) - len(str(path)) < 400, msg
-        assert msg.startswith(f"--inception-weights {str(path)!r}: not FID Inception weights") and why in msg, msg
+        assert (
+            msg.startswith(f"--inception-weights {str(path)!r}: not FID Inception weights")
+            and why in msg
+        ), msg
         assert "pt_inception-2015-12-05-6726825d.pth" in msg and "weights_only" not in msg, msg
 
 
@@ -146,11 +162,16 @@ def test_quantize_matches_save_image_png(tmp_path):
     torch.manual_seed(0)
     x = torch.rand(4, 3, 8, 8) * 2.4 - 1.2  # includes values outside [-1, 1]
     # exact rounding midpoints and the ends
-    x[0, 0, 0, :6] = torch.tensor([-1.0, 1.0, 0.0, -1 + 1 / 255, (2 * 127.5 / 255) - 1, 2 * 0.5 / 255 - 1])
+    x[0, 0, 0, :6] = torch.tensor(
+        [-1.0, 1.0, 0.0, -1 + 1 / 255, (2 * 127.5 / 255) - 1, 2 * 0.5 / 255 - 1]
+    )
     q = FT.quantize_images(x)
     assert q.dtype == torch.uint8 and q.shape == x.shape
     for i in range(x.shape[0]):
-        for kwargs, img in [(dict(normalize=True, value_range=(-1, 1)), x[i]), ({}, (x[i] + 1) / 2)]:
+        for kwargs, img in [
+            (dict(normalize=True, value_range=(-1, 1)), x[i]),
+            ({}, (x[i] + 1) / 2),
+        ]:
             f = tmp_path / f"{i}.png"
             torchvision.utils.save_image(img, f, **kwargs)
             saved = torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1)
@@ -177,7 +198,9 @@ def test_features_equal_pytorch_fids_on_png_files(weights_file, tmp_path, monkey
 
     with pytest.warns(UserWarning):
         ext = FT.InceptionFeatureExtractor(dims=dims, weights=weights_file, batch_size=2)
-    images = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1) for f in files])
+    images = torch.stack(
+        [torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1) for f in files]
+    )
     ours = ext(images).double().numpy()
     assert ours.shape == (3, dims)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())

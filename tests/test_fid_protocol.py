@@ -15,7 +15,9 @@ from dcgan_mn.features import FID_PROTOCOLS, InceptionFeatureExtractor, clean_re
 
 @pytest.mark.parametrize("size, seed", [(32, 0), (8, 1), (299, 2)])
 def test_clean_resize_equals_clean_fids(size, seed):
-    images = (torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+    images = (torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 255).to(
+        torch.uint8
+    )
     ours = clean_resize(images)  # [3, 3, 299, 299] float32 in [0, 255]
     resize = make_resizer("PIL", False, "bicubic", (299, 299))  # clean-fid's "clean" mode
     for i in range(3):
@@ -24,18 +26,28 @@ def test_clean_resize_equals_clean_fids(size, seed):
 
 
 def test_clean_protocol_feeds_the_network_the_resized_images(fid_weights_file):
-    images = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    clean = InceptionFeatureExtractor(64, fid_weights_file, device="cpu", progress=False, fid_protocol="clean")
+    images = (torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(
+        torch.uint8
+    )
+    clean = InceptionFeatureExtractor(
+        64, fid_weights_file, device="cpu", progress=False, fid_protocol="clean"
+    )
     plain = InceptionFeatureExtractor(64, fid_weights_file, device="cpu", progress=False)
-    assert (clean.protocol, plain.protocol) == (FID_PROTOCOLS["clean"], FID_PROTOCOLS["pytorch-fid"])
+    assert (clean.protocol, plain.protocol) == (
+        FID_PROTOCOLS["clean"],
+        FID_PROTOCOLS["pytorch-fid"],
+    )
     # The clean images at 299 through the pytorch-fid network (its own resize is then the identity).
     with torch.inference_mode():
-        x = clean_resize(images).div(255).contiguous(memory_format=torch.channels_last)  # [2, 3, 299, 299]
+        # [2, 3, 299, 299]
+        x = clean_resize(images).div(255).contiguous(memory_format=torch.channels_last)
         expected = torch.nn.functional.adaptive_avg_pool2d(plain.net(x)[0], 1).flatten(1)  # [2, 64]
     torch.testing.assert_close(clean(images), expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(clean(images), plain(images), atol=1e-3)  # the resize matters
     with pytest.raises(ValueError, match="--fid-protocol 'tf'"):
-        InceptionFeatureExtractor(64, fid_weights_file, device="cpu", progress=False, fid_protocol="tf")
+        InceptionFeatureExtractor(
+            64, fid_weights_file, device="cpu", progress=False, fid_protocol="tf"
+        )
 
 
 class Tiny:
@@ -56,7 +68,10 @@ def test_protocols_never_share_a_cache_entry_and_rows_record_theirs(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(12):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    refs = {p: M.load_reference(str(folder), Tiny(p), cache_dir=tmp_path / "cache") for p in FID_PROTOCOLS}
+    refs = {
+        p: M.load_reference(str(folder), Tiny(p), cache_dir=tmp_path / "cache")
+        for p in FID_PROTOCOLS
+    }
     assert refs["clean"].key != refs["pytorch-fid"].key
     assert len(list((tmp_path / "cache" / "ref_stats").glob("*.npz"))) == 2
     assert refs["clean"].meta["protocol"] == FID_PROTOCOLS["clean"]
@@ -65,8 +80,9 @@ def test_protocols_never_share_a_cache_entry_and_rows_record_theirs(tmp_path):
     with pytest.raises(M.MetricsError, match="--fid-protocol"):
         M.load_reference(str(path), Tiny("pytorch-fid"))
     images = torch.from_numpy(rng.integers(0, 255, (12, 3, 32, 32), dtype=np.uint8))
-    row = M.Evaluator(Tiny("clean"), refs["clean"], num_samples=12, kid_subsets=2,
-                      kid_subset_size=6).score_images(iter([images]), total=12)
+    row = M.Evaluator(
+        Tiny("clean"), refs["clean"], num_samples=12, kid_subsets=2, kid_subset_size=6
+    ).score_images(iter([images]), total=12)
     assert row["fid_protocol"] == "clean"
 
 

@@ -13,21 +13,40 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORRECTNESS = ("k1_equals_batchnorm", "fused_equals_reference", "device_vs_cpu_20_steps",
-               "capturable_equals_backward", "reproducible_same_seed")
-TARGETS = ("mn01_step_ratio_reduce_overhead_b64", "recompiles_after_warmup",
-           "reduce_overhead_replays_cuda_graph", "eval_speedup_vs_pytorch_fid",
-           *(f"correctness/{name}" for name in CORRECTNESS))
+CORRECTNESS = (
+    "k1_equals_batchnorm",
+    "fused_equals_reference",
+    "device_vs_cpu_20_steps",
+    "capturable_equals_backward",
+    "reproducible_same_seed",
+)
+TARGETS = (
+    "mn01_step_ratio_reduce_overhead_b64",
+    "recompiles_after_warmup",
+    "reduce_overhead_replays_cuda_graph",
+    "eval_speedup_vs_pytorch_fid",
+    *(f"correctness/{name}" for name in CORRECTNESS),
+)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("gpu_check")
-    env = dict(os.environ, TORCH_HOME=str(home / "torch"), DCGAN_MN_CACHE_DIR=str(home / "cache"),
-               PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        TORCH_HOME=str(home / "torch"),
+        DCGAN_MN_CACHE_DIR=str(home / "cache"),
+        PYTHONWARNINGS="ignore",
+    )
     env.pop("DCGAN_MN_INCEPTION_WEIGHTS", None)
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout), proc.stderr  # stdout is the JSON object alone
 
@@ -92,7 +111,8 @@ def test_quick_cpu_run_reports_every_field(quick_run):
     assert rows["mn01_step_ratio_reduce_overhead_b64"]["passed"] is None
     assert rows["reduce_overhead_replays_cuda_graph"]["passed"] is None
     assert rows["recompiles_after_warmup"]["passed"] is True
-    assert rows["eval_speedup_vs_pytorch_fid"]["passed"] in (True, False)  # slow hardware is no error
+    # slow hardware is no error
+    assert rows["eval_speedup_vs_pytorch_fid"]["passed"] in (True, False)
     assert all(rows[f"correctness/{n}"]["passed"] for n in CORRECTNESS)
     assert "targets:" in stderr and "step time b64 fp32" in stderr  # the human table
     assert result["elapsed_s"] < 180  # typically 50-60 s on 2 busy cores; a guard against runaways
@@ -107,16 +127,22 @@ def test_correctness_failure_sets_the_exit_status(monkeypatch, capsys):
     spec.loader.exec_module(gpu_check)
     monkeypatch.setattr(gpu_check, "TOL_FUSED", -1.0)  # nothing can pass
     monkeypatch.setattr(gpu_check, "check_device_vs_cpu", lambda device: gpu_check.line(True))
-    monkeypatch.setattr(gpu_check, "check_capturable_equals_backward", lambda device: gpu_check.line(True))
+    monkeypatch.setattr(
+        gpu_check, "check_capturable_equals_backward", lambda device: gpu_check.line(True)
+    )
     import torch
     import torch._dynamo.config as dynamo_config
 
     threads = torch.get_num_threads()
     try:
-        with dynamo_config.patch(recompile_limit=dynamo_config.recompile_limit,
-                                 accumulated_recompile_limit=dynamo_config.accumulated_recompile_limit,
-                                 automatic_dynamic_shapes=dynamo_config.automatic_dynamic_shapes):
-            rc = gpu_check.main(["--device", "cpu", "--quick", "--skip", "step_time,capture,evaluation"])
+        with dynamo_config.patch(
+            recompile_limit=dynamo_config.recompile_limit,
+            accumulated_recompile_limit=dynamo_config.accumulated_recompile_limit,
+            automatic_dynamic_shapes=dynamo_config.automatic_dynamic_shapes,
+        ):
+            rc = gpu_check.main(
+                ["--device", "cpu", "--quick", "--skip", "step_time,capture,evaluation"]
+            )
     finally:
         torch.set_num_threads(threads)
     out = json.loads(capsys.readouterr().out)

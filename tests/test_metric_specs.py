@@ -12,16 +12,31 @@ from dcgan_mn.metrics.specs import METRICS, MetricSpec, metric_spec
 
 
 def test_registry_is_the_one_source():
-    base = {"fid", "kid", "precision", "recall", "density", "coverage", "inception_score", "modes", "kl_modes", "cfd"}
-    assert set(METRICS) == base | {f"{m}_ema" for m in base}  # every metric again for G_ema (--g-ema)
+    base = {
+        "fid",
+        "kid",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+        "inception_score",
+        "modes",
+        "kl_modes",
+        "cfd",
+    }
+    # every metric again for G_ema (--g-ema)
+    assert set(METRICS) == base | {f"{m}_ema" for m in base}
     assert {m for m, s in METRICS.items() if not s.averaged} == base
     spec = metric_spec("kl_modes")
     assert (spec.direction, spec.count_key, spec.can_collapse) == ("min", "mode_samples", False)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.direction = "max"
     # The families' DIRECTIONS, the public helpers and compare's collapse list all read it.
-    assert inception.DIRECTIONS == {m: s.direction for m, s in METRICS.items()
-                                    if s.count_key == "num_samples" and not s.averaged}
+    assert inception.DIRECTIONS == {
+        m: s.direction
+        for m, s in METRICS.items()
+        if s.count_key == "num_samples" and not s.averaged
+    }
     assert modes.DIRECTIONS == {"modes": "max", "kl_modes": "min", "cfd": "min"}
     for name, s in METRICS.items():
         assert M.metric_direction(name) == s.direction and M.metric_count_key(name) == s.count_key
@@ -30,7 +45,9 @@ def test_registry_is_the_one_source():
 
 
 def test_unknown_metric_names_the_known_ones(tmp_path):
-    with pytest.raises(M.MetricsError, match=r"unknown metric 'fdi': known metrics are fid, kid, .*cfd"):
+    with pytest.raises(
+        M.MetricsError, match=r"unknown metric 'fdi': known metrics are fid, kid, .*cfd"
+    ):
         metric_spec("fdi")
     with pytest.raises(M.MetricsError, match="unknown metric"):
         M.metric_direction("fdi")  # once "min" by default: a typo compared the wrong way silently

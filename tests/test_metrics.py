@@ -55,7 +55,7 @@ def test_streaming_moments_equal_numpy(shift, batches):
     mom = M.StreamingMoments(6)
     start = 0
     for b in batches:
-        mom.update(torch.from_numpy(x[start:start + b]))
+        mom.update(torch.from_numpy(x[start : start + b]))
         start += b
     mu, sigma = mom.numpy()
     np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12, atol=1e-9)
@@ -144,7 +144,8 @@ def test_kid_subsets_equal_direct_formula_on_the_same_draws():
     rng = np.random.default_rng(5)
     real, fake = rng.standard_normal((15, 4)), rng.standard_normal((11, 4))
     got, got_std = M.kernel_inception_distance(
-        torch.from_numpy(real), torch.from_numpy(fake), num_subsets=4, subset_size=6, seed=7)
+        torch.from_numpy(real), torch.from_numpy(fake), num_subsets=4, subset_size=6, seed=7
+    )
     draws = np.random.RandomState(7)
     vals = []
     for _ in range(4):
@@ -159,8 +160,12 @@ def test_kid_is_near_zero_for_one_distribution_and_needs_two_samples():
     rng = np.random.default_rng(6)
     a, b = rng.standard_normal((400, 8)), rng.standard_normal((400, 8))
     far = b + 3.0
-    same, _ = M.kernel_inception_distance(torch.from_numpy(a), torch.from_numpy(b), subset_size=200, num_subsets=5)
-    diff, _ = M.kernel_inception_distance(torch.from_numpy(a), torch.from_numpy(far), subset_size=200, num_subsets=5)
+    same, _ = M.kernel_inception_distance(
+        torch.from_numpy(a), torch.from_numpy(b), subset_size=200, num_subsets=5
+    )
+    diff, _ = M.kernel_inception_distance(
+        torch.from_numpy(a), torch.from_numpy(far), subset_size=200, num_subsets=5
+    )
     assert abs(same) < 0.05 < diff
     with pytest.raises(M.MetricsError, match="at least 2"):
         M.kernel_inception_distance(torch.zeros(1, 3), torch.zeros(5, 3))
@@ -219,8 +224,13 @@ def test_npz_round_trip_is_pytorch_fid_format(tmp_path):
     from pytorch_fid.fid_score import compute_statistics_of_path
 
     rng = np.random.default_rng(9)
-    stats = M.ReferenceStats(mu=rng.standard_normal(4), sigma=random_spd(4, rng), key="k1",
-                             features=rng.standard_normal((6, 4)).astype(np.float32), meta={"key": "k1"})
+    stats = M.ReferenceStats(
+        mu=rng.standard_normal(4),
+        sigma=random_spd(4, rng),
+        key="k1",
+        features=rng.standard_normal((6, 4)).astype(np.float32),
+        meta={"key": "k1"},
+    )
     path = M.save_stats_npz(tmp_path / "s.npz", stats)
     assert sorted(os.listdir(tmp_path)) == ["s.npz"]  # no temporary file left behind
     mu, sigma = compute_statistics_of_path(str(path), None, 50, 4, "cpu")
@@ -233,7 +243,9 @@ def test_npz_round_trip_is_pytorch_fid_format(tmp_path):
 
 def test_pytorch_fid_npz_reference_and_dims_mismatch(tmp_path):
     rng = np.random.default_rng(10)
-    np.savez_compressed(tmp_path / "ttur.npz", mu=rng.standard_normal(64), sigma=random_spd(64, rng))
+    np.savez_compressed(
+        tmp_path / "ttur.npz", mu=rng.standard_normal(64), sigma=random_spd(64, rng)
+    )
     ext = TinyFeatures(dims=64)
     ref = M.load_reference(str(tmp_path / "ttur.npz"), ext)
     assert ref.dims == 64 and ref.features is None and ref.key.startswith("npz-")
@@ -253,8 +265,12 @@ def test_reference_from_folder_is_cached_and_matches_direct_stats(tmp_path):
     ref = M.load_reference(str(folder), ext, cache_dir=cache, num_real_features=12)
     assert ext.images_seen == 30
     # the statistics are those of all images; the kept features a 12-image subset of them
-    images = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)
-                          for p in sorted(folder.iterdir())])
+    images = torch.stack(
+        [
+            torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)
+            for p in sorted(folder.iterdir())
+        ]
+    )
     feats = ext(images).double().numpy()
     np.testing.assert_allclose(ref.mu, feats.mean(0), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ref.sigma, np.cov(feats, rowvar=False), rtol=1e-8, atol=1e-12)
@@ -315,7 +331,9 @@ def test_reference_errors(tmp_path):
     with pytest.raises(M.MetricsError, match="cannot read image .*001.png"):
         M.load_reference(str(bad), TinyFeatures(), cache_dir=tmp_path / "c")
     # statistics made with other weights are refused
-    ref = M.load_reference(str(write_pngs(tmp_path / "ok", 8, seed=0)), TinyFeatures(), cache_dir=tmp_path / "c")
+    ref = M.load_reference(
+        str(write_pngs(tmp_path / "ok", 8, seed=0)), TinyFeatures(), cache_dir=tmp_path / "c"
+    )
     M.save_stats_npz(tmp_path / "ours.npz", ref)
     with pytest.raises(M.MetricsError, match="Inception weights sha256"):
         M.load_reference(str(tmp_path / "ours.npz"), TinyFeatures(sha="cd" * 32))
@@ -328,14 +346,18 @@ def test_reference_errors(tmp_path):
 def tiny_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     folder = write_pngs(tmp / "real", 40, seed=11)
-    return M.load_reference(str(folder), TinyFeatures(), cache_dir=tmp / "cache", num_real_features=40)
+    return M.load_reference(
+        str(folder), TinyFeatures(), cache_dir=tmp / "cache", num_real_features=40
+    )
 
 
 @pytest.mark.parametrize("mn_layers", [(), (0, 1)])
 def test_evaluator_is_deterministic_and_read_only(tiny_reference, mn_layers):
     torch.manual_seed(0)
     gen = Generator(z_dim=8, ngf=4, mn_layers=mn_layers, fit_points=64)
-    ev = M.Evaluator(TinyFeatures(), tiny_reference, num_samples=27, kid_subsets=3, kid_subset_size=10)
+    ev = M.Evaluator(
+        TinyFeatures(), tiny_reference, num_samples=27, kid_subsets=3, kid_subset_size=10
+    )
     buffers = {k: v.clone() for k, v in gen.state_dict().items()}
     rng = torch.get_rng_state()
     first = ev(gen, sample_mode="batch", batch_size=8)
@@ -362,7 +384,9 @@ def test_evaluator_scores_exactly_the_quantized_samples(tiny_reference):
     got = ev(gen, sample_mode="running", batch_size=6)
     z = ev.latents(8)
     feats = ext(quantize_images(gen.sample(z, mode="running"))).double().numpy()
-    want = M.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), tiny_reference.mu, tiny_reference.sigma)
+    want = M.frechet_distance(
+        feats.mean(0), np.cov(feats, rowvar=False), tiny_reference.mu, tiny_reference.sigma
+    )
     assert got["fid"] == pytest.approx(want, rel=1e-9)
     real = torch.from_numpy(tiny_reference.features[:20]).double()
     assert got["precision"] == M.prdc(real, torch.from_numpy(feats), 5)["precision"]
@@ -383,12 +407,16 @@ def test_build_evaluator_from_train_config(tmp_path):
     cfg = TrainConfig(ref=str(folder), fid_samples=10, dims=64, z_dim=8, ngf=4, mn_layers="none")
     ev = M.build_evaluator(cfg, "cpu", feature_extractor=TinyFeatures(), cache_dir=tmp_path / "c")
     assert ev.num_samples == 10 and ev.dims == 64 and len(ev.ref_key) == 64
-    out = ev(Generator(**cfg.model_kwargs()), sample_mode=cfg.sample_mode, batch_size=cfg.batch_size)
+    out = ev(
+        Generator(**cfg.model_kwargs()), sample_mode=cfg.sample_mode, batch_size=cfg.batch_size
+    )
     assert out["num_samples"] == 10 and out["fid"] >= 0
     json.dumps(out)  # every value is JSON-serialisable (metrics.jsonl)
 
 
-@pytest.mark.parametrize("n,tag", [(10_000, "10k"), (50_000, "50k"), (2500, "2.5k"), (500, "500"), (1234, "1234")])
+@pytest.mark.parametrize(
+    "n,tag", [(10_000, "10k"), (50_000, "50k"), (2500, "2.5k"), (500, "500"), (1234, "1234")]
+)
 def test_sample_count_tag(n, tag):
     assert M.sample_count_tag(n) == tag
 
@@ -399,8 +427,13 @@ def _sharded_eval_worker(rank, world, init_file, ref_path, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     gen = Generator(z_dim=8, ngf=4, mn_layers=(0,), fit_points=64)
-    ev = M.Evaluator(TinyFeatures(batch_size=16), M.load_stats_npz(ref_path), num_samples=50,
-                     kid_subsets=3, kid_subset_size=10)
+    ev = M.Evaluator(
+        TinyFeatures(batch_size=16),
+        M.load_stats_npz(ref_path),
+        num_samples=50,
+        kid_subsets=3,
+        kid_subset_size=10,
+    )
     torch.save(ev(gen, sample_mode="batch", batch_size=8), os.path.join(out_dir, f"r{rank}.pt"))
     dist.destroy_process_group()
 
@@ -410,12 +443,21 @@ def test_evaluator_sharded_over_two_ranks_equals_one_process(tiny_reference, tmp
     import torch.multiprocessing as mp
 
     ref_path = M.save_stats_npz(tmp_path / "ref.npz", tiny_reference)
-    mp.spawn(_sharded_eval_worker, args=(2, str(tmp_path / "init"), str(ref_path), str(tmp_path)),
-             nprocs=2, join=True)
+    mp.spawn(
+        _sharded_eval_worker,
+        args=(2, str(tmp_path / "init"), str(ref_path), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
     torch.manual_seed(0)
     gen = Generator(z_dim=8, ngf=4, mn_layers=(0,), fit_points=64)
-    ev = M.Evaluator(TinyFeatures(batch_size=16), M.load_stats_npz(ref_path), num_samples=50,
-                     kid_subsets=3, kid_subset_size=10)
+    ev = M.Evaluator(
+        TinyFeatures(batch_size=16),
+        M.load_stats_npz(ref_path),
+        num_samples=50,
+        kid_subsets=3,
+        kid_subset_size=10,
+    )
     single = ev(gen, sample_mode="batch", batch_size=8)
     for rank in range(2):
         got = torch.load(tmp_path / f"r{rank}.pt")
@@ -431,12 +473,26 @@ def test_generated_images_do_not_depend_on_chunking():
 
     torch.manual_seed(0)
     G = Generator(z_dim=8, ngf=4, mn_layers=(0, 1), fit_points=32)
+
     def images(chunk):
-        return torch.cat([im for _, im in M.generated_images(G, num_samples=37, seed=5, sample_mode="batch",
-                                                             batch_size=8, chunk_images=chunk)])
+        return torch.cat(
+            [
+                im
+                for _, im in M.generated_images(
+                    G, num_samples=37, seed=5, sample_mode="batch", batch_size=8, chunk_images=chunk
+                )
+            ]
+        )
+
     a, b = images(8), images(64)
     assert a.shape == (37, 3, 32, 32) and a.dtype == torch.uint8
     assert torch.equal(a, b)
-    other = torch.cat([im for _, im in M.generated_images(G, num_samples=37, seed=6, sample_mode="batch",
-                                                          batch_size=8)])
+    other = torch.cat(
+        [
+            im
+            for _, im in M.generated_images(
+                G, num_samples=37, seed=6, sample_mode="batch", batch_size=8
+            )
+        ]
+    )
     assert not torch.equal(a, other)

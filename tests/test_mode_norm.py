@@ -56,9 +56,13 @@ def naive_mode_norm(x, gate_weight, gate_bias, gamma, beta, eps):
     for k in range(k_modes):
         total = sum(g[i, k] for i in range(n))
         mu = sum(g[i, k] / total * x[i].mean((1, 2)) for i in range(n))  # [C]
-        var = sum(g[i, k] / total * ((x[i] - mu[:, None, None]) ** 2).mean((1, 2)) for i in range(n))
+        var = sum(
+            g[i, k] / total * ((x[i] - mu[:, None, None]) ** 2).mean((1, 2)) for i in range(n)
+        )
         for i in range(n):
-            outs[i] = outs[i] + g[i, k] * (x[i] - mu[:, None, None]) / torch.sqrt(var[:, None, None] + eps)
+            outs[i] = outs[i] + g[i, k] * (x[i] - mu[:, None, None]) / torch.sqrt(
+                var[:, None, None] + eps
+            )
         n_eff = h * w * total**2 / sum(g[i, k] ** 2 for i in range(n))
         stats.append((mu, var, n_eff))
     y = torch.stack(outs) * gamma[:, None, None] + beta[:, None, None]
@@ -152,8 +156,12 @@ def test_running_update_by_hand(momentum):
     m.eval()
     x = multimodal((4, c, 3, 3), F64, seed=7)
     gates = torch.softmax(x.mean((2, 3)) @ m.gate_weight.t() + m.gate_bias, 1)  # [N, K]
-    want = sum(gates[:, j, None, None, None] * (x - run_m[j, :, None, None])
-               / torch.sqrt(run_v[j, :, None, None] + m.eps) for j in range(k))
+    want = sum(
+        gates[:, j, None, None, None]
+        * (x - run_m[j, :, None, None])
+        / torch.sqrt(run_v[j, :, None, None] + m.eps)
+        for j in range(k)
+    )
     want = want * m.weight[:, None, None] + m.bias[:, None, None]
     torch.testing.assert_close(m(x), want)
 
@@ -183,13 +191,16 @@ def test_gradcheck(k, training):
 
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-@pytest.mark.parametrize("name,x", [
-    ("constant", torch.ones(4, 3, 3, 3)),
-    ("zeros", torch.zeros(2, 3, 2, 2)),
-    ("batch_of_2", torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))),
-    ("two_values", torch.randn(2, 3, 1, 1, generator=torch.Generator().manual_seed(1))),
-    ("one_sample", torch.randn(1, 3, 2, 1, generator=torch.Generator().manual_seed(2))),
-])
+@pytest.mark.parametrize(
+    "name,x",
+    [
+        ("constant", torch.ones(4, 3, 3, 3)),
+        ("zeros", torch.zeros(2, 3, 2, 2)),
+        ("batch_of_2", torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))),
+        ("two_values", torch.randn(2, 3, 1, 1, generator=torch.Generator().manual_seed(1))),
+        ("one_sample", torch.randn(1, 3, 2, 1, generator=torch.Generator().manual_seed(2))),
+    ],
+)
 def test_finite_on_degenerate_batches(k, dtype, name, x):
     m = randomized(ModeNorm2d(3, num_modes=k)).to(dtype)
     xi = x.to(dtype).clone().requires_grad_()
@@ -219,8 +230,15 @@ def test_training_output_depends_on_the_batch():
 def test_state_reset_repr_and_telemetry():
     m = ModeNorm2d(4, num_modes=3, momentum=0.2)
     assert m.telemetry() == {}
-    assert set(m.state_dict()) == {"gate_weight", "gate_bias", "weight", "bias", "running_mean",
-                                   "running_var", "num_batches_tracked"}
+    assert set(m.state_dict()) == {
+        "gate_weight",
+        "gate_bias",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    }
     assert m.running_mean.shape == m.running_var.shape == (3, 4)
     m(multimodal((6, 4, 3, 3)))
     t = m.telemetry()
@@ -235,8 +253,13 @@ def test_state_reset_repr_and_telemetry():
     m.reset_running_stats()
     assert m.running_mean.abs().sum() == 0 and torch.equal(m.running_var, torch.ones(3, 4))
     assert int(m.num_batches_tracked) == 0
-    for part in ("4, num_modes=3", "eps=1e-05", "momentum=0.2", "affine=True",
-                 "track_running_stats=True"):
+    for part in (
+        "4, num_modes=3",
+        "eps=1e-05",
+        "momentum=0.2",
+        "affine=True",
+        "track_running_stats=True",
+    ):
         assert part in repr(m)
     fresh = ModeNorm2d(4, num_modes=3).eval()  # zero mean, unit variance: (nearly) the identity
     torch.testing.assert_close(fresh(x), x / math.sqrt(1 + fresh.eps))
@@ -286,8 +309,13 @@ def test_compile_fullgraph_forward_backward():
 @pytest.mark.parametrize("kind", NORM_KINDS)
 def test_factory_builds_every_kind(kind):
     layer = make_norm2d(64, kind, num_components=2)
-    expected = {"bn": nn.BatchNorm2d, "mn": MixtureNorm2d, "mode": ModeNorm2d,
-                "group": nn.GroupNorm, "none": nn.Identity}[kind]
+    expected = {
+        "bn": nn.BatchNorm2d,
+        "mn": MixtureNorm2d,
+        "mode": ModeNorm2d,
+        "group": nn.GroupNorm,
+        "none": nn.Identity,
+    }[kind]
     assert type(layer) is expected
     x = torch.randn(4, 64, 2, 2)
     assert layer(x).shape == x.shape

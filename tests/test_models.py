@@ -61,8 +61,9 @@ def test_parse_mn_layers_errors(spec, match):
 
 @pytest.mark.parametrize("spec", ["none", "all", "0,1", (2,), (0,), "1,2"])
 def test_generator_puts_mn_exactly_where_asked(spec):
-    g = Generator(z_dim=16, ngf=NGF, mn_layers=spec, num_components=4, fit_points=64,
-                  kmeans_iters=1)
+    g = Generator(
+        z_dim=16, ngf=NGF, mn_layers=spec, num_components=4, fit_points=64, kmeans_iters=1
+    )
     wanted = parse_mn_layers(spec)
     assert g.mn_layers == wanted
     layers = g.norm_layers
@@ -174,8 +175,9 @@ def test_running_sampling_is_batch_independent(spec):
     z = torch.randn(6, 16)
     full = g.sample(z, "running")
     for i in range(6):
-        torch.testing.assert_close(g.sample(z[i : i + 1], "running"), full[i : i + 1],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            g.sample(z[i : i + 1], "running"), full[i : i + 1], rtol=1e-5, atol=1e-6
+        )
     torch.testing.assert_close(g.sample(z, "running", batch_size=2), full, rtol=1e-5, atol=1e-6)
 
 
@@ -247,8 +249,11 @@ def test_tf_dcgan_layer_table(spec, mn):
     assert isinstance(g.net[0], _Project) and g.net[0].linear.bias is not None
     convs = [m for m in g.net if isinstance(m, _ConvTransposeSame)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
-        (8 * ngf, 4 * ngf, (5, 5), (2, 2)), (4 * ngf, 2 * ngf, (5, 5), (2, 2)),
-        (2 * ngf, ngf, (5, 5), (2, 2)), (ngf, 3, (5, 5), (2, 2))]
+        (8 * ngf, 4 * ngf, (5, 5), (2, 2)),
+        (4 * ngf, 2 * ngf, (5, 5), (2, 2)),
+        (2 * ngf, ngf, (5, 5), (2, 2)),
+        (ngf, 3, (5, 5), (2, 2)),
+    ]
     shapes = []
     h = torch.randn(5, 16)
     for m in g.net:

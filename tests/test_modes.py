@@ -65,7 +65,9 @@ def test_sklearn_digits_split_and_upscale():
     # the upscaled images with the originals, as multisets of (label, image) rows.
     bunch = load_digits()
     pooled = torch.cat([train_x, test_x]).float().view(-1, 8, 4, 8, 4).mean((2, 4)) * 16 / 255
-    assert torch.allclose(pooled.sum(), torch.tensor(bunch.images.sum(), dtype=torch.float32), rtol=2e-3)
+    assert torch.allclose(
+        pooled.sum(), torch.tensor(bunch.images.sum(), dtype=torch.float32), rtol=2e-3
+    )
     assert sorted(torch.cat([train_y, test_y]).tolist()) == sorted(bunch.target.tolist())
     again, _ = DG.load_digit_split("stacked-digits", "test")
     assert torch.equal(again, test_x)  # fixed split
@@ -90,12 +92,15 @@ def test_stacking_round_trips_digits_and_labels():
 # --- modes and kl_modes ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("labels,modes,kl", [
-    (all_triples(), 1000, 0.0),
-    (all_triples(26), 1000, 0.0),
-    (torch.tensor([[4, 2, 7]]).repeat(300, 1), 1, math.log(1000)),
-    (all_triples()[:500], 500, math.log(2)),
-])
+@pytest.mark.parametrize(
+    "labels,modes,kl",
+    [
+        (all_triples(), 1000, 0.0),
+        (all_triples(26), 1000, 0.0),
+        (torch.tensor([[4, 2, 7]]).repeat(300, 1), 1, math.log(1000)),
+        (all_triples()[:500], 500, math.log(2)),
+    ],
+)
 def test_modes_and_kl_on_hand_built_labels(labels, modes, kl):
     assert count_modes(labels) == modes
     assert kl_to_uniform(labels) == pytest.approx(kl, abs=1e-12)
@@ -108,7 +113,9 @@ def test_kl_matches_scipy_entropy():
     labels = torch.randint(0, 10, (5000, 3), generator=g) * torch.tensor([1, 1, 0])  # 100 modes
     p = mode_histogram(labels).double().numpy()
     assert count_modes(labels) == 100
-    assert kl_to_uniform(labels) == pytest.approx(entropy(p / p.sum(), np.full(1000, 1e-3)), rel=1e-12)
+    assert kl_to_uniform(labels) == pytest.approx(
+        entropy(p / p.sum(), np.full(1000, 1e-3)), rel=1e-12
+    )
 
 
 # --- the classifier ----------------------------------------------------------------------------
@@ -132,15 +139,20 @@ def test_classifier_corrupt_cache_is_retrained(modes_classifier, tmp_path):
     path = cache / "mode_classifier" / modes_classifier.path.name
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a checkpoint")
-    clf = CL.load_mode_classifier("stacked-digits", cache_dir=cache, epochs=CL.DEFAULT_EPOCHS["stacked-digits"])
-    assert clf.path == path and sha256_file(path) != sha256_file(modes_classifier.path)  # a new file
+    clf = CL.load_mode_classifier(
+        "stacked-digits", cache_dir=cache, epochs=CL.DEFAULT_EPOCHS["stacked-digits"]
+    )
+    # a new file
+    assert clf.path == path and sha256_file(path) != sha256_file(modes_classifier.path)
     for k, v in modes_classifier.net.state_dict().items():  # deterministic training
         assert torch.equal(clf.net.state_dict()[k], v), k
     # The same network, so the same identity: the file differs (it stores its training time).
     assert clf.sha256 == modes_classifier.sha256
 
 
-@pytest.mark.parametrize("change, same", [("train_seconds", True), ("weight", False), ("ref_sigma", False)])
+@pytest.mark.parametrize(
+    "change, same", [("train_seconds", True), ("weight", False), ("ref_sigma", False)]
+)
 def test_classifier_identity_is_the_network_not_the_file(modes_classifier, tmp_path, change, same):
     payload = torch.load(modes_classifier.path, map_location="cpu", weights_only=True)
     if change == "train_seconds":
@@ -172,7 +184,7 @@ def test_classifier_labels_each_channel(modes_classifier):
     pred, feats = modes_classifier(images)
     assert pred.shape == (64, 3) and feats.shape == (64, 3 * CL.FEATURE_DIM)
     single = CL.DigitNet.features(modes_classifier.net, images[:, 1])  # channel 1 on its own
-    assert torch.allclose(feats[:, CL.FEATURE_DIM:2 * CL.FEATURE_DIM], single, atol=1e-5)
+    assert torch.allclose(feats[:, CL.FEATURE_DIM : 2 * CL.FEATURE_DIM], single, atol=1e-5)
     assert (pred == labels).double().mean() > 0.9
     with pytest.raises(M.MetricsError, match="32x32"):
         modes_classifier(torch.zeros(2, 3, 28, 28, dtype=torch.uint8))
@@ -204,7 +216,7 @@ def test_cfd_reference_is_the_stacked_gaussian(modes_classifier):
     mu = feats.double().mean(0).numpy()
     assert np.abs(mu - modes_classifier.ref_mu).max() < 0.05 * np.abs(modes_classifier.ref_mu).max()
     d = CL.FEATURE_DIM
-    cross = np.cov(feats.double().numpy(), rowvar=False)[:d, d:2 * d]  # channels independent
+    cross = np.cov(feats.double().numpy(), rowvar=False)[:d, d : 2 * d]  # channels independent
     assert np.abs(cross).max() < 0.1 * np.abs(modes_classifier.ref_sigma[:d, :d]).max()
 
 
@@ -232,10 +244,15 @@ def test_one_pass_feeds_each_family_its_share(modes_classifier, tmp_path, monkey
     assert ref.meta["num_images"] == 50_000 and ref.meta["source"]["kind"] == "stacked"
     calls = []
     real_call = type(modes_classifier).__call__
-    monkeypatch.setattr(type(modes_classifier), "__call__",
-                        lambda self, x: calls.append(x.shape[0]) or real_call(self, x))
+    monkeypatch.setattr(
+        type(modes_classifier),
+        "__call__",
+        lambda self, x: calls.append(x.shape[0]) or real_call(self, x),
+    )
     fam = ModeMetrics(modes_classifier, num_samples=150)
-    ev = M.Evaluator(extractor, ref, num_samples=40, families=[fam], kid_subsets=2, kid_subset_size=20)
+    ev = M.Evaluator(
+        extractor, ref, num_samples=40, families=[fam], kid_subsets=2, kid_subset_size=20
+    )
     torch.manual_seed(0)
     gen = Generator(z_dim=8, ngf=4, mn_layers=(0,), fit_points=64)
     extractor.images_seen = 0

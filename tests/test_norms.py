@@ -60,8 +60,12 @@ def loop_reference(points: torch.Tensor, mixture: Mixture, eps: float):
 
 
 # The readings of the paper we could not settle (defaults first); the estimator has its own tests.
-SWITCHES = [dict(), dict(posterior_grad=False), dict(lambda_scale=False),
-            dict(posterior_grad=False, lambda_scale=False)]
+SWITCHES = [
+    dict(),
+    dict(posterior_grad=False),
+    dict(lambda_scale=False),
+    dict(posterior_grad=False, lambda_scale=False),
+]
 
 
 # gradcheck compares with finite differences of the function itself, so it applies where the
@@ -107,8 +111,9 @@ def test_k1_equals_batchnorm(shape, affine, track, momentum):
     torch.manual_seed(0)
     c = shape[1]
     bn = nn.BatchNorm2d(c, momentum=momentum, affine=affine, track_running_stats=track).double()
-    mn = MixtureNorm2d(c, num_components=1, momentum=momentum, affine=affine,
-                       track_running_stats=track).double()
+    mn = MixtureNorm2d(
+        c, num_components=1, momentum=momentum, affine=affine, track_running_stats=track
+    ).double()
     if affine:
         with torch.no_grad():
             bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
@@ -150,9 +155,14 @@ def test_k1_mixture_path_equals_batchnorm(shape):
     gamma = bn.weight.detach().clone().requires_grad_()
     beta = bn.bias.detach().clone().requires_grad_()
     points = x2.detach().transpose(0, 1).reshape(c, -1).t()  # [P, C]
-    mixture = Mixture(torch.ones(1, dtype=F64), points.mean(0, keepdim=True),
-                      points.var(0, unbiased=False, keepdim=True))
-    y, tau, (lam, mean, var, n_eff) = _vector_mixture_norm(x2.flatten(2), mixture, bn.eps, gamma, beta)
+    mixture = Mixture(
+        torch.ones(1, dtype=F64),
+        points.mean(0, keepdim=True),
+        points.var(0, unbiased=False, keepdim=True),
+    )
+    y, tau, (lam, mean, var, n_eff) = _vector_mixture_norm(
+        x2.flatten(2), mixture, bn.eps, gamma, beta
+    )
     y_bn = bn(x)
     torch.testing.assert_close(y.view(shape), y_bn, rtol=1e-10, atol=1e-10)
     g = torch.randn(shape, dtype=F64)
@@ -253,8 +263,9 @@ def test_invariant_to_component_relabelling(k):
         (grad,) = torch.autograd.grad(y, x, g.flatten(2))
         torch.testing.assert_close(grad, grad_base, rtol=1e-9, atol=1e-11)
         ref = mixture_norm_reference(to_points(x), relabelled, 1e-5)[0]
-        torch.testing.assert_close(from_points(ref, x.shape).flatten(2), base, rtol=1e-9,
-                                   atol=1e-11)
+        torch.testing.assert_close(
+            from_points(ref, x.shape).flatten(2), base, rtol=1e-9, atol=1e-11
+        )
 
 
 def test_posteriors_and_moments_reference():
@@ -333,8 +344,12 @@ def test_gradcheck_module(k, switches):
     del mn._fit_batch_mixture
     torch.manual_seed(0)
     y = mn(x)
-    torch.testing.assert_close(y, _vector_mixture_norm(x.flatten(2), frozen, 1e-3, mn.weight,
-                                                 mn.bias, **switches)[0].view(x.shape))
+    torch.testing.assert_close(
+        y,
+        _vector_mixture_norm(x.flatten(2), frozen, 1e-3, mn.weight, mn.bias, **switches)[0].view(
+            x.shape
+        ),
+    )
 
 
 @pytest.mark.parametrize("switches", GRAD_SWITCHES, ids=switch_id)
@@ -363,7 +378,9 @@ def test_posterior_grad_off_is_the_gradient_with_constant_posteriors(lambda_scal
     mixture = random_mixture(3, 3)
     points0 = to_points(x0)
     shift = (mixture.weight.unsqueeze(1) * mixture.mean).sum(0)
-    tau0 = mixture_posteriors(points0 - shift, Mixture(mixture.weight, mixture.mean - shift, mixture.var))
+    tau0 = mixture_posteriors(
+        points0 - shift, Mixture(mixture.weight, mixture.mean - shift, mixture.var)
+    )
 
     def constant_posteriors(points):  # MN of points with tau fixed at tau0
         lam, mean, var, _ = moments_to_stats(mixture_moments(points, tau0, shift))
@@ -374,7 +391,9 @@ def test_posterior_grad_off_is_the_gradient_with_constant_posteriors(lambda_scal
     g = torch.randn(points0.shape, dtype=F64)
     constant_posteriors(p).backward(g)
     xb = x0.flatten(2).clone().requires_grad_()
-    y, _, _ = _vector_mixture_norm(xb, mixture, 1e-3, posterior_grad=False, lambda_scale=lambda_scale)
+    y, _, _ = _vector_mixture_norm(
+        xb, mixture, 1e-3, posterior_grad=False, lambda_scale=lambda_scale
+    )
     y.transpose(1, 2).reshape(-1, 3).backward(g)
     torch.testing.assert_close(xb.grad.transpose(1, 2).reshape(-1, 3), p.grad)
 
@@ -537,9 +556,15 @@ def naive_em(points, init_mean, iters, eps):
     var = [points.var(0, unbiased=False).clamp_min(eps) for _ in range(k)]
     weight = [torch.tensor(1.0 / k, dtype=points.dtype) for _ in range(k)]
     for _ in range(iters):
-        log_joint = torch.stack([
-            torch.distributions.Normal(mean[j], var[j].sqrt()).log_prob(points).sum(1) + weight[j].log()
-            for j in range(k)], 1)  # [M, K]
+        # [M, K]
+        log_joint = torch.stack(
+            [
+                torch.distributions.Normal(mean[j], var[j].sqrt()).log_prob(points).sum(1)
+                + weight[j].log()
+                for j in range(k)
+            ],
+            1,
+        )
         resp = (log_joint - log_joint.logsumexp(1, keepdim=True)).exp()
         for j in range(k):
             r = resp[:, j]
@@ -617,8 +642,13 @@ def test_sample_fit_points_same_subset_for_both_layouts():
 def _batch_stats_for(mn: MixtureNorm2d, x: torch.Tensor, seed: int):
     """The statistics the module will compute for x when the RNG is seeded with ``seed``."""
     torch.manual_seed(seed)
-    mixture = fit_mixture(to_points(x), mn.num_components, fit_points=mn.fit_points,
-                          kmeans_iters=mn.kmeans_iters, eps=mn.eps)
+    mixture = fit_mixture(
+        to_points(x),
+        mn.num_components,
+        fit_points=mn.fit_points,
+        kmeans_iters=mn.kmeans_iters,
+        eps=mn.eps,
+    )
     _, _, lam, mean, var, n_eff = loop_reference(to_points(x), mixture, mn.eps)
     return lam, mean, var, n_eff
 
@@ -634,8 +664,10 @@ def test_running_update_by_hand(momentum):
         x = bimodal((4, 4, 3, 3), F64, seed=step)
         lam, mean, var, n_eff = _batch_stats_for(mn, x, seed=step)
         # brute-force matching: batch component perm[j] goes to running component j
-        best = min(itertools.permutations(range(k)),
-                   key=lambda p: sum(((mean[p[j]] - run_m[j]) ** 2).sum() for j in range(k)))
+        best = min(
+            itertools.permutations(range(k)),
+            key=lambda p: sum(((mean[p[j]] - run_m[j]) ** 2).sum() for j in range(k)),
+        )
         p = list(best)
         factor = 1.0 / (step + 1) if momentum is None else momentum
         unbiased = var * (n_eff / (n_eff - 1)).unsqueeze(1)
@@ -702,8 +734,14 @@ def test_state_dict_round_trip():
     for s in range(3):
         a(bimodal((4, 4, 3, 3), seed=s))
     sd = a.state_dict()
-    assert set(sd) == {"weight", "bias", "running_weight", "running_mean", "running_var",
-                       "num_batches_tracked"}
+    assert set(sd) == {
+        "weight",
+        "bias",
+        "running_weight",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    }
     b = MixtureNorm2d(4, num_components=3, momentum=0.2)
     b.load_state_dict(sd)
     for k, v in b.state_dict().items():
@@ -715,6 +753,7 @@ def test_state_dict_round_trip():
         MixtureNorm2d(4, num_components=2).load_state_dict(sd)
     # torch.save / torch.load(weights_only=True) round trip
     import io
+
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
@@ -730,8 +769,15 @@ def test_reset_and_repr():
     assert mn.running_mean.abs().sum() == 0 and torch.equal(mn.running_var, torch.ones(3, 4))
     assert int(mn.num_batches_tracked) == 0
     text = repr(mn)
-    for part in ("4", "num_components=3", "eps=1e-05", "momentum=0.1", "affine=True",
-                 "fit_points=64", "kmeans_iters=1"):
+    for part in (
+        "4",
+        "num_components=3",
+        "eps=1e-05",
+        "momentum=0.1",
+        "affine=True",
+        "fit_points=64",
+        "kmeans_iters=1",
+    ):
         assert part in text
 
 
@@ -801,7 +847,9 @@ def test_bf16_autocast(k):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls, k_arg", [(MixtureNorm2d, "num_components"), (ModeNorm2d, "num_modes")])
+@pytest.mark.parametrize(
+    "cls, k_arg", [(MixtureNorm2d, "num_components"), (ModeNorm2d, "num_modes")]
+)
 def test_clear_errors_shared_by_component_norms(cls, k_arg):
     """The input and hyper-parameter checks Mixture and Mode Normalization share (their base)."""
     m = cls(4)
@@ -903,7 +951,9 @@ def per_channel_reference(x, mixture, eps, gamma, beta, **switches):
     ys, stats = [], []
     for ch in range(c):
         points = x[:, ch].reshape(-1, 1)  # [P, 1]
-        mix = Mixture(mixture.weight[:, ch], mixture.mean[:, ch : ch + 1], mixture.var[:, ch : ch + 1])
+        mix = Mixture(
+            mixture.weight[:, ch], mixture.mean[:, ch : ch + 1], mixture.var[:, ch : ch + 1]
+        )
         x_hat, _, st = mixture_norm_reference(points, mix, eps, **switches)
         ys.append(x_hat[:, 0] * gamma[ch] + beta[ch])
         stats.append(st)
@@ -914,8 +964,11 @@ def per_channel_reference(x, mixture, eps, gamma, beta, **switches):
 def random_channel_mixture(c, k, seed=0):
     g = torch.Generator().manual_seed(seed)
     weight = torch.rand(k, c, generator=g, dtype=F64) + 0.2
-    return Mixture(weight / weight.sum(0), torch.randn(k, c, generator=g, dtype=F64) * 2,
-                   torch.rand(k, c, generator=g, dtype=F64) + 0.5)
+    return Mixture(
+        weight / weight.sum(0),
+        torch.randn(k, c, generator=g, dtype=F64) * 2,
+        torch.rand(k, c, generator=g, dtype=F64) + 0.5,
+    )
 
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=switch_id)
@@ -930,7 +983,9 @@ def test_channel_reading_is_the_vector_reading_per_channel(switches):
     y_ref, stats_ref = per_channel_reference(xa, mixture, 1e-3, ga, ba, **switches)
     xb = x.clone().requires_grad_()
     gb, bb = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
-    y, tau, (lam, mean, var, n_eff) = _channel_mixture_norm(xb.flatten(2), mixture, 1e-3, gb, bb, **switches)
+    y, tau, (lam, mean, var, n_eff) = _channel_mixture_norm(
+        xb.flatten(2), mixture, 1e-3, gb, bb, **switches
+    )
     torch.testing.assert_close(y.view(x.shape), y_ref)
     assert tau.shape == (3, 4, 3, 6)
     for ch, (l_r, m_r, v_r, n_r) in enumerate(stats_ref):
@@ -949,14 +1004,19 @@ def test_channel_reading_is_the_vector_reading_per_channel(switches):
 def test_channel_fit_is_the_vector_fit_per_channel(estimator):
     points = to_points(bimodal((4, 3, 5, 5), F64, seed=7))  # [100, 3]
     init = points[torch.randperm(100, generator=torch.Generator().manual_seed(1))[:3]]  # [K, C]
-    got = estimate_mixture(points, 3, point="channel", estimator=estimator, kmeans_iters=2, em_iters=3,
-                           init_mean=init)
+    got = estimate_mixture(
+        points, 3, point="channel", estimator=estimator, kmeans_iters=2, em_iters=3, init_mean=init
+    )
     for ch in range(3):
         one = points[:, ch : ch + 1]
         if estimator == "kmeans":
-            ref = estimate_mixture(one, 3, estimator="kmeans", kmeans_iters=2, init_mean=init[:, ch : ch + 1])
+            ref = estimate_mixture(
+                one, 3, estimator="kmeans", kmeans_iters=2, init_mean=init[:, ch : ch + 1]
+            )
         else:
-            ref = estimate_mixture(one, 3, estimator="em", em_iters=3, init_mean=init[:, ch : ch + 1])
+            ref = estimate_mixture(
+                one, 3, estimator="em", em_iters=3, init_mean=init[:, ch : ch + 1]
+            )
         torch.testing.assert_close(got.weight[:, ch], ref.weight)
         torch.testing.assert_close(got.mean[:, ch], ref.mean[:, 0])
         torch.testing.assert_close(got.var[:, ch], ref.var[:, 0])

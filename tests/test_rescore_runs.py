@@ -21,7 +21,12 @@ class FakeEvaluator:
         return FakeEvaluator(seed)
 
     def __call__(self, generator, *, sample_mode, batch_size):
-        return {"cfd": 10.0 + self.seed, "mode_samples": 100, "seed": self.seed, "sample_mode": sample_mode}
+        return {
+            "cfd": 10.0 + self.seed,
+            "mode_samples": 100,
+            "seed": self.seed,
+            "sample_mode": sample_mode,
+        }
 
 
 def make_run(root, name, seed):
@@ -29,8 +34,16 @@ def make_run(root, name, seed):
     folder = RunFolder(root / name)
     folder.path.mkdir(parents=True)
     (folder.path / "config.json").write_text(json.dumps(cfg))
-    rows = [{"iteration": it, "cfd": 5.0, "mode_samples": 100, "sample_mode": cfg["sample_mode"], "seed": 0}
-            for it in (2, 4)]
+    rows = [
+        {
+            "iteration": it,
+            "cfd": 5.0,
+            "mode_samples": 100,
+            "sample_mode": cfg["sample_mode"],
+            "seed": 0,
+        }
+        for it in (2, 4)
+    ]
     (folder.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     folder.snapshots_dir.mkdir()
     for it in (2, 4):
@@ -55,4 +68,7 @@ def test_one_evaluator_and_one_warning_for_many_runs(tmp_path, monkeypatch, capf
     assert built == [0]  # the runs share one evaluation setup: one evaluator
     assert len([w for w in caught if "Inception weights" in str(w.message)]) == 1
     rows = RS.seed_rows(runs[2])
-    assert sorted((r["iteration"], r["seed"], r["cfd"]) for r in rows) == [(2, 1, 11.0), (4, 1, 11.0)]
+    assert sorted((r["iteration"], r["seed"], r["cfd"]) for r in rows) == [
+        (2, 1, 11.0),
+        (4, 1, 11.0),
+    ]

@@ -16,13 +16,16 @@ from test_training import tiny_cfg, tiny_images
 
 pytestmark = pytest.mark.usefixtures("train_single_thread")
 ROOT = Path(__file__).resolve().parents[1]
-HOLD = ("import sys, time; from dcgan_mn.runfolder import RunFolder; lock = RunFolder(sys.argv[1]).claim().acquire(); "
-        "print('locked', flush=True); time.sleep(120)")
+HOLD = (
+    "import sys, time; from dcgan_mn.runfolder import RunFolder; lock = RunFolder(sys.argv[1]).claim().acquire(); "
+    "print('locked', flush=True); time.sleep(120)"
+)
 
 
 def hold(run_dir):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -45,7 +48,9 @@ def test_live_holder_stops_a_resume_and_a_killed_one_is_taken_over(tmp_path, cap
     resumed = train(cfg.replace(iters=4), images=tiny_images(), progress=False, resume=run_dir)
     assert resumed.iteration == 4
     err = capsys.readouterr().err
-    assert f"taking over the run folder from pid {holder.pid}" in err and "(no longer running)" in err
+    assert (
+        f"taking over the run folder from pid {holder.pid}" in err and "(no longer running)" in err
+    )
 
 
 def test_new_run_folder_is_created_by_one_claimant_only(tmp_path):
@@ -53,13 +58,40 @@ def test_new_run_folder_is_created_by_one_claimant_only(tmp_path):
     with pytest.raises(RunFolderBusy, match="already exists"):
         RunFolder(tmp_path / "a").create()
     # Two train.py processes started at once with the same --run-name: exactly one trains.
-    cmd = [sys.executable, str(ROOT / "train.py"), "--ngf", "8", "--ndf", "8", "--batch-size", "8",
-           "--mn-fit-points", "64", "--iters", "2", "--fid-every", "0", "--sample-every", "0",
-           "--device", "cpu", "--dataset", "stacked-digits", "--stack-size", "64", "--no-progress",
-           "--out", str(tmp_path / "runs"), "--run-name", "same"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--ngf",
+        "8",
+        "--ndf",
+        "8",
+        "--batch-size",
+        "8",
+        "--mn-fit-points",
+        "64",
+        "--iters",
+        "2",
+        "--fid-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--device",
+        "cpu",
+        "--dataset",
+        "stacked-digits",
+        "--stack-size",
+        "64",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "runs"),
+        "--run-name",
+        "same",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 1], results

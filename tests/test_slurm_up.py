@@ -11,8 +11,17 @@ import time
 
 import pytest
 
-FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                 "DEADLINE", "PREEMPTED", "REVOKED"}
+FAILED_STATES = {
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "REVOKED",
+}
 
 
 def _run(*cmd: str, timeout: float = 15) -> subprocess.CompletedProcess:
@@ -31,8 +40,18 @@ def _state(job_id: str) -> str:
 
 def test_sbatch_job_completes(slurm_cluster, tmp_path):
     out = tmp_path / "job.out"
-    r = _run("sbatch", "--parsable", "--job-name", "dcgan-slurm-up-check",
-             "--output", str(out), "--chdir", str(tmp_path), "--wrap", "echo ok")
+    r = _run(
+        "sbatch",
+        "--parsable",
+        "--job-name",
+        "dcgan-slurm-up-check",
+        "--output",
+        str(out),
+        "--chdir",
+        str(tmp_path),
+        "--wrap",
+        "echo ok",
+    )
     assert r.returncode == 0, f"sbatch failed: {r.stderr.strip()}"
     job_id = r.stdout.strip().split(";")[0]
     assert job_id.isdigit(), f"sbatch --parsable printed {r.stdout!r}"
@@ -47,7 +66,9 @@ def test_sbatch_job_completes(slurm_cluster, tmp_path):
     else:
         subprocess.run(["scancel", job_id], capture_output=True)
         pytest.fail(f"job {job_id} not COMPLETED after 60 s (last state {state or 'unknown'!r})")
-    assert state == "COMPLETED", f"job {job_id} ended {state}: {out.read_text() if out.exists() else ''}"
+    assert state == "COMPLETED", (
+        f"job {job_id} ended {state}: {out.read_text() if out.exists() else ''}"
+    )
 
     # The output file is written by slurmd; allow a moment for it to land.
     for _ in range(20):

@@ -22,14 +22,26 @@ def make_step(mn_layers, *, capturable=True, seed=0) -> TrainStep:
     D = Discriminator(ndf=8)
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    return TrainStep(G, D, opt_g, opt_d, autocast=contextlib.nullcontext,
-                     scaler=torch.amp.GradScaler("cpu", enabled=False), capturable=capturable)
+    return TrainStep(
+        G,
+        D,
+        opt_g,
+        opt_d,
+        autocast=contextlib.nullcontext,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        capturable=capturable,
+    )
 
 
 def batches(n: int, batch_size: int = 8):
     g = torch.Generator().manual_seed(1)
-    return [(torch.rand(batch_size, 3, 32, 32, generator=g) * 2 - 1,
-             torch.randn(batch_size, Z_DIM, generator=g)) for _ in range(n)]
+    return [
+        (
+            torch.rand(batch_size, 3, 32, 32, generator=g) * 2 - 1,
+            torch.randn(batch_size, Z_DIM, generator=g),
+        )
+        for _ in range(n)
+    ]
 
 
 def run(step: TrainStep, data, seed: int = 5):

@@ -13,7 +13,10 @@ def test_imports_point_down_without_circles():
     assert circles == []
     up = [f"{m} -> {d}" for m, ds in graph.items() for d in ds if floor[d] >= floor[m]]
     assert up == []
-    assert floor["dcgan_mn.errors"] == 0 and floor["dcgan_mn.training"] > floor["dcgan_mn.launch"] > floor["dcgan_mn.runfolder"]
+    assert (
+        floor["dcgan_mn.errors"] == 0
+        and floor["dcgan_mn.training"] > floor["dcgan_mn.launch"] > floor["dcgan_mn.runfolder"]
+    )
 
 
 def test_every_subpackage_is_installed():
@@ -23,6 +26,10 @@ def test_every_subpackage_is_installed():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "dcgan_mn").rglob("__init__.py")}
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(root).parts) for p in (root / "dcgan_mn").rglob("__init__.py")
+    }
     assert found == listed

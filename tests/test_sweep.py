@@ -61,8 +61,13 @@ def fake_train(tmp_path):
 
 
 def spec(out, arms=("a=", "b="), seeds="0-1", iters=5, shared=()):
-    return S.SweepSpec(out=Path(out), arms=tuple(S.parse_arm(a) for a in arms), seeds=tuple(S.parse_seeds(seeds)),
-                       iters=iters, shared=tuple(shared))
+    return S.SweepSpec(
+        out=Path(out),
+        arms=tuple(S.parse_arm(a) for a in arms),
+        seeds=tuple(S.parse_seeds(seeds)),
+        iters=iters,
+        shared=tuple(shared),
+    )
 
 
 def quiet(*_):
@@ -70,31 +75,56 @@ def quiet(*_):
 
 
 def test_plan_names_every_run_by_arm_and_seed(tmp_path):
-    s = spec(tmp_path / "sw", arms=("bn=--mn-layers none", "mn=--mn-layers 0,1"), seeds="0-1", iters=10,
-             shared=("--dataset", "stacked-digits"))
+    s = spec(
+        tmp_path / "sw",
+        arms=("bn=--mn-layers none", "mn=--mn-layers 0,1"),
+        seeds="0-1",
+        iters=10,
+        shared=("--dataset", "stacked-digits"),
+    )
     runs = s.runs()
     assert [r.name for r in runs] == ["bn-s0", "mn-s0", "bn-s1", "mn-s1"]
     assert runs[1].folder == tmp_path / "sw" / "mn-s0"
-    assert runs[1].argv == ("--dataset", "stacked-digits", "--mn-layers", "0,1", "--iters", "10", "--seed", "0",
-                            "--out", str(tmp_path / "sw"), "--run-name", "mn-s0")
+    assert runs[1].argv == (
+        "--dataset",
+        "stacked-digits",
+        "--mn-layers",
+        "0,1",
+        "--iters",
+        "10",
+        "--seed",
+        "0",
+        "--out",
+        str(tmp_path / "sw"),
+        "--run-name",
+        "mn-s0",
+    )
     assert S.SweepSpec.from_dict(s.to_dict()) == s
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda: S.parse_arm("no-equals"), "--arm 'no-equals': expected NAME=FLAGS"),
-    (lambda: S.parse_seeds("3-x"), "--seeds '3-x'"),
-    (lambda: S.parse_seeds("1,1"), "distinct"),
-    (lambda: spec("/tmp/x", arms=("a=--seed 3",)), "--seed in the flags of a: the sweep sets it"),
-    (lambda: spec("/tmp/x", arms=("a=", "a=")), "arm names repeat"),
-    (lambda: S.parse_time("soon"), "--time 'soon'"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: S.parse_arm("no-equals"), "--arm 'no-equals': expected NAME=FLAGS"),
+        (lambda: S.parse_seeds("3-x"), "--seeds '3-x'"),
+        (lambda: S.parse_seeds("1,1"), "distinct"),
+        (
+            lambda: spec("/tmp/x", arms=("a=--seed 3",)),
+            "--seed in the flags of a: the sweep sets it",
+        ),
+        (lambda: spec("/tmp/x", arms=("a=", "a=")), "arm names repeat"),
+        (lambda: S.parse_time("soon"), "--time 'soon'"),
+    ],
+)
 def test_bad_input_is_one_line(make, message):
     with pytest.raises(S.SweepError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make()
 
 
-@pytest.mark.parametrize("text,minutes", [("90", 90), ("1:30:00", 90), ("45:30", 45.5), ("2-00:00:00", 2880),
-                                          ("1-12", 2160)])
+@pytest.mark.parametrize(
+    "text,minutes",
+    [("90", 90), ("1:30:00", 90), ("45:30", 45.5), ("2-00:00:00", 2880), ("1-12", 2160)],
+)
 def test_slurm_time_formats(text, minutes):
     assert S.parse_time(text) == minutes
 
@@ -125,7 +155,9 @@ def _max_overlap(spans_file: Path) -> int:
 def test_local_executor_never_runs_more_than_parallel(tmp_path, fake_train):
     out = tmp_path / "sw"
     s = spec(out, arms=("a=--sleep 1.0", "b=--sleep 1.0", "c=--sleep 1.0"), seeds="0-1")
-    S.start_sweep(s, fake_train, S.ExecutorOptions(executor="local", parallel=2, time_min=5), log=quiet)
+    S.start_sweep(
+        s, fake_train, S.ExecutorOptions(executor="local", parallel=2, time_min=5), log=quiet
+    )
     rows = S.wait_for_sweep(out, poll_s=0.3, progress=False)
     assert [r["state"] for r in rows] == ["finished"] * 6
     assert _max_overlap(out / "spans.jsonl") == 2  # two lanes: at most two at once, and two at once
@@ -134,7 +166,9 @@ def test_local_executor_never_runs_more_than_parallel(tmp_path, fake_train):
 def test_same_command_again_skips_finished_and_resubmits_failed(tmp_path, fake_train):
     out = tmp_path / "sw"
     opts = S.ExecutorOptions(executor="local", parallel=2, time_min=5)
-    S.start_sweep(spec(out, arms=("ok=", "bad=--exit-code 4"), seeds="0"), fake_train, opts, log=quiet)
+    S.start_sweep(
+        spec(out, arms=("ok=", "bad=--exit-code 4"), seeds="0"), fake_train, opts, log=quiet
+    )
     rows = {r["run"]: r for r in S.wait_for_sweep(out, poll_s=0.3, progress=False)}
     assert rows["ok-s0"]["state"] == "finished"
     bad = rows["bad-s0"]
@@ -143,18 +177,35 @@ def test_same_command_again_skips_finished_and_resubmits_failed(tmp_path, fake_t
     rendered = S.render_status(list(rows.values()))
     assert "--- bad-s0: last lines of" in rendered and "something went wrong" in rendered
     said = []
-    S.start_sweep(spec(out, arms=("ok=", "bad=--exit-code 4"), seeds="0"), fake_train, opts, log=said.append)
+    S.start_sweep(
+        spec(out, arms=("ok=", "bad=--exit-code 4"), seeds="0"), fake_train, opts, log=said.append
+    )
     assert "  ok-s0: finished, skipped" in said
     assert any(line.startswith("  bad-s0: new (was failed") for line in said)
     S.wait_for_sweep(out, poll_s=0.3, progress=False)
-    starts = [json.loads(x)["run"] for x in (out / "spans.jsonl").read_text().splitlines() if "start" in x]
+    starts = [
+        json.loads(x)["run"] for x in (out / "spans.jsonl").read_text().splitlines() if "start" in x
+    ]
     assert starts.count("ok-s0") == 1 and starts.count("bad-s0") == 2
 
 
 def test_a_preempted_task_outside_submitit_is_a_failure_not_a_hang(tmp_path, fake_train):
     out = tmp_path / "sw"
-    task = TrainRun(str(fake_train), str(out), "a-s0", ["--out", str(out), "--run-name", "a-s0", "--iters", "3",
-                                                        "--exit-code", str(EXIT_PREEMPTED)])
+    task = TrainRun(
+        str(fake_train),
+        str(out),
+        "a-s0",
+        [
+            "--out",
+            str(out),
+            "--run-name",
+            "a-s0",
+            "--iters",
+            "3",
+            "--exit-code",
+            str(EXIT_PREEMPTED),
+        ],
+    )
     with pytest.raises(RunFailed, match="a-s0: train.py exited with 140"):
         task()
     assert [e["event"] for e in RunEvents(out, "a-s0").rows()] == ["started", "failed"]
@@ -169,26 +220,84 @@ def test_status_and_report_of_a_folder_that_is_not_a_sweep(tmp_path):
 def test_a_folder_trained_with_other_flags_is_refused_with_one_line(tmp_path):
     """Real train.py: a tiny stacked-digits run, then a sweep whose arm asks for other norms in it."""
     out = tmp_path / "sw"
-    shared = ["--dataset", "stacked-digits", "--no-inception-metrics", "--ngf", "8", "--ndf", "8",
-              "--batch-size", "8", "--fid-every", "0", "--sample-every", "0", "--device", "cpu", "--stack-size", "64"]
+    shared = [
+        "--dataset",
+        "stacked-digits",
+        "--no-inception-metrics",
+        "--ngf",
+        "8",
+        "--ndf",
+        "8",
+        "--batch-size",
+        "8",
+        "--fid-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--device",
+        "cpu",
+        "--stack-size",
+        "64",
+    ]
     train_main = invoker(load_script("train.py", "main"))
-    made = train_main(*shared, "--iters", "2", "--seed", "0", "--out", out, "--run-name", "mn-s0",
-                      "--mn-layers", "none", "--no-progress")
+    made = train_main(
+        *shared,
+        "--iters",
+        "2",
+        "--seed",
+        "0",
+        "--out",
+        out,
+        "--run-name",
+        "mn-s0",
+        "--mn-layers",
+        "none",
+        "--no-progress",
+    )
     assert made.exit_code == 0, made.output
     sweep = invoker(load_script("sweep.py", "cli"))
-    result = sweep("run", "--out", out, "--arm", "mn=--mn-layers 0,1", "--seeds", "0", "--iters", "2",
-                   "--train-flags", " ".join(shared), "--executor", "local", "--dry-run")
+    result = sweep(
+        "run",
+        "--out",
+        out,
+        "--arm",
+        "mn=--mn-layers 0,1",
+        "--seeds",
+        "0",
+        "--iters",
+        "2",
+        "--train-flags",
+        " ".join(shared),
+        "--executor",
+        "local",
+        "--dry-run",
+    )
     assert result.exit_code == 2
     assert "mn-s0: trained with other settings (mn_layers: [] there, [0, 1] here" in result.output
     assert "Traceback" not in result.output and not (out / "sweep.json").exists()
     # the planned config is train.py's own (its dry run, in this process)
-    assert planned_config(str(ROOT / "train.py"), S.SweepSpec(out, (S.parse_arm("x=--mn-layers 0"),), (0,), 2,
-                                                              tuple(shared)).runs()[0].argv)["mn_layers"] == [0]
+    assert planned_config(
+        str(ROOT / "train.py"),
+        S.SweepSpec(out, (S.parse_arm("x=--mn-layers 0"),), (0,), 2, tuple(shared)).runs()[0].argv,
+    )["mn_layers"] == [0]
 
 
 def test_sweep_help_explains_every_option():
     sweep = invoker(load_script("sweep.py", "cli"))
     text = sweep("run", "--help").output
-    for flag in ("--executor", "--partition", "--time", "--gpus-per-run", "--cpus-per-run", "--nodes",
-                 "--array-parallelism", "--account", "--qos", "--constraint", "--sbatch", "--parallel", "--wait"):
+    for flag in (
+        "--executor",
+        "--partition",
+        "--time",
+        "--gpus-per-run",
+        "--cpus-per-run",
+        "--nodes",
+        "--array-parallelism",
+        "--account",
+        "--qos",
+        "--constraint",
+        "--sbatch",
+        "--parallel",
+        "--wait",
+    ):
         assert flag in text, flag

@@ -22,8 +22,25 @@ from test_training import assert_same_tensors
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
-TINY = ("--dataset", "stacked-digits", "--no-inception-metrics", "--ngf", "8", "--ndf", "8", "--batch-size", "16",
-        "--device", "cpu", "--sample-every", "0", "--log-every", "10", "--stack-size", "512")
+TINY = (
+    "--dataset",
+    "stacked-digits",
+    "--no-inception-metrics",
+    "--ngf",
+    "8",
+    "--ndf",
+    "8",
+    "--batch-size",
+    "16",
+    "--device",
+    "cpu",
+    "--sample-every",
+    "0",
+    "--log-every",
+    "10",
+    "--stack-size",
+    "512",
+)
 EVALUATED = (*TINY, "--fid-every", "10", "--ckpt-every", "10", "--mode-samples", "200")
 LONG = (*TINY, "--fid-every", "0", "--ckpt-every", "25", "--keep-last", "50")
 
@@ -41,8 +58,14 @@ def slurm_opts(**kw):
 
 
 def sweep(out, arms, seeds, iters, shared, eval_seeds=1):
-    return S.SweepSpec(out=Path(out), arms=tuple(S.parse_arm(a) for a in arms), seeds=tuple(S.parse_seeds(seeds)),
-                       iters=iters, shared=tuple(shared), eval_seeds=eval_seeds)
+    return S.SweepSpec(
+        out=Path(out),
+        arms=tuple(S.parse_arm(a) for a in arms),
+        seeds=tuple(S.parse_seeds(seeds)),
+        iters=iters,
+        shared=tuple(shared),
+        eval_seeds=eval_seeds,
+    )
 
 
 def quiet(*_):
@@ -56,7 +79,9 @@ def wait(out, timeout=300):
         if not any(r["state"] in ("pending", "running", "requeued") for r in rows):
             return rows
         time.sleep(1.0)
-    subprocess.run(["scancel", *{r["job_id"].split("_")[0] for r in rows if r["job_id"]}], capture_output=True)
+    subprocess.run(
+        ["scancel", *{r["job_id"].split("_")[0] for r in rows if r["job_id"]}], capture_output=True
+    )
     pytest.fail(f"sweep {out} not done after {timeout} s:\n{S.render_status(rows)}")
 
 
@@ -73,8 +98,11 @@ def without_times(report: dict) -> dict:
     """A compare.json without what depends on the clock or the folder (training seconds, time
     acceleration, paths, the warnings that quote them)."""
     if isinstance(report, dict):
-        return {k: without_times(v) for k, v in report.items()
-                if "seconds" not in k and "time_acceleration" not in k and k not in ("path", "warnings")}
+        return {
+            k: without_times(v)
+            for k, v in report.items()
+            if "seconds" not in k and "time_acceleration" not in k and k not in ("path", "warnings")
+        }
     if isinstance(report, list):
         return [without_times(v) for v in report]
     return report
@@ -93,7 +121,9 @@ def assert_same_report(a, b, where="report"):
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same_report(x, y, f"{where}[{i}]")
     elif isinstance(a, float) and isinstance(b, float):
-        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-4) or (math.isnan(a) and math.isnan(b)), where
+        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-4) or (
+            math.isnan(a) and math.isnan(b)
+        ), where
     else:
         assert a == b, where
 
@@ -101,17 +131,32 @@ def assert_same_report(a, b, where="report"):
 def same_training_state(a: Path, b: Path) -> None:
     pa, pb = C.load_checkpoint(a), C.load_checkpoint(b)
     assert pa["iteration"] == pb["iteration"]
-    for key in ("generator", "discriminator", "opt_g", "opt_d", "rng", "data", "log_window", "fixed_noise"):
+    for key in (
+        "generator",
+        "discriminator",
+        "opt_g",
+        "opt_d",
+        "rng",
+        "data",
+        "log_window",
+        "fixed_noise",
+    ):
         assert_same_tensors(pa[key], pb[key], key)
 
 
 def test_job_array_finishes_with_the_local_executors_reports(tmp_path):
     arms, shared = ("bn=--mn-layers none", "mn=--mn-layers 0,1"), EVALUATED
     on_slurm, here = tmp_path / "slurm", tmp_path / "local"
-    jobs = S.start_sweep(sweep(on_slurm, arms, "0-1", 20, shared, eval_seeds=2), TRAIN, slurm_opts(), log=quiet)
+    jobs = S.start_sweep(
+        sweep(on_slurm, arms, "0-1", 20, shared, eval_seeds=2), TRAIN, slurm_opts(), log=quiet
+    )
     assert len({str(j.job_id).split("_")[0] for j in jobs}) == 1  # one job array
-    S.start_sweep(sweep(here, arms, "0-1", 20, shared, eval_seeds=2), TRAIN,
-                  S.ExecutorOptions(executor="local", parallel=2, time_min=30), log=quiet)
+    S.start_sweep(
+        sweep(here, arms, "0-1", 20, shared, eval_seeds=2),
+        TRAIN,
+        S.ExecutorOptions(executor="local", parallel=2, time_min=30),
+        log=quiet,
+    )
     for out in (on_slurm, here):
         assert [r["state"] for r in wait(out)] == ["finished"] * 4
         written = S.write_report(out, device="cpu", log=quiet)
@@ -127,36 +172,65 @@ def test_preempted_task_is_requeued_and_ends_bitwise_as_an_uninterrupted_run(tmp
     out, reference = tmp_path / "preempted", tmp_path / "uninterrupted"
     spec = sweep(out, ("mn=--mn-layers 0,1",), "0", 500, LONG)
     S.start_sweep(spec, TRAIN, slurm_opts(), log=quiet)
-    S.start_sweep(sweep(reference, ("mn=--mn-layers 0,1",), "0", 500, LONG), TRAIN,
-                  S.ExecutorOptions(executor="local", parallel=1, time_min=30, cpus_per_run=1), log=quiet)
+    S.start_sweep(
+        sweep(reference, ("mn=--mn-layers 0,1",), "0", 500, LONG),
+        TRAIN,
+        S.ExecutorOptions(executor="local", parallel=1, time_min=30, cpus_per_run=1),
+        log=quiet,
+    )
     folder = out / "mn-s0"
     events = RunEvents(out, "mn-s0")
     job_id = S.SweepRecord.load(out).last_submission("mn-s0")["job_id"]
-    for attempt in range(2):  # preempted twice: each time mid-run, after a checkpoint of this attempt
+    for attempt in range(
+        2
+    ):  # preempted twice: each time mid-run, after a checkpoint of this attempt
+
         def started_and_saved():
             starts = [e for e in events.rows() if e["event"] == "started"]
-            return len(starts) == attempt + 1 and run_progress(folder) > starts[-1]["from_iteration"] + 25
+            return (
+                len(starts) == attempt + 1
+                and run_progress(folder) > starts[-1]["from_iteration"] + 25
+            )
+
         until(started_and_saved, f"attempt {attempt} to checkpoint")
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-        until(lambda: any(e["event"] == "preempted" for e in events.rows()[-2:]), "the stop for a requeue")
+        until(
+            lambda: any(e["event"] == "preempted" for e in events.rows()[-2:]),
+            "the stop for a requeue",
+        )
         row = S.sweep_status(out)[0]
         assert row["state"] in ("requeued", "running"), row
     rows = wait(out)
     wait(reference)
-    print(S.render_status(rows))  # the status table of the preemption test (the issue's closing note)
+    # the status table of the preemption test (the issue's closing note)
+    print(S.render_status(rows))
     assert rows[0]["state"] == "finished" and rows[0]["restarts"] == 2
     kinds = [e["event"] for e in events.rows()]
-    assert kinds == ["submitted", "started", "preempted", "started", "preempted", "started", "finished"]
+    assert kinds == [
+        "submitted",
+        "started",
+        "preempted",
+        "started",
+        "preempted",
+        "started",
+        "finished",
+    ]
     starts = [e for e in events.rows() if e["event"] == "started"]
     assert [e["restarts"] for e in starts] == [0, 1, 2]  # the same job, requeued by Slurm
     assert 0 < starts[1]["from_iteration"] < starts[2]["from_iteration"] < 500
-    same_training_state(RunFolder(folder).latest_checkpoint(), RunFolder(reference / "mn-s0").latest_checkpoint())
+    same_training_state(
+        RunFolder(folder).latest_checkpoint(), RunFolder(reference / "mn-s0").latest_checkpoint()
+    )
     capsys.readouterr()
 
 
 def test_failed_tasks_are_reported_with_their_stderr_while_the_others_finish(tmp_path):
     out = tmp_path / "failing"
-    arms = ("ok=", "nonfinite=--lr 1e30", f"nodata=--dataset stacked-mnist --data-root {tmp_path / 'nothing'}")
+    arms = (
+        "ok=",
+        "nonfinite=--lr 1e30",
+        f"nodata=--dataset stacked-mnist --data-root {tmp_path / 'nothing'}",
+    )
     S.start_sweep(sweep(out, arms, "0", 30, LONG), TRAIN, slurm_opts(), log=quiet)
     rows = {r["run"]: r for r in wait(out)}
     assert rows["ok-s0"]["state"] == "finished"
@@ -171,11 +245,15 @@ def test_failed_tasks_are_reported_with_their_stderr_while_the_others_finish(tmp
 def test_cancelled_sweep_continues_with_the_same_command_without_retraining(tmp_path):
     out = tmp_path / "cancelled"
     spec = sweep(out, ("mn=--mn-layers 0,1",), "0-1", 300, LONG)
-    opts = slurm_opts(array_parallelism=1)  # one run at a time: the first finishes, the second is cut
+    # one run at a time: the first finishes, the second is cut
+    opts = slurm_opts(array_parallelism=1)
     jobs = S.start_sweep(spec, TRAIN, opts, log=quiet)
     first, second = out / "mn-s0", out / "mn-s1"
-    until(lambda: run_progress(first) >= 300 and run_progress(second) >= 25, "the first run and a checkpoint of "
-          "the second", timeout=240)
+    until(
+        lambda: run_progress(first) >= 300 and run_progress(second) >= 25,
+        "the first run and a checkpoint of the second",
+        timeout=240,
+    )
     subprocess.run(["scancel", str(jobs[0].job_id).split("_")[0]], check=True)  # the whole array
     rows = {r["run"]: r for r in wait(out)}
     assert rows["mn-s0"]["state"] == "finished" and rows["mn-s1"]["state"] == "failed"

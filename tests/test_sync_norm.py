@@ -33,11 +33,7 @@ F64 = torch.float64
 
 # name -> (kind, K, fit_points): fit_points >= every point of the global batch makes the fitting
 # subset "all points in order", identical for the synchronized and the single-process layer.
-CASES = {
-    "mn_k1": ("mn", 1, 4096),
-    "mn_k3": ("mn", 3, 4096),
-    "bn": ("bn", None, None),
-}
+CASES = {"mn_k1": ("mn", 1, 4096), "mn_k3": ("mn", 3, 4096), "bn": ("bn", None, None)}
 
 
 def make_norm(case: str) -> nn.Module:
@@ -117,11 +113,14 @@ def run_subsampled(rank: int) -> dict:
     torch.manual_seed(rank)  # different RNG per rank, as in real training
     m = convert_sync_norms(MixtureNorm2d(C, num_components=3, fit_points=16).double())
     x, g = batch(0)
-    x = x[rank * N_PER_RANK:(rank + 1) * N_PER_RANK].requires_grad_()
+    x = x[rank * N_PER_RANK : (rank + 1) * N_PER_RANK].requires_grad_()
     y = m(x)
-    y.backward(g[: N_PER_RANK])
-    return {"y": y.detach(), "buffers": {k: v.clone() for k, v in m.state_dict().items()},
-            "finite": bool(torch.isfinite(x.grad).all())}
+    y.backward(g[:N_PER_RANK])
+    return {
+        "y": y.detach(),
+        "buffers": {k: v.clone() for k, v in m.state_dict().items()},
+        "finite": bool(torch.isfinite(x.grad).all()),
+    }
 
 
 def run_sampling(rank: int | None) -> torch.Tensor | None:
@@ -137,8 +136,7 @@ def run_sampling(rank: int | None) -> torch.Tensor | None:
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         results = {}
         for case in CASES:
@@ -169,7 +167,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 
 def _rows(t: torch.Tensor, rank: int) -> torch.Tensor:
-    return t[rank * N_PER_RANK:(rank + 1) * N_PER_RANK]
+    return t[rank * N_PER_RANK : (rank + 1) * N_PER_RANK]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -180,8 +178,7 @@ def test_sync_equals_single_process_on_concatenated_batch(ranks, case):
         for r in range(WORLD):
             got = ranks[r][case]
             torch.testing.assert_close(got["y"][step], _rows(single["y"][step], r), **tol)
-            torch.testing.assert_close(got["x_grad"][step], _rows(single["x_grad"][step], r),
-                                       **tol)
+            torch.testing.assert_close(got["x_grad"][step], _rows(single["x_grad"][step], r), **tol)
             for k, v in single["buffers"][step].items():  # identical on every rank
                 torch.testing.assert_close(got["buffers"][step][k], v, **tol)
         # parameter gradients: each rank holds its share (DDP sums/averages them)
@@ -197,8 +194,9 @@ def test_ddp_generator_with_sync_norms_equals_single_process(ranks):
     for r in range(WORLD):
         got = ranks[r]["generator"]
         for step in range(2):
-            torch.testing.assert_close(got["images"][step], _rows(single["images"][step], r),
-                                       rtol=1e-8, atol=1e-9)
+            torch.testing.assert_close(
+                got["images"][step], _rows(single["images"][step], r), rtol=1e-8, atol=1e-9
+            )
         for k, v in single["params"].items():
             torch.testing.assert_close(got["params"][k], v, rtol=1e-8, atol=1e-9)
 
@@ -228,7 +226,10 @@ def test_convert_shares_state_and_keeps_keys():
     keys = set(g.state_dict())
     converted = convert_sync_norms(g)
     assert [type(m) for m in converted.norm_layers] == [
-        SyncMixtureNorm2d, PortableSyncBatchNorm, PortableSyncBatchNorm]
+        SyncMixtureNorm2d,
+        PortableSyncBatchNorm,
+        PortableSyncBatchNorm,
+    ]
     assert all(a is b for a, b in zip(params, converted.parameters()))
     assert set(converted.state_dict()) == keys
     assert convert_sync_norms(converted) is converted  # idempotent
@@ -257,7 +258,8 @@ def test_without_process_group_sync_norms_are_plain_norms(spec):
 
 def test_unsynchronized_restores_every_layer():
     model = nn.Sequential(
-        convert_sync_norms(MixtureNorm2d(3)), convert_sync_norms(nn.BatchNorm2d(3)),
+        convert_sync_norms(MixtureNorm2d(3)),
+        convert_sync_norms(nn.BatchNorm2d(3)),
         nn.SyncBatchNorm(3),
     )
     with pytest.raises(RuntimeError, match="boom"):

@@ -47,47 +47,90 @@ def error_line(result):
 
 def test_help_shows_every_default():
     out = run("--help").output
-    for flag in ["--mn-layers", "--mn-components", "--mn-fit-points", "--mn-kmeans-iters", "--z-dim",
-                 "--ngf", "--ndf", "--lr", "--beta1", "--beta2", "--batch-size", "--iters", "--seed",
-                 "--device", "--dataset", "--data-root", "--out", "--run-name", "--sample-mode",
-                 "--sample-every", "--log-every", "--ckpt-every", "--keep-last", "--fid-every",
-                 "--fid-samples", "--ref", "--inception-weights", "--dims", "--amp", "--channels-last",
-                 "--compile", "--sync-norm", "--resume", "--dry-run"]:
+    for flag in [
+        "--mn-layers",
+        "--mn-components",
+        "--mn-fit-points",
+        "--mn-kmeans-iters",
+        "--z-dim",
+        "--ngf",
+        "--ndf",
+        "--lr",
+        "--beta1",
+        "--beta2",
+        "--batch-size",
+        "--iters",
+        "--seed",
+        "--device",
+        "--dataset",
+        "--data-root",
+        "--out",
+        "--run-name",
+        "--sample-mode",
+        "--sample-every",
+        "--log-every",
+        "--ckpt-every",
+        "--keep-last",
+        "--fid-every",
+        "--fid-samples",
+        "--ref",
+        "--inception-weights",
+        "--dims",
+        "--amp",
+        "--channels-last",
+        "--compile",
+        "--sync-norm",
+        "--resume",
+        "--dry-run",
+    ]:
         assert flag in out, flag
     flat = " ".join(out.split())
-    for default in ["[default: 0,1]", "[default: 64]", "[default: 100000]", "[default: auto]",
-                    "[default: checkpoints]", "[default: cifar10]", "[default: batch]", "[default: 2000]"]:
+    for default in [
+        "[default: 0,1]",
+        "[default: 64]",
+        "[default: 100000]",
+        "[default: auto]",
+        "[default: checkpoints]",
+        "[default: cifar10]",
+        "[default: batch]",
+        "[default: 2000]",
+    ]:
         assert default in flat, default
 
 
 def test_dry_run_prints_config_and_writes_nothing(env):
     data, out = env
-    result = run("--dry-run", "--out", out, "--mn-layers", "all", "--run-name", "x", "--iters", "10")
+    result = run(
+        "--dry-run", "--out", out, "--mn-layers", "all", "--run-name", "x", "--iters", "10"
+    )
     assert result.exit_code == 0, result.output
     cfg = json.loads(result.output)
     assert cfg["mn_layers"] == [0, 1, 2] and cfg["iters"] == 10 and cfg["run_name"] == "x"
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args,flag_value", [
-    (["--mn-layers", "3"], "--mn-layers"),
-    (["--mn-layers", "0,x"], "'x'"),
-    (["--mn-components", "0"], "--mn-components 0"),
-    (["--iters", "-1"], "--iters -1"),
-    (["--iters", "0"], "--iters 0: must be >= 1"),
-    (["--batch-size", "1"], "--batch-size 1"),
-    (["--keep-last", "0"], "--keep-last 0"),
-    (["--log-every", "-5"], "--log-every -5"),
-    (["--fid-samples", "1"], "--fid-samples 1"),
-    (["--lr", "0"], "--lr 0.0"),
-    (["--dataset", "imagenet"], "'imagenet'"),
-    (["--sample-mode", "eval"], "'eval'"),
-    (["--dims", "100"], "'100'"),
-    (["--device", "tpu"], "--device 'tpu'"),
-    (["--run-name", "a/b"], "--run-name 'a/b'"),
-    (["--iters", "ten"], "'ten'"),
-    (["--sync-norm"], "--sync-norm"),
-])
+@pytest.mark.parametrize(
+    "args,flag_value",
+    [
+        (["--mn-layers", "3"], "--mn-layers"),
+        (["--mn-layers", "0,x"], "'x'"),
+        (["--mn-components", "0"], "--mn-components 0"),
+        (["--iters", "-1"], "--iters -1"),
+        (["--iters", "0"], "--iters 0: must be >= 1"),
+        (["--batch-size", "1"], "--batch-size 1"),
+        (["--keep-last", "0"], "--keep-last 0"),
+        (["--log-every", "-5"], "--log-every -5"),
+        (["--fid-samples", "1"], "--fid-samples 1"),
+        (["--lr", "0"], "--lr 0.0"),
+        (["--dataset", "imagenet"], "'imagenet'"),
+        (["--sample-mode", "eval"], "'eval'"),
+        (["--dims", "100"], "'100'"),
+        (["--device", "tpu"], "--device 'tpu'"),
+        (["--run-name", "a/b"], "--run-name 'a/b'"),
+        (["--iters", "ten"], "'ten'"),
+        (["--sync-norm"], "--sync-norm"),
+    ],
+)
 def test_bad_flags_are_one_line_and_write_nothing(env, args, flag_value):
     data, out = env
     result = run(*TINY, "--data-root", data, "--out", out, *args)
@@ -117,7 +160,9 @@ def test_offline_cifar10_and_empty_folder(tmp_path, monkeypatch):
     result = run(*TINY, "--data-root", tmp_path / "data", "--out", out)
     assert result.exit_code == 1
     line = error_line(result)
-    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in line and "--data-root" in line
+    assert (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in line and "--data-root" in line
+    )
     (tmp_path / "empty").mkdir()
     result = run(*TINY, "--dataset", "folder", "--data-root", tmp_path / "empty", "--out", out)
     assert result.exit_code == 1 and "no images" in error_line(result)
@@ -129,8 +174,19 @@ def test_image_folder_training(tmp_path):
     for i in range(10):
         img = torch.randint(0, 256, (48, 40, 3), generator=g, dtype=torch.uint8).numpy()
         Image.fromarray(img).save(tmp_path / f"{i}.{'png' if i % 2 else 'JPG'}")
-    result = run(*TINY, "--dataset", "folder", "--data-root", tmp_path, "--out", tmp_path / "runs",
-                 "--run-name", "f", "--iters", "2")
+    result = run(
+        *TINY,
+        "--dataset",
+        "folder",
+        "--data-root",
+        tmp_path,
+        "--out",
+        tmp_path / "runs",
+        "--run-name",
+        "f",
+        "--iters",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     payload = C.load_checkpoint(tmp_path / "runs" / "f" / "ckpt-00000002.pt")
     assert payload["config"]["extra"]["num_train_images"] == 10
@@ -145,16 +201,32 @@ def test_train_existing_folder_and_resume_rules(env):
     before = snapshot_tree(run_dir)
 
     again = run(*base, "--iters", "2")  # a new run into an existing folder
-    assert again.exit_code == 2 and "--run-name 'r'" in error_line(again) and "--resume" in error_line(again)
+    assert (
+        again.exit_code == 2
+        and "--run-name 'r'" in error_line(again)
+        and "--resume" in error_line(again)
+    )
     for args, expect in [
         (["--resume", run_dir, "--ngf", "16"], "--ngf 16: conflicts with the resumed run's ngf=8"),
         (["--resume", run_dir, "--mn-layers", "none"], "--mn-layers 'none': conflicts"),
         (["--resume", run_dir, "--lr", "0.1"], "--lr 0.1: conflicts"),
-        (["--resume", run_dir, "--run-name", "z"], "--run-name 'z': cannot be combined with --resume"),
+        (
+            ["--resume", run_dir, "--run-name", "z"],
+            "--run-name 'z': cannot be combined with --resume",
+        ),
         (["--resume", run_dir / "nope"], "no such file or folder"),
-        (["--resume", run_dir, "--iters", "1"], "--iters 1: the resumed run is already at iteration 2"),
-        (["--resume", RunFolder(run_dir).snapshot_file(2)], "a generator-only snapshot cannot be resumed"),
-        (["--resume", RunFolder(run_dir).checkpoint_file(1)], "newer checkpoints (ckpt-00000002.pt)"),
+        (
+            ["--resume", run_dir, "--iters", "1"],
+            "--iters 1: the resumed run is already at iteration 2",
+        ),
+        (
+            ["--resume", RunFolder(run_dir).snapshot_file(2)],
+            "a generator-only snapshot cannot be resumed",
+        ),
+        (
+            ["--resume", RunFolder(run_dir).checkpoint_file(1)],
+            "newer checkpoints (ckpt-00000002.pt)",
+        ),
     ]:
         result = run("--no-progress", *args)
         assert result.exit_code in (1, 2) and expect in error_line(result), (args, result.output)
@@ -162,7 +234,8 @@ def test_train_existing_folder_and_resume_rules(env):
 
     dry = run("--resume", run_dir, "--iters", "4", "--dry-run")
     assert json.loads(dry.output)["iters"] == 4 and dry.exit_code == 0
-    resumed = run("--resume", run_dir, "--iters", "4", "--ngf", "8", "--no-progress")  # same value: fine
+    # same value: fine
+    resumed = run("--resume", run_dir, "--iters", "4", "--ngf", "8", "--no-progress")
     assert resumed.exit_code == 0, resumed.output
     assert [i for i, _ in RunFolder(run_dir).checkpoints()][-1] == 4
     assert json.loads((run_dir / "config.json").read_text())["iters"] == 4
@@ -171,7 +244,10 @@ def test_train_existing_folder_and_resume_rules(env):
 @pytest.mark.parametrize("case", ["corrupt", "foreign", "mismatched_weights"])
 def test_bad_resume_checkpoints(env, case):
     data, out = env
-    assert run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "1").exit_code == 0
+    assert (
+        run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "1").exit_code
+        == 0
+    )
     path = RunFolder(out / "r").checkpoint_file(1)
     if case == "corrupt":
         path.write_bytes(path.read_bytes()[:1000])
@@ -180,13 +256,17 @@ def test_bad_resume_checkpoints(env, case):
     else:  # weights of a BN generator under a config that says MN
         payload = C.load_checkpoint(path)
         from dcgan_mn.models import Generator
+
         payload["generator"] = Generator(z_dim=100, ngf=8, mn_layers="none").state_dict()
         C.save_checkpoint(path, payload)
     before = snapshot_tree(out / "r")
     result = run("--resume", out / "r", "--iters", "3", "--no-progress")
     assert result.exit_code == 1
-    expect = {"corrupt": "unreadable", "foreign": "not a dcgan_mn checkpoint",
-              "mismatched_weights": "do not fit the architecture"}[case]
+    expect = {
+        "corrupt": "unreadable",
+        "foreign": "not a dcgan_mn checkpoint",
+        "mismatched_weights": "do not fit the architecture",
+    }[case]
     assert expect in error_line(result) and str(path) in error_line(result)
     assert snapshot_tree(out / "r") == before
 
@@ -194,10 +274,30 @@ def test_bad_resume_checkpoints(env, case):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_checkpoint_and_exits_cleanly(env, sig):
     data, out = env
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--data-root", str(data), "--out", str(out),
-           "--run-name", "s", "--iters", "100000", "--ckpt-every", "2", "--log-every", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *TINY,
+        "--data-root",
+        str(data),
+        "--out",
+        str(out),
+        "--run-name",
+        "s",
+        "--iters",
+        "100000",
+        "--ckpt-every",
+        "2",
+        "--log-every",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     run_dir = out / "s"
     deadline = time.time() + 120
     while not RunFolder(run_dir).checkpoint_file(2).exists():  # the loop is running
@@ -238,8 +338,12 @@ def test_out_that_cannot_hold_a_run_is_one_line(env, tmp_path, case, monkeypatch
 
     monkeypatch.setattr(dcgan_mn.metrics, "build_evaluator", no_evaluator)
     data, _ = env
-    out = {"file": tmp_path / "hello.txt", "under_file": tmp_path / "hello.txt" / "runs",
-           "proc": Path("/proc/dcgan_mn_no_such_dir"), "immutable": tmp_path / "frozen"}[case]
+    out = {
+        "file": tmp_path / "hello.txt",
+        "under_file": tmp_path / "hello.txt" / "runs",
+        "proc": Path("/proc/dcgan_mn_no_such_dir"),
+        "immutable": tmp_path / "frozen",
+    }[case]
     (tmp_path / "hello.txt").write_text("hello\n")
     if case == "proc" and not Path("/proc/self").is_dir():
         pytest.skip("no /proc here")
@@ -254,8 +358,12 @@ def test_out_that_cannot_hold_a_run_is_one_line(env, tmp_path, case, monkeypatch
     assert result.exit_code == 2, result.output
     line = error_line(result)
     assert f"--out {str(out)!r}" in line, line
-    expect = {"file": "is a file", "under_file": "which is a file", "proc": "No such file or directory",
-              "immutable": "Operation not permitted"}[case]
+    expect = {
+        "file": "is a file",
+        "under_file": "which is a file",
+        "proc": "No such file or directory",
+        "immutable": "Operation not permitted",
+    }[case]
     assert expect in line, line
     assert (tmp_path / "hello.txt").read_text() == "hello\n"
 
@@ -290,21 +398,30 @@ def test_corrupt_newest_checkpoint_is_set_aside_and_the_run_continues(env):
 
 def test_resume_with_a_garbage_config_json_warns(env):
     data, out = env
-    assert run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "1").exit_code == 0
+    assert (
+        run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "1").exit_code
+        == 0
+    )
     config = out / "r" / "config.json"
     config.write_text("{garbage")
     result = run("--resume", out / "r", "--iters", "2", "--no-progress")
     assert result.exit_code == 0, result.output
     warnings = [ln for ln in result.output.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1, result.output
-    assert str(config) in warnings[0] and "unreadable" in warnings[0] and "ckpt-00000001.pt" in warnings[0]
+    assert (
+        str(config) in warnings[0]
+        and "unreadable" in warnings[0]
+        and "ckpt-00000001.pt" in warnings[0]
+    )
     assert json.loads(config.read_text())["iters"] == 2  # rewritten from the checkpoint's config
 
 
 @pytest.mark.parametrize("fid_every", ["0", "5"])
 def test_ref_is_validated_even_when_not_evaluating(env, tmp_path, fid_every):
     data, out = env
-    result = run(*TINY, "--data-root", data, "--out", out, "--ref", "nonsense", "--fid-every", fid_every)
+    result = run(
+        *TINY, "--data-root", data, "--out", out, "--ref", "nonsense", "--fid-every", fid_every
+    )
     assert result.exit_code == 2 and "--ref 'nonsense'" in error_line(result), result.output
     missing = run(*TINY, "--data-root", data, "--out", out, "--ref", tmp_path / "stats.npz")
     assert missing.exit_code == 2 and "no such statistics file" in error_line(missing)
@@ -326,13 +443,19 @@ def test_resume_of_a_finished_run_says_so(env):
     """One line (where it stands, and the command that trains further), before anything is
     built or opened: no bars, and the run folder as it was."""
     data, out = env
-    assert run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "2").exit_code == 0
+    assert (
+        run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", "2").exit_code
+        == 0
+    )
     before = snapshot_tree(out / "r")
     result = run("--resume", out / "r", "--progress")
     assert result.exit_code == 0, result.output
     assert len(result.output.splitlines()) == 1, result.output
     assert "already at --iters 2" in result.output and "pass --iters M" in result.output
-    assert f"{shlex.quote(sys.executable)} {script_path('train.py')} --resume {out / 'r'} --iters M" in result.output
+    assert (
+        f"{shlex.quote(sys.executable)} {script_path('train.py')} --resume {out / 'r'} --iters M"
+        in result.output
+    )
     assert snapshot_tree(out / "r") == before
 
 
@@ -340,9 +463,12 @@ def test_a_file_that_is_not_inception_weights_is_one_line(env, tmp_path):
     data, out = env
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(bytes(range(256)) * 40)
-    result = run(*TINY, "--data-root", data, "--out", out, "--fid-every", "2", "--inception-weights", garbage)
+    result = run(
+        *TINY, "--data-root", data, "--out", out, "--fid-every", "2", "--inception-weights", garbage
+    )
     assert result.exit_code == 1
-    assert result.output.splitlines() == [error_line(result)], result.output  # no warning, no torch text
+    # no warning, no torch text
+    assert result.output.splitlines() == [error_line(result)], result.output
     assert f"--inception-weights {str(garbage)!r}: not FID Inception weights" in result.output
     assert not out.exists()
 
@@ -353,21 +479,63 @@ def test_logs_off_a_terminal_are_plain_lines(tmp_path, modes_cache, progress):
     window (iteration/total, images/s, losses, the last metric), no carriage returns or cursor
     codes; a line at an evaluated iteration shows that evaluation, so the last line agrees with
     metrics.jsonl's last row (and the final summary)."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", "stacked-digits", "--stack-size", "64",
-           "--ngf", "8", "--ndf", "8", "--batch-size", "8", "--mn-fit-points", "64", "--device", "cpu",
-           "--sample-every", "0", "--no-inception-metrics", "--fid-every", "2", "--mode-samples", "64",
-           "--iters", "4", "--log-every", "1", "--out", str(tmp_path / "runs"), "--run-name", "r", progress]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "DCGAN_MN_CACHE_DIR": str(modes_cache)})
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--dataset",
+        "stacked-digits",
+        "--stack-size",
+        "64",
+        "--ngf",
+        "8",
+        "--ndf",
+        "8",
+        "--batch-size",
+        "8",
+        "--mn-fit-points",
+        "64",
+        "--device",
+        "cpu",
+        "--sample-every",
+        "0",
+        "--no-inception-metrics",
+        "--fid-every",
+        "2",
+        "--mode-samples",
+        "64",
+        "--iters",
+        "4",
+        "--log-every",
+        "1",
+        "--out",
+        str(tmp_path / "runs"),
+        "--run-name",
+        "r",
+        progress,
+    ]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "DCGAN_MN_CACHE_DIR": str(modes_cache)},
+    )
     assert done.returncode == 0, done.stderr
     log = done.stdout + done.stderr
     assert "\x1b" not in log and "\r" not in log, repr(log)
     lines = [ln for ln in log.splitlines() if ln.startswith("iteration ")]
     assert [ln.split()[1] for ln in lines] == ["1/4", "2/4", "3/4", "4/4"], log
     assert all("img/s" in ln and " D " in ln and " G " in ln for ln in lines), lines
-    assert "cfd" not in lines[0] and "cfd" in lines[1] and "modes" in lines[1], lines  # evaluated at 2
-    last = [json.loads(r) for r in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert last["iteration"] == 4 and f"cfd {last['cfd']:.2f}" in lines[-1] and f"modes {last['modes']}" in lines[-1]
+    # evaluated at 2
+    assert "cfd" not in lines[0] and "cfd" in lines[1] and "modes" in lines[1], lines
+    last = [
+        json.loads(r) for r in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()
+    ][-1]
+    assert (
+        last["iteration"] == 4
+        and f"cfd {last['cfd']:.2f}" in lines[-1]
+        and f"modes {last['modes']}" in lines[-1]
+    )
 
 
 def test_offline_first_command_names_everything_missing(tmp_path, monkeypatch):
@@ -389,9 +557,16 @@ def test_offline_first_command_names_everything_missing(tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
     line = error_line(result)
     assert "Inception weights" in line and "--inception-weights" in line
-    assert "CIFAR-10" in line and str(data) in line and f"{shlex.quote(sys.executable)} {EVALUATE} prepare" in line, line
+    assert (
+        "CIFAR-10" in line
+        and str(data) in line
+        and f"{shlex.quote(sys.executable)} {EVALUATE} prepare" in line
+    ), line
     no_fid = run(*TINY, "--data-root", data, "--out", out)
-    assert no_fid.exit_code == 1 and f"{shlex.quote(sys.executable)} {EVALUATE} prepare" in error_line(no_fid)
+    assert (
+        no_fid.exit_code == 1
+        and f"{shlex.quote(sys.executable)} {EVALUATE} prepare" in error_line(no_fid)
+    )
     text = tmp_path / "hello.txt"
     text.write_text("hello\n")
     for dataset in ("cifar10", "folder"):
@@ -405,7 +580,9 @@ def unactivated_env() -> dict:
     """The environment of a shell where the venv was never activated: no VIRTUAL_ENV and no venv
     folder on PATH (PYTHONPATH stays: it points the interpreter at this checkout)."""
     venv_bin = str(Path(sys.executable).parent)
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin
+    )
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     return {**env, "PATH": path, "OMP_NUM_THREADS": "1"}
 
@@ -416,9 +593,22 @@ def test_the_printed_resume_command_runs_as_printed(tmp_path, capsys):
     from dcgan_mn.config import TrainConfig
     from dcgan_mn.training import train
 
-    cfg = TrainConfig(dataset="stacked-digits", stack_size=64, ngf=8, ndf=8, batch_size=8, mn_fit_points=64,
-                      device="cpu", iters=6, fid_every=0, sample_every=0, log_every=0, ckpt_every=0,
-                      out=str(tmp_path / "runs"), run_name="r")
+    cfg = TrainConfig(
+        dataset="stacked-digits",
+        stack_size=64,
+        ngf=8,
+        ndf=8,
+        batch_size=8,
+        mn_fit_points=64,
+        device="cpu",
+        iters=6,
+        fid_every=0,
+        sample_every=0,
+        log_every=0,
+        ckpt_every=0,
+        out=str(tmp_path / "runs"),
+        run_name="r",
+    )
 
     def interrupt(iteration, G, D):
         if iteration == 2:
@@ -430,6 +620,11 @@ def test_the_printed_resume_command_runs_as_printed(tmp_path, capsys):
     assert len(said) == 1, said
     command = said[0].split("continue with: ", 1)[1]
     assert command.startswith(shlex.quote(sys.executable) + " "), command
-    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300, env=unactivated_env())
+    done = subprocess.run(
+        command, shell=True, capture_output=True, text=True, timeout=300, env=unactivated_env()
+    )
     assert done.returncode == 0, done.stderr
-    assert C.load_checkpoint(RunFolder(tmp_path / "runs" / "r").latest_checkpoint())["iteration"] == cfg.iters
+    assert (
+        C.load_checkpoint(RunFolder(tmp_path / "runs" / "r").latest_checkpoint())["iteration"]
+        == cfg.iters
+    )

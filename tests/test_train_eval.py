@@ -40,9 +40,25 @@ def env(tmp_path, monkeypatch):
 
 def test_periodic_fid_rows_snapshots_and_best(env, fid_weights_file):
     data, ref, out = env
-    result = run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", 4,
-                 "--fid-every", 2, "--fid-samples", 8, "--ref", ref,
-                 "--inception-weights", fid_weights_file)
+    result = run(
+        *TINY,
+        "--data-root",
+        data,
+        "--out",
+        out,
+        "--run-name",
+        "r",
+        "--iters",
+        4,
+        "--fid-every",
+        2,
+        "--fid-samples",
+        8,
+        "--ref",
+        ref,
+        "--inception-weights",
+        fid_weights_file,
+    )
     assert result.exit_code == 0, result.output
     run_dir = out / "r"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -58,7 +74,9 @@ def test_periodic_fid_rows_snapshots_and_best(env, fid_weights_file):
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["extra"]["ref_key"] == rows[0]["ref_key"]
     assert sorted(p.name for p in (run_dir / "snapshots").iterdir()) == [
-        "G-00000002.pt", "G-00000004.pt"]
+        "G-00000002.pt",
+        "G-00000004.pt",
+    ]
     best = torch.load(run_dir / "best.pt", weights_only=True)
     assert best["iteration"] == min(rows, key=lambda r: r["fid"])["iteration"]
     scalars, _, _ = read_tensorboard(run_dir)
@@ -73,8 +91,23 @@ def test_offline_inception_stops_before_writing(env, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    result = run(*TINY, "--data-root", data, "--out", out, "--run-name", "r", "--iters", 2,
-                 "--fid-every", 1, "--fid-samples", 4, "--ref", ref)
+    result = run(
+        *TINY,
+        "--data-root",
+        data,
+        "--out",
+        out,
+        "--run-name",
+        "r",
+        "--iters",
+        2,
+        "--fid-every",
+        1,
+        "--fid-samples",
+        4,
+        "--ref",
+        ref,
+    )
     assert result.exit_code != 0
     assert "pt_inception-2015-12-05" in result.output and "--inception-weights" in result.output
     assert not (out / "r").exists()

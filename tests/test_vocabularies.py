@@ -21,7 +21,9 @@ from dcgan_mn.models import G_ARCHS, SAMPLE_MODES
 from dcgan_mn.norms import ESTIMATORS, NORM_KINDS, POINTS
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*(ROOT / "dcgan_mn").rglob("*.py"), ROOT / "train.py", ROOT / "evaluate.py", ROOT / "sweep.py"])
+SOURCES = sorted(
+    [*(ROOT / "dcgan_mn").rglob("*.py"), ROOT / "train.py", ROOT / "evaluate.py", ROOT / "sweep.py"]
+)
 
 # vocabulary -> (its names, the one module that spells them out)
 VOCABULARIES = {

@@ -16,17 +16,59 @@ The rules and the reading guide for users: ``docs/comparing.md`` and ``docs/comp
 The names below are the package's public API (``from dcgan_mn.compare import ...``).
 """
 
-from .curves import (COLLAPSE_FACTOR, COLLAPSE_METRICS, SMOOTH_WINDOW, CompareError, RunCurve,
-                     area_under_curve, evaluation_noise, headline_metric, provenance_warnings, read_run,
-                     running_median)
-from .inference import (BOOTSTRAP_RESAMPLES, CONFIDENCE, bootstrap_interval, independent_permutation_p,
-                        paired_permutation_p, signed_rank, summarize, verdict)
+from .curves import (
+    COLLAPSE_FACTOR,
+    COLLAPSE_METRICS,
+    SMOOTH_WINDOW,
+    CompareError,
+    RunCurve,
+    area_under_curve,
+    evaluation_noise,
+    headline_metric,
+    provenance_warnings,
+    read_run,
+    running_median,
+)
+from .inference import (
+    BOOTSTRAP_RESAMPLES,
+    CONFIDENCE,
+    bootstrap_interval,
+    independent_permutation_p,
+    paired_permutation_p,
+    signed_rank,
+    summarize,
+    verdict,
+)
 from .rule import acceleration, pair_runs
 from .report import compare_runs
 from .render import READING_GUIDE, curve_figure, plot_curves, render_markdown, write_outputs
 
-__all__ = ["CompareError", "RunCurve", "read_run", "headline_metric", "pair_runs", "acceleration", "bootstrap_interval",
-           "provenance_warnings", "paired_permutation_p", "independent_permutation_p", "READING_GUIDE",
-           "running_median", "area_under_curve", "evaluation_noise", "summarize", "signed_rank", "verdict",
-           "compare_runs", "render_markdown", "curve_figure", "plot_curves", "write_outputs",
-           "BOOTSTRAP_RESAMPLES", "CONFIDENCE", "COLLAPSE_FACTOR", "COLLAPSE_METRICS", "SMOOTH_WINDOW"]
+__all__ = [
+    "CompareError",
+    "RunCurve",
+    "read_run",
+    "headline_metric",
+    "pair_runs",
+    "acceleration",
+    "bootstrap_interval",
+    "provenance_warnings",
+    "paired_permutation_p",
+    "independent_permutation_p",
+    "READING_GUIDE",
+    "running_median",
+    "area_under_curve",
+    "evaluation_noise",
+    "summarize",
+    "signed_rank",
+    "verdict",
+    "compare_runs",
+    "render_markdown",
+    "curve_figure",
+    "plot_curves",
+    "write_outputs",
+    "BOOTSTRAP_RESAMPLES",
+    "CONFIDENCE",
+    "COLLAPSE_FACTOR",
+    "COLLAPSE_METRICS",
+    "SMOOTH_WINDOW",
+]

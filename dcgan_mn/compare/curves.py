@@ -22,8 +22,19 @@ import numpy as np
 from ..metrics.specs import METRICS, MODE_COUNT_KEY, metric_spec, primary_metric
 from ..runfolder import RunFolder
 
-__all__ = ["CompareError", "RunCurve", "read_run", "headline_metric", "provenance_warnings", "running_median",
-           "area_under_curve", "evaluation_noise", "SMOOTH_WINDOW", "COLLAPSE_FACTOR", "COLLAPSE_METRICS"]
+__all__ = [
+    "CompareError",
+    "RunCurve",
+    "read_run",
+    "headline_metric",
+    "provenance_warnings",
+    "running_median",
+    "area_under_curve",
+    "evaluation_noise",
+    "SMOOTH_WINDOW",
+    "COLLAPSE_FACTOR",
+    "COLLAPSE_METRICS",
+]
 
 SMOOTH_WINDOW = 3
 COLLAPSE_FACTOR = 2.0  # "min" metric: a later value >= 2x the best; "max": <= half the best
@@ -49,9 +60,13 @@ class RunCurve:
     train_seconds: list[Optional[float]]
     direction: str = "min"  # "min": lower is better (FID, kl_modes, cfd); "max": higher (modes)
     seed_values: Optional[list[list[float]]] = None  # per evaluation, one score per eval seed
-    provenance: Optional[dict] = None  # what computed the rows used: environments, protocols, weights
+    provenance: Optional[dict] = (
+        None  # what computed the rows used: environments, protocols, weights
+    )
     load_per_core: Optional[list[Optional[float]]] = None  # per evaluation (None: not recorded)
-    device: Optional[str] = None  # the device it trained on (config.json extra.device, or provenance)
+    device: Optional[str] = (
+        None  # the device it trained on (config.json extra.device, or provenance)
+    )
 
     @property
     def eval_seeds(self) -> int:
@@ -108,9 +123,15 @@ class RunCurve:
     def rebound(self) -> dict:
         """The largest rebound after the best value, and whether it is a collapse."""
         b = self.best_index
-        after = self.values[b + 1:]
-        out = {"best": self.best, "best_iteration": self.best_iteration, "worst_after": None,
-               "worst_after_iteration": None, "ratio": None, "collapsed": False}
+        after = self.values[b + 1 :]
+        out = {
+            "best": self.best,
+            "best_iteration": self.best_iteration,
+            "worst_after": None,
+            "worst_after_iteration": None,
+            "ratio": None,
+            "collapsed": False,
+        }
         if not after:
             return out
         worst = min(after) if self.direction == "max" else max(after)
@@ -120,24 +141,36 @@ class RunCurve:
             ratio = worst / self.best
             out["ratio"] = ratio
             if self.metric in COLLAPSE_METRICS:
-                out["collapsed"] = ratio <= 1 / COLLAPSE_FACTOR if self.direction == "max" else ratio >= COLLAPSE_FACTOR
+                out["collapsed"] = (
+                    ratio <= 1 / COLLAPSE_FACTOR
+                    if self.direction == "max"
+                    else ratio >= COLLAPSE_FACTOR
+                )
         return out
 
     def summary(self) -> dict:
         return {
-            "name": self.name, "path": self.path, "seed": self.seed,
+            "name": self.name,
+            "path": self.path,
+            "seed": self.seed,
             "evaluations": len(self.values),
-            "best": self.best, "best_iteration": self.best_iteration,
+            "best": self.best,
+            "best_iteration": self.best_iteration,
             "train_seconds_to_best": self.train_seconds[self.best_index],
-            "final": self.values[-1], "final_iteration": self.iterations[-1],
+            "final": self.values[-1],
+            "final_iteration": self.iterations[-1],
             "still_improving": self.still_improving,
             "rebound": self.rebound(),
         }
 
 
 def read_run(
-    path, *, metric: str = "fid", sample_mode: Optional[str] = None,
-    num_samples: Optional[int] = None, eval_seeds: int = 1,
+    path,
+    *,
+    metric: str = "fid",
+    sample_mode: Optional[str] = None,
+    num_samples: Optional[int] = None,
+    eval_seeds: int = 1,
 ) -> RunCurve:
     """One run folder's curve of ``metric`` against iteration, from ``metrics.jsonl``.
 
@@ -157,7 +190,9 @@ def read_run(
     if not run.is_dir():
         raise CompareError(f"run {str(path)!r}: not a folder")
     if not folder.metrics_file.is_file():
-        raise CompareError(f"run {str(path)!r}: no {RunFolder.METRICS} (was it trained with --fid-every > 0?)")
+        raise CompareError(
+            f"run {str(path)!r}: no {RunFolder.METRICS} (was it trained with --fid-every > 0?)"
+        )
     if eval_seeds < 1:
         raise CompareError(f"--eval-seeds {eval_seeds}: must be >= 1")
     try:
@@ -170,16 +205,23 @@ def read_run(
         raise CompareError(f"run {str(path)!r}: {e}") from None
     rows = []
     for row in all_rows:
-        if isinstance(row, dict) and row.get(metric) is not None and row.get("iteration") is not None:
+        if (
+            isinstance(row, dict)
+            and row.get(metric) is not None
+            and row.get("iteration") is not None
+        ):
             rows.append(row)
     if not rows:
         scored = _scored(all_rows)
         has = f"it has {', '.join(scored)}" if scored else "it has no metric values at all"
-        raise CompareError(f"run {str(path)!r}: metrics.jsonl has no {metric!r} values; {has} "
-                           f"(choose one with --metric)")
+        raise CompareError(
+            f"run {str(path)!r}: metrics.jsonl has no {metric!r} values; {has} "
+            f"(choose one with --metric)"
+        )
 
-    rows, mode, count = _one_protocol(rows, path, metric, count_key, config.get("sample_mode"),
-                                      sample_mode, num_samples)
+    rows, mode, count = _one_protocol(
+        rows, path, metric, count_key, config.get("sample_mode"), sample_mode, num_samples
+    )
 
     by_iteration = {}
     for r in rows:  # the last evaluation of an iteration wins
@@ -189,15 +231,23 @@ def read_run(
     used = [by_iteration[i] for i in its]  # the rows behind the curve (and their seed rows below)
     seed_values = None
     if eval_seeds > 1:
-        seed_values, matching = _seed_scores(folder, path, metric, count_key, mode, count,
-                                             [by_iteration[i] for i in its], eval_seeds)
+        seed_values, matching = _seed_scores(
+            folder, path, metric, count_key, mode, count, [by_iteration[i] for i in its], eval_seeds
+        )
         values = [statistics.fmean(p) for p in seed_values]
         used = [*used, *matching]
     return RunCurve(
-        name=run.name, path=str(run), seed=config.get("seed"), metric=metric,
-        sample_mode=mode, num_samples=count, iterations=its, values=values,
+        name=run.name,
+        path=str(run),
+        seed=config.get("seed"),
+        metric=metric,
+        sample_mode=mode,
+        num_samples=count,
+        iterations=its,
+        values=values,
         train_seconds=[by_iteration[i].get("train_seconds") for i in its],
-        direction=spec.direction, seed_values=seed_values,
+        direction=spec.direction,
+        seed_values=seed_values,
         provenance=_provenance(run, used, metric),
         load_per_core=[_float_or_none(by_iteration[i].get("load_per_core")) for i in its],
         device=_training_device(run, config, [by_iteration[i] for i in its]),
@@ -229,12 +279,21 @@ def headline_metric(paths: Sequence) -> str:
         chosen.setdefault(metric, []).append(folder.path.name)
     if len(chosen) > 1:
         each = "; ".join(f"{m}: {', '.join(names)}" for m, names in chosen.items())
-        raise CompareError(f"the runs' best.pt follow different metrics ({each}): choose one with --metric")
+        raise CompareError(
+            f"the runs' best.pt follow different metrics ({each}): choose one with --metric"
+        )
     return next(iter(chosen), "fid")
 
 
-def _one_protocol(rows: list[dict], path, metric: str, count_key: str, config_mode: Optional[str],
-                  sample_mode: Optional[str], num_samples: Optional[int]) -> tuple[list[dict], str, int]:
+def _one_protocol(
+    rows: list[dict],
+    path,
+    metric: str,
+    count_key: str,
+    config_mode: Optional[str],
+    sample_mode: Optional[str],
+    num_samples: Optional[int],
+) -> tuple[list[dict], str, int]:
     """The rows of one sample mode and one sample count (the given ones, else the only ones, else
     for the sample mode the config's): numbers from different protocols are not one curve."""
     mode = sample_mode
@@ -261,20 +320,32 @@ def _one_protocol(rows: list[dict], path, metric: str, count_key: str, config_mo
         count = next(iter(counts))
     rows = [r for r in rows if r.get(count_key) == count]
     if not rows:
-        raise CompareError(f"run {str(path)!r}: no {metric!r} rows with sample mode {mode!r} and "
-                           f"{count} samples")
+        raise CompareError(
+            f"run {str(path)!r}: no {metric!r} rows with sample mode {mode!r} and {count} samples"
+        )
     return rows, mode, count
 
 
-def _seed_scores(folder: RunFolder, path, metric: str, count_key: str, mode: str, count: int,
-                 curve_rows: list[dict], eval_seeds: int) -> tuple[list[list[float]], list[dict]]:
+def _seed_scores(
+    folder: RunFolder,
+    path,
+    metric: str,
+    count_key: str,
+    mode: str,
+    count: int,
+    curve_rows: list[dict],
+    eval_seeds: int,
+) -> tuple[list[list[float]], list[dict]]:
     """Per curve point, its training row's score then those of the next ``eval_seeds`` - 1
     evaluation seeds (from ``eval_seeds.jsonl``); and the seed rows used."""
     from ..commands import script_command
     from ..rescore import evaluation_seeds, seed_rows
 
-    matching = [r for r in seed_rows(folder) if r.get(metric) is not None
-                and r.get("sample_mode") == mode and r.get(count_key) == count]
+    matching = [
+        r
+        for r in seed_rows(folder)
+        if r.get(metric) is not None and r.get("sample_mode") == mode and r.get(count_key) == count
+    ]
     extra = {(int(r["iteration"]), int(r.get("seed", 0))): float(r[metric]) for r in matching}
     seed_values = []
     for row in curve_rows:
@@ -286,7 +357,8 @@ def _seed_scores(folder: RunFolder, path, metric: str, count_key: str, mode: str
                     f"run {str(path)!r}: iteration {i} has no {metric} score from evaluation "
                     f"seed {s} in {RunFolder.EVAL_SEEDS}; "
                     f"{script_command('evaluate.py', 'compare', '--eval-seeds', eval_seeds)} RUN... "
-                    f"--baseline RUN... scores it from the run's snapshots")
+                    f"--baseline RUN... scores it from the run's snapshots"
+                )
             point.append(extra[(i, s)])
         seed_values.append(point)
     return seed_values, matching
@@ -307,8 +379,13 @@ def _training_device(run: Path, config: dict, rows: list[dict]) -> Optional[str]
     if extra.get("device"):
         return str(extra["device"])
     known = read_environments(run)
-    devices = sorted({str(known[r["env_key"]].get("device")) for r in rows
-                      if r.get("env_key") in known and known[r["env_key"]].get("device")})
+    devices = sorted(
+        {
+            str(known[r["env_key"]].get("device"))
+            for r in rows
+            if r.get("env_key") in known and known[r["env_key"]].get("device")
+        }
+    )
     return ", ".join(devices) if devices else None
 
 
@@ -321,11 +398,16 @@ def _provenance(run: Path, rows: list[dict], metric: str) -> dict:
     keys = values("env_key")
     known = read_environments(run)
     # The network behind the compared metric: the mode classifier, or the Inception weights.
-    weights_key = "classifier_sha256" if metric_spec(metric).count_key == MODE_COUNT_KEY else "weights_sha256"
-    return {"env_keys": keys, "environments": {k: known[k] for k in keys if k in known},
-            "rows_without_env_key": sum(r.get("env_key") is None for r in rows),
-            "fid_protocols": values("fid_protocol") if weights_key == "weights_sha256" else [],
-            "weights": values(weights_key)}
+    weights_key = (
+        "classifier_sha256" if metric_spec(metric).count_key == MODE_COUNT_KEY else "weights_sha256"
+    )
+    return {
+        "env_keys": keys,
+        "environments": {k: known[k] for k in keys if k in known},
+        "rows_without_env_key": sum(r.get("env_key") is None for r in rows),
+        "fid_protocols": values("fid_protocol") if weights_key == "weights_sha256" else [],
+        "weights": values(weights_key),
+    }
 
 
 def provenance_warnings(runs: Sequence[RunCurve]) -> list[str]:
@@ -335,15 +417,19 @@ def provenance_warnings(runs: Sequence[RunCurve]) -> list[str]:
     warnings = []
     bare = [r.name for r in runs if r.provenance and r.provenance.get("rows_without_env_key")]
     if bare:
-        warnings.append(f"run{'s' if len(bare) > 1 else ''} {', '.join(bare)} "
-                        f"{'have' if len(bare) > 1 else 'has'} rows without provenance (no env_key: "
-                        "which library versions, device and weights computed them is unknown)")
+        warnings.append(
+            f"run{'s' if len(bare) > 1 else ''} {', '.join(bare)} "
+            f"{'have' if len(bare) > 1 else 'has'} rows without provenance (no env_key: "
+            "which library versions, device and weights computed them is unknown)"
+        )
     protocols = sorted({p for pr in provs for p in pr["fid_protocols"]})
     if len(protocols) > 1:
         warnings.append(f"the rows mix FID protocols {protocols}: their numbers are not comparable")
     weights = sorted({w[:12] for pr in provs for w in pr["weights"]})
     if len(weights) > 1:
-        warnings.append(f"the rows come from different networks (Inception weights or mode classifier) {weights}")
+        warnings.append(
+            f"the rows come from different networks (Inception weights or mode classifier) {weights}"
+        )
     envs = [env for pr in provs for env in pr["environments"].values()]
     differ = []
     for field in sorted({f for env in envs for f in env}):
@@ -351,14 +437,16 @@ def provenance_warnings(runs: Sequence[RunCurve]) -> list[str]:
         if len(seen) > 1:
             differ.append(f"{field} ({', '.join(seen)})")
     if differ:
-        warnings.append("the rows were computed in environments that differ in " + "; ".join(differ))
+        warnings.append(
+            "the rows were computed in environments that differ in " + "; ".join(differ)
+        )
     return warnings
 
 
 def running_median(values: Sequence[float], window: int = SMOOTH_WINDOW) -> list[float]:
     """Centred running median; near the ends the window holds what is there."""
     half = window // 2
-    return [float(np.median(values[max(0, i - half):i + half + 1])) for i in range(len(values))]
+    return [float(np.median(values[max(0, i - half) : i + half + 1])) for i in range(len(values))]
 
 
 def area_under_curve(curve: RunCurve, start: int, stop: int) -> Optional[float]:
@@ -380,5 +468,9 @@ def evaluation_noise(runs: Sequence[RunCurve]) -> Optional[dict]:
     variances = [statistics.variance(p) for r in runs if r.eval_seeds > 1 for p in r.seed_values]
     if not variances:
         return None
-    return {"eval_seeds": runs[0].eval_seeds, "sigma": math.sqrt(statistics.fmean(variances)),
-            "max_point_std": math.sqrt(max(variances)), "points": len(variances)}
+    return {
+        "eval_seeds": runs[0].eval_seeds,
+        "sigma": math.sqrt(statistics.fmean(variances)),
+        "max_point_std": math.sqrt(max(variances)),
+        "points": len(variances),
+    }

@@ -19,19 +19,34 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["bootstrap_interval", "summarize", "signed_rank", "paired_permutation_p",
-           "independent_permutation_p", "verdict", "BOOTSTRAP_RESAMPLES", "CONFIDENCE"]
+__all__ = [
+    "bootstrap_interval",
+    "summarize",
+    "signed_rank",
+    "paired_permutation_p",
+    "independent_permutation_p",
+    "verdict",
+    "BOOTSTRAP_RESAMPLES",
+    "CONFIDENCE",
+]
 
 BOOTSTRAP_RESAMPLES = 10_000
 CONFIDENCE = 0.95
 BOOTSTRAP_SEED = 0  # the report is a pure function of the metrics files
-MIN_UNITS_FOR_INTERVAL_VERDICT = 5  # below: a sign count, not a 95% claim, and the interval is the range
-PERMUTATION_RESAMPLES = 20_000  # exact (every sign flip / relabelling) up to this many, else Monte Carlo
+MIN_UNITS_FOR_INTERVAL_VERDICT = (
+    5  # below: a sign count, not a 95% claim, and the interval is the range
+)
+PERMUTATION_RESAMPLES = (
+    20_000  # exact (every sign flip / relabelling) up to this many, else Monte Carlo
+)
 PERMUTATION_SEED = 0
 
 
 def bootstrap_interval(
-    values, *, resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE,
+    values,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = CONFIDENCE,
     seed: int = BOOTSTRAP_SEED,
 ) -> Optional[list[float]]:
     """Percentile-bootstrap interval of a mean.
@@ -80,8 +95,13 @@ def summarize(values, matrix=None, units: Optional[int] = None) -> dict:
     else:
         interval = bootstrap_interval(matrix if matrix is not None else vals)
         label = f"{100 * CONFIDENCE:.0f}%" if interval else None
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
-            "n": len(vals), "ci": interval, "ci_label": label}
+    return {
+        "mean": statistics.fmean(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else None,
+        "n": len(vals),
+        "ci": interval,
+        "ci_label": label,
+    }
 
 
 def signed_rank(x, axis=-1):
@@ -97,8 +117,9 @@ def _mean(x, axis=-1):
     return np.mean(x, axis=axis)
 
 
-def paired_permutation_p(values, *, statistic: str = "mean",
-                         resamples: int = PERMUTATION_RESAMPLES) -> Optional[dict]:
+def paired_permutation_p(
+    values, *, statistic: str = "mean", resamples: int = PERMUTATION_RESAMPLES
+) -> Optional[dict]:
     """Two-sided sign-flip permutation test of per-pair values (``scipy.stats.permutation_test``,
     permutation_type="samples"): under "no difference" each pair's sign is a coin flip. Exact
     (all 2^n flips) when 2^n <= ``resamples``; its smallest p is 2 / 2^n. ``statistic``: "mean"
@@ -111,15 +132,27 @@ def paired_permutation_p(values, *, statistic: str = "mean",
         return None
     fn = signed_rank if statistic == "signed_rank" else _mean
     res = scipy.stats.permutation_test(
-        (x,), fn, permutation_type="samples", vectorized=True, n_resamples=resamples,
-        alternative="two-sided", rng=np.random.default_rng(PERMUTATION_SEED))
-    return {"p": float(res.pvalue), "n": int(x.size), "exact": 2 ** int(x.size) <= resamples,
-            "smallest_p": min(1.0, 2 / 2 ** int(x.size)) if 2 ** int(x.size) <= resamples else None,
-            "permutation_type": "samples", "statistic": statistic}
+        (x,),
+        fn,
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=resamples,
+        alternative="two-sided",
+        rng=np.random.default_rng(PERMUTATION_SEED),
+    )
+    return {
+        "p": float(res.pvalue),
+        "n": int(x.size),
+        "exact": 2 ** int(x.size) <= resamples,
+        "smallest_p": min(1.0, 2 / 2 ** int(x.size)) if 2 ** int(x.size) <= resamples else None,
+        "permutation_type": "samples",
+        "statistic": statistic,
+    }
 
 
-def independent_permutation_p(n_cand: int, n_base: int, statistic,
-                              *, resamples: int = PERMUTATION_RESAMPLES) -> Optional[dict]:
+def independent_permutation_p(
+    n_cand: int, n_base: int, statistic, *, resamples: int = PERMUTATION_RESAMPLES
+) -> Optional[dict]:
     """Two-sided permutation test of runs not paired by seed (``scipy.stats.permutation_test``,
     permutation_type="independent"): under "no difference" any n_cand of the runs could have been
     the candidates. ``statistic(cand_idx, base_idx)`` gets index arrays into the runs (the
@@ -132,18 +165,34 @@ def independent_permutation_p(n_cand: int, n_base: int, statistic,
     res = scipy.stats.permutation_test(
         (np.arange(n_cand), np.arange(n_cand, n_cand + n_base)),
         lambda ci, bi: statistic(np.asarray(ci, dtype=int), np.asarray(bi, dtype=int)),
-        permutation_type="independent", vectorized=False, n_resamples=resamples,
-        alternative="two-sided", rng=np.random.default_rng(PERMUTATION_SEED))
+        permutation_type="independent",
+        vectorized=False,
+        n_resamples=resamples,
+        alternative="two-sided",
+        rng=np.random.default_rng(PERMUTATION_SEED),
+    )
     p = float(res.pvalue)
     if math.isnan(p):
         return None
-    return {"p": p, "n": n_cand + n_base, "exact": total <= resamples,
-            "smallest_p": min(1.0, 2 / total) if total <= resamples else None,
-            "permutation_type": "independent", "statistic": "difference of arm means"}
+    return {
+        "p": p,
+        "n": n_cand + n_base,
+        "exact": total <= resamples,
+        "smallest_p": min(1.0, 2 / total) if total <= resamples else None,
+        "permutation_type": "independent",
+        "statistic": "difference of arm means",
+    }
 
 
-def verdict(stat: dict, better_if_positive: bool, values=(), noise: Optional[float] = None,
-             of: Optional[int] = None, p: Optional[float] = None, unit: str = "pairs") -> str:
+def verdict(
+    stat: dict,
+    better_if_positive: bool,
+    values=(),
+    noise: Optional[float] = None,
+    of: Optional[int] = None,
+    p: Optional[float] = None,
+    unit: str = "pairs",
+) -> str:
     """One phrase on a mean difference or acceleration (positive = ``better_if_positive``).
 
     ``values``: one per resampling unit; -inf marks a pair that never reached the target (it
@@ -164,12 +213,18 @@ def verdict(stat: dict, better_if_positive: bool, values=(), noise: Optional[flo
         pos, neg = sum(v > 0 for v in vals), sum(v < 0 for v in vals)
         untied, k = pos + neg, max(pos, neg)  # the sign test leaves ties out
         side = "candidate" if (pos > neg) == better_if_positive else "baseline"
-        never = f"; {censored} never reached the target, counted for the baseline" if censored else ""
+        never = (
+            f"; {censored} never reached the target, counted for the baseline" if censored else ""
+        )
         if pos == neg:
-            text = (f"not detected at this sample size (n = {n}): {pos} {unit if pos != 1 else unit[:-1]} "
-                    f"favour{'s' if pos == 1 else ''} each arm{never}")
+            text = (
+                f"not detected at this sample size (n = {n}): {pos} {unit if pos != 1 else unit[:-1]} "
+                f"favour{'s' if pos == 1 else ''} each arm{never}"
+            )
         else:
-            sign_p = min(1.0, 2 * sum(math.comb(untied, j) for j in range(k, untied + 1)) / 2 ** untied)
+            sign_p = min(
+                1.0, 2 * sum(math.comb(untied, j) for j in range(k, untied + 1)) / 2**untied
+            )
             ties = f", {n - untied} tied" if n > untied else ""
             text = f"{k} of {n} {unit} favour the {side}{ties}{never} (sign test p = {sign_p:.2f})"
             if n < MIN_UNITS_FOR_INTERVAL_VERDICT:

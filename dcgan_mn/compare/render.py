@@ -103,9 +103,17 @@ PERMUTATION_WORDS = {
 def render_markdown(report: dict) -> str:
     """The report as markdown: per-arm summary, differences, accelerations, pairs, runs, the
     seed-count table and a fixed reading guide."""
-    lines = [*_header(report), *_arm_table(report), *_difference_table(report),
-             *_acceleration_section(report), *_pair_table(report), *_run_table(report),
-             *_seeds_table(report), "", READING_GUIDE.rstrip()]
+    lines = [
+        *_header(report),
+        *_arm_table(report),
+        *_difference_table(report),
+        *_acceleration_section(report),
+        *_pair_table(report),
+        *_run_table(report),
+        *_seeds_table(report),
+        "",
+        READING_GUIDE.rstrip(),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -116,9 +124,11 @@ def _header(report: dict) -> list[str]:
     boot = st.get("bootstrap", {})
     perm = st.get("permutation", {})
     noise = report.get("evaluation_noise")
-    interval_text = (f"{100 * boot.get('confidence', CONFIDENCE):.0f}% "
-                     f"{boot.get('method', 'percentile')} bootstrap interval, "
-                     f"{boot.get('resamples', BOOTSTRAP_RESAMPLES)} resamples")
+    interval_text = (
+        f"{100 * boot.get('confidence', CONFIDENCE):.0f}% "
+        f"{boot.get('method', 'percentile')} bootstrap interval, "
+        f"{boot.get('resamples', BOOTSTRAP_RESAMPLES)} resamples"
+    )
     return [
         f"## {m}: {lab['candidate']} vs {lab['baseline']} "
         f"({report['num_samples']} samples, sample mode {report['sample_mode']}; "
@@ -127,13 +137,20 @@ def _header(report: dict) -> list[str]:
         f"Per-arm rows: mean ± std over runs [{interval_text}, unit: {boot.get('arm_unit', 'run')}]. "
         f"Differences and accelerations: mean ± std over pairs [{interval_text}, unit: "
         f"{boot.get('unit', '–')}]. Below {boot.get('range_below', MIN_UNITS_FOR_INTERVAL_VERDICT)} "
-        "units the bracket is the range of the values, marked \"(range of n)\", not a 95% interval. "
-        + (f"Permutation tests: {PERMUTATION_WORDS.get(perm.get('permutation_type'), perm.get('permutation_type'))} "
-           f"(scipy.stats.permutation_test, permutation_type={perm.get('permutation_type')!r}). "
-           if perm else "")
-        + (f"Evaluation noise: each point is the mean over {noise['eval_seeds']} evaluation seeds; "
-           f"sigma_eval = {noise['sigma']:.3g} (largest point std {noise['max_point_std']:.3g}, "
-           f"{noise['points']} points)." if noise else "One evaluation seed per point (no evaluation-noise estimate)."),
+        'units the bracket is the range of the values, marked "(range of n)", not a 95% interval. '
+        + (
+            f"Permutation tests: {PERMUTATION_WORDS.get(perm.get('permutation_type'), perm.get('permutation_type'))} "
+            f"(scipy.stats.permutation_test, permutation_type={perm.get('permutation_type')!r}). "
+            if perm
+            else ""
+        )
+        + (
+            f"Evaluation noise: each point is the mean over {noise['eval_seeds']} evaluation seeds; "
+            f"sigma_eval = {noise['sigma']:.3g} (largest point std {noise['max_point_std']:.3g}, "
+            f"{noise['points']} points)."
+            if noise
+            else "One evaluation seed per point (no evaluation-noise estimate)."
+        ),
         "",
         *[f"**Warning:** {w}." for w in report.get("warnings", [])],
         *([""] if report.get("warnings") else []),
@@ -157,13 +174,21 @@ def _arm_table(report: dict) -> list[str]:
             f"{_fmt(a['auc'], interval=True)} | {a['collapsed']} of {a['best']['n']} | "
             f"{a.get('still_improving', 0)} of {a['best']['n']} |"
         )
-    improving = [r for arm in ("baseline", "candidate") for r in report["runs"][arm] if r.get("still_improving")]
+    improving = [
+        r
+        for arm in ("baseline", "candidate")
+        for r in report["runs"][arm]
+        if r.get("still_improving")
+    ]
     if improving:
         better_sign = "≤" if report.get("direction", "min") == "min" else "≥"
-        lines += ["", f"**Still improving:** {', '.join(r['name'] for r in improving)} "
-                      f"{'is' if len(improving) == 1 else 'are'} at {'its' if len(improving) == 1 else 'their'} "
-                      "best at the last evaluation: that best, and any target taken from it, is a bound "
-                      f"(the run would reach {better_sign} it), not a value. Run longer."]
+        lines += [
+            "",
+            f"**Still improving:** {', '.join(r['name'] for r in improving)} "
+            f"{'is' if len(improving) == 1 else 'are'} at {'its' if len(improving) == 1 else 'their'} "
+            "best at the last evaluation: that best, and any target taken from it, is a bound "
+            f"(the run would reach {better_sign} it), not a value. Run longer.",
+        ]
     return lines
 
 
@@ -172,19 +197,26 @@ def _p_cell(report: dict, key: str) -> str:
     t = report.get("statistics", {}).get("permutation", {}).get("tests", {}).get(key)
     if not t:
         return "–"
-    return f"{t['p']:.3g}" + (f" (exact; smallest possible {t['smallest_p']:.3g})" if t.get("exact") else " (Monte Carlo)")
+    return f"{t['p']:.3g}" + (
+        f" (exact; smallest possible {t['smallest_p']:.3g})" if t.get("exact") else " (Monte Carlo)"
+    )
 
 
 def _difference_table(report: dict) -> list[str]:
     """Candidate minus baseline: best, final (at the common last iteration) and AUC."""
     s, lab = report["summary"], report["labels"]
     final_at = report.get("statistics", {}).get("final_iteration")
-    lines = ["", f"| {lab['candidate']} - {lab['baseline']} | difference | permutation p | verdict |",
-             "|---|---|---|---|"]
+    lines = [
+        "",
+        f"| {lab['candidate']} - {lab['baseline']} | difference | permutation p | verdict |",
+        "|---|---|---|---|",
+    ]
     for key in ("best", "final", "auc"):
         name = {"final": f"final (at {_it(final_at)})" if final_at else "final"}.get(key, key)
-        lines.append(f"| {name} | {_fmt(s['difference'][key], interval=True)} | {_p_cell(report, key + '_difference')} | "
-                     f"{s['verdicts'][key + '_difference']} |")
+        lines.append(
+            f"| {name} | {_fmt(s['difference'][key], interval=True)} | {_p_cell(report, key + '_difference')} | "
+            f"{s['verdicts'][key + '_difference']} |"
+        )
     return lines
 
 
@@ -205,11 +237,15 @@ def _acceleration_section(report: dict) -> list[str]:
         f"{lab['candidate']} run got at least as good as its {lab['baseline']} run's best."
         + "".join(
             f" The pair {p['candidate']}/{p['baseline']} never reached {lab['baseline']}'s best"
-            + (f" within {_it(p.get('candidate_last_iteration'))} iterations."
-               if not str(_not_reached(p)).startswith("not reached (ended")
-               else f": its curve ended at {_it(p.get('candidate_last_iteration'))} "
-                    f"({lab['baseline']} ran to {_it(p.get('baseline_last_iteration'))}).")
-            for p in report["pairs"] if not p["reached"]),
+            + (
+                f" within {_it(p.get('candidate_last_iteration'))} iterations."
+                if not str(_not_reached(p)).startswith("not reached (ended")
+                else f": its curve ended at {_it(p.get('candidate_last_iteration'))} "
+                f"({lab['baseline']} ran to {_it(p.get('baseline_last_iteration'))})."
+            )
+            for p in report["pairs"]
+            if not p["reached"]
+        ),
     ]
     if acc.get("reached_by"):
         steps, last = [], None
@@ -217,8 +253,12 @@ def _acceleration_section(report: dict) -> list[str]:
             if frac != last:
                 steps.append(f"{_it(it)}: {100 * frac:.0f}%")
                 last = frac
-        lines += ["", "Share of pairs reached by iteration (first iteration at each new share): "
-                  + ", ".join(steps) + f"; by the end {100 * acc['reached_by'][-1][1]:.0f}%."]
+        lines += [
+            "",
+            "Share of pairs reached by iteration (first iteration at each new share): "
+            + ", ".join(steps)
+            + f"; by the end {100 * acc['reached_by'][-1][1]:.0f}%.",
+        ]
     lines += [
         "",
         "| rule | acceleration | target reached | permutation p | verdict |",
@@ -227,9 +267,11 @@ def _acceleration_section(report: dict) -> list[str]:
         f"{_p_cell(report, 'acceleration')} | {s['verdicts']['acceleration']} |",
     ]
     if report.get("evaluation_noise"):
-        lines.append(f"| within sigma_eval of the target | {_accel_cell(s['acceleration_tolerant'])} | "
-                     f"{s['pairs_reached_tolerant']} of {s['pairs']} | {_p_cell(report, 'acceleration_tolerant')} | "
-                     f"{s['verdicts']['acceleration_tolerant']} |")
+        lines.append(
+            f"| within sigma_eval of the target | {_accel_cell(s['acceleration_tolerant'])} | "
+            f"{s['pairs_reached_tolerant']} of {s['pairs']} | {_p_cell(report, 'acceleration_tolerant')} | "
+            f"{s['verdicts']['acceleration_tolerant']} |"
+        )
     lines += [
         f"| running median of {st.get('smoothing_window', SMOOTH_WINDOW)} | "
         f"{_accel_cell(s['acceleration_smoothed'])} | "
@@ -252,32 +294,54 @@ def _pair_table(report: dict) -> list[str]:
     ]
     for p in report["pairs"]:
         acc_p = _pct(p["acceleration"]) if p["reached"] else _not_reached(p)
-        tol = _pct(p.get("acceleration_tolerant")) if p.get("s_cand_tolerant") is not None else (
-            _not_reached(p) if noise else "–")
-        sm = _pct(p.get("acceleration_smoothed")) if p.get("s_cand_smoothed") is not None else _not_reached(p)
-        target = _num(p["target"]) + (f" (bound: {lab['baseline']} still improving)" if p.get("target_is_bound") else "")
-        lines.append(f"| {p['candidate']} | {p['baseline']} | {target} | {p['s_base']} | "
-                     f"{_num(p['s_cand'])} | {acc_p} | {tol} | {sm} | {_pct(p['time_acceleration'])} |")
+        tol = (
+            _pct(p.get("acceleration_tolerant"))
+            if p.get("s_cand_tolerant") is not None
+            else (_not_reached(p) if noise else "–")
+        )
+        sm = (
+            _pct(p.get("acceleration_smoothed"))
+            if p.get("s_cand_smoothed") is not None
+            else _not_reached(p)
+        )
+        target = _num(p["target"]) + (
+            f" (bound: {lab['baseline']} still improving)" if p.get("target_is_bound") else ""
+        )
+        lines.append(
+            f"| {p['candidate']} | {p['baseline']} | {target} | {p['s_base']} | "
+            f"{_num(p['s_cand'])} | {acc_p} | {tol} | {sm} | {_pct(p['time_acceleration'])} |"
+        )
     return lines
 
 
 def _run_table(report: dict) -> list[str]:
     """One row per run: best, final, the worst value after the best, collapse, still improving."""
     lab = report["labels"]
-    lines = ["", "| run | arm | seed | best | best at | final | final at | worst after best (at) | collapse | still improving |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "| run | arm | seed | best | best at | final | final at | worst after best (at) | collapse | still improving |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for arm in ("baseline", "candidate"):
         for r in report["runs"][arm]:
             rb = r.get("rebound") or {}
-            worst = "–" if rb.get("worst_after") is None else (
-                f"{_num(rb['worst_after'])} ({rb['worst_after_iteration']})")
+            worst = (
+                "–"
+                if rb.get("worst_after") is None
+                else (f"{_num(rb['worst_after'])} ({rb['worst_after_iteration']})")
+            )
             flag = "**yes**" if rb.get("collapsed") else "no"
             improving_flag = "**yes: run longer**" if r.get("still_improving") else "no"
-            lines.append(f"| {r['name']} | {lab[arm]} | {_num(r['seed'])} | {_num(r['best'])} | "
-                         f"{r['best_iteration']} | {_num(r['final'])} | {r['final_iteration']} | {worst} | {flag} | "
-                         f"{improving_flag} |")
-    lines += ["", f"Collapse: a value after the best that is {COLLAPSE_FACTOR:g}x worse "
-                  f"({'half the best or less' if report['direction'] == 'max' else 'twice the best or more'})."]
+            lines.append(
+                f"| {r['name']} | {lab[arm]} | {_num(r['seed'])} | {_num(r['best'])} | "
+                f"{r['best_iteration']} | {_num(r['final'])} | {r['final_iteration']} | {worst} | {flag} | "
+                f"{improving_flag} |"
+            )
+    lines += [
+        "",
+        f"Collapse: a value after the best that is {COLLAPSE_FACTOR:g}x worse "
+        f"({'half the best or less' if report['direction'] == 'max' else 'twice the best or more'}).",
+    ]
     return lines
 
 
@@ -287,16 +351,25 @@ def _seeds_table(report: dict) -> list[str]:
     if not any(r.get("sigma") is not None for r in need):
         return []
     unit = "pairs" if report["pairing"] == "seed" else "runs per arm"
-    lines = ["", f"**Seeds for 80% power** (two-sided 5%; {unit}): n = ((z_0.975 + z_0.8) sigma / delta)^2, "
-                 "sigma = the std across seeds of the differences measured here.", "",
-             f"| difference | sigma | delta = observed mean | {unit} needed | delta = 1 sigma_eval | {unit} needed |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"**Seeds for 80% power** (two-sided 5%; {unit}): n = ((z_0.975 + z_0.8) sigma / delta)^2, "
+        "sigma = the std across seeds of the differences measured here.",
+        "",
+        f"| difference | sigma | delta = observed mean | {unit} needed | delta = 1 sigma_eval | {unit} needed |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in need:
-        lines.append(f"| {r['quantity']} | {_num(r['sigma'], 3)} | {_num(r['observed_delta'], 3)} | "
-                     f"{_num(r['seeds_for_observed'])} | {_num(r['sigma_eval'], 3)} | "
-                     f"{_num(r['seeds_for_sigma_eval'])} |")
-    lines += ["", "A normal approximation: an exact sign-flip test also needs at least 6 pairs before "
-                  "any p can fall below 0.05 (its smallest p is 2/2^n)."]
+        lines.append(
+            f"| {r['quantity']} | {_num(r['sigma'], 3)} | {_num(r['observed_delta'], 3)} | "
+            f"{_num(r['seeds_for_observed'])} | {_num(r['sigma_eval'], 3)} | "
+            f"{_num(r['seeds_for_sigma_eval'])} |"
+        )
+    lines += [
+        "",
+        "A normal approximation: an exact sign-flip test also needs at least 6 pairs before "
+        "any p can fall below 0.05 (its smallest p is 2/2^n).",
+    ]
     return lines
 
 
@@ -312,7 +385,9 @@ def curve_figure(report: dict):
     for arm, (color, ls) in styles.items():
         for c in report["curves"][arm]:
             label = f"{report['labels'][arm]}: {c['name']}"
-            ax.plot(c["iterations"], c["values"], ls, color=color, alpha=0.85, marker=".", label=label)
+            ax.plot(
+                c["iterations"], c["values"], ls, color=color, alpha=0.85, marker=".", label=label
+            )
             if c.get("spread"):
                 v, sd = np.asarray(c["values"]), np.asarray(c["spread"])
                 ax.fill_between(c["iterations"], v - sd, v + sd, color=color, alpha=0.12, lw=0)
@@ -323,8 +398,11 @@ def curve_figure(report: dict):
     ax.set_xlabel("iteration (generator updates)")
     # A short axis label; the sample count and noise band go to the title (a long label was cut off).
     ax.set_ylabel(report["metric"])
-    ax.set_title(f"{report['metric']}: {report['num_samples']} samples, {report['sample_mode']}"
-                 + (f"; mean of {noise['eval_seeds']} eval seeds ± std" if noise else ""), fontsize=9)
+    ax.set_title(
+        f"{report['metric']}: {report['num_samples']} samples, {report['sample_mode']}"
+        + (f"; mean of {noise['eval_seeds']} eval seeds ± std" if noise else ""),
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

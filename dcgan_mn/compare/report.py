@@ -26,11 +26,27 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .curves import (COLLAPSE_FACTOR, SMOOTH_WINDOW, CompareError, RunCurve, area_under_curve,
-                     evaluation_noise, provenance_warnings)
-from .inference import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, MIN_UNITS_FOR_INTERVAL_VERDICT,
-                        PERMUTATION_RESAMPLES, PERMUTATION_SEED, independent_permutation_p,
-                        paired_permutation_p, summarize, verdict)
+from .curves import (
+    COLLAPSE_FACTOR,
+    SMOOTH_WINDOW,
+    CompareError,
+    RunCurve,
+    area_under_curve,
+    evaluation_noise,
+    provenance_warnings,
+)
+from .inference import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+    MIN_UNITS_FOR_INTERVAL_VERDICT,
+    PERMUTATION_RESAMPLES,
+    PERMUTATION_SEED,
+    independent_permutation_p,
+    paired_permutation_p,
+    summarize,
+    verdict,
+)
 from .rule import acceleration, acceleration_matrix, pair_runs
 
 __all__ = ["compare_runs", "PairTable"]
@@ -38,14 +54,21 @@ __all__ = ["compare_runs", "PairTable"]
 POWER = 0.8  # the seed-count table: 80% power at two-sided alpha 1 - CONFIDENCE
 LOADED_MACHINE = 1.25  # load_per_core above this: a training second is not a quiet machine's second
 # Each acceleration rule and the pair field that says whether (and where) the candidate reached.
-REACHED_KEY = {"acceleration": "s_cand", "acceleration_tolerant": "s_cand_tolerant",
-               "acceleration_smoothed": "s_cand_smoothed", "time_acceleration": "s_cand"}
+REACHED_KEY = {
+    "acceleration": "s_cand",
+    "acceleration_tolerant": "s_cand_tolerant",
+    "acceleration_smoothed": "s_cand_smoothed",
+    "time_acceleration": "s_cand",
+}
 DIFFERENCES = ("best", "final", "auc")
 
 
 def compare_runs(
-    candidates: Sequence[RunCurve], baselines: Sequence[RunCurve],
-    *, candidate_label: str = "candidate", baseline_label: str = "baseline",
+    candidates: Sequence[RunCurve],
+    baselines: Sequence[RunCurve],
+    *,
+    candidate_label: str = "candidate",
+    baseline_label: str = "baseline",
 ) -> dict:
     """Everything the report shows, as one JSON-ready dict."""
     _check_comparable(candidates, baselines)
@@ -74,11 +97,22 @@ def compare_runs(
     diffs = {key: table.stat(f"{key}_difference") for key in DIFFERENCES}
     perm = _permutation_tests(table, per_run, sigma, smooth)
     unit_word = "pairs" if pairing == "seed" else "candidate runs"
-    verdicts = {key: verdict(stat, True, table.units(key), of=len(results), unit=unit_word)
-                for key, stat in accel.items()}
-    verdicts.update({f"{key}_difference": verdict(
-        stat, higher_better, table.units(f"{key}_difference"), noise=sigma if noise else None, unit=unit_word)
-        for key, stat in diffs.items()})
+    verdicts = {
+        key: verdict(stat, True, table.units(key), of=len(results), unit=unit_word)
+        for key, stat in accel.items()
+    }
+    verdicts.update(
+        {
+            f"{key}_difference": verdict(
+                stat,
+                higher_better,
+                table.units(f"{key}_difference"),
+                noise=sigma if noise else None,
+                unit=unit_word,
+            )
+            for key, stat in diffs.items()
+        }
+    )
 
     warnings = [*provenance_warnings(runs), *_time_warnings(results, {r.name: r for r in runs})]
     warnings = list(dict.fromkeys(warnings))  # each once, however many runs share it
@@ -102,15 +136,23 @@ def compare_runs(
             "all pairs with not reached as -inf"
         ),
         "statistics": {
-            "bootstrap": {"method": "percentile", "resamples": BOOTSTRAP_RESAMPLES,
-                          "confidence": CONFIDENCE, "seed": BOOTSTRAP_SEED,
-                          "unit": "seed-paired pair of runs" if pairing == "seed"
-                          else "run, resampled within each arm",
-                          "arm_unit": "run",
-                          "range_below": MIN_UNITS_FOR_INTERVAL_VERDICT},
-            "permutation": {"resamples": PERMUTATION_RESAMPLES, "seed": PERMUTATION_SEED,
-                            "permutation_type": "samples" if pairing == "seed" else "independent",
-                            "tests": perm},
+            "bootstrap": {
+                "method": "percentile",
+                "resamples": BOOTSTRAP_RESAMPLES,
+                "confidence": CONFIDENCE,
+                "seed": BOOTSTRAP_SEED,
+                "unit": "seed-paired pair of runs"
+                if pairing == "seed"
+                else "run, resampled within each arm",
+                "arm_unit": "run",
+                "range_below": MIN_UNITS_FOR_INTERVAL_VERDICT,
+            },
+            "permutation": {
+                "resamples": PERMUTATION_RESAMPLES,
+                "seed": PERMUTATION_SEED,
+                "permutation_type": "samples" if pairing == "seed" else "independent",
+                "tests": perm,
+            },
             "smoothing_window": SMOOTH_WINDOW,
             "auc_range": [auc_start, auc_stop],
             "final_iteration": auc_stop,
@@ -135,13 +177,17 @@ def compare_runs(
             "s_base": summarize([p["s_base"] for p in results]),
             "resolution": summarize([p["resolution"] for p in results]),
             "pairs_reached": sum(p["reached"] for p in results),
-            "pairs_reached_tolerant": sum(p["s_cand_tolerant"] is not None for p in results) if noise else None,
+            "pairs_reached_tolerant": sum(p["s_cand_tolerant"] is not None for p in results)
+            if noise
+            else None,
             "pairs_reached_smoothed": sum(p["s_cand_smoothed"] is not None for p in results),
             "pairs": len(results),
         },
         "curves": {
-            arm: [{"name": r.name, "iterations": r.iterations, "values": r.values, "spread": r.spread}
-                  for r in arm_runs]
+            arm: [
+                {"name": r.name, "iterations": r.iterations, "values": r.values, "spread": r.spread}
+                for r in arm_runs
+            ]
             for arm, arm_runs in (("candidate", candidates), ("baseline", baselines))
         },
     }
@@ -157,8 +203,9 @@ def _check_comparable(candidates: Sequence[RunCurve], baselines: Sequence[RunCur
                 f"has {ref.sample_mode}/{ref.num_samples}: numbers are not comparable"
             )
         if r.eval_seeds != ref.eval_seeds:
-            raise CompareError(f"run {r.path!r}: {r.eval_seeds} evaluation seeds, {ref.path!r} "
-                               f"{ref.eval_seeds}")
+            raise CompareError(
+                f"run {r.path!r}: {r.eval_seeds} evaluation seeds, {ref.path!r} {ref.eval_seeds}"
+            )
 
 
 def _evaluation_interval(runs: Sequence[RunCurve]) -> Optional[int]:
@@ -168,8 +215,14 @@ def _evaluation_interval(runs: Sequence[RunCurve]) -> Optional[int]:
     return gaps.most_common(1)[0][0] if gaps else None
 
 
-def _pair_result(c: RunCurve, b: RunCurve, noise: Optional[dict], smooth: dict, auc: dict,
-                 interval: Optional[int]) -> dict:
+def _pair_result(
+    c: RunCurve,
+    b: RunCurve,
+    noise: Optional[dict],
+    smooth: dict,
+    auc: dict,
+    interval: Optional[int],
+) -> dict:
     """One pair: the paper's rule on the raw curves, within sigma_eval of the target, on the
     smoothed curves; the best, final (at the pair's common last iteration) and AUC differences."""
     p = acceleration(c, b)
@@ -179,12 +232,18 @@ def _pair_result(c: RunCurve, b: RunCurve, noise: Optional[dict], smooth: dict, 
     p.update(
         resolution=(interval / p["s_base"]) if interval and p["s_base"] else None,
         acceleration_tolerant=tol["acceleration"] if tol else None,
-        s_cand_tolerant=tol["s_cand"] if tol else None, s_base_tolerant=tol["s_base"] if tol else None,
-        acceleration_smoothed=sm["acceleration"], s_cand_smoothed=sm["s_cand"],
-        s_base_smoothed=sm["s_base"], target_smoothed=sm["target"],
+        s_cand_tolerant=tol["s_cand"] if tol else None,
+        s_base_tolerant=tol["s_base"] if tol else None,
+        acceleration_smoothed=sm["acceleration"],
+        s_cand_smoothed=sm["s_cand"],
+        s_base_smoothed=sm["s_base"],
+        target_smoothed=sm["target"],
         best_difference=c.best - b.best,
-        final_difference=c.value_at(last) - b.value_at(last), final_difference_iteration=last,
-        auc_difference=(auc[id(c)] - auc[id(b)]) if auc[id(c)] is not None and auc[id(b)] is not None else None,
+        final_difference=c.value_at(last) - b.value_at(last),
+        final_difference_iteration=last,
+        auc_difference=(auc[id(c)] - auc[id(b)])
+        if auc[id(c)] is not None and auc[id(b)] is not None
+        else None,
     )
     return p
 
@@ -246,17 +305,25 @@ class PairTable:
         vals = [self.censored(p, key) for p in self.results]
         known = [v for v in vals if v is not None]
         k = sum(math.isfinite(v) for v in known)
-        stat = self.stat(key) if known and k == len(known) else {
-            "mean": None, "std": None, "n": len(known), "ci": None, "ci_label": None}
+        stat = (
+            self.stat(key)
+            if known and k == len(known)
+            else {"mean": None, "std": None, "n": len(known), "ci": None, "ci_label": None}
+        )
         med = float(np.median(known)) if known else None
-        stat.update(pairs=len(known), reached=k,
-                    median=med if med is not None and math.isfinite(med) else None,
-                    median_reached=med is not None and math.isfinite(med))
+        stat.update(
+            pairs=len(known),
+            reached=k,
+            median=med if med is not None and math.isfinite(med) else None,
+            median_reached=med is not None and math.isfinite(med),
+        )
         if key != "time_acceleration" and known:
             s_key = REACHED_KEY[key]
             hits = [p[s_key] for p, v in zip(self.results, vals) if v is not None]
             grid = sorted({it for c in self.candidates for it in c.iterations})
-            stat["reached_by"] = [[it, sum(h is not None and h <= it for h in hits) / len(hits)] for it in grid]
+            stat["reached_by"] = [
+                [it, sum(h is not None and h <= it for h in hits) / len(hits)] for it in grid
+            ]
         return stat
 
 
@@ -268,18 +335,28 @@ def _permutation_tests(table: PairTable, per_run: dict, sigma: float, smooth: di
     perm = {}
     for key in DIFFERENCES:
         if table.pairing == "seed":
-            perm[f"{key}_difference"] = paired_permutation_p([p[f"{key}_difference"] for p in table.results])
+            perm[f"{key}_difference"] = paired_permutation_p(
+                [p[f"{key}_difference"] for p in table.results]
+            )
         else:
-            v = np.asarray([np.nan if per_run[key][id(r)] is None else per_run[key][id(r)] for r in runs])
-            perm[f"{key}_difference"] = (None if np.isnan(v).any() else independent_permutation_p(
-                n_cand, n_base, lambda ci, bi, v=v: v[ci].mean() - v[bi].mean()))
+            v = np.asarray(
+                [np.nan if per_run[key][id(r)] is None else per_run[key][id(r)] for r in runs]
+            )
+            perm[f"{key}_difference"] = (
+                None
+                if np.isnan(v).any()
+                else independent_permutation_p(
+                    n_cand, n_base, lambda ci, bi, v=v: v[ci].mean() - v[bi].mean()
+                )
+            )
     for key in REACHED_KEY:
         if table.pairing == "seed":
             perm[key] = paired_permutation_p(table.units(key), statistic="signed_rank")
         elif key != "time_acceleration" and (key != "acceleration_tolerant" or table.noisy):
             matrix = acceleration_matrix(runs, key, sigma, smooth)  # [n, n]
             perm[key] = independent_permutation_p(
-                n_cand, n_base, lambda ci, bi, m=matrix: float(np.median(m[np.ix_(ci, bi)])))
+                n_cand, n_base, lambda ci, bi, m=matrix: float(np.median(m[np.ix_(ci, bi)]))
+            )
             if perm[key]:
                 perm[key]["statistic"] = "median acceleration over candidate x baseline pairs"
         else:
@@ -291,8 +368,10 @@ def _arm_summary(arm: Sequence[RunCurve], auc: dict) -> dict:
     """One arm's per-run figures over its runs (resampled by run), with its collapse and
     still-improving counts."""
     rows = [r.summary() for r in arm]
-    out = {key: summarize([r[key] for r in rows])
-           for key in ("best", "best_iteration", "train_seconds_to_best", "final", "final_iteration")}
+    out = {
+        key: summarize([r[key] for r in rows])
+        for key in ("best", "best_iteration", "train_seconds_to_best", "final", "final_iteration")
+    }
     out["auc"] = summarize([auc[id(r)] for r in arm])
     out["collapsed"] = sum(r["rebound"]["collapsed"] for r in rows)
     out["still_improving"] = sum(r["still_improving"] for r in rows)
@@ -309,41 +388,65 @@ def _time_warnings(results: list[dict], by_name: dict) -> list[str]:
             r = by_name[name]
             if s is None or not r.load_per_core:
                 continue
-            worst = max((v for it, v in zip(r.iterations, r.load_per_core) if it <= s and v is not None),
-                        default=None)
+            worst = max(
+                (v for it, v in zip(r.iterations, r.load_per_core) if it <= s and v is not None),
+                default=None,
+            )
             if worst is not None and worst > LOADED_MACHINE:
                 loaded[name] = max(worst, loaded.get(name, 0.0))
     if loaded:
         runs = ", ".join(f"{n} (load per core up to {v:.2f})" for n, v in sorted(loaded.items()))
-        out.append(f"the time figure is not comparable: training seconds it uses come from a loaded "
-                   f"machine (load per core > {LOADED_MACHINE:g}): {runs}")
+        out.append(
+            f"the time figure is not comparable: training seconds it uses come from a loaded "
+            f"machine (load per core > {LOADED_MACHINE:g}): {runs}"
+        )
     devices = {r.device for r in by_name.values() if r.device}
     if len(devices) > 1:
-        which = "; ".join(f"{d}: {', '.join(sorted(n for n, r in by_name.items() if r.device == d))}"
-                          for d in sorted(devices))
-        out.append(f"the time figure is not comparable: the runs were trained on different devices ({which})")
+        which = "; ".join(
+            f"{d}: {', '.join(sorted(n for n, r in by_name.items() if r.device == d))}"
+            for d in sorted(devices)
+        )
+        out.append(
+            f"the time figure is not comparable: the runs were trained on different devices ({which})"
+        )
     return out
 
 
-def _seeds_needed(table: PairTable, diffs: dict, per_run: dict, noise: Optional[dict]) -> list[dict]:
+def _seeds_needed(
+    table: PairTable, diffs: dict, per_run: dict, noise: Optional[dict]
+) -> list[dict]:
     """How many seeds (pairs; per arm when unpaired) a difference of size delta needs for 80%
     power at two-sided 5%: n = ((z_0.975 + z_0.8) sigma / delta)^2, sigma the measured std across
     seeds of the paired differences (unpaired: sqrt(sd_cand^2 + sd_base^2))."""
-    z = statistics.NormalDist().inv_cdf(1 - (1 - CONFIDENCE) / 2) + statistics.NormalDist().inv_cdf(POWER)
+    z = statistics.NormalDist().inv_cdf(1 - (1 - CONFIDENCE) / 2) + statistics.NormalDist().inv_cdf(
+        POWER
+    )
     rows = []
     for key in DIFFERENCES:
         if table.pairing == "seed":
-            vals = [p[f"{key}_difference"] for p in table.results if p[f"{key}_difference"] is not None]
+            vals = [
+                p[f"{key}_difference"] for p in table.results if p[f"{key}_difference"] is not None
+            ]
             sd = statistics.stdev(vals) if len(vals) > 1 else None
         else:
             c = [per_run[key][id(r)] for r in table.candidates if per_run[key][id(r)] is not None]
             b = [per_run[key][id(r)] for r in table.baselines if per_run[key][id(r)] is not None]
-            sd = math.sqrt(statistics.variance(c) + statistics.variance(b)) if len(c) > 1 and len(b) > 1 else None
+            sd = (
+                math.sqrt(statistics.variance(c) + statistics.variance(b))
+                if len(c) > 1 and len(b) > 1
+                else None
+            )
         mean = diffs[key]["mean"]
-        rows.append({"quantity": key, "sigma": sd, "observed_delta": mean,
-                     "seeds_for_observed": _seeds_for(z, sd, mean),
-                     "sigma_eval": noise["sigma"] if noise else None,
-                     "seeds_for_sigma_eval": _seeds_for(z, sd, noise["sigma"]) if noise else None})
+        rows.append(
+            {
+                "quantity": key,
+                "sigma": sd,
+                "observed_delta": mean,
+                "seeds_for_observed": _seeds_for(z, sd, mean),
+                "sigma_eval": noise["sigma"] if noise else None,
+                "seeds_for_sigma_eval": _seeds_for(z, sd, noise["sigma"]) if noise else None,
+            }
+        )
     return rows
 
 

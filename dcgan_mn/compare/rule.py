@@ -23,15 +23,20 @@ from .curves import RunCurve
 
 __all__ = ["pair_runs", "acceleration", "acceleration_matrix", "NOT_REACHED"]
 
-NOT_REACHED = -1e9  # an acceleration below any real one (S_cand = infinity) where a test needs a number
+# an acceleration below any real one (S_cand = infinity) where a test needs a number
+NOT_REACHED = -1e9
 
 
 def pair_runs(candidates: Sequence[RunCurve], baselines: Sequence[RunCurve]) -> tuple[str, list]:
     """("seed", pairs by seed) when both arms hold the same unique seeds, else ("all", every pair)."""
     c_seeds = [c.seed for c in candidates]
     b_seeds = [b.seed for b in baselines]
-    if (None not in c_seeds and len(set(c_seeds)) == len(c_seeds)
-            and len(set(b_seeds)) == len(b_seeds) and set(c_seeds) == set(b_seeds)):
+    if (
+        None not in c_seeds
+        and len(set(c_seeds)) == len(c_seeds)
+        and len(set(b_seeds)) == len(b_seeds)
+        and set(c_seeds) == set(b_seeds)
+    ):
         by_seed = {b.seed: b for b in baselines}
         return "seed", [(c, by_seed[c.seed]) for c in candidates]
     return "all", [(c, b) for c in candidates for b in baselines]
@@ -47,18 +52,25 @@ def acceleration(candidate: RunCurve, baseline: RunCurve, *, tolerance: float = 
     s_cand = candidate.iterations[i] if i is not None else None
     t_cand = candidate.train_seconds[i] if i is not None else None
     return {
-        "candidate": candidate.name, "baseline": baseline.name,
-        "target": target, "target_is_bound": baseline.still_improving,
-        "s_base": s_base, "s_cand": s_cand, "reached": s_cand is not None,
+        "candidate": candidate.name,
+        "baseline": baseline.name,
+        "target": target,
+        "target_is_bound": baseline.still_improving,
+        "s_base": s_base,
+        "s_cand": s_cand,
+        "reached": s_cand is not None,
         "candidate_last_iteration": candidate.iterations[-1],
         "baseline_last_iteration": baseline.iterations[-1],
         "acceleration": (1 - s_cand / s_base) if s_cand is not None and s_base > 0 else None,
-        "train_seconds_base": t_base, "train_seconds_cand": t_cand,
+        "train_seconds_base": t_base,
+        "train_seconds_cand": t_cand,
         "time_acceleration": (1 - t_cand / t_base) if t_cand is not None and t_base else None,
     }
 
 
-def acceleration_matrix(runs: Sequence[RunCurve], key: str, sigma: float, smooth: dict) -> np.ndarray:
+def acceleration_matrix(
+    runs: Sequence[RunCurve], key: str, sigma: float, smooth: dict
+) -> np.ndarray:
     """[n, n]: the acceleration (rule ``key``) of run i over run j, -inf where i never reached
     j's target: what a relabelling of unpaired runs needs."""
     m = np.zeros((len(runs), len(runs)))
@@ -70,7 +82,11 @@ def acceleration_matrix(runs: Sequence[RunCurve], key: str, sigma: float, smooth
                 a = acceleration(smooth[id(x)], smooth[id(y)])
             else:
                 a = acceleration(x, y, tolerance=sigma if key == "acceleration_tolerant" else 0.0)
-            m[i, j] = -math.inf if a["s_cand"] is None else (a["acceleration"] if a["acceleration"] is not None else 0.0)
+            m[i, j] = (
+                -math.inf
+                if a["s_cand"] is None
+                else (a["acceleration"] if a["acceleration"] is not None else 0.0)
+            )
     # A finite stand-in below every acceleration: medians order the same, and scipy's tie
     # tolerance (relative to the statistic) stays finite.
     return np.where(np.isinf(m), NOT_REACHED, m)

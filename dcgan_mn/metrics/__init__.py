@@ -17,21 +17,69 @@ The names below are the package's public API (``from dcgan_mn.metrics import ...
 from .errors import MetricsError
 from .frechet import FrechetReference, StreamingMoments, frechet_distance
 from .kid_prdc import kernel_inception_distance, knn_radii, prdc
-from .images import IMAGE_EXTENSIONS, SAMPLE_FORMATS, image_folder_files, iter_image_batches, write_samples
+from .images import (
+    IMAGE_EXTENSIONS,
+    SAMPLE_FORMATS,
+    image_folder_files,
+    iter_image_batches,
+    write_samples,
+)
 from .featurepass import feature_pass
-from .reference import (BUILTIN_REFS, CACHE_ENV_VAR, DEFAULT_REAL_FEATURES, ReferenceStats,
-                        default_cache_dir, load_reference, load_stats_npz, reference_identity,
-                        reference_key, save_stats_npz)
+from .reference import (
+    BUILTIN_REFS,
+    CACHE_ENV_VAR,
+    DEFAULT_REAL_FEATURES,
+    ReferenceStats,
+    default_cache_dir,
+    load_reference,
+    load_stats_npz,
+    reference_identity,
+    reference_key,
+    save_stats_npz,
+)
 from .inception import InceptionMetrics
 from .specs import METRICS, MetricSpec, metric_spec
-from .evaluator import Evaluator, build_evaluator, generated_images, metric_count_key, metric_direction, sample_count_tag
+from .evaluator import (
+    Evaluator,
+    build_evaluator,
+    generated_images,
+    metric_count_key,
+    metric_direction,
+    sample_count_tag,
+)
 
 __all__ = [
-    "MetricsError", "StreamingMoments", "FrechetReference", "frechet_distance",
-    "kernel_inception_distance", "knn_radii", "prdc", "IMAGE_EXTENSIONS", "image_folder_files",
-    "iter_image_batches", "SAMPLE_FORMATS", "write_samples", "generated_images", "feature_pass", "ReferenceStats", "BUILTIN_REFS", "CACHE_ENV_VAR",
-    "DEFAULT_REAL_FEATURES", "default_cache_dir", "reference_identity", "reference_key",
-    "load_reference", "load_stats_npz", "save_stats_npz", "InceptionMetrics", "Evaluator",
-    "build_evaluator", "metric_count_key", "metric_direction", "sample_count_tag",
-    "METRICS", "MetricSpec", "metric_spec",
+    "MetricsError",
+    "StreamingMoments",
+    "FrechetReference",
+    "frechet_distance",
+    "kernel_inception_distance",
+    "knn_radii",
+    "prdc",
+    "IMAGE_EXTENSIONS",
+    "image_folder_files",
+    "iter_image_batches",
+    "SAMPLE_FORMATS",
+    "write_samples",
+    "generated_images",
+    "feature_pass",
+    "ReferenceStats",
+    "BUILTIN_REFS",
+    "CACHE_ENV_VAR",
+    "DEFAULT_REAL_FEATURES",
+    "default_cache_dir",
+    "reference_identity",
+    "reference_key",
+    "load_reference",
+    "load_stats_npz",
+    "save_stats_npz",
+    "InceptionMetrics",
+    "Evaluator",
+    "build_evaluator",
+    "metric_count_key",
+    "metric_direction",
+    "sample_count_tag",
+    "METRICS",
+    "MetricSpec",
+    "metric_spec",
 ]

@@ -37,8 +37,15 @@ from ..fileio import atomic_write
 from .errors import MetricsError
 from .frechet import StreamingMoments
 
-__all__ = ["MIN_ACCURACY", "DigitNet", "ModeClassifier", "train_digit_net", "digit_accuracy",
-           "network_sha256", "load_mode_classifier"]
+__all__ = [
+    "MIN_ACCURACY",
+    "DigitNet",
+    "ModeClassifier",
+    "train_digit_net",
+    "digit_accuracy",
+    "network_sha256",
+    "load_mode_classifier",
+]
 
 MIN_ACCURACY = {"stacked-mnist": 0.985, "stacked-digits": 0.95}  # one per digits.STACKED_SOURCES
 # Bump when the architecture or the training recipe changes: cached classifiers are retrained.
@@ -53,10 +60,18 @@ class DigitNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # [N, 16, 16, 16]
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # [N, 32, 8, 8]
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # [N, 64, 4, 4]
-            nn.Flatten(), nn.Linear(64 * 4 * 4, FEATURE_DIM), nn.ReLU(),  # [N, 128]
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # [N, 16, 16, 16]
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # [N, 32, 8, 8]
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # [N, 64, 4, 4]
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, FEATURE_DIM),
+            nn.ReLU(),  # [N, 128]
         )
         self.head = nn.Linear(FEATURE_DIM, 10)
 
@@ -72,8 +87,16 @@ class DigitNet(nn.Module):
         return self.head(self.features(digits))  # [N, 10]
 
 
-def train_digit_net(images: Tensor, labels: Tensor, *, epochs: int, seed: int = 0,
-                    batch_size: int = 128, lr: float = 1e-3, progress: bool = False) -> DigitNet:
+def train_digit_net(
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int,
+    seed: int = 0,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    progress: bool = False,
+) -> DigitNet:
     """Train a DigitNet on uint8 digits [n, 32, 32] with labels [n] (CPU, deterministic)."""
     from tqdm import tqdm
 
@@ -83,14 +106,20 @@ def train_digit_net(images: Tensor, labels: Tensor, *, epochs: int, seed: int = 
         net = DigitNet()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     steps = epochs * max(1, images.shape[0] // batch_size)
-    bar = tqdm(total=steps, desc="mode classifier (first use)", unit="step", disable=not progress,
-               file=sys.stderr, leave=False)
+    bar = tqdm(
+        total=steps,
+        desc="mode classifier (first use)",
+        unit="step",
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+    )
     net.train()
     with bar:
         for _ in range(epochs):
             perm = torch.randperm(images.shape[0], generator=gen)  # [n]
             for start in range(0, images.shape[0] - batch_size + 1, batch_size):
-                idx = perm[start:start + batch_size]  # [b]
+                idx = perm[start : start + batch_size]  # [b]
                 loss = F.cross_entropy(net(images[idx]), labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -142,7 +171,9 @@ class ModeClassifier:
         """uint8 [B, 3, 32, 32] -> (labels [B, 3]: arg-max digit per channel, as PacGAN counts,
         features [B, 3 * 128]: the channels' penultimate features side by side)."""
         if images.dim() != 4 or images.shape[1] != 3:
-            raise MetricsError(f"mode metrics need RGB images [B, 3, H, W], got {tuple(images.shape)}")
+            raise MetricsError(
+                f"mode metrics need RGB images [B, 3, H, W], got {tuple(images.shape)}"
+            )
         if tuple(images.shape[2:]) != (32, 32):
             raise MetricsError(f"mode metrics need 32x32 images, got {tuple(images.shape[2:])}")
         device = next(self.net.parameters()).device
@@ -166,8 +197,10 @@ def network_sha256(payload: dict) -> str:
     bytes, in name order), then ``ref_mu`` and ``ref_sigma``. Everything else in the file (the
     training time, the recipe's bookkeeping) is left out, so the same network has one hash."""
     h = hashlib.sha256()
-    tensors = sorted(payload["state_dict"].items()) + [("ref_mu", payload["ref_mu"]),
-                                                       ("ref_sigma", payload["ref_sigma"])]
+    tensors = sorted(payload["state_dict"].items()) + [
+        ("ref_mu", payload["ref_mu"]),
+        ("ref_sigma", payload["ref_sigma"]),
+    ]
     for name, tensor in tensors:
         array = tensor.detach().cpu().contiguous().numpy()
         h.update(f"{name}|{array.dtype}|{array.shape}|".encode())
@@ -218,10 +251,18 @@ def load_mode_classifier(
         t0 = time.perf_counter()
         net = train_digit_net(train_x, train_y, epochs=epochs, progress=progress)
         mu, sigma = _real_gaussian(net, train_x)
-        payload = {"key": key, "source": source, "recipe": RECIPE, "epochs": epochs,
-                   "state_dict": net.state_dict(), "ref_mu": torch.from_numpy(mu),
-                   "ref_sigma": torch.from_numpy(sigma), "num_train": int(train_x.shape[0]),
-                   "num_test": int(test_x.shape[0]), "train_seconds": time.perf_counter() - t0}
+        payload = {
+            "key": key,
+            "source": source,
+            "recipe": RECIPE,
+            "epochs": epochs,
+            "state_dict": net.state_dict(),
+            "ref_mu": torch.from_numpy(mu),
+            "ref_sigma": torch.from_numpy(sigma),
+            "num_train": int(train_x.shape[0]),
+            "num_test": int(test_x.shape[0]),
+            "train_seconds": time.perf_counter() - t0,
+        }
     accuracy = digit_accuracy(net, test_x, test_y)
     if accuracy < need:
         where = f" (cached at {path}; delete it to retrain)" if not trained else ""
@@ -234,10 +275,17 @@ def load_mode_classifier(
         with atomic_write(path, "wb") as f:
             torch.save(payload, f)
         if progress:
-            print(f"mode classifier for {source}: held-out accuracy {accuracy:.2%}, trained in "
-                  f"{payload['train_seconds']:.1f} s, cached at {path}", file=sys.stderr)
+            print(
+                f"mode classifier for {source}: held-out accuracy {accuracy:.2%}, trained in "
+                f"{payload['train_seconds']:.1f} s, cached at {path}",
+                file=sys.stderr,
+            )
     return ModeClassifier(
-        net=net, source=source, accuracy=accuracy, sha256=network_sha256(payload), path=path,
+        net=net,
+        source=source,
+        accuracy=accuracy,
+        sha256=network_sha256(payload),
+        path=path,
         ref_mu=payload["ref_mu"].numpy().astype(np.float64),
         ref_sigma=payload["ref_sigma"].numpy().astype(np.float64),
     ).to(device)

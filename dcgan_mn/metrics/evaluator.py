@@ -36,7 +36,14 @@ from .inception import InceptionMetrics
 from .reference import ReferenceStats, load_reference
 from .specs import EMA_SUFFIX, metric_spec, primary_metric
 
-__all__ = ["Evaluator", "build_evaluator", "generated_images", "sample_count_tag", "metric_direction", "metric_count_key"]
+__all__ = [
+    "Evaluator",
+    "build_evaluator",
+    "generated_images",
+    "sample_count_tag",
+    "metric_direction",
+    "metric_count_key",
+]
 
 
 def sample_count_tag(num_samples: int) -> str:
@@ -64,12 +71,18 @@ def _head(outputs: Any, n: int) -> Any:
     return outputs[:n]
 
 
-PADDING_SEED_OFFSET = 2 ** 40  # latents that top up the last batch: seed s -> 2**40 + s
+PADDING_SEED_OFFSET = 2**40  # latents that top up the last batch: seed s -> 2**40 + s
 
 
 def generated_images(
-    generator, *, num_samples: int, seed: int, sample_mode: str, batch_size: int,
-    chunk_images: int = 256, shard: bool = True,
+    generator,
+    *,
+    num_samples: int,
+    seed: int,
+    sample_mode: str,
+    batch_size: int,
+    chunk_images: int = 256,
+    shard: bool = True,
 ) -> Iterator[tuple[int, Tensor]]:
     """(offset, uint8 images [B, 3, 32, 32]) of the ``num_samples`` evaluation images of ``seed``:
     what every evaluation scores and ``evaluate.py samples`` writes.
@@ -98,7 +111,7 @@ def generated_images(
             parts = []
             for b in range(c * batches_per_chunk, min((c + 1) * batches_per_chunk, num_batches)):
                 torch.manual_seed(seed * 1_000_003 + b)
-                z = z_all[b * batch_size:(b + 1) * batch_size].to(device)  # [batch_size, z_dim]
+                z = z_all[b * batch_size : (b + 1) * batch_size].to(device)  # [batch_size, z_dim]
                 parts.append(generator.sample(z, mode=sample_mode, batch_size=batch_size))
             images = torch.cat(parts)  # [<= chunk_size, 3, 32, 32]
             keep = min(images.shape[0], num_samples - c * chunk_size)
@@ -136,10 +149,14 @@ class Evaluator:
         if extractor is not None or reference is not None:
             if extractor is None or reference is None:
                 raise ValueError("the Inception metrics need both an extractor and a reference")
-            self.families.append(InceptionMetrics(extractor, reference, seed=seed, **inception_options))
+            self.families.append(
+                InceptionMetrics(extractor, reference, seed=seed, **inception_options)
+            )
         elif inception_options:
-            raise ValueError(f"{sorted(inception_options)}: options of the Inception metrics, "
-                             f"given without an extractor and a reference")
+            raise ValueError(
+                f"{sorted(inception_options)}: options of the Inception metrics, "
+                f"given without an extractor and a reference"
+            )
         self.families.extend(families)
         if not self.families:
             raise ValueError("an evaluator needs at least one metric family")
@@ -210,10 +227,17 @@ class Evaluator:
     def _chunk_images(self) -> int:
         return max(getattr(f, "batch_size", 256) for f in self.families)
 
-    def _generated_batches(self, generator, sample_mode: str, batch_size: int) -> Iterator[tuple[int, Tensor]]:
-        yield from generated_images(generator, num_samples=self.num_samples, seed=self.seed,
-                                    sample_mode=sample_mode, batch_size=batch_size,
-                                    chunk_images=self._chunk_images())
+    def _generated_batches(
+        self, generator, sample_mode: str, batch_size: int
+    ) -> Iterator[tuple[int, Tensor]]:
+        yield from generated_images(
+            generator,
+            num_samples=self.num_samples,
+            seed=self.seed,
+            sample_mode=sample_mode,
+            batch_size=batch_size,
+            chunk_images=self._chunk_images(),
+        )
 
     # --- the pass ---
 
@@ -254,13 +278,24 @@ class Evaluator:
         if batch_size < 1:
             raise MetricsError(f"--batch-size {batch_size}: must be >= 1")
         t0 = time.perf_counter()
-        bar = tqdm(total=self.num_samples, desc=f"generate+features ({sample_mode})", unit="img",
-                   disable=not self.progress or rank_and_world_size()[0] != 0, file=sys.stderr, leave=False)
+        bar = tqdm(
+            total=self.num_samples,
+            desc=f"generate+features ({sample_mode})",
+            unit="img",
+            disable=not self.progress or rank_and_world_size()[0] != 0,
+            file=sys.stderr,
+            leave=False,
+        )
         with bar:
-            result = self._run(self._generated_batches(generator, sample_mode, batch_size),
-                               capped=True, bar=bar)
-        result.update(sample_mode=sample_mode, batch_size=batch_size, seed=self.seed,
-                      eval_seconds=round(time.perf_counter() - t0, 3))
+            result = self._run(
+                self._generated_batches(generator, sample_mode, batch_size), capped=True, bar=bar
+            )
+        result.update(
+            sample_mode=sample_mode,
+            batch_size=batch_size,
+            seed=self.seed,
+            eval_seconds=round(time.perf_counter() - t0, 3),
+        )
         return result
 
     # --- images ---
@@ -276,8 +311,14 @@ class Evaluator:
                 offset += images.shape[0]
 
         t0 = time.perf_counter()
-        bar = tqdm(total=total, desc="images", unit="img", disable=not self.progress,
-                   file=sys.stderr, leave=False)
+        bar = tqdm(
+            total=total,
+            desc="images",
+            unit="img",
+            disable=not self.progress,
+            file=sys.stderr,
+            leave=False,
+        )
         with bar:
             result = self._run(with_offsets(), capped=False, bar=bar)
         result["eval_seconds"] = round(time.perf_counter() - t0, 3)
@@ -325,23 +366,39 @@ def build_evaluator(
         from ..features import InceptionFeatureExtractor, InceptionWeightsError
 
         try:
-            extractor = InceptionFeatureExtractor(cfg.dims, cfg.inception_weights, device=device,
-                                                  progress=progress, fid_protocol=cfg.fid_protocol)
+            extractor = InceptionFeatureExtractor(
+                cfg.dims,
+                cfg.inception_weights,
+                device=device,
+                progress=progress,
+                fid_protocol=cfg.fid_protocol,
+            )
         except InceptionWeightsError:
             if not stacked or cfg.inception_weights or require_inception:
                 raise
             extractor = None
     if extractor is not None:
-        reference = load_reference(cfg.ref, extractor, data_root=cfg.data_root,
-                                   cache_dir=cache_dir, progress=progress and rank == 0)
-        families.append(InceptionMetrics(extractor, reference, num_samples=cfg.fid_samples, seed=seed))
+        reference = load_reference(
+            cfg.ref,
+            extractor,
+            data_root=cfg.data_root,
+            cache_dir=cache_dir,
+            progress=progress and rank == 0,
+        )
+        families.append(
+            InceptionMetrics(extractor, reference, num_samples=cfg.fid_samples, seed=seed)
+        )
     if stacked:
         from .classifier import load_mode_classifier
         from .modes import ModeMetrics
 
         classifier = mode_classifier or load_mode_classifier(
-            cfg.dataset, data_root=cfg.data_root, cache_dir=cache_dir, device=device,
-            progress=progress and rank == 0)
+            cfg.dataset,
+            data_root=cfg.data_root,
+            cache_dir=cache_dir,
+            device=device,
+            progress=progress and rank == 0,
+        )
         families.append(ModeMetrics(classifier, num_samples=cfg.mode_samples))
 
     if world > 1 and rank == 0:

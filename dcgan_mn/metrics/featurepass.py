@@ -41,7 +41,9 @@ def feature_pass(
         keep_mask[keep] = True
     kept_idx, kept = [], []
     start = index_offset
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(
+        total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr, leave=False
+    )
     with bar:
         for images in batches:
             feats = extractor(images)  # [B, D]
@@ -63,5 +65,3 @@ def feature_pass(
         torch.cat(kept_idx) if kept_idx else torch.empty(0, dtype=torch.long),
         torch.cat(kept) if kept else torch.empty(0, dims),
     )
-
-

@@ -74,10 +74,13 @@ class StreamingMoments:
 
     def all_reduce(self) -> "StreamingMoments":
         """Merge every rank's moments (in rank order) into this one; identity without torchrun."""
-        packed = torch.cat([
-            torch.tensor([float(self.count)], dtype=torch.float64, device=self.mean.device),
-            self.mean, self.m2.flatten(),
-        ])[None]  # [1, 1 + D + D*D]
+        packed = torch.cat(
+            [
+                torch.tensor([float(self.count)], dtype=torch.float64, device=self.mean.device),
+                self.mean,
+                self.m2.flatten(),
+            ]
+        )[None]  # [1, 1 + D + D*D]
         rows = all_gather_rows(packed)
         if len(rows) == 1:
             return self
@@ -86,7 +89,9 @@ class StreamingMoments:
             row = row[0]
             n = int(row[0].item())
             if n:
-                merged._merge(n, row[1:1 + self.dims], row[1 + self.dims:].view(self.dims, self.dims))
+                merged._merge(
+                    n, row[1 : 1 + self.dims], row[1 + self.dims :].view(self.dims, self.dims)
+                )
         self.count, self.mean, self.m2 = merged.count, merged.mean, merged.m2
         return self
 
@@ -173,4 +178,3 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     else:
         _FRECHET_CACHE.move_to_end(key)
     return ref.distance(mu1, sigma1)
-

@@ -11,7 +11,13 @@ from torch import Tensor
 
 from .errors import MetricsError
 
-__all__ = ["IMAGE_EXTENSIONS", "SAMPLE_FORMATS", "image_folder_files", "iter_image_batches", "write_samples"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SAMPLE_FORMATS",
+    "image_folder_files",
+    "iter_image_batches",
+    "write_samples",
+]
 
 SAMPLE_FORMATS = ("png", "npz")
 
@@ -56,8 +62,13 @@ def iter_image_batches(files: Sequence[Path], batch_size: int) -> Iterator[Tenso
         yield torch.stack(batch)
 
 
-def write_samples(batches, out: Union[str, Path], fmt: str = "png", total: int | None = None,
-                  progress: bool = False) -> Path:
+def write_samples(
+    batches,
+    out: Union[str, Path],
+    fmt: str = "png",
+    total: int | None = None,
+    progress: bool = False,
+) -> Path:
     """Write uint8 batches [B, 3, H, W] to the folder ``out``: ``000000.png``, ... (lossless, the
     bytes our evaluator scores), or one ``samples.npz`` holding ``images``, uint8 [N, H, W, 3]
     (the layout TensorFlow code and clean-fid read). Written into ``<out>.partial`` and renamed
@@ -73,14 +84,22 @@ def write_samples(batches, out: Union[str, Path], fmt: str = "png", total: int |
         raise MetricsError(f"--format {fmt!r}: expected one of {SAMPLE_FORMATS}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MetricsError(f"--out {str(out)!r}: exists and is not an empty folder; choose a new one")
+        raise MetricsError(
+            f"--out {str(out)!r}: exists and is not an empty folder; choose a new one"
+        )
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)  # an earlier export that was cut
     partial.mkdir(parents=True)
     arrays, count = [], 0
-    with tqdm(total=total, desc=f"write {fmt}", unit="img", disable=not progress, file=sys.stderr,
-              leave=False) as bar:
+    with tqdm(
+        total=total,
+        desc=f"write {fmt}",
+        unit="img",
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+    ) as bar:
         for images in batches:
             hwc = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # [B, H, W, 3] uint8
             if fmt == "png":

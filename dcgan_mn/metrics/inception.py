@@ -112,7 +112,9 @@ class InceptionMetrics:
         self._idx = [_all_rows(_joined(self._idx, torch.empty(0, dtype=torch.long)), device)]
         self._rows = [_all_rows(_joined(self._rows, torch.empty(0, self.dims)), device)]
         if self.scores_is:
-            self._logits_idx = [_all_rows(_joined(self._logits_idx, torch.empty(0, dtype=torch.long)), device)]
+            self._logits_idx = [
+                _all_rows(_joined(self._logits_idx, torch.empty(0, dtype=torch.long)), device)
+            ]
             self._logits = [_all_rows(_joined(self._logits, torch.empty(0, 1008)), device)]
 
     def result(self) -> dict:
@@ -124,7 +126,9 @@ class InceptionMetrics:
             order = torch.cat(self._logits_idx).argsort()
             logits = torch.cat(self._logits)[order]  # [N, 1008], generation order
             if logits.shape[0] >= IS_SPLITS:
-                result["inception_score"], result["inception_score_std"] = inception_score(logits, IS_SPLITS)
+                result["inception_score"], result["inception_score_std"] = inception_score(
+                    logits, IS_SPLITS
+                )
                 result["is_splits"] = IS_SPLITS
         return result
 
@@ -137,8 +141,12 @@ class InceptionMetrics:
         mu, sigma = moments.numpy()
         result: dict[str, Any] = {
             "fid": self.reference.frechet.distance(mu, sigma),
-            "kid": None, "kid_std": None,
-            "precision": None, "recall": None, "density": None, "coverage": None,
+            "kid": None,
+            "kid_std": None,
+            "precision": None,
+            "recall": None,
+            "density": None,
+            "coverage": None,
             "num_samples": moments.count,
             "metric_samples": 0,
             "prdc_k": self.prdc_k,
@@ -153,13 +161,22 @@ class InceptionMetrics:
             real = self.reference.real_features(n, device)
             fake = fake_rows[:n].to(device, torch.float64)
             result["kid"], result["kid_std"] = kernel_inception_distance(
-                real, fake, num_subsets=self.kid_subsets, subset_size=self.kid_subset_size,
+                real,
+                fake,
+                num_subsets=self.kid_subsets,
+                subset_size=self.kid_subset_size,
                 seed=self.seed,
             )
             result["metric_samples"] = n
             if n > self.prdc_k:
-                result.update(prdc(real, fake, self.prdc_k,
-                                   real_radii=self.reference.real_radii(n, self.prdc_k, device)))
+                result.update(
+                    prdc(
+                        real,
+                        fake,
+                        self.prdc_k,
+                        real_radii=self.reference.real_radii(n, self.prdc_k, device),
+                    )
+                )
         return result
 
 

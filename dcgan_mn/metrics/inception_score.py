@@ -22,11 +22,13 @@ def inception_score(logits: Tensor, splits: int = IS_SPLITS) -> tuple[float, flo
     """(mean, std) of the Inception Score over ``splits`` parts of ``logits`` [N, C]."""
     n = logits.shape[0]
     if splits < 1 or n < splits:
-        raise ValueError(f"the Inception Score needs at least {splits} samples for {splits} splits, got {n}")
+        raise ValueError(
+            f"the Inception Score needs at least {splits} samples for {splits} splits, got {n}"
+        )
     log_p = torch.log_softmax(logits.double(), dim=1)  # [N, C], log p(y|x)
     scores = []
     for i in range(splits):
-        part = log_p[i * n // splits:(i + 1) * n // splits]  # [n_i, C]
+        part = log_p[i * n // splits : (i + 1) * n // splits]  # [n_i, C]
         log_py = torch.logsumexp(part, dim=0) - math.log(part.shape[0])  # [C], log p(y)
         kl = (part.exp() * (part - log_py)).sum(dim=1)  # [n_i], KL(p(y|x) || p(y))
         scores.append(math.exp(kl.mean().item()))

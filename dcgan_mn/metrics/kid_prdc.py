@@ -39,7 +39,9 @@ def kernel_inception_distance(
     fake = fake.to(real.device, torch.float64)
     m = min(subset_size, real.shape[0], fake.shape[0])
     if m < 2:
-        raise MetricsError(f"KID needs at least 2 samples per set, got {real.shape[0]} and {fake.shape[0]}")
+        raise MetricsError(
+            f"KID needs at least 2 samples per set, got {real.shape[0]} and {fake.shape[0]}"
+        )
     if m == real.shape[0] == fake.shape[0]:
         num_subsets = 1  # every subset would be the whole of both sets: the estimate is exact
     rng = np.random.RandomState(seed)
@@ -73,7 +75,12 @@ def knn_radii(x: Tensor, k: int, chunk: int = 2048) -> Tensor:
 
 
 def prdc(
-    real: Tensor, fake: Tensor, k: int = 5, *, real_radii: Optional[Tensor] = None, chunk: int = 2048
+    real: Tensor,
+    fake: Tensor,
+    k: int = 5,
+    *,
+    real_radii: Optional[Tensor] = None,
+    chunk: int = 2048,
 ) -> dict[str, float]:
     """Precision, recall, density and coverage of ``fake`` [M, D] against ``real`` [N, D].
 
@@ -89,16 +96,15 @@ def prdc(
     real_balls_per_fake = torch.zeros(fake.shape[0], dtype=torch.float64, device=real.device)
     real_in_some_fake, real_covered = [], []
     for start in range(0, real.shape[0], chunk):
-        d = _pairwise_distances(real[start:start + chunk], fake)  # [c, M]
-        in_real_ball = d < r_real[start:start + chunk, None]  # [c, M]
+        d = _pairwise_distances(real[start : start + chunk], fake)  # [c, M]
+        in_real_ball = d < r_real[start : start + chunk, None]  # [c, M]
         inside_some_real |= in_real_ball.any(0)
         real_balls_per_fake += in_real_ball.sum(0)
         real_in_some_fake.append((d < r_fake[None, :]).any(1))
-        real_covered.append(d.min(1).values < r_real[start:start + chunk])
+        real_covered.append(d.min(1).values < r_real[start : start + chunk])
     return {
         "precision": inside_some_real.double().mean().item(),
         "recall": torch.cat(real_in_some_fake).double().mean().item(),
         "density": (real_balls_per_fake.mean() / k).item(),
         "coverage": torch.cat(real_covered).double().mean().item(),
     }
-

@@ -26,8 +26,14 @@ from .errors import MetricsError
 from .frechet import FrechetReference, StreamingMoments
 from .specs import MODE_COUNT_KEY, directions_of
 
-__all__ = ["mode_histogram", "count_modes", "kl_to_uniform", "ModeMetrics", "DIRECTIONS",
-           "DEFAULT_MODE_SAMPLES"]
+__all__ = [
+    "mode_histogram",
+    "count_modes",
+    "kl_to_uniform",
+    "ModeMetrics",
+    "DIRECTIONS",
+    "DEFAULT_MODE_SAMPLES",
+]
 
 DEFAULT_MODE_SAMPLES = 26_000  # PacGAN's sample count for Stacked MNIST
 # Which way is better, for compare and for best-so-far tracking (from specs.METRICS).
@@ -61,9 +67,13 @@ class ModeMetrics:
     directions = DIRECTIONS
     count_key = MODE_COUNT_KEY
 
-    def __init__(self, classifier: ModeClassifier, *, num_samples: int = DEFAULT_MODE_SAMPLES) -> None:
+    def __init__(
+        self, classifier: ModeClassifier, *, num_samples: int = DEFAULT_MODE_SAMPLES
+    ) -> None:
         if num_samples < 2:
-            raise MetricsError(f"--mode-samples {num_samples}: mode metrics need at least 2 samples")
+            raise MetricsError(
+                f"--mode-samples {num_samples}: mode metrics need at least 2 samples"
+            )
         self.provider = classifier  # images -> (labels, features)
         self.classifier = classifier
         self.num_samples = num_samples
@@ -76,8 +86,11 @@ class ModeMetrics:
 
     @property
     def tags(self) -> dict:
-        return {"classifier_sha256": self.classifier.sha256,
-                "classifier_accuracy": self.classifier.accuracy, "mode_source": self.classifier.source}
+        return {
+            "classifier_sha256": self.classifier.sha256,
+            "classifier_accuracy": self.classifier.accuracy,
+            "mode_source": self.classifier.source,
+        }
 
     def reset(self) -> None:
         self._moments: Optional[StreamingMoments] = None

@@ -31,8 +31,16 @@ from .images import image_folder_files, iter_image_batches
 from .kid_prdc import knn_radii
 
 __all__ = [
-    "ReferenceStats", "BUILTIN_REFS", "DEFAULT_REAL_FEATURES", "CACHE_ENV_VAR", "default_cache_dir",
-    "reference_identity", "reference_key", "load_reference", "load_stats_npz", "save_stats_npz",
+    "ReferenceStats",
+    "BUILTIN_REFS",
+    "DEFAULT_REAL_FEATURES",
+    "CACHE_ENV_VAR",
+    "default_cache_dir",
+    "reference_identity",
+    "reference_key",
+    "load_reference",
+    "load_stats_npz",
+    "save_stats_npz",
 ]
 
 BUILTIN_REFS = {"cifar10-train": "train", "cifar10-test": "test"}
@@ -45,7 +53,6 @@ STACKED_REF_SIZE = 50_000
 STACKED_REF_SEED = 0
 
 
-
 @dataclass
 class ReferenceStats:
     """Reference Gaussian (mu [D], sigma [D, D]) and optionally real features [n, D] for KID/PRDC."""
@@ -53,7 +60,9 @@ class ReferenceStats:
     mu: np.ndarray
     sigma: np.ndarray
     key: str
-    features: Optional[np.ndarray] = None  # float32, rows in random order (any prefix is a random subset)
+    features: Optional[np.ndarray] = (
+        None  # float32, rows in random order (any prefix is a random subset)
+    )
     meta: dict = field(default_factory=dict)
     path: Optional[Path] = None
     _frechet: Optional[FrechetReference] = field(default=None, repr=False)
@@ -102,12 +111,18 @@ def reference_identity(spec: str, data_root: Union[str, Path] = "data") -> dict:
     if spec in BUILTIN_REFS:
         return {"kind": "cifar10", "split": BUILTIN_REFS[spec]}
     if spec in STACKED_SOURCES:
-        identity = {"kind": "stacked", "source": spec, "split": "train", "size": STACKED_REF_SIZE,
-                    "seed": STACKED_REF_SEED}
+        identity = {
+            "kind": "stacked",
+            "source": spec,
+            "split": "train",
+            "size": STACKED_REF_SIZE,
+            "seed": STACKED_REF_SEED,
+        }
         if spec == "stacked-mnist":  # a subset or re-export of MNIST changes the statistics
             raw = Path(data_root).expanduser() / "MNIST" / "raw"
-            identity["files"] = [[n, (raw / n).stat().st_size if (raw / n).is_file() else None]
-                                 for n in MNIST_FILES]
+            identity["files"] = [
+                [n, (raw / n).stat().st_size if (raw / n).is_file() else None] for n in MNIST_FILES
+            ]
         return identity
     p = Path(spec).expanduser()
     if p.suffix == ".npz":
@@ -124,26 +139,41 @@ def reference_identity(spec: str, data_root: Union[str, Path] = "data") -> dict:
             st = f.stat()
             listing.append([str(f.relative_to(p)), st.st_size, st.st_mtime_ns])
         digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-        return {"kind": "folder", "path": str(p.resolve()), "num_files": len(files), "files_sha256": digest}
+        return {
+            "kind": "folder",
+            "path": str(p.resolve()),
+            "num_files": len(files),
+            "files_sha256": digest,
+        }
     raise MetricsError(
         f"--ref {spec!r}: expected {', '.join([*BUILTIN_REFS, *STACKED_SOURCES])}, an "
         f"image folder or a .npz statistics file"
     )
 
 
-def reference_key(identity: dict, weights_sha256: str, dims: int,
-                  num_real_features: int = DEFAULT_REAL_FEATURES, protocol: Optional[str] = None) -> str:
+def reference_key(
+    identity: dict,
+    weights_sha256: str,
+    dims: int,
+    num_real_features: int = DEFAULT_REAL_FEATURES,
+    protocol: Optional[str] = None,
+) -> str:
     """Hex key of everything that changes a reference's statistics (``protocol``: the
     extractor's image protocol, ``FID_PROTOCOLS``)."""
     payload = {
-        "source": identity, "weights_sha256": weights_sha256, "dims": dims,
-        "protocol": protocol or PROTOCOL_VERSION, "num_real_features": num_real_features,
+        "source": identity,
+        "weights_sha256": weights_sha256,
+        "dims": dims,
+        "protocol": protocol or PROTOCOL_VERSION,
+        "num_real_features": num_real_features,
         "real_subset_seed": REAL_SUBSET_SEED,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def save_stats_npz(path: Union[str, Path], stats: ReferenceStats, *, with_features: bool = True) -> Path:
+def save_stats_npz(
+    path: Union[str, Path], stats: ReferenceStats, *, with_features: bool = True
+) -> Path:
     """Write pytorch-fid's ``.npz`` (``mu``, ``sigma``) plus ``meta`` (and ``features``),
     atomically (``fileio.atomic_write``)."""
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "meta": np.array(json.dumps(stats.meta))}
@@ -160,7 +190,9 @@ def load_stats_npz(path: Union[str, Path], flag: str = "--ref") -> ReferenceStat
     try:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f or "sigma" not in f:
-                raise MetricsError(f"{flag} {str(path)!r}: not FID statistics (no 'mu' and 'sigma' arrays)")
+                raise MetricsError(
+                    f"{flag} {str(path)!r}: not FID statistics (no 'mu' and 'sigma' arrays)"
+                )
             mu = np.asarray(f["mu"], dtype=np.float64)
             sigma = np.asarray(f["sigma"], dtype=np.float64)
             meta = json.loads(str(f["meta"])) if "meta" in f else {}
@@ -168,9 +200,13 @@ def load_stats_npz(path: Union[str, Path], flag: str = "--ref") -> ReferenceStat
     except MetricsError:
         raise
     except Exception as e:
-        raise MetricsError(f"{flag} {str(path)!r}: cannot read statistics ({type(e).__name__}: {e})") from None
+        raise MetricsError(
+            f"{flag} {str(path)!r}: cannot read statistics ({type(e).__name__}: {e})"
+        ) from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise MetricsError(f"{flag} {str(path)!r}: mu {mu.shape} and sigma {sigma.shape} do not match")
+        raise MetricsError(
+            f"{flag} {str(path)!r}: mu {mu.shape} and sigma {sigma.shape} do not match"
+        )
     if features is not None and (features.ndim != 2 or features.shape[1] != mu.shape[0]):
         features = None
     key = meta.get("key") or "npz-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -182,13 +218,15 @@ def _load_real_images(identity: dict, spec: str, data_root) -> tuple[int, Any]:
     if identity["kind"] == "stacked":
         from ..digits import load_stacked
 
-        images = load_stacked(identity["source"], "train", data_root, size=identity["size"],
-                              seed=identity["seed"]).images  # uint8 [N, 3, 32, 32]
+        images = load_stacked(
+            identity["source"], "train", data_root, size=identity["size"], seed=identity["seed"]
+        ).images  # uint8 [N, 3, 32, 32]
         return images.shape[0], lambda bs: iter(images.split(bs))
     if identity["kind"] == "cifar10":
         from ..data import load_cifar10
 
-        images = load_cifar10(data_root, split=identity["split"], download=True)  # uint8 [N, 3, 32, 32]
+        # uint8 [N, 3, 32, 32]
+        images = load_cifar10(data_root, split=identity["split"], download=True)
         return images.shape[0], lambda bs: iter(images.split(bs))
     files = image_folder_files(spec)
     return len(files), lambda bs: iter_image_batches(files, bs)
@@ -232,13 +270,17 @@ def load_reference(
         ref_protocol = stats.meta.get("protocol")
         protocol = getattr(extractor, "protocol", None) or PROTOCOL_VERSION
         if ref_protocol and ref_protocol != protocol:
-            raise MetricsError(f"--ref {spec!r}: computed with image protocol {ref_protocol!r}, but "
-                               f"these features use {protocol!r} (--fid-protocol)")
+            raise MetricsError(
+                f"--ref {spec!r}: computed with image protocol {ref_protocol!r}, but "
+                f"these features use {protocol!r} (--fid-protocol)"
+            )
         return stats
 
     protocol = getattr(extractor, "protocol", None) or PROTOCOL_VERSION
     key = reference_key(identity, extractor.weights_sha256, dims, num_real_features, protocol)
-    cache_path = _cache_file(Path(cache_dir) if cache_dir else default_cache_dir(), spec, identity, dims, key)
+    cache_path = _cache_file(
+        Path(cache_dir) if cache_dir else default_cache_dir(), spec, identity, dims, key
+    )
     if use_cache and cache_path.is_file():
         try:
             stats = load_stats_npz(cache_path)
@@ -255,21 +297,31 @@ def load_reference(
     keep_order = torch.randperm(num_images, generator=gen)[:num_real_features]  # [n]
     t0 = time.perf_counter()
     moments, kept_idx, kept = feature_pass(
-        batches(getattr(extractor, "batch_size", 256)), extractor, keep=keep_order,
-        total=num_images, progress=progress, desc=f"reference {spec}",
+        batches(getattr(extractor, "batch_size", 256)),
+        extractor,
+        keep=keep_order,
+        total=num_images,
+        progress=progress,
+        desc=f"reference {spec}",
     )
     # kept rows are in image order; put them in keep_order's order.
     pos = {int(i): r for r, i in enumerate(kept_idx.tolist())}
     features = kept[[pos[int(i)] for i in keep_order.tolist()]].numpy().astype(np.float32)
     mu, sigma = moments.numpy()
     meta = {
-        "key": key, "ref": spec, "source": identity, "num_images": num_images, "dims": dims,
-        "weights_sha256": extractor.weights_sha256, "protocol": protocol,
-        "num_real_features": int(features.shape[0]), "seconds": round(time.perf_counter() - t0, 3),
+        "key": key,
+        "ref": spec,
+        "source": identity,
+        "num_images": num_images,
+        "dims": dims,
+        "weights_sha256": extractor.weights_sha256,
+        "protocol": protocol,
+        "num_real_features": int(features.shape[0]),
+        "seconds": round(time.perf_counter() - t0, 3),
     }
-    stats = ReferenceStats(mu=mu, sigma=sigma, key=key, features=features, meta=meta, path=cache_path)
+    stats = ReferenceStats(
+        mu=mu, sigma=sigma, key=key, features=features, meta=meta, path=cache_path
+    )
     if use_cache:
         save_stats_npz(cache_path, stats)
     return stats
-
-

@@ -13,8 +13,17 @@ from dataclasses import dataclass
 
 from .errors import MetricsError
 
-__all__ = ["MetricSpec", "METRICS", "metric_spec", "directions_of", "averaged_result", "primary_metric",
-           "INCEPTION_COUNT_KEY", "MODE_COUNT_KEY", "EMA_SUFFIX"]
+__all__ = [
+    "MetricSpec",
+    "METRICS",
+    "metric_spec",
+    "directions_of",
+    "averaged_result",
+    "primary_metric",
+    "INCEPTION_COUNT_KEY",
+    "MODE_COUNT_KEY",
+    "EMA_SUFFIX",
+]
 
 INCEPTION_COUNT_KEY = "num_samples"  # the Inception family's column: FID, KID, PRDC, IS
 MODE_COUNT_KEY = "mode_samples"  # the stacked-digit mode family's column: modes, kl_modes, cfd
@@ -45,7 +54,9 @@ class MetricSpec:
 
     def __post_init__(self) -> None:
         if self.direction not in ("min", "max"):
-            raise ValueError(f"metric {self.name!r}: direction {self.direction!r} is not 'min' or 'max'")
+            raise ValueError(
+                f"metric {self.name!r}: direction {self.direction!r} is not 'min' or 'max'"
+            )
 
     @property
     def higher_is_better(self) -> bool:
@@ -56,35 +67,90 @@ class MetricSpec:
         return "modes" if self.count_key == MODE_COUNT_KEY else "inception"
 
 
-def _spec(name, direction, count_key, can_collapse, description, headline=False) -> tuple[str, MetricSpec]:
+def _spec(
+    name, direction, count_key, can_collapse, description, headline=False
+) -> tuple[str, MetricSpec]:
     return name, MetricSpec(name, direction, count_key, can_collapse, description, headline)
 
 
-METRICS: dict[str, MetricSpec] = dict([
-    # The Inception family.
-    _spec("fid", "min", INCEPTION_COUNT_KEY, True, "Fréchet Inception distance", headline=True),
-    _spec("kid", "min", INCEPTION_COUNT_KEY, False, "kernel Inception distance (unbiased, can be <= 0)"),
-    _spec("precision", "max", INCEPTION_COUNT_KEY, False, "fraction of generated images inside the real manifold"),
-    _spec("recall", "max", INCEPTION_COUNT_KEY, True, "fraction of real images inside the generated manifold"),
-    _spec("density", "max", INCEPTION_COUNT_KEY, False, "precision counted with multiplicity"),
-    _spec("coverage", "max", INCEPTION_COUNT_KEY, True, "fraction of real images with a generated neighbour"),
-    _spec("inception_score", "max", INCEPTION_COUNT_KEY, True, "Inception score"),
-    # The stacked-digit mode family.
-    _spec("modes", "max", MODE_COUNT_KEY, True, "distinct digit triples among the samples (of 1000)",
-          headline=True),
-    _spec("kl_modes", "min", MODE_COUNT_KEY, False, "KL of the triple distribution to uniform (nats)"),
-    _spec("cfd", "min", MODE_COUNT_KEY, True, "Fréchet distance in the mode classifier's features",
-          headline=True),
-])
+METRICS: dict[str, MetricSpec] = dict(
+    [
+        # The Inception family.
+        _spec("fid", "min", INCEPTION_COUNT_KEY, True, "Fréchet Inception distance", headline=True),
+        _spec(
+            "kid",
+            "min",
+            INCEPTION_COUNT_KEY,
+            False,
+            "kernel Inception distance (unbiased, can be <= 0)",
+        ),
+        _spec(
+            "precision",
+            "max",
+            INCEPTION_COUNT_KEY,
+            False,
+            "fraction of generated images inside the real manifold",
+        ),
+        _spec(
+            "recall",
+            "max",
+            INCEPTION_COUNT_KEY,
+            True,
+            "fraction of real images inside the generated manifold",
+        ),
+        _spec("density", "max", INCEPTION_COUNT_KEY, False, "precision counted with multiplicity"),
+        _spec(
+            "coverage",
+            "max",
+            INCEPTION_COUNT_KEY,
+            True,
+            "fraction of real images with a generated neighbour",
+        ),
+        _spec("inception_score", "max", INCEPTION_COUNT_KEY, True, "Inception score"),
+        # The stacked-digit mode family.
+        _spec(
+            "modes",
+            "max",
+            MODE_COUNT_KEY,
+            True,
+            "distinct digit triples among the samples (of 1000)",
+            headline=True,
+        ),
+        _spec(
+            "kl_modes",
+            "min",
+            MODE_COUNT_KEY,
+            False,
+            "KL of the triple distribution to uniform (nats)",
+        ),
+        _spec(
+            "cfd",
+            "min",
+            MODE_COUNT_KEY,
+            True,
+            "Fréchet distance in the mode classifier's features",
+            headline=True,
+        ),
+    ]
+)
 # Every metric again for the averaged generator: written as its own column, so compare, rescore,
 # TensorBoard and HParams read it as any other metric.
-METRICS.update({
-    f"{name}{EMA_SUFFIX}": MetricSpec(f"{name}{EMA_SUFFIX}", s.direction, s.count_key, s.can_collapse,
-                                      f"{s.description}, of the averaged generator (--g-ema)", s.headline,
-                                      averaged=True)
-    for name, s in list(METRICS.items())
-})
-AVERAGED_EXTRAS = ("kid_std",)  # result columns that are not metrics but belong to the generator scored
+METRICS.update(
+    {
+        f"{name}{EMA_SUFFIX}": MetricSpec(
+            f"{name}{EMA_SUFFIX}",
+            s.direction,
+            s.count_key,
+            s.can_collapse,
+            f"{s.description}, of the averaged generator (--g-ema)",
+            s.headline,
+            averaged=True,
+        )
+        for name, s in list(METRICS.items())
+    }
+)
+# result columns that are not metrics but belong to the generator scored
+AVERAGED_EXTRAS = ("kid_std",)
 
 
 def metric_spec(name: str) -> MetricSpec:
@@ -92,7 +158,9 @@ def metric_spec(name: str) -> MetricSpec:
     try:
         return METRICS[name]
     except KeyError:
-        raise MetricsError(f"unknown metric {name!r}: known metrics are {', '.join(METRICS)}") from None
+        raise MetricsError(
+            f"unknown metric {name!r}: known metrics are {', '.join(METRICS)}"
+        ) from None
 
 
 def primary_metric(scored) -> str:
@@ -103,12 +171,17 @@ def primary_metric(scored) -> str:
 
 def directions_of(count_key: str) -> dict[str, str]:
     """{metric: direction} of the family whose rows carry ``count_key``."""
-    return {m.name: m.direction for m in METRICS.values() if m.count_key == count_key and not m.averaged}
+    return {
+        m.name: m.direction for m in METRICS.values() if m.count_key == count_key and not m.averaged
+    }
 
 
 def averaged_result(result: dict) -> dict:
     """An evaluation of G_ema as the columns of its row: each metric (and ``kid_std``) renamed
     ``<name>_ema``; the sample counts, sample mode and seed are the evaluation's own, shared
     with G's columns."""
-    return {f"{k}{EMA_SUFFIX}": v for k, v in result.items()
-            if (k in METRICS and not METRICS[k].averaged) or k in AVERAGED_EXTRAS}
+    return {
+        f"{k}{EMA_SUFFIX}": v
+        for k, v in result.items()
+        if (k in METRICS and not METRICS[k].averaged) or k in AVERAGED_EXTRAS
+    }

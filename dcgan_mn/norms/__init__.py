@@ -71,12 +71,7 @@ def group_norm_groups(num_features: int, max_groups: int = 32) -> int:
     return math.gcd(num_features, max_groups)
 
 
-def make_norm2d(
-    num_features: int,
-    kind: str,
-    num_components: int = 3,
-    **kwargs,
-) -> nn.Module:
+def make_norm2d(num_features: int, kind: str, num_components: int = 3, **kwargs) -> nn.Module:
     """A norm layer over C = ``num_features`` channels by name:
 
     * ``"bn"``: nn.BatchNorm2d;
@@ -95,7 +90,9 @@ def make_norm2d(
         return nn.GroupNorm(group_norm_groups(num_features), num_features)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"unknown norm kind {kind!r}; expected one of {', '.join(map(repr, NORM_KINDS))}")
+    raise ValueError(
+        f"unknown norm kind {kind!r}; expected one of {', '.join(map(repr, NORM_KINDS))}"
+    )
 
 
 @dataclass(frozen=True)
@@ -111,17 +108,24 @@ class NormSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in NORM_KINDS:
-            raise ValueError(f"unknown norm kind {self.kind!r}; expected one of {', '.join(map(repr, NORM_KINDS))}")
+            raise ValueError(
+                f"unknown norm kind {self.kind!r}; expected one of {', '.join(map(repr, NORM_KINDS))}"
+            )
 
     def __call__(self, num_features: int) -> nn.Module:
         return make_norm2d(num_features, self.kind, self.num_components, **dict(self.options))
 
 
-def norm_specs(kinds: Sequence[str], mn_components: int = 3, mode_components: int = 2,
-               **mn_options) -> tuple[NormSpec, ...]:
+def norm_specs(
+    kinds: Sequence[str], mn_components: int = 3, mode_components: int = 2, **mn_options
+) -> tuple[NormSpec, ...]:
     """Per-layer norm kinds (``--g-norms``, or ``--mn-layers`` spelt out) -> one ``NormSpec`` a
     layer: MN layers get K = ``mn_components`` and ``mn_options``, Mode Normalization layers
     ``mode_components`` modes, the others nothing."""
     options = tuple(sorted(mn_options.items()))
-    return tuple(NormSpec(kind, mn_components, options) if kind == "mn"
-                 else NormSpec(kind, mode_components if kind == "mode" else 1) for kind in kinds)
+    return tuple(
+        NormSpec(kind, mn_components, options)
+        if kind == "mn"
+        else NormSpec(kind, mode_components if kind == "mode" else 1)
+        for kind in kinds
+    )

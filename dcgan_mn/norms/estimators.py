@@ -68,7 +68,8 @@ def kmeans_pp_seeds(
     k = num_components
     picks = [torch.randint(m, (g, 1), device=sub.device, generator=generator)]  # K x [G, 1]
     # Every uniform draw at once, after the first picks (one RNG call, not K - 1).
-    uniform = torch.rand(g, k - 1, device=sub.device, dtype=sub.dtype, generator=generator)  # [G, K-1]
+    # [G, K-1]
+    uniform = torch.rand(g, k - 1, device=sub.device, dtype=sub.dtype, generator=generator)
     nearest = None
     for j in range(k - 1):
         last = picks[-1]  # [G, 1]
@@ -83,8 +84,9 @@ def kmeans_pp_seeds(
     return sub.gather(1, idx.unsqueeze(2).expand(g, k, c))  # [G, K, C]
 
 
-def _lloyd(sub: Tensor, sub_sq: Tensor, subset_var: Tensor, mean: Tensor, iters: int,
-           eps: float) -> Mixture:
+def _lloyd(
+    sub: Tensor, sub_sq: Tensor, subset_var: Tensor, mean: Tensor, iters: int, eps: float
+) -> Mixture:
     """``iters`` Lloyd iterations from centres ``mean`` [G, K, C] on centred points sub [G, M, C];
     the mixture of the final hard clusters: weight [G, K], mean and var [G, K, C].
 
@@ -98,13 +100,16 @@ def _lloyd(sub: Tensor, sub_sq: Tensor, subset_var: Tensor, mean: Tensor, iters:
     k = mean.shape[1]
     for _ in range(iters + 1):
         # argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k); ||x||^2 does not matter.
-        score = torch.baddbmm((mean * mean).sum(2).unsqueeze(1), sub, mean.transpose(1, 2),
-                              alpha=-2.0)  # [G, M, K]
+        # [G, M, K]
+        score = torch.baddbmm(
+            (mean * mean).sum(2).unsqueeze(1), sub, mean.transpose(1, 2), alpha=-2.0
+        )
         onehot = sub.new_zeros(g, m, k).scatter_(2, score.argmin(2, keepdim=True), 1.0)  # [G, M, K]
         onehot_t = onehot.transpose(1, 2)  # [G, K, M]
         counts = onehot.sum(1)  # [G, K]
         inv_counts = counts.clamp_min(1.0).reciprocal().unsqueeze(2)  # [G, K, 1]
-        mean = torch.where(counts.unsqueeze(2) > 0, (onehot_t @ sub) * inv_counts, mean)  # [G, K, C]
+        # [G, K, C]
+        mean = torch.where(counts.unsqueeze(2) > 0, (onehot_t @ sub) * inv_counts, mean)
 
     var = (onehot_t @ sub_sq) * inv_counts - mean * mean  # [G, K, C]
     var = torch.where(counts.unsqueeze(2) < 2, subset_var.unsqueeze(1), var).clamp_min(eps)
@@ -112,8 +117,9 @@ def _lloyd(sub: Tensor, sub_sq: Tensor, subset_var: Tensor, mean: Tensor, iters:
     return Mixture(weight / weight.sum(1, keepdim=True), mean, var)
 
 
-def _em(sub: Tensor, sub_sq: Tensor, subset_var: Tensor, mean: Tensor, iters: int,
-        eps: float) -> Mixture:
+def _em(
+    sub: Tensor, sub_sq: Tensor, subset_var: Tensor, mean: Tensor, iters: int, eps: float
+) -> Mixture:
     """``iters`` EM iterations of a diagonal Gaussian mixture from means ``mean`` [G, K, C], equal
     weights and the subset's variance in every component, on centred points sub [G, M, C].
 
@@ -177,7 +183,9 @@ def estimate_mixture(
     subset_var = sub_sq.mean(1).clamp_min(eps)  # [G, C']
     k = num_components
     if k == 1:  # one component: the subset's mean and variance (BatchNorm), for either estimator
-        return reading.from_groups(Mixture(sub.new_ones(sub.shape[0], 1), centre, subset_var.unsqueeze(1)))
+        return reading.from_groups(
+            Mixture(sub.new_ones(sub.shape[0], 1), centre, subset_var.unsqueeze(1))
+        )
     if init_mean is None:
         start = kmeans_pp_seeds(sub, sub_sq, k, generator)  # [G, K, C']
     else:
@@ -205,5 +213,13 @@ def fit_mixture(
     A random subset of at most ``fit_points`` points is fitted by ``estimate_mixture``.
     """
     sub = sample_fit_points(points, fit_points, generator)  # [M, C]
-    return estimate_mixture(sub, num_components, estimator=estimator, kmeans_iters=kmeans_iters,
-                            em_iters=em_iters, eps=eps, generator=generator, point=point)
+    return estimate_mixture(
+        sub,
+        num_components,
+        estimator=estimator,
+        kmeans_iters=kmeans_iters,
+        em_iters=em_iters,
+        eps=eps,
+        generator=generator,
+        point=point,
+    )

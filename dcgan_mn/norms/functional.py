@@ -38,6 +38,7 @@ __all__ = ["mixture_norm"]
 Stats = tuple[Tensor, Tensor, Tensor, Tensor]  # (lambda, E, Var, n_eff)
 Reduce = Callable[[MixtureMoments], MixtureMoments]
 
+
 def _logit_params(mixture: Mixture) -> tuple[Tensor, Tensor, Tensor]:
     """Coefficients of the log joint density, linear in x and x^2: for a point x,
 
@@ -49,11 +50,12 @@ def _logit_params(mixture: Mixture) -> tuple[Tensor, Tensor, Tensor]:
     inv_var = var.reciprocal()  # [K, C]
     lin = (mean * inv_var).t()  # [C, K]
     quad = (-0.5 * inv_var).t()  # [C, K]
+    # [K]
     bias = (
         weight.clamp_min(_TINY).log()
         - 0.5 * (var.log().sum(1) + var.shape[1] * _LOG_2PI)
         - 0.5 * (mean * mean * inv_var).sum(1)
-    )  # [K]
+    )
     return lin, quad, bias
 
 
@@ -191,7 +193,8 @@ class _MixtureAffine(torch.autograd.Function):
                 g_a = _bmm_left(scale, buf).baddbmm_(offset.expand(n, -1, -1), g_y)  # [N, K, L]
                 inv_sqrt_lam = lam.clamp_min(_TINY).rsqrt()  # [K]
                 if need[1]:
-                    g_tau = g_a * inv_sqrt_lam.unsqueeze(1) if ctx.lambda_scale else g_a  # [N, K, L]
+                    # [N, K, L]
+                    g_tau = g_a * inv_sqrt_lam.unsqueeze(1) if ctx.lambda_scale else g_a
                 if need[2] and ctx.lambda_scale:
                     g_lam = -0.5 * inv_sqrt_lam.pow(3) * (g_a * tau).sum((0, 2))  # [K]
                     g_lam = torch.where(lam > _TINY, g_lam, torch.zeros_like(g_lam))
@@ -251,7 +254,8 @@ def _vector_mixture_norm(
     if reduce is not None:
         moments = reduce(moments)
     lam, mean_c, var, n_eff = _centred_stats(moments)
-    y = _MixtureAffine.apply(xc, tau, lam, mean_c, var, weight, bias, eps, lambda_scale)  # [N, C, L]
+    # [N, C, L]
+    y = _MixtureAffine.apply(xc, tau, lam, mean_c, var, weight, bias, eps, lambda_scale)
     return y, tau, (lam, mean_c + shift, var, n_eff)
 
 
@@ -271,9 +275,7 @@ def _vector_mixture_norm_fixed(
     the mixture (weight, mean, var floored by eps), normalization by the same statistics."""
     mixture = Mixture(weight, mean, var)
     shift = _mixture_shift(mixture)  # [C]
-    lin, quad, logit_bias = _logit_params(
-        Mixture(weight, mean - shift, var.clamp_min(eps))
-    )
+    lin, quad, logit_bias = _logit_params(Mixture(weight, mean - shift, var.clamp_min(eps)))
     xc, tau = _PosteriorMoments.apply(x, shift, lin, quad, logit_bias, False, posterior_grad)
     if not posterior_grad:
         tau = tau.detach()
@@ -300,8 +302,9 @@ def _channel_mixture_norm(
     shift = (weight * mean).sum(0)  # [C]  (conditioning only, as in the vector reading)
     xc = (x - shift.unsqueeze(1)).unsqueeze(2)  # [N, C, 1, L]
     mc, vc = (mean - shift).t(), var.clamp_min(eps).t()  # [C, K]
-    logits = (weight.t().clamp_min(_TINY).log() - 0.5 * vc.log())[..., None] \
-        - 0.5 * (xc - mc[..., None]).square() / vc[..., None]  # [N, C, K, L]
+    logits = (weight.t().clamp_min(_TINY).log() - 0.5 * vc.log())[..., None] - 0.5 * (
+        xc - mc[..., None]
+    ).square() / vc[..., None]  # [N, C, K, L]
     tau = torch.softmax(logits, 2)  # [N, C, K, L]
     if not posterior_grad:
         tau = tau.detach()
@@ -323,23 +326,43 @@ def _channel_mixture_norm(
     return y.contiguous(), tau, stats
 
 
-def _vector_reading(x, mixture, eps, weight, bias, batch_stats, reduce, posterior_grad, lambda_scale):
+def _vector_reading(
+    x, mixture, eps, weight, bias, batch_stats, reduce, posterior_grad, lambda_scale
+):
     """One mixture over the C-vectors: the fused path."""
     if batch_stats:
-        return _vector_mixture_norm(x, mixture, eps, weight, bias, reduce,
-                                    posterior_grad=posterior_grad, lambda_scale=lambda_scale)
-    y = _vector_mixture_norm_fixed(x, *mixture, eps, weight, bias,
-                                   posterior_grad=posterior_grad, lambda_scale=lambda_scale)
+        return _vector_mixture_norm(
+            x,
+            mixture,
+            eps,
+            weight,
+            bias,
+            reduce,
+            posterior_grad=posterior_grad,
+            lambda_scale=lambda_scale,
+        )
+    y = _vector_mixture_norm_fixed(
+        x, *mixture, eps, weight, bias, posterior_grad=posterior_grad, lambda_scale=lambda_scale
+    )
     return y, None, None
 
 
-def _channel_reading(x, mixture, eps, weight, bias, batch_stats, reduce, posterior_grad, lambda_scale):
+def _channel_reading(
+    x, mixture, eps, weight, bias, batch_stats, reduce, posterior_grad, lambda_scale
+):
     """One 1-D mixture per channel: plain autograd ops, never summed across processes."""
     if reduce is not None:
         raise ValueError("MixtureNorm2d(point='channel') is not synchronized across processes")
-    y, tau, stats = _channel_mixture_norm(x.to(mixture.mean.dtype), mixture, eps, weight, bias,
-                                          fixed_stats=not batch_stats, posterior_grad=posterior_grad,
-                                          lambda_scale=lambda_scale)
+    y, tau, stats = _channel_mixture_norm(
+        x.to(mixture.mean.dtype),
+        mixture,
+        eps,
+        weight,
+        bias,
+        fixed_stats=not batch_stats,
+        posterior_grad=posterior_grad,
+        lambda_scale=lambda_scale,
+    )
     return (y, tau, stats) if batch_stats else (y, None, None)
 
 
@@ -374,5 +397,6 @@ def mixture_norm(
     ([N, K, L] or [N, C, K, L]) and (lambda, E, Var, n_eff) for the running update; otherwise
     (y, None, None).
     """
-    return _READING_FNS[point](x, mixture, eps, weight, bias, batch_stats, reduce,
-                               posterior_grad, lambda_scale)
+    return _READING_FNS[point](
+        x, mixture, eps, weight, bias, batch_stats, reduce, posterior_grad, lambda_scale
+    )

@@ -70,6 +70,7 @@ class MixtureMoments(NamedTuple):
 
 # ---- shared math: posteriors and the statistics of summed moments ----------------------------
 
+
 def mixture_posteriors(points: Tensor, mixture: Mixture) -> Tensor:
     """tau[p, k] = softmax_k(log weight_k + log N(x_p | mean_k, var_k)) for points [P, C].
 
@@ -245,7 +246,9 @@ VECTOR = Reading(
 CHANNEL = Reading(
     name="channel",
     to_groups=lambda points: points.t().unsqueeze(2),  # [C, M, 1]
-    from_groups=lambda mix: Mixture(mix.weight.t(), mix.mean.squeeze(2).t(), mix.var.squeeze(2).t()),
+    from_groups=lambda mix: Mixture(
+        mix.weight.t(), mix.mean.squeeze(2).t(), mix.var.squeeze(2).t()
+    ),
     weight_shape=lambda k, c: (k, c),
     match=_match_channel,
     posterior_dim=2,  # tau [N, C, K, L]

@@ -118,7 +118,14 @@ class ModeNorm2d(_ComponentNormBase):
     weights [K] and mean gate entropy (nats).
     """
 
-    __constants__ = ["num_features", "num_modes", "eps", "momentum", "affine", "track_running_stats"]
+    __constants__ = [
+        "num_features",
+        "num_modes",
+        "eps",
+        "momentum",
+        "affine",
+        "track_running_stats",
+    ]
     _components_arg = "num_modes"
 
     def __init__(
@@ -169,8 +176,15 @@ class ModeNorm2d(_ComponentNormBase):
                 f"{tuple(x.shape)}"
             )
         y, g, stats = mode_norm(
-            x, self.gate_weight, self.gate_bias, self.running_mean, self.running_var,
-            self.weight, self.bias, training=use_batch_stats, eps=self.eps,
+            x,
+            self.gate_weight,
+            self.gate_bias,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=use_batch_stats,
+            eps=self.eps,
         )
         if self.training:
             self._record_batch(g, stats)

@@ -37,9 +37,17 @@ class _ComponentNormBase(nn.Module):
 
     _components_arg = "num_components"  # the constructor's name for K, in messages
 
-    def __init__(self, num_features: int, num_components: int, eps: float,
-                 momentum: Optional[float], affine: bool, track_running_stats: bool,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        num_components: int,
+        eps: float,
+        momentum: Optional[float],
+        affine: bool,
+        track_running_stats: bool,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
@@ -68,10 +76,13 @@ class _ComponentNormBase(nn.Module):
             self.register_parameter("bias", None)
         k, c = self.num_components, self.num_features
         for name in ("running_mean", "running_var"):
-            self.register_buffer(name, torch.empty(k, c, **factory) if self.track_running_stats else None)
-        self.register_buffer("num_batches_tracked",
-                             torch.tensor(0, dtype=torch.long, device=device)
-                             if self.track_running_stats else None)
+            self.register_buffer(
+                name, torch.empty(k, c, **factory) if self.track_running_stats else None
+            )
+        self.register_buffer(
+            "num_batches_tracked",
+            torch.tensor(0, dtype=torch.long, device=device) if self.track_running_stats else None,
+        )
         self.reset_parameters()
 
     def _register_own(self, factory: dict) -> None:
@@ -92,18 +103,24 @@ class _ComponentNormBase(nn.Module):
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, {self._components_arg}={self.num_components}, "
-                f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}")
+        return (
+            f"{self.num_features}, {self._components_arg}={self.num_components}, "
+            f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
         if x.dim() != 4:
-            raise ValueError(f"{name} expects 4-D input [N, C, H, W], got {x.dim()}-D "
-                             f"input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} expects 4-D input [N, C, H, W], got {x.dim()}-D "
+                f"input of shape {tuple(x.shape)}"
+            )
         if x.shape[1] != self.num_features:
-            raise ValueError(f"{name}({self.num_features}) got {x.shape[1]} channels "
-                             f"(input shape {tuple(x.shape)})")
+            raise ValueError(
+                f"{name}({self.num_features}) got {x.shape[1]} channels "
+                f"(input shape {tuple(x.shape)})"
+            )
 
     # ---- running statistics --------------------------------------------------------------------
 
@@ -116,8 +133,9 @@ class _ComponentNormBase(nn.Module):
         return 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
 
     @torch.no_grad()
-    def _fold_running(self, mean: Tensor, var: Tensor, n_eff: Tensor,
-                      factor: Union[float, Tensor]) -> None:
+    def _fold_running(
+        self, mean: Tensor, var: Tensor, n_eff: Tensor, factor: Union[float, Tensor]
+    ) -> None:
         """running_mean / running_var [K, C] move towards a batch's mean and biased var [K, C].
 
         The variance is unbiased as BatchNorm's, n / (n - 1), with the effective number of
@@ -135,9 +153,21 @@ class _MixtureNormBase(_ComponentNormBase):
     """Hyper-parameters, parameters and running buffers of Mixture Normalization; no forward."""
 
     _version = 1
-    __constants__ = ["num_features", "num_components", "eps", "momentum", "affine",
-                     "track_running_stats", "fit_points", "kmeans_iters", "estimator", "em_iters",
-                     "point", "posterior_grad", "lambda_scale"]
+    __constants__ = [
+        "num_features",
+        "num_components",
+        "eps",
+        "momentum",
+        "affine",
+        "track_running_stats",
+        "fit_points",
+        "kmeans_iters",
+        "estimator",
+        "em_iters",
+        "point",
+        "posterior_grad",
+        "lambda_scale",
+    ]
 
     def __init__(
         self,
@@ -187,8 +217,9 @@ class _MixtureNormBase(_ComponentNormBase):
     def _register_own(self, factory: dict) -> None:
         """running_weight: the running mixture weights, [K] (or [K, C] per channel)."""
         shape = self._reading.weight_shape(self.num_components, self.num_features)
-        self.register_buffer("running_weight",
-                             torch.empty(shape, **factory) if self.track_running_stats else None)
+        self.register_buffer(
+            "running_weight", torch.empty(shape, **factory) if self.track_running_stats else None
+        )
 
     # ---- nn.BatchNorm2d-style housekeeping ----------------------------------------------------
 
@@ -199,7 +230,8 @@ class _MixtureNormBase(_ComponentNormBase):
 
     def extra_repr(self) -> str:
         return (
-            super().extra_repr() + ", fit_points={fit_points}, kmeans_iters={kmeans_iters}, "
+            super().extra_repr()
+            + ", fit_points={fit_points}, kmeans_iters={kmeans_iters}, "
             "estimator={estimator}, em_iters={em_iters}, point={point}, "
             "posterior_grad={posterior_grad}, lambda_scale={lambda_scale}".format(**self.__dict__)
         )
@@ -218,7 +250,8 @@ class _MixtureNormBase(_ComponentNormBase):
         factor = self._momentum_factor()
         if self.num_components > 1:  # components have no identity across batches: match them
             lam, mean, var, n_eff = self._reading.match(
-                (lam, mean, var, n_eff), self.running_mean.to(mean.dtype))
+                (lam, mean, var, n_eff), self.running_mean.to(mean.dtype)
+            )
         self.running_weight.lerp_(lam.to(self.running_weight.dtype), factor)
         self._fold_running(mean, var, n_eff, factor)
 
@@ -230,12 +263,17 @@ class _MixtureNormBase(_ComponentNormBase):
             return {}
         if self.num_components == 1:  # one posterior equal to 1: zero entropy
             one = self.last_batch_weight[0]
-            return {"mixture_weight": self.last_batch_weight,
-                    "posterior_entropy": torch.zeros_like(one),
-                    "effective_components": torch.ones_like(one)}
+            return {
+                "mixture_weight": self.last_batch_weight,
+                "posterior_entropy": torch.zeros_like(one),
+                "effective_components": torch.ones_like(one),
+            }
         weight, effective = self._reading.summarize(self.last_batch_weight)
-        return {"mixture_weight": weight, "posterior_entropy": self.last_posterior_entropy,
-                "effective_components": effective}
+        return {
+            "mixture_weight": weight,
+            "posterior_entropy": self.last_posterior_entropy,
+            "effective_components": effective,
+        }
 
 
 class MixtureNorm2d(_MixtureNormBase):
@@ -286,9 +324,15 @@ class MixtureNorm2d(_MixtureNormBase):
     def _estimate(self, points: Tensor) -> Mixture:
         """The mixture of fitting points [M, C] by this layer's estimator and reading (per channel
         for ``point="channel"``: weight, mean and var [K, C])."""
-        return estimate_mixture(points, self.num_components, estimator=self.estimator,
-                                kmeans_iters=self.kmeans_iters, em_iters=self.em_iters,
-                                eps=self.eps, point=self.point)
+        return estimate_mixture(
+            points,
+            self.num_components,
+            estimator=self.estimator,
+            kmeans_iters=self.kmeans_iters,
+            em_iters=self.em_iters,
+            eps=self.eps,
+            point=self.point,
+        )
 
     def _reduce_moments(self, moments: MixtureMoments) -> MixtureMoments:
         """Sum the moments over the processes that share this batch (identity by default)."""
@@ -318,14 +362,24 @@ class MixtureNorm2d(_MixtureNormBase):
             if use_batch_stats:
                 mixture = self._fit_batch_mixture(x_ncl, compute_dtype)
             else:
-                mixture = Mixture(self.running_weight.to(compute_dtype),
-                                  self.running_mean.to(compute_dtype),
-                                  self.running_var.to(compute_dtype))
+                mixture = Mixture(
+                    self.running_weight.to(compute_dtype),
+                    self.running_mean.to(compute_dtype),
+                    self.running_var.to(compute_dtype),
+                )
+            # y [N, C, L]
             y, tau, stats = mixture_norm(
-                x_ncl, mixture, self.eps, gamma, beta, batch_stats=use_batch_stats,
-                point=self.point, reduce=None if local else self._reduce_moments,
-                posterior_grad=self.posterior_grad, lambda_scale=self.lambda_scale,
-            )  # y [N, C, L]
+                x_ncl,
+                mixture,
+                self.eps,
+                gamma,
+                beta,
+                batch_stats=use_batch_stats,
+                point=self.point,
+                reduce=None if local else self._reduce_moments,
+                posterior_grad=self.posterior_grad,
+                lambda_scale=self.lambda_scale,
+            )
             if self.training:
                 self._record_batch(tau, stats)
         y = y.to(x.dtype).view(n, c, h, w)  # [N, C, H, W]
@@ -335,8 +389,10 @@ class MixtureNorm2d(_MixtureNormBase):
 
     def _moments_stay_local(self) -> bool:
         """True when no subclass or hook sums the moments across processes."""
-        return (self.reduce_moments is None
-                and type(self)._reduce_moments is MixtureNorm2d._reduce_moments)
+        return (
+            self.reduce_moments is None
+            and type(self)._reduce_moments is MixtureNorm2d._reduce_moments
+        )
 
     def _batch_norm(self, x: Tensor, use_batch_stats: bool) -> Tensor:
         """K = 1 is BatchNorm, so it runs BatchNorm's own kernel: one posterior equal to 1, one
@@ -354,9 +410,10 @@ class MixtureNorm2d(_MixtureNormBase):
                 factor = self._momentum_factor()
         if self.training:
             self.last_batch_weight = self._unit_weight(x.device)
+        # [N, C, H, W], memory format kept
         return torch.nn.functional.batch_norm(
-            x, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps,
-        )  # [N, C, H, W], memory format kept
+            x, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
+        )
 
     def _unit_weight(self, device) -> Tensor:
         """The constant [1] mixture weight of K = 1 (made once, not every step)."""

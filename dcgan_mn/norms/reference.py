@@ -17,7 +17,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .mixture import _TINY, Mixture, MixtureMoments, _centred_stats, _mixture_shift, mixture_posteriors
+from .mixture import (
+    _TINY,
+    Mixture,
+    MixtureMoments,
+    _centred_stats,
+    _mixture_shift,
+    mixture_posteriors,
+)
 
 __all__ = ["mixture_moments", "normalize_reference", "mixture_norm_reference"]
 
@@ -36,7 +43,12 @@ def mixture_moments(points: Tensor, tau: Tensor, shift: Tensor) -> MixtureMoment
 
 
 def normalize_reference(
-    points: Tensor, tau: Tensor, weight: Tensor, mean: Tensor, var: Tensor, eps: float,
+    points: Tensor,
+    tau: Tensor,
+    weight: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
     lambda_scale: bool = True,
 ) -> Tensor:
     """Step 5 alone: x_hat_p = sum_k tau[p,k] / sqrt(weight_k) * (x_p - mean_k) / sqrt(var_k + eps).

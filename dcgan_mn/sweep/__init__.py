@@ -20,6 +20,23 @@ from .start import start_sweep, wait_for_sweep
 from .status import STATES, render_status, sweep_status
 from .submit import EXECUTORS, ExecutorOptions, choose_executor, parse_time
 
-__all__ = ["Arm", "Run", "SweepError", "SweepRecord", "SweepSpec", "parse_arm", "parse_seeds", "report_metrics",
-           "write_report", "start_sweep", "wait_for_sweep", "STATES", "render_status", "sweep_status", "EXECUTORS",
-           "ExecutorOptions", "choose_executor", "parse_time"]
+__all__ = [
+    "Arm",
+    "Run",
+    "SweepError",
+    "SweepRecord",
+    "SweepSpec",
+    "parse_arm",
+    "parse_seeds",
+    "report_metrics",
+    "write_report",
+    "start_sweep",
+    "wait_for_sweep",
+    "STATES",
+    "render_status",
+    "sweep_status",
+    "EXECUTORS",
+    "ExecutorOptions",
+    "choose_executor",
+    "parse_time",
+]

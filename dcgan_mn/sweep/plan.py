@@ -25,8 +25,19 @@ from ..errors import ConfigError
 from ..fileio import append_jsonl, read_jsonl, write_json_atomic
 from ..runfolder import RunFolder
 
-__all__ = ["Arm", "Run", "SweepSpec", "SweepError", "parse_arm", "parse_seeds", "SweepRecord", "RunEvents",
-           "run_progress", "load_train_cli", "planned_config"]
+__all__ = [
+    "Arm",
+    "Run",
+    "SweepSpec",
+    "SweepError",
+    "parse_arm",
+    "parse_seeds",
+    "SweepRecord",
+    "RunEvents",
+    "run_progress",
+    "load_train_cli",
+    "planned_config",
+]
 
 RECORD = "sweep.json"
 EVENTS_DIR = ".sweep"
@@ -51,8 +62,10 @@ def parse_arm(text: str) -> Arm:
     name, sep, flags = text.partition("=")
     name = name.strip()
     if not sep or not name or not name.replace("-", "").replace("_", "").isalnum():
-        raise SweepError(f"--arm {text!r}: expected NAME=FLAGS, e.g. mn=\"--mn-layers 0,1\" "
-                         f"(NAME: letters, digits, - and _)")
+        raise SweepError(
+            f'--arm {text!r}: expected NAME=FLAGS, e.g. mn="--mn-layers 0,1" '
+            f"(NAME: letters, digits, - and _)"
+        )
     return Arm(name, tuple(shlex.split(flags)))
 
 
@@ -106,25 +119,55 @@ class SweepSpec:
         for flag in ("--seed", "--out", "--run-name", "--resume", "--iters"):
             for arm in self.arms:
                 if flag in arm.flags or flag in self.shared:
-                    raise SweepError(f"{flag} in the flags of {arm.name if flag in arm.flags else 'every run'}: "
-                                     f"the sweep sets it (--seeds, --out, --iters; runs are <out>/<arm>-s<seed>)")
+                    raise SweepError(
+                        f"{flag} in the flags of {arm.name if flag in arm.flags else 'every run'}: "
+                        f"the sweep sets it (--seeds, --out, --iters; runs are <out>/<arm>-s<seed>)"
+                    )
 
     def runs(self) -> list[Run]:
         """Seed by seed (bn-s0, mn-s0, bn-s1, ...): a sweep cut part-way leaves whole pairs."""
-        return [Run(arm.name, seed, self.out / f"{arm.name}-s{seed}",
-                    (*self.shared, *arm.flags, "--iters", str(self.iters), "--seed", str(seed),
-                     "--out", str(self.out), "--run-name", f"{arm.name}-s{seed}"))
-                for seed in self.seeds for arm in self.arms]
+        return [
+            Run(
+                arm.name,
+                seed,
+                self.out / f"{arm.name}-s{seed}",
+                (
+                    *self.shared,
+                    *arm.flags,
+                    "--iters",
+                    str(self.iters),
+                    "--seed",
+                    str(seed),
+                    "--out",
+                    str(self.out),
+                    "--run-name",
+                    f"{arm.name}-s{seed}",
+                ),
+            )
+            for seed in self.seeds
+            for arm in self.arms
+        ]
 
     def to_dict(self) -> dict:
-        return {"out": str(self.out), "arms": [a.spelled() for a in self.arms], "seeds": list(self.seeds),
-                "iters": self.iters, "shared": list(self.shared), "eval_seeds": self.eval_seeds}
+        return {
+            "out": str(self.out),
+            "arms": [a.spelled() for a in self.arms],
+            "seeds": list(self.seeds),
+            "iters": self.iters,
+            "shared": list(self.shared),
+            "eval_seeds": self.eval_seeds,
+        }
 
     @classmethod
     def from_dict(cls, d: dict, out: Optional[Path] = None) -> "SweepSpec":
-        return cls(out=Path(out or d["out"]), arms=tuple(parse_arm(a) for a in d["arms"]),
-                   seeds=tuple(d["seeds"]), iters=int(d["iters"]), shared=tuple(d["shared"]),
-                   eval_seeds=int(d.get("eval_seeds", 3)))
+        return cls(
+            out=Path(out or d["out"]),
+            arms=tuple(parse_arm(a) for a in d["arms"]),
+            seeds=tuple(d["seeds"]),
+            iters=int(d["iters"]),
+            shared=tuple(d["shared"]),
+            eval_seeds=int(d.get("eval_seeds", 3)),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +180,8 @@ class SweepRecord:
     """``<out>/sweep.json``: the spec and every submission, newest last."""
 
     spec: SweepSpec
-    submissions: list = field(default_factory=list)  # {"run", "executor", "job_id", "stdout", "stderr", "at"}
+    # {"run", "executor", "job_id", "stdout", "stderr", "at"}
+    submissions: list = field(default_factory=list)
 
     @staticmethod
     def path(out: Path) -> Path:
@@ -147,16 +191,28 @@ class SweepRecord:
     def load(cls, out: Path) -> "SweepRecord":
         path = cls.path(out)
         if not path.is_file():
-            raise SweepError(f"{out}: not a sweep folder (no {RECORD}); start one with `sweep.py run --out {out} ...`")
+            raise SweepError(
+                f"{out}: not a sweep folder (no {RECORD}); start one with `sweep.py run --out {out} ...`"
+            )
         d = json.loads(path.read_text())
         return cls(SweepSpec.from_dict(d["spec"], out=Path(out)), d.get("submissions", []))
 
     def save(self) -> None:
-        write_json_atomic(self.path(self.spec.out), {"spec": self.spec.to_dict(), "submissions": self.submissions})
+        write_json_atomic(
+            self.path(self.spec.out), {"spec": self.spec.to_dict(), "submissions": self.submissions}
+        )
 
     def add(self, run: Run, executor: str, job_id: str, stdout: str, stderr: str) -> None:
-        self.submissions.append({"run": run.name, "executor": executor, "job_id": job_id, "stdout": stdout,
-                                 "stderr": stderr, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self.submissions.append(
+            {
+                "run": run.name,
+                "executor": executor,
+                "job_id": job_id,
+                "stdout": stdout,
+                "stderr": stderr,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+        )
 
     def last_submission(self, run_name: str) -> Optional[dict]:
         return next((s for s in reversed(self.submissions) if s["run"] == run_name), None)
@@ -167,7 +223,8 @@ class RunEvents:
 
     def __init__(self, out: Path, run_name: str) -> None:
         self.file = Path(out) / EVENTS_DIR / f"{run_name}.jsonl"
-        self.log = Path(out) / EVENTS_DIR / f"{run_name}.log"  # the run's own stderr, every attempt appended
+        # the run's own stderr, every attempt appended
+        self.log = Path(out) / EVENTS_DIR / f"{run_name}.log"
 
     def add(self, event: str, **facts) -> None:
         self.file.parent.mkdir(parents=True, exist_ok=True)
@@ -235,10 +292,14 @@ def check_resumable(run: Run, iters: int) -> None:
         return
     evaluated = max((int(r["iteration"]) for r in rf.metrics_rows() if "iteration" in r), default=0)
     if 0 < evaluated < iters:
-        raise SweepError(f"{run.folder}: evaluated up to iteration {evaluated} but has no checkpoint to resume from "
-                         f"(were the checkpoints removed?); move the folder away to retrain it")
+        raise SweepError(
+            f"{run.folder}: evaluated up to iteration {evaluated} but has no checkpoint to resume from "
+            f"(were the checkpoints removed?); move the folder away to retrain it"
+        )
     if evaluated == 0 and not rf.config_file.is_file() and any(run.folder.iterdir()):
-        raise SweepError(f"{run.folder}: not a run folder (no {RunFolder.CONFIG}); move it away to train {run.name}")
+        raise SweepError(
+            f"{run.folder}: not a run folder (no {RunFolder.CONFIG}); move it away to train {run.name}"
+        )
 
 
 def check_same_settings(run: Run, planned: dict) -> None:
@@ -247,12 +308,20 @@ def check_same_settings(run: Run, planned: dict) -> None:
     saved = RunFolder(run.folder).read_config()
     if saved is None:
         return
-    saved = config_from_dict(saved).to_dict()  # a key an older version did not write reads as its default
+    saved = config_from_dict(
+        saved
+    ).to_dict()  # a key an older version did not write reads as its default
     keys = [*RESUME_FIXED, "fid_every"]
-    differ = [f"{k}: {saved.get(k)!r} there, {planned.get(k)!r} here" for k in keys if saved.get(k) != planned.get(k)]
+    differ = [
+        f"{k}: {saved.get(k)!r} there, {planned.get(k)!r} here"
+        for k in keys
+        if saved.get(k) != planned.get(k)
+    ]
     if differ:
-        raise SweepError(f"{run.folder}: trained with other settings ({'; '.join(differ)}); use another --out "
-                         f"or remove that folder")
+        raise SweepError(
+            f"{run.folder}: trained with other settings ({'; '.join(differ)}); use another --out "
+            f"or remove that folder"
+        )
 
 
 def record_dict(run: Run) -> dict:

@@ -39,7 +39,14 @@ def grid_seed(spec) -> Optional[int]:
     """The first seed whose runs in every arm still hold their snapshots (the grids show one
     seed, the same in every arm); None when none does (a clone keeps only the small files)."""
     runs = spec.runs()
-    return next((s for s in spec.seeds if all(RunFolder(r.folder).snapshots() for r in runs if r.seed == s)), None)
+    return next(
+        (
+            s
+            for s in spec.seeds
+            if all(RunFolder(r.folder).snapshots() for r in runs if r.seed == s)
+        ),
+        None,
+    )
 
 
 def write_sample_grid(snapshot: Path, path: Path, ema: bool = False) -> None:
@@ -53,12 +60,20 @@ def write_sample_grid(snapshot: Path, path: Path, ema: bool = False) -> None:
     z = torch.randn(64, G.z_dim, generator=torch.Generator().manual_seed(GRID_SEED))  # [64, z_dim]
     with torch.random.fork_rng():
         torch.manual_seed(GRID_SEED)  # MN's k-means++ draws in batch mode
-        images = G.sample(z, mode=cfg.sample_mode, batch_size=cfg.batch_size)  # [64, 3, 32, 32] in [-1, 1]
+        # [64, 3, 32, 32] in [-1, 1]
+        images = G.sample(z, mode=cfg.sample_mode, batch_size=cfg.batch_size)
     save_image(images * 0.5 + 0.5, str(path), nrow=8, padding=2)
 
 
-def write_report(out: Path, *, metrics: Optional[Sequence[str]] = None, device="cpu", cache_dir=None,
-                 progress: bool = False, log=print) -> dict:
+def write_report(
+    out: Path,
+    *,
+    metrics: Optional[Sequence[str]] = None,
+    device="cpu",
+    cache_dir=None,
+    progress: bool = False,
+    log=print,
+) -> dict:
     """Re-score, compare and draw the sweep in ``out``; {"compare": {name: paths}, "grids": [...]}.
     Refused (one line) while a run has not reached ``--iters``."""
     from .. import compare as C
@@ -69,30 +84,48 @@ def write_report(out: Path, *, metrics: Optional[Sequence[str]] = None, device="
     runs = spec.runs()
     unfinished = [r.name for r in runs if run_progress(r.folder) < spec.iters]
     if unfinished:
-        raise SweepError(f"{out}: {len(unfinished)} run(s) have not reached --iters {spec.iters} "
-                         f"({', '.join(unfinished[:6])}{' ...' if len(unfinished) > 6 else ''}); "
-                         f"`sweep.py status {out}` says why")
+        raise SweepError(
+            f"{out}: {len(unfinished)} run(s) have not reached --iters {spec.iters} "
+            f"({', '.join(unfinished[:6])}{' ...' if len(unfinished) > 6 else ''}); "
+            f"`sweep.py status {out}` says why"
+        )
     config = RunFolder(runs[0].folder).read_config() or {}
     metrics = list(metrics or report_metrics(config))
     if not metrics:
-        raise SweepError(f"{out}: the runs scored none of {', '.join(REPORT_METRICS)}; name one with --metric")
+        raise SweepError(
+            f"{out}: the runs scored none of {', '.join(REPORT_METRICS)}; name one with --metric"
+        )
     if spec.eval_seeds > 1:
-        log(f"re-scoring {len(runs)} runs' snapshots with {spec.eval_seeds} evaluation seeds (once; kept in each "
-            f"run's eval_seeds.jsonl)")
-        rescore_runs([r.folder for r in runs], metrics[0], spec.eval_seeds, device=device, cache_dir=cache_dir,
-                     progress=progress)
+        log(
+            f"re-scoring {len(runs)} runs' snapshots with {spec.eval_seeds} evaluation seeds (once; kept in each "
+            f"run's eval_seeds.jsonl)"
+        )
+        rescore_runs(
+            [r.folder for r in runs],
+            metrics[0],
+            spec.eval_seeds,
+            device=device,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
     baseline = spec.arms[0].name
     written: dict = {"compare": {}, "grids": []}
     read = dict(eval_seeds=spec.eval_seeds)
     for arm in spec.arms[1:]:
         for metric in metrics:
-            dest = out / "compare" / (metric if len(spec.arms) == 2 else f"{arm.name}-vs-{baseline}/{metric}")
+            dest = (
+                out
+                / "compare"
+                / (metric if len(spec.arms) == 2 else f"{arm.name}-vs-{baseline}/{metric}")
+            )
             cands = [C.read_run(r.folder, metric=metric, **read) for r in runs if r.arm == arm.name]
             bases = [C.read_run(r.folder, metric=metric, **read) for r in runs if r.arm == baseline]
             report = C.compare_runs(cands, bases, candidate_label=arm.name, baseline_label=baseline)
             for warning in report["warnings"]:
                 print(f"warning: {warning}", file=sys.stderr)
-            written["compare"][str(dest.relative_to(out / "compare"))] = C.write_outputs(report, dest)
+            written["compare"][str(dest.relative_to(out / "compare"))] = C.write_outputs(
+                report, dest
+            )
             log(f"compare {metric}: {arm.name} vs {baseline} -> {dest}")
     seed = grid_seed(spec)
     if seed is None:
@@ -106,5 +139,7 @@ def write_report(out: Path, *, metrics: Optional[Sequence[str]] = None, device="
             path = out / f"samples-{arm.name}{suffix}.png"
             write_sample_grid(snapshot, path, ema=ema)
             written["grids"].append(str(path))
-            log(f"sample grid {arm.name}{' (G_ema)' if ema else ''}: {path} ({run.name}'s final generator)")
+            log(
+                f"sample grid {arm.name}{' (G_ema)' if ema else ''}: {path} ({run.name}'s final generator)"
+            )
     return written

@@ -21,19 +21,33 @@ __all__ = ["start_sweep", "wait_for_sweep", "ACTIVE_STATES"]
 ACTIVE_STATES = ("pending", "running", "requeued")
 
 
-def start_sweep(spec: SweepSpec, train_script: Path, opts: ExecutorOptions, *, dry_run: bool = False,
-                log: Callable[[str], None] = print) -> list:
+def start_sweep(
+    spec: SweepSpec,
+    train_script: Path,
+    opts: ExecutorOptions,
+    *,
+    dry_run: bool = False,
+    log: Callable[[str], None] = print,
+) -> list:
     """Plan, check and submit; returns the submitit jobs (none for a dry run)."""
     executor = choose_executor(opts.executor)
-    log(f"sweep: {len(spec.arms)} arms x {len(spec.seeds)} seeds, {spec.iters} iterations each, in {spec.out} "
-        f"(executor {executor}{f', {opts.parallel} at once' if executor == 'local' else ''})")
+    log(
+        f"sweep: {len(spec.arms)} arms x {len(spec.seeds)} seeds, {spec.iters} iterations each, in {spec.out} "
+        f"(executor {executor}{f', {opts.parallel} at once' if executor == 'local' else ''})"
+    )
     for arm in spec.arms:
         log(f"  arm {arm.name}: {' '.join(arm.flags) or '(train.py defaults)'}")
     runs = spec.runs()
-    for run in runs:  # every run's flags parse, and no folder was trained otherwise: before any submission
+    for run in (
+        runs
+    ):  # every run's flags parse, and no folder was trained otherwise: before any submission
         check_same_settings(run, planned_config(str(train_script), run.argv))
         check_resumable(run, spec.iters)
-    known = {r["run"]: r for r in sweep_status(spec.out)} if SweepRecord.path(spec.out).is_file() else {}
+    known = (
+        {r["run"]: r for r in sweep_status(spec.out)}
+        if SweepRecord.path(spec.out).is_file()
+        else {}
+    )
     todo = []
     for run in runs:
         row = known.get(run.name)
@@ -44,19 +58,31 @@ def start_sweep(spec: SweepSpec, train_script: Path, opts: ExecutorOptions, *, d
             log(f"  {run.name}: {state} as job {row['job_id']}, left alone")
         else:
             todo.append(run)
-            log(f"  {run.name}: {'resume at ' + str(row['iteration']) if row and row['iteration'] else 'new'}"
-                + (f" (was {state}{': ' + row['reason'] if row and row['reason'] else ''})" if row and state != "new" else ""))
+            log(
+                f"  {run.name}: {'resume at ' + str(row['iteration']) if row and row['iteration'] else 'new'}"
+                + (
+                    f" (was {state}{': ' + row['reason'] if row and row['reason'] else ''})"
+                    if row and state != "new"
+                    else ""
+                )
+            )
     if dry_run:
         return []
     spec.out.mkdir(parents=True, exist_ok=True)
-    record = SweepRecord.load(spec.out) if SweepRecord.path(spec.out).is_file() else SweepRecord(spec)
-    record.spec = spec  # the command as given now (its runs were checked against their folders above)
+    record = (
+        SweepRecord.load(spec.out) if SweepRecord.path(spec.out).is_file() else SweepRecord(spec)
+    )
+    record.spec = (
+        spec  # the command as given now (its runs were checked against their folders above)
+    )
     record.save()
     jobs = submit_runs(record, todo, train_script, opts)
     if jobs:
         ids = sorted({str(j.job_id).split("_")[0] for j in jobs})
-        log(f"submitted {len(todo)} run(s) as {executor} job{'s' * (len(ids) > 1)} {', '.join(ids)}; "
-            f"`sweep.py status {spec.out}` shows where they stand")
+        log(
+            f"submitted {len(todo)} run(s) as {executor} job{'s' * (len(ids) > 1)} {', '.join(ids)}; "
+            f"`sweep.py status {spec.out}` shows where they stand"
+        )
     else:
         log("nothing to submit")
     return jobs
@@ -74,7 +100,9 @@ def wait_for_sweep(out: Path, *, poll_s: float = 10.0, progress: bool = True) ->
             done = sum(r["state"] == "finished" for r in rows)
             bar.update(done - bar.n)
             active = [r for r in rows if r["state"] in ACTIVE_STATES]
-            bar.set_postfix_str(", ".join(f"{r['run']} {r['iteration']}" for r in active if r["state"] == "running"))
+            bar.set_postfix_str(
+                ", ".join(f"{r['run']} {r['iteration']}" for r in active if r["state"] == "running")
+            )
             if not active:
                 return rows
             time.sleep(poll_s)

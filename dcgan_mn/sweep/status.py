@@ -32,8 +32,17 @@ __all__ = ["STATES", "sweep_status", "render_status", "slurm_states"]
 
 STATES = ("new", "pending", "running", "requeued", "finished", "failed")
 STDERR_TAIL = 12  # lines of a failed run's stderr in its row
-_SLURM_ENDED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-                "PREEMPTED", "COMPLETED")
+_SLURM_ENDED = (
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "COMPLETED",
+)
 
 
 def _expand(job_id: str) -> list[str]:
@@ -56,15 +65,21 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
         return states
     arrays = sorted({j.split("_")[0] for j in job_ids})
     if shutil.which("sacct"):
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-D", "-o", "JobID,State", "-j", ",".join(arrays)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-D", "-o", "JobID,State", "-j", ",".join(arrays)],
+            capture_output=True,
+            text=True,
+        )
         for line in out.stdout.splitlines():
             job, _, state = line.partition("|")
             for j in _expand(job.strip()):
                 states[j] = state.split()[0] if state.strip() else "UNKNOWN"
     if shutil.which("squeue"):
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(arrays)], capture_output=True,
-                             text=True)
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(arrays)],
+            capture_output=True,
+            text=True,
+        )
         for line in out.stdout.splitlines():  # squeue knows the live state best
             job, _, state = line.partition("|")
             for j in _expand(job.strip()):
@@ -89,8 +104,13 @@ def _tail(path: Optional[str], lines: int = STDERR_TAIL) -> list[str]:
     return [ln for ln in text.splitlines() if ln.strip()][-lines:]
 
 
-def _state(reached: int, iters: int, submission: Optional[dict], event: Optional[dict],
-           slurm: dict[str, str]) -> tuple[str, str]:
+def _state(
+    reached: int,
+    iters: int,
+    submission: Optional[dict],
+    event: Optional[dict],
+    slurm: dict[str, str],
+) -> tuple[str, str]:
     """(state, reason) of one run."""
     if reached >= iters:
         return "finished", ""
@@ -106,14 +126,20 @@ def _state(reached: int, iters: int, submission: Optional[dict], event: Optional
         if s in ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
             return "requeued", ""
         if s in _SLURM_ENDED:  # the task's own word on why is better than Slurm's FAILED
-            return "failed", (f"train.py exited with {event.get('code')}" if last == "failed" else s)
+            return "failed", (
+                f"train.py exited with {event.get('code')}" if last == "failed" else s
+            )
     if last == "failed":
         return "failed", f"train.py exited with {event.get('code')}"
     if last == "submitted" and submission["executor"] == "local":
         alive = _alive(int(submission["job_id"]), socket.gethostname())
         return ("pending", "") if alive else ("failed", "its lane ended before it started")
     if last == "started":
-        return ("running", "") if _alive(event.get("pid"), event.get("host")) else ("failed", "its process is gone")
+        return (
+            ("running", "")
+            if _alive(event.get("pid"), event.get("host"))
+            else ("failed", "its process is gone")
+        )
     if last == "preempted":
         return "requeued", ""
     return "pending", ""
@@ -124,7 +150,9 @@ def sweep_status(out: Path) -> list[dict]:
     record = SweepRecord.load(out)
     spec = record.spec
     submissions = {run.name: record.last_submission(run.name) for run in spec.runs()}
-    slurm = slurm_states([s["job_id"] for s in submissions.values() if s and s["executor"] == "slurm"])
+    slurm = slurm_states(
+        [s["job_id"] for s in submissions.values() if s and s["executor"] == "slurm"]
+    )
     rows = []
     for run in spec.runs():
         reached = run_progress(run.folder)
@@ -134,12 +162,23 @@ def sweep_status(out: Path) -> list[dict]:
         metrics_rows = RunFolder(run.folder).metrics_rows() if run.folder.exists() else []
         last_row = metrics_rows[-1] if metrics_rows else {}
         log = (event or {}).get("stderr") or (sub or {}).get("stderr")
-        row = {"run": run.name, "arm": run.arm, "seed": run.seed, "state": state, "reason": reason,
-               "iteration": reached, "iters": spec.iters,
-               "metrics": {k: v for k, v in last_row.items() if k in METRICS and v is not None},
-               "job_id": (sub or {}).get("job_id"), "executor": (sub or {}).get("executor"), "log": log,
-               "restarts": sum(1 for e in events.rows() if e["event"] == "preempted")}
-        if state == "failed":  # the run's own stderr, else its job's (a run that never started its train.py)
+        row = {
+            "run": run.name,
+            "arm": run.arm,
+            "seed": run.seed,
+            "state": state,
+            "reason": reason,
+            "iteration": reached,
+            "iters": spec.iters,
+            "metrics": {k: v for k, v in last_row.items() if k in METRICS and v is not None},
+            "job_id": (sub or {}).get("job_id"),
+            "executor": (sub or {}).get("executor"),
+            "log": log,
+            "restarts": sum(1 for e in events.rows() if e["event"] == "preempted"),
+        }
+        if (
+            state == "failed"
+        ):  # the run's own stderr, else its job's (a run that never started its train.py)
             row["stderr_tail"] = _tail(str(events.log)) or _tail(log)
         rows.append(row)
     return rows
@@ -147,20 +186,34 @@ def sweep_status(out: Path) -> list[dict]:
 
 def render_status(rows: list[dict]) -> str:
     """The rows as a plain table, a failed run's stderr tail under it."""
+
     def metric_text(m: dict) -> str:
         shown = {k: v for k, v in m.items() if METRICS[k].headline} or m
-        return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+        return " ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
+        )
 
     header = ("run", "state", "iteration", "metrics", "job", "log")
-    table = [header] + [(r["run"], r["state"] + (f" ({r['reason']})" if r["reason"] else "")
-                         + (f", requeued {r['restarts']}x" if r["restarts"] else ""),
-                         f"{r['iteration']}/{r['iters']}", metric_text(r["metrics"]) or "-", r["job_id"] or "-",
-                         r["log"] or "-") for r in rows]
+    table = [header] + [
+        (
+            r["run"],
+            r["state"]
+            + (f" ({r['reason']})" if r["reason"] else "")
+            + (f", requeued {r['restarts']}x" if r["restarts"] else ""),
+            f"{r['iteration']}/{r['iters']}",
+            metric_text(r["metrics"]) or "-",
+            r["job_id"] or "-",
+            r["log"] or "-",
+        )
+        for r in rows
+    ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     counts = {s: sum(r["state"] == s for r in rows) for s in STATES}
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items() if n))
     for r in rows:
         if r.get("stderr_tail"):
-            lines += [f"--- {r['run']}: last lines of {r['log']}"] + [f"    {ln}" for ln in r["stderr_tail"]]
+            lines += [f"--- {r['run']}: last lines of {r['log']}"] + [
+                f"    {ln}" for ln in r["stderr_tail"]
+            ]
     return "\n".join(lines)

@@ -62,7 +62,9 @@ class ExecutorOptions:
     qos: Optional[str] = None
     constraint: Optional[str] = None
     sbatch: dict = field(default_factory=dict)  # other #SBATCH options: {"mem": "32G", ...}
-    signal_delay_s: int = 180  # SIGUSR2 this long before the time limit: time to finish an evaluation
+    signal_delay_s: int = (
+        180  # SIGUSR2 this long before the time limit: time to finish an evaluation
+    )
     max_requeues: int = 100  # time-limit requeues per run (preemptions do not count)
     parallel: int = 1  # local: runs at once
 
@@ -73,8 +75,10 @@ def choose_executor(name: str) -> str:
     if name == "auto":
         return "slurm" if shutil.which("sbatch") else "local"
     if name == "slurm" and not shutil.which("sbatch"):
-        raise SweepError("--executor slurm: no sbatch on PATH (is this a Slurm login node?); "
-                         "--executor local runs the sweep on this machine")
+        raise SweepError(
+            "--executor slurm: no sbatch on PATH (is this a Slurm login node?); "
+            "--executor local runs the sweep on this machine"
+        )
     return name
 
 
@@ -83,8 +87,13 @@ def _slurm_executor(folder: Path, opts: ExecutorOptions):
 
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=opts.max_requeues)
     tasks = max(opts.gpus_per_run, 1)
-    params = dict(time=max(1, int(round(opts.time_min))), nodes=opts.nodes, ntasks_per_node=tasks,
-                  array_parallelism=opts.array_parallelism, signal_delay_s=opts.signal_delay_s)
+    params = dict(
+        time=max(1, int(round(opts.time_min))),
+        nodes=opts.nodes,
+        ntasks_per_node=tasks,
+        array_parallelism=opts.array_parallelism,
+        signal_delay_s=opts.signal_delay_s,
+    )
     if opts.gpus_per_run:
         params["gpus_per_node"] = opts.gpus_per_run
     if opts.cpus_per_run:
@@ -98,7 +107,9 @@ def _slurm_executor(folder: Path, opts: ExecutorOptions):
     return executor
 
 
-def submit_runs(record: SweepRecord, runs: list[Run], train_script: Path, opts: ExecutorOptions) -> list:
+def submit_runs(
+    record: SweepRecord, runs: list[Run], train_script: Path, opts: ExecutorOptions
+) -> list:
     """Submit ``runs`` (each trains from its folder, new or resumed); record the submissions in
     ``sweep.json``; return the submitit jobs."""
     if not runs:
@@ -110,8 +121,17 @@ def submit_runs(record: SweepRecord, runs: list[Run], train_script: Path, opts: 
     for run in runs:  # before the job exists: whatever its task says comes after this line
         RunEvents(out, run.name).add("submitted", executor=executor_name)
     if executor_name == "slurm":
-        tasks = [TrainRun(str(train_script), str(out), r.name, list(r.argv), distributed=distributed,
-                          eval_seeds=record.spec.eval_seeds) for r in runs]
+        tasks = [
+            TrainRun(
+                str(train_script),
+                str(out),
+                r.name,
+                list(r.argv),
+                distributed=distributed,
+                eval_seeds=record.spec.eval_seeds,
+            )
+            for r in runs
+        ]
         executor = _slurm_executor(folder, opts)
         with executor.batch():
             jobs = [executor.submit(t) for t in tasks]
@@ -124,13 +144,29 @@ def submit_runs(record: SweepRecord, runs: list[Run], train_script: Path, opts: 
 
     lanes = max(1, min(opts.parallel, len(runs)))
     threads = opts.cpus_per_run or max(1, (os.cpu_count() or 1) // lanes)
-    dealt = [runs[i::lanes] for i in range(lanes)]  # seed by seed across lanes: pairs finish together
+    # seed by seed across lanes: pairs finish together
+    dealt = [runs[i::lanes] for i in range(lanes)]
     executor = submitit.LocalExecutor(folder=folder)
-    executor.update_parameters(timeout_min=opts.time_min * max(len(d) for d in dealt), gpus_per_node=opts.gpus_per_run)
+    executor.update_parameters(
+        timeout_min=opts.time_min * max(len(d) for d in dealt), gpus_per_node=opts.gpus_per_run
+    )
     jobs = []
     for lane in dealt:
-        job = executor.submit(Lane([TrainRun(str(train_script), str(out), r.name, list(r.argv), threads=threads,
-                                             eval_seeds=record.spec.eval_seeds) for r in lane]))
+        job = executor.submit(
+            Lane(
+                [
+                    TrainRun(
+                        str(train_script),
+                        str(out),
+                        r.name,
+                        list(r.argv),
+                        threads=threads,
+                        eval_seeds=record.spec.eval_seeds,
+                    )
+                    for r in lane
+                ]
+            )
+        )
         for run in lane:
             record.add(run, "local", str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
         jobs.append(job)

@@ -61,8 +61,16 @@ def run_train_cli(train_script: str, argv: list[str]) -> int:
 class TrainRun(submitit.helpers.Checkpointable):
     """Train (or continue) the run in ``folder`` with ``argv`` until ``--iters``."""
 
-    def __init__(self, train_script: str, out: str, name: str, argv: list[str], threads: Optional[int] = None,
-                 distributed: bool = False, eval_seeds: int = 1) -> None:
+    def __init__(
+        self,
+        train_script: str,
+        out: str,
+        name: str,
+        argv: list[str],
+        threads: Optional[int] = None,
+        distributed: bool = False,
+        eval_seeds: int = 1,
+    ) -> None:
         self.train_script = train_script
         self.eval_seeds = eval_seeds
         self.out = out
@@ -84,11 +92,19 @@ class TrainRun(submitit.helpers.Checkpointable):
         events = RunEvents(Path(self.out), self.name)
         folder = Path(self.out) / self.name
         if main_rank:
-            events.add("started", job_id=env.job_id if env else None, host=socket.gethostname(), pid=os.getpid(),
-                       restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0")), from_iteration=run_progress(folder),
-                       stderr=str(env.paths.stderr) if env else None)
+            events.add(
+                "started",
+                job_id=env.job_id if env else None,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+                from_iteration=run_progress(folder),
+                stderr=str(env.paths.stderr) if env else None,
+            )
         with _tee_stderr(events.log if main_rank else None):
-            code = run_train_cli(self.train_script, [*self.argv, "--resume-if-exists", "--no-progress"])
+            code = run_train_cli(
+                self.train_script, [*self.argv, "--resume-if-exists", "--no-progress"]
+            )
         reached = run_progress(folder)
         if code == 0:
             if main_rank:
@@ -103,10 +119,11 @@ class TrainRun(submitit.helpers.Checkpointable):
             signal.raise_signal(signal.SIGUSR2)
         if main_rank:
             events.add("failed", code=code, iteration=reached)
-        raise RunFailed(f"{self.name}: train.py exited with {code}"
-                        + (" (non-finite losses: resuming would repeat it)" if code == 4 else "")
-                        + f" at iteration {reached}")
-
+        raise RunFailed(
+            f"{self.name}: train.py exited with {code}"
+            + (" (non-finite losses: resuming would repeat it)" if code == 4 else "")
+            + f" at iteration {reached}"
+        )
 
     def rescore(self, folder: Path) -> int:
         """Score the finished run's snapshots with the sweep's evaluation seeds now, on this
