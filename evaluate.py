@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
@@ -210,41 +211,6 @@ def cli() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _scored_rows(
-    target: scoring.Target,
-    evaluator,
-    dev,
-    sample_modes,
-    batch_size,
-    image_batch_size: int,
-    ema: bool,
-    *,
-    on_row: Callable[[dict], None] | None,
-    tag: str,
-    count_key: str,
-    columns: tuple,
-) -> list[dict]:
-    """Every row of TARGET (one per generator snapshot and sample mode, or the image folder's
-    one), its ``num_samples`` from ``count_key`` and tagged ``<tag>_<samples>``; a run's curve
-    of ``columns`` printed on stderr."""
-    rows = scoring.score(
-        target,
-        evaluator,
-        device=dev,
-        sample_modes=sample_modes,
-        batch_size=batch_size,
-        image_batch_size=image_batch_size,
-        on_row=on_row,
-        ema=ema,
-    )
-    for row in rows:
-        row["num_samples"] = row[count_key]
-        row["tag"] = f"{tag}_{metrics.sample_count_tag(row['num_samples'])}"
-    if target.kind == "run":
-        print(scoring.curve_table(rows, columns), file=sys.stderr)
-    return rows
-
-
 def _said_fid(row: dict) -> None:
     print(
         f"iteration {row['iteration']}: FID {row['fid']:.3f} ({row['sample_mode']})",
@@ -258,6 +224,53 @@ def _said_modes(row: dict) -> None:
         f"cfd {row['cfd']:.2f} ({row['sample_mode']})",
         file=sys.stderr,
     )
+
+
+class _Rows(NamedTuple):
+    """How one scoring command counts, tags, tells and tables its rows."""
+
+    tag: str  # rows are tagged <tag>_<samples>
+    count_key: str  # the row's own sample count, copied to num_samples
+    columns: tuple[str, ...]  # a run's curve on stderr
+    said: Callable[[dict], None]  # each row as it comes, with --progress
+
+
+FID_ROWS = _Rows("fid", "num_samples", ("fid",), _said_fid)
+MODE_ROWS = _Rows("modes", "mode_samples", ("modes", "kl_modes", "cfd"), _said_modes)
+
+
+class _Generating(NamedTuple):
+    """The generator options that fid and modes share."""
+
+    device: object
+    sample_modes: tuple[str, ...]
+    batch_size: int | None
+    ema: bool
+    progress: bool
+
+
+def _scored_rows(
+    target: scoring.Target, evaluator, how: _Rows, image_batch_size: int, gen: _Generating
+) -> list[dict]:
+    """Every row of TARGET (one per generator snapshot and sample mode, or the image folder's
+    one), its ``num_samples`` from ``how.count_key`` and tagged ``<how.tag>_<samples>``; a run's
+    curve of ``how.columns`` printed on stderr."""
+    rows = scoring.score(
+        target,
+        evaluator,
+        device=gen.device,
+        sample_modes=gen.sample_modes,
+        batch_size=gen.batch_size,
+        image_batch_size=image_batch_size,
+        on_row=how.said if gen.progress else None,
+        ema=gen.ema,
+    )
+    for row in rows:
+        row["num_samples"] = row[how.count_key]
+        row["tag"] = f"{how.tag}_{metrics.sample_count_tag(row['num_samples'])}"
+    if target.kind == "run":
+        print(scoring.curve_table(rows, how.columns), file=sys.stderr)
+    return rows
 
 
 def _write_report(report: dict, out) -> None:
@@ -375,19 +388,8 @@ def _fid(
     evaluator = metrics.Evaluator(
         extractor, reference, num_samples=samples, seed=seed, progress=progress
     )
-    rows = _scored_rows(
-        target,
-        evaluator,
-        dev,
-        sample_modes,
-        batch_size,
-        extractor.batch_size,
-        ema,
-        on_row=_said_fid if progress else None,
-        tag="fid",
-        count_key="num_samples",
-        columns=("fid",),
-    )
+    gen = _Generating(dev, sample_modes, batch_size, ema, progress)
+    rows = _scored_rows(target, evaluator, FID_ROWS, extractor.batch_size, gen)
     return {
         **target.describe(),
         "ref": ref,
@@ -510,19 +512,8 @@ def _modes(
     evaluator = metrics.Evaluator(
         families=[ModeMetrics(classifier, num_samples=samples)], seed=seed, progress=progress
     )
-    rows = _scored_rows(
-        target,
-        evaluator,
-        dev,
-        sample_modes,
-        batch_size,
-        classifier.batch_size,
-        ema,
-        on_row=_said_modes if progress else None,
-        tag="modes",
-        count_key="mode_samples",
-        columns=("modes", "kl_modes", "cfd"),
-    )
+    gen = _Generating(dev, sample_modes, batch_size, ema, progress)
+    rows = _scored_rows(target, evaluator, MODE_ROWS, classifier.batch_size, gen)
     report = {
         **target.describe(),
         "source": source,

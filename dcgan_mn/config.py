@@ -17,7 +17,7 @@ from .digits import DEFAULT_STACK_SIZE, STACKED_SOURCES
 from .ema import EMA_STATS
 from .features import FEATURE_DIMS, FID_PROTOCOLS
 from .models import G_ARCHS, NUM_G_NORM_LAYERS, SAMPLE_MODES, parse_mn_layers
-from .norms import ESTIMATORS, NORM_KINDS, POINTS, norm_specs
+from .norms import ESTIMATORS, MN_OPTIONS, NORM_KINDS, POINTS, norm_specs
 
 __all__ = [
     "TrainConfig",
@@ -333,17 +333,9 @@ class TrainConfig:
     def model_kwargs(self) -> dict:
         """Arguments of ``models.Generator`` that this config fixes: the norms as one
         ``NormSpec`` a layer, decided here and nowhere below."""
+        mn_options = {name: getattr(self, f"mn_{name}") for name in MN_OPTIONS}  # mn_point -> point
         norms = norm_specs(
-            self.norm_kinds(),
-            self.mn_components,
-            self.mode_components,
-            fit_points=self.mn_fit_points,
-            kmeans_iters=self.mn_kmeans_iters,
-            estimator=self.mn_estimator,
-            em_iters=self.mn_em_iters,
-            point=self.mn_point,
-            posterior_grad=self.mn_posterior_grad,
-            lambda_scale=self.mn_lambda_scale,
+            self.norm_kinds(), self.mn_components, self.mode_components, **mn_options
         )
         return dict(z_dim=self.z_dim, ngf=self.ngf, arch=self.g_arch, norms=norms)
 

@@ -158,18 +158,8 @@ class SyncMixtureNorm2d(MixtureNorm2d):
         new = cls(
             module.num_features,
             module.num_components,
-            eps=module.eps,
-            momentum=module.momentum,
-            affine=module.affine,
-            track_running_stats=module.track_running_stats,
-            fit_points=module.fit_points,
-            kmeans_iters=module.kmeans_iters,
-            estimator=module.estimator,
-            em_iters=module.em_iters,
-            point=module.point,
-            posterior_grad=module.posterior_grad,
-            lambda_scale=module.lambda_scale,
             process_group=process_group,
+            **module.options(),
         )
         _share_state(module, new)
         new.reduce_moments = module.reduce_moments

@@ -42,7 +42,7 @@ from .estimators import ESTIMATORS, fit_mixture
 from .functional import mixture_norm
 from .mixture import POINTS, Mixture, MixtureMoments
 from .mode import ModeNorm2d, mode_norm
-from .module import MixtureNorm2d
+from .module import MN_OPTIONS, MixtureNorm2d
 
 __all__ = [
     "Mixture",
@@ -52,6 +52,7 @@ __all__ = [
     "fit_mixture",
     "mixture_norm",
     "MixtureNorm2d",
+    "MN_OPTIONS",
     "mode_norm",
     "ModeNorm2d",
     "NORM_KINDS",

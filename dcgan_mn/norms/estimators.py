@@ -201,25 +201,13 @@ def fit_mixture(
     num_components: int,
     *,
     fit_points: int = 1024,
-    kmeans_iters: int = 2,
-    eps: float = 1e-5,
     generator: Optional[torch.Generator] = None,
-    estimator: str = "kmeans",
-    em_iters: int = 3,
-    point: str = "vector",
+    **options,
 ) -> Mixture:
     """Fit a K-component diagonal Gaussian mixture to ``points`` [P, C] (or a batch [N, C, L]).
 
-    A random subset of at most ``fit_points`` points is fitted by ``estimate_mixture``.
+    A random subset of at most ``fit_points`` points is fitted by ``estimate_mixture``, with
+    its ``options`` (``estimator``, ``kmeans_iters``, ``em_iters``, ``eps``, ``point``).
     """
     sub = sample_fit_points(points, fit_points, generator)  # [M, C]
-    return estimate_mixture(
-        sub,
-        num_components,
-        estimator=estimator,
-        kmeans_iters=kmeans_iters,
-        em_iters=em_iters,
-        eps=eps,
-        generator=generator,
-        point=point,
-    )
+    return estimate_mixture(sub, num_components, generator=generator, **options)

@@ -29,7 +29,7 @@ from .estimators import ESTIMATORS, estimate_mixture, sample_fit_points
 from .functional import mixture_norm
 from .mixture import _TINY, POINTS, READINGS, Mixture, MixtureMoments
 
-__all__ = ["MixtureNorm2d"]
+__all__ = ["BATCHNORM_OPTIONS", "MN_OPTIONS", "MixtureNorm2d"]
 
 
 class _ComponentNormBase(nn.Module):
@@ -149,25 +149,25 @@ class _ComponentNormBase(nn.Module):
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
 
+# BatchNorm's hyper-parameters, which MN shares, and MixtureNorm2d's own: one list each for
+# __constants__, extra_repr and the layer's callers (the config's NormSpecs, synchronized copies).
+BATCHNORM_OPTIONS = ("eps", "momentum", "affine", "track_running_stats")
+MN_OPTIONS = (
+    "fit_points",
+    "kmeans_iters",
+    "estimator",
+    "em_iters",
+    "point",
+    "posterior_grad",
+    "lambda_scale",
+)
+
+
 class _MixtureNormBase(_ComponentNormBase):
     """Hyper-parameters, parameters and running buffers of Mixture Normalization; no forward."""
 
     _version = 1
-    __constants__ = [
-        "num_features",
-        "num_components",
-        "eps",
-        "momentum",
-        "affine",
-        "track_running_stats",
-        "fit_points",
-        "kmeans_iters",
-        "estimator",
-        "em_iters",
-        "point",
-        "posterior_grad",
-        "lambda_scale",
-    ]
+    __constants__ = ["num_features", "num_components", *BATCHNORM_OPTIONS, *MN_OPTIONS]
 
     def __init__(
         self,
@@ -200,11 +200,8 @@ class _MixtureNormBase(_ComponentNormBase):
             raise ValueError(f"em_iters must be >= 0, got {em_iters}")
         if point not in POINTS:
             raise ValueError(f"point must be one of {POINTS}, got {point!r}")
-        self.fit_points = fit_points
-        self.kmeans_iters = kmeans_iters
-        self.estimator = estimator
-        self.em_iters = em_iters
-        self.point = point
+        self.fit_points, self.kmeans_iters, self.estimator = fit_points, kmeans_iters, estimator
+        self.em_iters, self.point = em_iters, point
         self._reading = READINGS[point]  # the layout of everything that differs between readings
         self.posterior_grad = bool(posterior_grad)
         self.lambda_scale = bool(lambda_scale)
@@ -228,13 +225,12 @@ class _MixtureNormBase(_ComponentNormBase):
         if self.track_running_stats:
             self.running_weight.fill_(1.0 / self.num_components)
 
+    def options(self) -> dict:
+        """The keyword arguments this layer was built with (BatchNorm's and MN's own)."""
+        return {name: getattr(self, name) for name in (*BATCHNORM_OPTIONS, *MN_OPTIONS)}
+
     def extra_repr(self) -> str:
-        return (
-            super().extra_repr()
-            + ", fit_points={fit_points}, kmeans_iters={kmeans_iters}, "
-            "estimator={estimator}, em_iters={em_iters}, point={point}, "
-            "posterior_grad={posterior_grad}, lambda_scale={lambda_scale}".format(**self.__dict__)
-        )
+        return super().extra_repr() + "".join(f", {n}={getattr(self, n)}" for n in MN_OPTIONS)
 
     # ---- running statistics and telemetry -----------------------------------------------------
 

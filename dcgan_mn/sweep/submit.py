@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -107,6 +108,10 @@ def _slurm_executor(folder: Path, opts: ExecutorOptions):
     return executor
 
 
+def _task(train_script: Path, out: Path, run: Run, **how) -> TrainRun:
+    return TrainRun(str(train_script), str(out), run.name, list(run.argv), **how)
+
+
 def submit_runs(
     record: SweepRecord, runs: list[Run], train_script: Path, opts: ExecutorOptions
 ) -> list:
@@ -120,18 +125,10 @@ def submit_runs(
     distributed = opts.gpus_per_run > 1 or opts.nodes > 1
     for run in runs:  # before the job exists: whatever its task says comes after this line
         RunEvents(out, run.name).add("submitted", executor=executor_name)
+    # One task a run: train.py's command in-process, then its re-scoring.
+    task = partial(_task, train_script, out, eval_seeds=record.spec.eval_seeds)
     if executor_name == "slurm":
-        tasks = [
-            TrainRun(
-                str(train_script),
-                str(out),
-                r.name,
-                list(r.argv),
-                distributed=distributed,
-                eval_seeds=record.spec.eval_seeds,
-            )
-            for r in runs
-        ]
+        tasks = [task(r, distributed=distributed) for r in runs]
         executor = _slurm_executor(folder, opts)
         with executor.batch():
             jobs = [executor.submit(t) for t in tasks]
@@ -152,21 +149,7 @@ def submit_runs(
     )
     jobs = []
     for lane in dealt:
-        job = executor.submit(
-            Lane(
-                [
-                    TrainRun(
-                        str(train_script),
-                        str(out),
-                        r.name,
-                        list(r.argv),
-                        threads=threads,
-                        eval_seeds=record.spec.eval_seeds,
-                    )
-                    for r in lane
-                ]
-            )
-        )
+        job = executor.submit(Lane([task(r, threads=threads) for r in lane]))
         for run in lane:
             record.add(run, "local", str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
         jobs.append(job)
