@@ -76,6 +76,26 @@ class TrainResult:
     def best_fid(self) -> Optional[float]:
         return self.best_value if self.best_metric == "fid" else None
 
+    @classmethod
+    def of(
+        cls, state: TrainingState, io: RunIO, cfg: TrainConfig, stopped_by: Optional[str]
+    ) -> TrainResult:
+        """Where the run stands at its end."""
+        best = state.best
+        return cls(
+            run_dir=io.folder.path,
+            config=cfg,
+            iteration=state.iteration,
+            images_seen=state.images_seen,
+            train_seconds=io.clock.seconds(),
+            stopped_by=stopped_by,
+            checkpoint=io.last_checkpoint,
+            best_metric=best["metric"],
+            best_value=best["value"],
+            best_iteration=best["iteration"],
+            last_log=io.last_log,
+        )
+
 
 class Clock:
     """Training-only wall time: runs from the start, paused while we evaluate or write files."""
@@ -212,22 +232,10 @@ def train(
                     io.logger.emit_line()
 
             # ---- The end of the run: a last checkpoint where it is due.
-            if nonfinite_at is None:
-                nonfinite_at = first_nonfinite(
-                    state.window, (state.G, state.D), state.iteration, dist_info
-                )
-            if nonfinite_at is not None:
-                stopping = "non-finite"
-            it = state.iteration
-            unsaved = (
-                io.last_checkpoint is None or io.folder.checkpoint_file(it) != io.last_checkpoint
+            nonfinite_at = final_checkpoint(
+                state, io, launch, start_iteration, evaluating, nonfinite_at
             )
-            if (
-                nonfinite_at is None
-                and unsaved
-                and (it > start_iteration or launch.payload is None)
-            ):
-                save(state, io, evaluating)
+            stopping = "non-finite" if nonfinite_at is not None else stopping
             io.logger.emit_line()
     finally:
         io.logger.close()
@@ -235,38 +243,51 @@ def train(
 
     # ---- Say how it ended.
     if dist_info.is_main and evaluating:
-        write_hparams(
-            io.folder,
-            run_hparams(cfg, state.G),
-            run_outcome(
-                io.folder.metrics_rows(),
-                scored_directions(evaluator, state.ema is not None),
-                state.iteration,
-            ),
+        outcome = run_outcome(
+            io.folder.metrics_rows(),
+            scored_directions(evaluator, state.ema is not None),
+            state.iteration,
         )
+        write_hparams(io.folder, run_hparams(cfg, state.G), outcome)
+    if stopping is not None:
+        io.logger.message(ending_message(state, io, stopping, nonfinite_at))
+    return TrainResult.of(state, io, cfg, stopping)
+
+
+def final_checkpoint(
+    state: TrainingState,
+    io: RunIO,
+    launch: Launch,
+    start_iteration: int,
+    evaluating: bool,
+    nonfinite_at: Optional[int],
+) -> Optional[int]:
+    """The run's last checkpoint, unless it is on disk already, the state went non-finite (the
+    iteration where it did is returned), or a resumed run trained nothing."""
+    if nonfinite_at is None:
+        nonfinite_at = first_nonfinite(
+            state.window, (state.G, state.D), state.iteration, state.dist_info
+        )
+    it = state.iteration
+    unsaved = io.last_checkpoint is None or io.folder.checkpoint_file(it) != io.last_checkpoint
+    if nonfinite_at is None and unsaved and (it > start_iteration or launch.payload is None):
+        save(state, io, evaluating)
+    return nonfinite_at
+
+
+def ending_message(
+    state: TrainingState, io: RunIO, stopping: str, nonfinite_at: Optional[int]
+) -> str:
+    """Why a run stopped before its --iters, and how to go on."""
     if nonfinite_at is not None:
-        io.logger.message(
+        return (
             f"non-finite losses or D outputs at iteration {nonfinite_at} (noticed at "
             f"{state.iteration}): stopped without writing; newest finite checkpoint: "
             f"{io.folder.latest_checkpoint()}"
         )
-    elif stopping is not None:
-        io.logger.message(
-            f"{stopping}: stopped at iteration {state.iteration}; checkpoint {io.last_checkpoint}; "
-            f"continue with: {resume_command(io.folder.path, dist_info)}"
-        )
-    return TrainResult(
-        run_dir=io.folder.path,
-        config=cfg,
-        iteration=state.iteration,
-        images_seen=state.images_seen,
-        train_seconds=io.clock.seconds(),
-        stopped_by=stopping,
-        checkpoint=io.last_checkpoint,
-        best_metric=state.best["metric"],
-        best_value=state.best["value"],
-        best_iteration=state.best["iteration"],
-        last_log=io.last_log,
+    return (
+        f"{stopping}: stopped at iteration {state.iteration}; checkpoint {io.last_checkpoint}; "
+        f"continue with: {resume_command(io.folder.path, state.dist_info)}"
     )
 
 
