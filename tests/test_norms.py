@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from conftest import assert_eval_is_per_sample
-from dcgan_mn.norms import Mixture, MixtureNorm2d, ModeNorm2d, fit_mixture, make_norm2d
+from dcgan_mn.norms import (
+    Mixture,
+    MixtureNorm2d,
+    ModeNorm2d,
+    fit_mixture,
+    make_norm2d,
+    mixture_norm,
+)
 from dcgan_mn.norms.estimators import estimate_mixture, sample_fit_points
 from dcgan_mn.norms.functional import (
     _MixtureAffine,
@@ -973,8 +980,6 @@ def random_channel_mixture(c, k, seed=0):
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=switch_id)
 def test_channel_reading_is_the_vector_reading_per_channel(switches):
-    from dcgan_mn.norms.functional import _channel_mixture_norm
-
     x = bimodal((3, 4, 3, 2), F64, seed=6)
     mixture = random_channel_mixture(4, 3)
     gamma, beta = torch.rand(4, dtype=F64) + 0.5, torch.randn(4, dtype=F64)
@@ -983,8 +988,8 @@ def test_channel_reading_is_the_vector_reading_per_channel(switches):
     y_ref, stats_ref = per_channel_reference(xa, mixture, 1e-3, ga, ba, **switches)
     xb = x.clone().requires_grad_()
     gb, bb = gamma.clone().requires_grad_(), beta.clone().requires_grad_()
-    y, tau, (lam, mean, var, n_eff) = _channel_mixture_norm(
-        xb.flatten(2), mixture, 1e-3, gb, bb, **switches
+    y, tau, (lam, mean, var, n_eff) = mixture_norm(
+        xb.flatten(2), mixture, 1e-3, gb, bb, batch_stats=True, point="channel", **switches
     )
     torch.testing.assert_close(y.view(x.shape), y_ref)
     assert tau.shape == (3, 4, 3, 6)

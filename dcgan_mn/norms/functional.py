@@ -10,7 +10,7 @@ of statistics:
   Functions with hand-written backward passes that read and write the activations far fewer
   times than autograd would (MN is memory-bound: this made a training step of the layer about
   3x faster on CPU);
-* the per-channel reading (``_channel_mixture_norm``): plain autograd ops on [N, C, K, L]; the
+* the per-channel reading (``_channel_reading``): plain autograd ops on [N, C, K, L]; the
   tests check it against the vector reading run on each channel alone (C = 1).
 
 The fused path is split where the moments are, so that synchronized MN can all-reduce them with
@@ -282,21 +282,17 @@ def _vector_mixture_norm_fixed(
     return _MixtureAffine.apply(xc, tau, weight, mean - shift, var, gamma, beta, eps, lambda_scale)
 
 
-def _channel_mixture_norm(
-    x: Tensor,
-    mixture: Mixture,
-    eps: float,
-    gamma: Optional[Tensor] = None,
-    beta: Optional[Tensor] = None,
-    *,
-    fixed_stats: bool = False,
-    posterior_grad: bool = True,
-    lambda_scale: bool = True,
-) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """MN of x [N, C, L] with one 1-D mixture per channel (weight, mean, var [K, C]), then the
-    affine. Training: posterior-weighted batch statistics per (component, channel); with
-    ``fixed_stats`` (eval with running statistics) the mixture's own. Returns y [N, C, L], the
-    posteriors tau [N, C, K, L] and (lambda, E, Var, n_eff), each [K, C]."""
+def _channel_reading(
+    x, mixture, eps, gamma, beta, batch_stats, reduce, posterior_grad, lambda_scale
+):
+    """One 1-D mixture per channel (weight, mean, var [K, C]), in plain autograd ops, then the
+    affine; never summed across processes. With ``batch_stats``: posterior-weighted batch
+    statistics per (component, channel), and returns y [N, C, L], the posteriors tau
+    [N, C, K, L] and (lambda, E, Var, n_eff), each [K, C]; without (eval with running
+    statistics), the mixture's own, and returns (y, None, None)."""
+    if reduce is not None:
+        raise ValueError("MixtureNorm2d(point='channel') is not synchronized across processes")
+    x = x.to(mixture.mean.dtype)
     weight, mean, var = (t.detach() for t in mixture)
     n, c, length = x.shape
     shift = (weight * mean).sum(0)  # [C]  (conditioning only, as in the vector reading)
@@ -308,7 +304,7 @@ def _channel_mixture_norm(
     tau = torch.softmax(logits, 2)  # [N, C, K, L]
     if not posterior_grad:
         tau = tau.detach()
-    if fixed_stats:
+    if not batch_stats:
         lam, e, v, n_eff = weight.t(), mc, var.t(), torch.full_like(mc, float(n * length))  # [C, K]
     else:
         mass = tau.sum((0, 3))  # [C, K]
@@ -322,6 +318,8 @@ def _channel_mixture_norm(
     y = x_hat if gamma is None else x_hat * gamma.unsqueeze(1)
     if beta is not None:
         y = y + beta.unsqueeze(1)
+    if not batch_stats:
+        return y.contiguous(), None, None
     stats = (lam.t(), (e + shift.unsqueeze(1)).t(), v.t(), n_eff.t())  # [K, C] each
     return y.contiguous(), tau, stats
 
@@ -345,25 +343,6 @@ def _vector_reading(
         x, *mixture, eps, weight, bias, posterior_grad=posterior_grad, lambda_scale=lambda_scale
     )
     return y, None, None
-
-
-def _channel_reading(
-    x, mixture, eps, weight, bias, batch_stats, reduce, posterior_grad, lambda_scale
-):
-    """One 1-D mixture per channel: plain autograd ops, never summed across processes."""
-    if reduce is not None:
-        raise ValueError("MixtureNorm2d(point='channel') is not synchronized across processes")
-    y, tau, stats = _channel_mixture_norm(
-        x.to(mixture.mean.dtype),
-        mixture,
-        eps,
-        weight,
-        bias,
-        fixed_stats=not batch_stats,
-        posterior_grad=posterior_grad,
-        lambda_scale=lambda_scale,
-    )
-    return (y, tau, stats) if batch_stats else (y, None, None)
 
 
 # The normalization of each reading (``mixture.POINTS``).
