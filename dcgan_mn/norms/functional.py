@@ -220,17 +220,10 @@ class _MixtureAffine(torch.autograd.Function):
 
 
 def _vector_mixture_norm(
-    x: Tensor,
-    mixture: Mixture,
-    eps: float,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    reduce: Optional[Callable[[MixtureMoments], MixtureMoments]] = None,
-    *,
-    posterior_grad: bool = True,
-    lambda_scale: bool = True,
+    x, mixture, eps, weight=None, bias=None, reduce=None, *, posterior_grad=True, lambda_scale=True
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """Training-mode MN of a batch x [N, C, L] under a fitted mixture, then the affine.
+    """Training-mode MN of a batch x [N, C, L] under a fitted ``Mixture``, then the affine
+    (``weight``, ``bias`` [C] or None); ``reduce`` sums the moments across processes.
 
     The fused equivalent of ``reference.mixture_norm_reference`` followed by ``y = weight * x_hat + bias``
     (with the same switches); computes in the dtype of the mixture. Returns y [N, C, L]
