@@ -992,11 +992,12 @@ def evaluation_section(device: torch.device, args, tmp: Path) -> dict:
         workers = min(os.cpu_count() or 1, 8)
     if args.quick:
         workers = 0  # no worker processes to start for a few images
+    # its progress bar and notes: stdout is the JSON's
     with (
         open(os.devnull, "w") as devnull,
         contextlib.redirect_stderr(devnull),
         contextlib.redirect_stdout(devnull),
-    ):  # its progress bar and notes: stdout is the JSON's
+    ):
         t_files, _ = timed(
             lambda: calculate_activation_statistics(
                 files, theirs, their_batch, 2048, device, workers

@@ -388,9 +388,8 @@ class InceptionFeatureExtractor:
             )
         out, out_logits = [], []
         for chunk in images.split(self.batch_size):
-            if (
-                self.fid_protocol == "clean"
-            ):  # [B, 3, 299, 299]; the network's resize is then a no-op
+            # [B, 3, 299, 299]; the network's resize is then a no-op
+            if self.fid_protocol == "clean":
                 x = clean_resize(chunk).to(self.device).div_(255)
             else:
                 # [B, 3, H, W] in [0, 1]

@@ -93,9 +93,8 @@ class TrainingState:
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.fixed_noise = fixed_noise(cfg, device)  # [64, z_dim]
-        if (
-            cfg.sync_norm
-        ):  # before DDP wraps them; parameters are shared, so the optimizers stay valid
+        # before DDP wraps them; parameters are shared, so the optimizers stay valid
+        if cfg.sync_norm:
             from .sync import convert_sync_norms
 
             self.G, self.D = convert_sync_norms(self.G), convert_sync_norms(self.D)
@@ -109,9 +108,8 @@ class TrainingState:
                 standing_batches=cfg.g_ema_standing_batches,
                 batch_size=self.sampler.local_batch,
             )
-        if (
-            dist_info.enabled
-        ):  # same weights everywhere, but each rank its own noise and k-means draws
+        # same weights everywhere, but each rank its own noise and k-means draws
+        if dist_info.enabled:
             seed_everything(cfg.seed * 1_000_003 + 104_729 + dist_info.rank)
 
         self.window = StepWindow(device)  # loss_D, loss_G, D(x), D(G(z)) summed over the log window
@@ -163,9 +161,8 @@ class TrainingState:
         log_window = self.window.state_dict()
         generators = self.generator_payloads()  # every rank: copying G's buffers may broadcast
         ranks = None
-        if (
-            self.dist_info.enabled
-        ):  # running statistics are each rank's own (buffers are not synchronized)
+        # running statistics are each rank's own (buffers are not synchronized)
+        if self.dist_info.enabled:
             buffers = {
                 "generator": {n: b.cpu() for n, b in self.G.named_buffers()},
                 "discriminator": {n: b.cpu() for n, b in self.D.named_buffers()},

@@ -120,9 +120,8 @@ def test_standing_statistics_for_mn_are_the_cumulative_matched_mixture():
     for i, x in enumerate(batches):
         probe.reset_running_stats()
         probe.momentum = 1.0
-        if (
-            mean is not None
-        ):  # match the batch's components to the running mixture, as training does
+        # match the batch's components to the running mixture, as training does
+        if mean is not None:
             probe.running_mean.copy_(mean)
         probe(x)
         w_i, m_i, v_i = (

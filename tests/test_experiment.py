@@ -124,12 +124,8 @@ def test_sample_grids_show_one_seed_that_every_arm_still_has(tmp_path):
     from dcgan_mn.sweep.report import grid_seed
 
     s = S.SweepSpec(tmp_path, (S.parse_arm("bn="), S.parse_arm("mn=")), (0, 1, 2), 200)
-    for name in (
-        "bn-s0",
-        "bn-s1",
-        "mn-s2",
-        "bn-s2",
-    ):  # seed 0: bn only; seed 1: bn only; seed 2: both
+    # seed 0: bn only; seed 1: bn only; seed 2: both
+    for name in ("bn-s0", "bn-s1", "mn-s2", "bn-s2"):
         snap = RunFolder(tmp_path / name).snapshot_file(200)
         snap.parent.mkdir(parents=True)
         snap.write_bytes(b"")

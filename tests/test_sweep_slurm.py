@@ -181,9 +181,8 @@ def test_preempted_task_is_requeued_and_ends_bitwise_as_an_uninterrupted_run(tmp
     folder = out / "mn-s0"
     events = RunEvents(out, "mn-s0")
     job_id = S.SweepRecord.load(out).last_submission("mn-s0")["job_id"]
-    for attempt in range(
-        2
-    ):  # preempted twice: each time mid-run, after a checkpoint of this attempt
+    # preempted twice: each time mid-run, after a checkpoint of this attempt
+    for attempt in range(2):
 
         def started_and_saved():
             starts = [e for e in events.rows() if e["event"] == "started"]

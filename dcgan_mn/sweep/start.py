@@ -38,9 +38,8 @@ def start_sweep(
     for arm in spec.arms:
         log(f"  arm {arm.name}: {' '.join(arm.flags) or '(train.py defaults)'}")
     runs = spec.runs()
-    for run in (
-        runs
-    ):  # every run's flags parse, and no folder was trained otherwise: before any submission
+    # every run's flags parse, and no folder was trained otherwise: before any submission
+    for run in runs:
         check_same_settings(run, planned_config(str(train_script), run.argv))
         check_resumable(run, spec.iters)
     known = (

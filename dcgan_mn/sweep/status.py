@@ -176,9 +176,8 @@ def sweep_status(out: Path) -> list[dict]:
             "log": log,
             "restarts": sum(1 for e in events.rows() if e["event"] == "preempted"),
         }
-        if (
-            state == "failed"
-        ):  # the run's own stderr, else its job's (a run that never started its train.py)
+        # the run's own stderr, else its job's (a run that never started its train.py)
+        if state == "failed":
             row["stderr_tail"] = _tail(str(events.log)) or _tail(log)
         rows.append(row)
     return rows
