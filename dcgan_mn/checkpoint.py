@@ -1,5 +1,5 @@
-"""Checkpoints: building, checking and migrating what they hold (``runfolder`` decides where
-they go and writes them; ``state.TrainingState`` holds the full checkpoint's schema).
+"""Checkpoints: their schema, building, checking and migrating what they hold (``runfolder``
+decides where they go and writes them; ``state.TrainingState`` fills and restores them).
 
 A checkpoint is a plain dict of tensors and Python primitives, so ``torch.load(path,
 weights_only=True)`` reads it (no pickled classes, nothing executed on load). Every one starts
@@ -10,7 +10,11 @@ with the same header and generator block:
      "generator": G.state_dict(), "metrics": {...},  # metrics: the evaluation, on snapshots
      "generator_ema": G_ema.state_dict()}  # with --g-ema only
 
-A ``"full"`` one adds the training state (see ``state.TrainingState.checkpoint_payload``).
+A ``"full"`` one adds the training state (``FULL_KEYS``: D, both optimizers, the loss scaler,
+RNG states, data order, the grid's noise, the best so far, training seconds, the logging window)
+and, under DDP, ``world_size`` and ``ranks`` (every rank's RNG states, logging window and running
+statistics). ``full_payload`` writes that layout and ``full_checkpoint`` reads it back in
+today's form, migrations applied: nothing else spells out its keys.
 Files are written atomically (a temporary file in the same folder, then ``os.replace``), so a
 crash or a signal never leaves a half-written checkpoint under a real name.
 """
@@ -21,7 +25,7 @@ import pickle
 import random
 import zipfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -37,6 +41,10 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "generator_payload",
+    "FULL_KEYS",
+    "full_payload",
+    "FullCheckpoint",
+    "full_checkpoint",
     "load_generator",
     "has_averaged_generator",
     "load_generators",
@@ -129,6 +137,67 @@ def migrate_best(best: Optional[dict]) -> dict:
     if "fid" in best and "value" not in best:
         best = {"metric": "fid", "value": best["fid"], "iteration": best["iteration"]}
     return best
+
+
+# The training state a full checkpoint adds to the generator block.
+FULL_KEYS = (
+    "discriminator", "opt_g", "opt_d", "scaler", "rng", "data", "fixed_noise", "best",
+    "train_seconds", "log_window",
+)  # fmt: skip
+
+
+def full_payload(generator_block: dict, ranks: Optional[list] = None, **training: Any) -> dict:
+    """A full checkpoint: a ``generator_payload`` block and the training state (every one of
+    ``FULL_KEYS``); under DDP, ``ranks`` holds every rank's RNG states, logging window and
+    running statistics (``{"rng", "log_window", "buffers"}``), rank 0 first."""
+    if set(training) != set(FULL_KEYS):
+        raise ValueError(f"full_payload: expected {FULL_KEYS}, got {tuple(sorted(training))}")
+    payload = {**generator_block, "kind": "full", **training}
+    if ranks is not None:
+        payload.update(world_size=len(ranks), ranks=ranks)
+    return payload
+
+
+class FullCheckpoint(NamedTuple):
+    """A full checkpoint's training state in today's form, as one process restores it."""
+
+    iteration: int
+    generator: dict
+    generator_ema: Optional[dict]  # with --g-ema
+    discriminator: dict
+    opt_g: dict
+    opt_d: dict
+    scaler: Optional[dict]  # None: no fp16 loss scaling
+    data: dict
+    fixed_noise: torch.Tensor
+    best: dict  # {"metric", "value", "iteration"}
+    train_seconds: float
+    rng: dict  # this process's RNG states
+    log_window: dict
+    buffers: Optional[dict]  # under DDP: this rank's own running statistics
+
+
+def full_checkpoint(payload: dict, rank: Optional[int] = None) -> FullCheckpoint:
+    """Read a loaded full checkpoint back: ``rank`` (under DDP) picks that rank's own streams and
+    buffers. Migrations: ``best`` of checkpoints written before runs were ranked by cfd;
+    ``train_seconds``, ``log_window`` and ``scaler`` that older checkpoints lack."""
+    own = payload["ranks"][rank] if rank is not None else payload
+    return FullCheckpoint(
+        iteration=int(payload["iteration"]),
+        generator=payload["generator"],
+        generator_ema=payload.get("generator_ema"),
+        discriminator=payload["discriminator"],
+        opt_g=payload["opt_g"],
+        opt_d=payload["opt_d"],
+        scaler=payload.get("scaler") or None,
+        data=payload["data"],
+        fixed_noise=payload["fixed_noise"],
+        best=migrate_best(payload.get("best")),
+        train_seconds=float(payload.get("train_seconds", 0.0)),
+        rng=own["rng"],
+        log_window=own.get("log_window") or {},
+        buffers=own.get("buffers") if rank is not None else None,
+    )
 
 
 def generator_payload(

@@ -170,11 +170,12 @@ class TrainingState:
             ranks = all_gather_objects({"rng": rng, "log_window": log_window, "buffers": buffers})
             if not self.dist_info.is_main:
                 return None
-        payload = ckpt.generator_payload(
+        block = ckpt.generator_payload(
             self.G, self.cfg, self.iteration, self.images_seen, **generators
         )
-        payload.update(
-            kind="full",
+        return ckpt.full_payload(
+            block,
+            ranks,
             discriminator=self.D.state_dict(),
             opt_g=self.opt_g.state_dict(),
             opt_d=self.opt_d.state_dict(),
@@ -186,36 +187,33 @@ class TrainingState:
             train_seconds=train_seconds,
             log_window=log_window,
         )
-        if self.dist_info.enabled:
-            payload.update(world_size=self.dist_info.world_size, ranks=ranks)
-        return payload
 
     def load_payload(self, payload: dict) -> None:
         """Continue from a full checkpoint: weights, optimizers, data order, the logging window,
         the best so far, and last (set-up drew random numbers) every RNG state."""
-        self.G.load_state_dict(payload["generator"])
+        saved = ckpt.full_checkpoint(
+            payload, self.dist_info.rank if self.dist_info.enabled else None
+        )
+        self.G.load_state_dict(saved.generator)
         if self.ema is not None:
-            self.ema.load_state_dict(payload["generator_ema"])
-        self.D.load_state_dict(payload["discriminator"])
-        self.opt_g.load_state_dict(payload["opt_g"])
-        self.opt_d.load_state_dict(payload["opt_d"])
-        if payload.get("scaler"):
-            self.scaler.load_state_dict(payload["scaler"])
-        self.sampler.load_state_dict(payload["data"])
-        self.fixed_noise = payload["fixed_noise"].to(self.device)
-        saved_best = ckpt.migrate_best(payload.get("best"))
-        if saved_best.get("metric", self.best["metric"]) == self.best["metric"]:
-            self.best = {**self.best, **saved_best}
-        self.iteration = int(payload["iteration"])
-        self.train_seconds = float(payload.get("train_seconds", 0.0))
-        # this rank's streams
-        own = payload["ranks"][self.dist_info.rank] if self.dist_info.enabled else payload
-        self.window.load_state_dict(own.get("log_window") or {})
-        ckpt.restore_rng_state(own["rng"], self.device)
+            self.ema.load_state_dict(saved.generator_ema)
+        self.D.load_state_dict(saved.discriminator)
+        self.opt_g.load_state_dict(saved.opt_g)
+        self.opt_d.load_state_dict(saved.opt_d)
+        if saved.scaler is not None:
+            self.scaler.load_state_dict(saved.scaler)
+        self.sampler.load_state_dict(saved.data)
+        self.fixed_noise = saved.fixed_noise.to(self.device)
+        if saved.best.get("metric", self.best["metric"]) == self.best["metric"]:
+            self.best = {**self.best, **saved.best}
+        self.iteration = saved.iteration
+        self.train_seconds = saved.train_seconds
+        self.window.load_state_dict(saved.log_window)  # this rank's streams
+        ckpt.restore_rng_state(saved.rng, self.device)
 
     def restore_rank_buffers(self, payload: dict) -> None:
         """DDP copied rank 0's buffers when it wrapped the models: put back this rank's own."""
-        saved = payload["ranks"][self.dist_info.rank]["buffers"]
+        saved = ckpt.full_checkpoint(payload, self.dist_info.rank).buffers
         with torch.no_grad():
             for model, part in ((self.G, "generator"), (self.D, "discriminator")):
                 for name, buf in model.named_buffers():
