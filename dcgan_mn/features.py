@@ -240,9 +240,8 @@ def load_fid_inception(weights: InceptionWeights, dims: int = 2048) -> nn.Module
     try:
         with _pytorch_fid_loads(state_dict):
             net = _pfi.InceptionV3([block], resize_input=True, normalize_input=True)
-    except (
-        RuntimeError
-    ) as e:  # load_state_dict: "Error(s) in loading ...:", then missing / unexpected keys
+    except RuntimeError as e:
+        # load_state_dict: "Error(s) in loading ...:", then missing / unexpected keys
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[min(1, len(lines) - 1)] if lines else type(e).__name__
         raise invalid(detail if len(detail) <= 120 else detail[:117] + "...") from None

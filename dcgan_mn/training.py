@@ -372,9 +372,8 @@ def open_run(
         if not launch.continuing:
             folder.create()  # one mkdir: of two runs racing for a name, one wins
         lock.acquire()
-        for (
-            path
-        ) in launch.set_aside:  # unreadable newer checkpoints (load_resume's warning names them)
+        # unreadable newer checkpoints (load_resume's warning names them)
+        for path in launch.set_aside:
             if path.exists():
                 folder.set_aside(path)
         folder.write_config(cfg.to_dict())

@@ -230,9 +230,8 @@ def test_resume_drops_metrics_rows_written_after_the_checkpoint(tmp_path):
         progress=False,
         evaluator=FakeEvaluator([10.0, 5.0]),
     )
-    RunFolder(first.run_dir).checkpoint_file(
-        4
-    ).unlink()  # as if the run crashed before its last checkpoint
+    # as if the run crashed before its last checkpoint
+    RunFolder(first.run_dir).checkpoint_file(4).unlink()
     train(
         tiny_cfg(tmp_path, iters=4, fid_every=2),
         images=images,

@@ -218,9 +218,10 @@ def _load_real_images(identity: dict, spec: str, data_root) -> tuple[int, Any]:
     if identity["kind"] == "stacked":
         from ..digits import load_stacked
 
+        # uint8 [N, 3, 32, 32]
         images = load_stacked(
             identity["source"], "train", data_root, size=identity["size"], seed=identity["seed"]
-        ).images  # uint8 [N, 3, 32, 32]
+        ).images
         return images.shape[0], lambda bs: iter(images.split(bs))
     if identity["kind"] == "cifar10":
         from ..data import load_cifar10

@@ -291,9 +291,8 @@ def _channel_reading(
     shift = (weight * mean).sum(0)  # [C]  (conditioning only, as in the vector reading)
     xc = (x - shift.unsqueeze(1)).unsqueeze(2)  # [N, C, 1, L]
     mc, vc = (mean - shift).t(), var.clamp_min(eps).t()  # [C, K]
-    logits = (weight.t().clamp_min(_TINY).log() - 0.5 * vc.log())[..., None] - 0.5 * (
-        xc - mc[..., None]
-    ).square() / vc[..., None]  # [N, C, K, L]
+    log_prior = (weight.t().clamp_min(_TINY).log() - 0.5 * vc.log())[..., None]  # [C, K, 1]
+    logits = log_prior - 0.5 * (xc - mc[..., None]).square() / vc[..., None]  # [N, C, K, L]
     tau = torch.softmax(logits, 2)  # [N, C, K, L]
     if not posterior_grad:
         tau = tau.detach()

@@ -308,9 +308,8 @@ def check_same_settings(run: Run, planned: dict) -> None:
     saved = RunFolder(run.folder).read_config()
     if saved is None:
         return
-    saved = config_from_dict(
-        saved
-    ).to_dict()  # a key an older version did not write reads as its default
+    # a key an older version did not write reads as its default
+    saved = config_from_dict(saved).to_dict()
     keys = [*RESUME_FIXED, "fid_every"]
     differ = [
         f"{k}: {saved.get(k)!r} there, {planned.get(k)!r} here"
