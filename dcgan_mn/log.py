@@ -96,7 +96,10 @@ def _after_existing_event_files(run_dir: Path) -> None:
 
 
 class RunLogger:
-    """TensorBoard events in the run folder, ``metrics.jsonl``, and a tqdm progress bar.
+    """The one writer of a running run: TensorBoard events, ``metrics.jsonl`` and a tqdm progress
+    bar, and the evaluation's snapshots, ``best.pt`` and the full checkpoints. The training loop
+    asks for a record (``scalars``, ``metrics_row``, ``evaluated``, ``checkpoint``, ...); this
+    class decides the files, and that only rank 0 (``enabled``) writes them.
 
     ``purge_step``: on resume, events a crashed run wrote at or after this step are hidden by
     TensorBoard, so a resumed curve has no doubled segment. ``progress``: the bar, on a terminal;
@@ -202,6 +205,30 @@ class RunLogger:
         """A line above the bar (or on stderr when the bar is off)."""
         if self.enabled:
             self.bar.write(text, file=sys.stderr)
+
+    # --- the generator's files ---
+
+    def evaluated(self, iteration: int, snapshot: dict, best: bool) -> None:
+        """An evaluation's generator snapshot, and ``best.pt`` when it is the best so far (the
+        metrics row went first, through ``metrics_row``)."""
+        if self.enabled:
+            self.folder.save_snapshot(iteration, snapshot)
+            if best:
+                self.folder.save_best(snapshot)
+
+    def checkpoint(
+        self, iteration: int, payload: Optional[dict], snapshot: Optional[dict], keep_last: int
+    ) -> Path:
+        """A full checkpoint (rank 0's ``payload``; the other ranks have None and get its path),
+        the snapshot of a run without evaluation, then the pruning of older checkpoints (after
+        their successor is durably written)."""
+        if not self.enabled or payload is None:
+            return self.folder.checkpoint_file(iteration)
+        path = self.folder.save_checkpoint(iteration, payload)
+        if snapshot is not None:
+            self.folder.save_snapshot(iteration, snapshot)
+        self.folder.prune_checkpoints(keep_last)
+        return path
 
     def flush(self) -> None:
         if self.writer is not None:

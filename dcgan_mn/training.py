@@ -575,13 +575,11 @@ def evaluate(state: TrainingState, io: RunIO) -> None:
         snapshot = ckpt.generator_payload(
             state.G, cfg, it, state.images_seen, metrics=row, **generators
         )
-        if state.dist_info.is_main:
-            io.folder.save_snapshot(it, snapshot)
         value = result.get(state.best["metric"])
-        if state.improves_best(value):
+        best = state.improves_best(value)
+        if best:
             state.best.update(value=float(value), iteration=it)
-            if state.dist_info.is_main:
-                io.folder.save_best(snapshot)
+        io.logger.evaluated(it, snapshot, best)
         io.logger.show(
             **{
                 k: f"{v:.2f}" if isinstance(v, float) else str(v)
@@ -605,23 +603,16 @@ def save(state: TrainingState, io: RunIO, evaluating: bool) -> None:
     """A full checkpoint (and a snapshot when there is no evaluation); prune old ones."""
     train_s = io.clock.seconds()
     with io.clock.paused():
-        payload = state.checkpoint_payload(train_s)  # a collective under DDP
-        if payload is None:  # not rank 0
-            io.last_checkpoint = io.folder.checkpoint_file(state.iteration)
-            return
-        io.last_checkpoint = io.folder.save_checkpoint(state.iteration, payload)
-        if not evaluating:
-            io.folder.save_snapshot(
-                state.iteration,
-                ckpt.generator_payload(
-                    state.G,
-                    state.cfg,
-                    state.iteration,
-                    state.images_seen,
-                    **{k: payload[k] for k in ("generator_ema",) if k in payload},
-                ),
+        payload = state.checkpoint_payload(train_s)  # a collective under DDP; None off rank 0
+        snapshot = None
+        if payload is not None and not evaluating:  # no evaluation: the checkpoint's snapshot
+            ema = {k: payload[k] for k in ("generator_ema",) if k in payload}
+            snapshot = ckpt.generator_payload(
+                state.G, state.cfg, state.iteration, state.images_seen, **ema
             )
-        io.folder.prune_checkpoints(state.cfg.keep_last)  # after its successor is durably written
+        io.last_checkpoint = io.logger.checkpoint(
+            state.iteration, payload, snapshot, state.cfg.keep_last
+        )
 
 
 def _metric_names(evaluator, result: dict) -> dict:
