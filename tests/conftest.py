@@ -11,18 +11,8 @@ from formats import save_random_fid_inception, write_fake_cifar10  # noqa: F401 
 
 # Flags of a tiny train.py run (8-wide networks, 8-image batches, no grids, no bars) that the
 # CLI suites share; each adds what it varies (evaluation cadence, --dims, logging).
-TRAIN_TINY = (
-    "--ngf",
-    "8",
-    "--ndf",
-    "8",
-    "--batch-size",
-    "8",
-    "--mn-fit-points",
-    "64",
-    "--device",
-    "cpu",
-    "--no-progress",
+TRAIN_TINY = tuple(
+    "--ngf 8 --ndf 8 --batch-size 8 --mn-fit-points 64 --device cpu --no-progress".split()
 )
 
 

@@ -21,23 +21,7 @@ from conftest import write_fake_cifar10
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
 WORKER = str(REPO / "tests" / "ddp_worker.py")  # train.py with the test seams (dump, fault)
-TINY = [
-    "--ngf",
-    "8",
-    "--ndf",
-    "8",
-    "--batch-size",
-    "8",
-    "--fid-every",
-    "0",
-    "--device",
-    "cpu",
-    "--no-progress",
-    "--log-every",
-    "1",
-    "--sample-every",
-    "0",
-]
+TINY = "--ngf 8 --ndf 8 --batch-size 8 --fid-every 0 --device cpu --no-progress --log-every 1 --sample-every 0".split()
 
 
 def _env(**extra: str) -> dict:
@@ -339,12 +323,7 @@ def test_signal_to_torchrun_stops_all_ranks_at_one_iteration(tmp_path, data_root
         str(data_root),
         "--out",
         str(tmp_path / "out"),
-        "--run-name",
-        "s",
-        "--iters",
-        "1000000",
-        "--ckpt-every",
-        "0",
+        *"--run-name s --iters 1000000 --ckpt-every 0".split(),
     ]
     proc = subprocess.Popen(
         cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -25,19 +25,7 @@ experiment = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = experiment
 spec.loader.exec_module(experiment)
 TINY = [
-    "--iters",
-    "2",
-    "--eval-every",
-    "2",
-    "--mode-samples",
-    "40",
-    "--batch-size",
-    "8",
-    "--device",
-    "cpu",
-    "--seeds",
-    "0",
-    "--train-flags",
+    *"--iters 2 --eval-every 2 --mode-samples 40 --batch-size 8 --device cpu --seeds 0 --train-flags".split(),
     "--ngf 8 --ndf 8 --mn-fit-points 64 --stack-size 64",
     "--arm",
     "bn=--mn-layers none",

@@ -64,17 +64,7 @@ def mode_run(offline_hub):
         train_cli,
         [
             *TINY,
-            "--dataset",
-            "stacked-digits",
-            "--stack-size",
-            "64",
-            "--iters",
-            "4",
-            "--fid-every",
-            "2",
-            "--mode-samples",
-            "48",
-            "--out",
+            *"--dataset stacked-digits --stack-size 64 --iters 4 --fid-every 2 --mode-samples 48 --out".split(),
             str(out),
             "--run-name",
             "digits",
@@ -115,18 +105,7 @@ def test_asking_for_fid_on_stacked_digits_needs_the_weights(offline_hub):
         train_cli,
         [
             *TINY,
-            "--dataset",
-            "stacked-digits",
-            "--stack-size",
-            "64",
-            "--iters",
-            "2",
-            "--fid-every",
-            "2",
-            "--mode-samples",
-            "48",
-            "--inception-metrics",
-            "--out",
+            *"--dataset stacked-digits --stack-size 64 --iters 2 --fid-every 2 --mode-samples 48 --inception-metrics --out".split(),
             str(out),
         ],
     )
@@ -274,17 +253,8 @@ def test_rescoring_the_training_seed_reproduces_the_training_rows(
 def test_modes_help_explains_every_option():
     res = CliRunner().invoke(eval_cli, ["modes", "--help"])
     assert res.exit_code == 0
-    for opt in (
-        "--source",
-        "--samples",
-        "--batch-size",
-        "--sample-modes",
-        "--device",
-        "--data-root",
-        "--cache-dir",
-        "--seed",
-        "--out",
-        "--progress",
+    for opt in tuple(
+        "--source --samples --batch-size --sample-modes --device --data-root --cache-dir --seed --out --progress".split()
     ):
         assert opt in res.output, opt
 

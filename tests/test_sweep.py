@@ -86,15 +86,7 @@ def test_plan_names_every_run_by_arm_and_seed(tmp_path):
     assert [r.name for r in runs] == ["bn-s0", "mn-s0", "bn-s1", "mn-s1"]
     assert runs[1].folder == tmp_path / "sw" / "mn-s0"
     assert runs[1].argv == (
-        "--dataset",
-        "stacked-digits",
-        "--mn-layers",
-        "0,1",
-        "--iters",
-        "10",
-        "--seed",
-        "0",
-        "--out",
+        *"--dataset stacked-digits --mn-layers 0,1 --iters 10 --seed 0 --out".split(),
         str(tmp_path / "sw"),
         "--run-name",
         "mn-s0",
@@ -220,25 +212,7 @@ def test_status_and_report_of_a_folder_that_is_not_a_sweep(tmp_path):
 def test_a_folder_trained_with_other_flags_is_refused_with_one_line(tmp_path):
     """Real train.py: a tiny stacked-digits run, then a sweep whose arm asks for other norms in it."""
     out = tmp_path / "sw"
-    shared = [
-        "--dataset",
-        "stacked-digits",
-        "--no-inception-metrics",
-        "--ngf",
-        "8",
-        "--ndf",
-        "8",
-        "--batch-size",
-        "8",
-        "--fid-every",
-        "0",
-        "--sample-every",
-        "0",
-        "--device",
-        "cpu",
-        "--stack-size",
-        "64",
-    ]
+    shared = "--dataset stacked-digits --no-inception-metrics --ngf 8 --ndf 8 --batch-size 8 --fid-every 0 --sample-every 0 --device cpu --stack-size 64".split()
     train_main = invoker(load_script("train.py", "main"))
     made = train_main(
         *shared,
@@ -285,19 +259,7 @@ def test_a_folder_trained_with_other_flags_is_refused_with_one_line(tmp_path):
 def test_sweep_help_explains_every_option():
     sweep = invoker(load_script("sweep.py", "cli"))
     text = sweep("run", "--help").output
-    for flag in (
-        "--executor",
-        "--partition",
-        "--time",
-        "--gpus-per-run",
-        "--cpus-per-run",
-        "--nodes",
-        "--array-parallelism",
-        "--account",
-        "--qos",
-        "--constraint",
-        "--sbatch",
-        "--parallel",
-        "--wait",
+    for flag in tuple(
+        "--executor --partition --time --gpus-per-run --cpus-per-run --nodes --array-parallelism --account --qos --constraint --sbatch --parallel --wait".split()
     ):
         assert flag in text, flag

@@ -22,27 +22,11 @@ from test_training import assert_same_tensors
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
-TINY = (
-    "--dataset",
-    "stacked-digits",
-    "--no-inception-metrics",
-    "--ngf",
-    "8",
-    "--ndf",
-    "8",
-    "--batch-size",
-    "16",
-    "--device",
-    "cpu",
-    "--sample-every",
-    "0",
-    "--log-every",
-    "10",
-    "--stack-size",
-    "512",
+TINY = tuple(
+    "--dataset stacked-digits --no-inception-metrics --ngf 8 --ndf 8 --batch-size 16 --device cpu --sample-every 0 --log-every 10 --stack-size 512".split()
 )
-EVALUATED = (*TINY, "--fid-every", "10", "--ckpt-every", "10", "--mode-samples", "200")
-LONG = (*TINY, "--fid-every", "0", "--ckpt-every", "25", "--keep-last", "50")
+EVALUATED = (*TINY, *"--fid-every 10 --ckpt-every 10 --mode-samples 200".split())
+LONG = (*TINY, *"--fid-every 0 --ckpt-every 25 --keep-last 50".split())
 
 
 @pytest.fixture(autouse=True)
