@@ -263,3 +263,23 @@ def test_sweep_help_explains_every_option():
         "--executor --partition --time --gpus-per-run --cpus-per-run --nodes --array-parallelism --account --qos --constraint --sbatch --parallel --wait".split()
     ):
         assert flag in text, flag
+
+
+def test_a_trained_run_whose_task_still_rescores_is_not_finished():
+    # wait_for_sweep returns when no run is active, and the report then re-scores what lacks
+    # seeds: had a trained run counted as finished while its own task was still re-scoring it,
+    # both would have scored the same snapshots (seen under load as eval_seeds [1, 1]).
+    import os
+    import socket
+
+    from dcgan_mn.sweep.status import _state
+
+    local = {"executor": "local", "job_id": "1"}
+    here = {"event": "started", "pid": os.getpid(), "host": socket.gethostname()}
+    assert _state(10, 10, local, here, {}) == ("running", "re-scoring")
+    assert _state(10, 10, local, {**here, "pid": 2**22 + 12345}, {}) == ("finished", "")  # gone
+    assert _state(10, 10, local, {"event": "finished"}, {}) == ("finished", "")
+    assert _state(10, 10, None, None, {}) == ("finished", "")  # trained outside the sweep
+    on_slurm = {"executor": "slurm", "job_id": "7"}
+    assert _state(10, 10, on_slurm, here, {"7": "RUNNING"}) == ("running", "re-scoring")
+    assert _state(10, 10, on_slurm, here, {"7": "COMPLETED"}) == ("finished", "")

@@ -2,7 +2,8 @@
 
 A run's state, in this order of evidence:
 
-* ``finished``: its folder reached ``--iters`` (whatever any scheduler says);
+* ``finished``: its folder reached ``--iters`` (whatever any scheduler says) and its task, if
+  it still lives, has finished re-scoring it (until then it is ``running``, "re-scoring");
 * ``new``: never submitted;
 * on Slurm, the job's state from ``sacct``: PENDING is ``pending`` (``requeued`` when the run's
   last event says it stopped for a requeue), RUNNING ``running``, REQUEUED ``requeued``, any end
@@ -104,6 +105,16 @@ def _tail(path: Optional[str], lines: int = STDERR_TAIL) -> list[str]:
     return [ln for ln in text.splitlines() if ln.strip()][-lines:]
 
 
+def _still_rescoring(submission: Optional[dict], event: Optional[dict], slurm: dict) -> bool:
+    """A trained run whose task has not said "finished" and still lives: it is re-scoring its
+    snapshots, and a report that re-scored them too would score them twice."""
+    if submission is None or event is None or event["event"] != "started":
+        return False
+    if submission["executor"] == "slurm" and submission["job_id"] in slurm:
+        return slurm[submission["job_id"]] in ("RUNNING", "COMPLETING")
+    return _alive(event.get("pid"), event.get("host"))
+
+
 def _state(
     reached: int,
     iters: int,
@@ -112,7 +123,9 @@ def _state(
     slurm: dict[str, str],
 ) -> tuple[str, str]:
     """(state, reason) of one run."""
-    if reached >= iters:
+    if reached >= iters:  # trained; its task re-scores it before it says "finished"
+        if _still_rescoring(submission, event, slurm):
+            return "running", "re-scoring"
         return "finished", ""
     if submission is None:
         return "new", ""
