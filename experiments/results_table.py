@@ -47,7 +47,9 @@ def spread(stat: dict) -> str:
     ci = stat.get("ci")
     if ci:
         label = stat.get("ci_label") or ""
-        text += f" [{number(ci[0])}, {number(ci[1])}]" + (f" ({label})" if label.startswith("range") else "")
+        text += f" [{number(ci[0])}, {number(ci[1])}]" + (
+            f" ({label})" if label.startswith("range") else ""
+        )
     return text
 
 
@@ -91,13 +93,20 @@ def row(report: dict) -> str:
 
 def results_table(folder: Path) -> str:
     """The markdown table of the folder's compare reports (one row per metric found)."""
-    reports = [json.loads(p.read_text()) for m in METRICS
-               if (p := folder / "compare" / m / "compare.json").is_file()]
+    reports = [
+        json.loads(p.read_text())
+        for m in METRICS
+        if (p := folder / "compare" / m / "compare.json").is_file()
+    ]
     if not reports:
-        raise click.ClickException(f"{folder}: no compare/<metric>/compare.json (run the experiment's compare first)")
+        raise click.ClickException(
+            f"{folder}: no compare/<metric>/compare.json (run the experiment's compare first)"
+        )
     cand, base = reports[0]["labels"]["candidate"], reports[0]["labels"]["baseline"]
-    header = (f"| metric (better) | {base} best | {cand} best | {cand} − {base}: best | final | AUC "
-              f"| acceleration (paper's rule) | smoothed rule | still improving |")
+    header = (
+        f"| metric (better) | {base} best | {cand} best | {cand} − {base}: best | final | AUC "
+        f"| acceleration (paper's rule) | smoothed rule | still improving |"
+    )
     return "\n".join([header, "|" + "---|" * 9, *[row(r) for r in reports]])
 
 
@@ -109,7 +118,11 @@ def per_arm_table(folder: Path, iterations: tuple[int, ...] = (400, 1000, 2000))
     from dcgan_mn.metrics.specs import metric_spec
 
     runs = sorted(p for p in folder.iterdir() if (p / "metrics.jsonl").is_file())
-    header = ["run"] + [f"{m} at {i:,}" for m in METRICS for i in iterations] + [f"best {m} (at)" for m in METRICS]
+    header = (
+        ["run"]
+        + [f"{m} at {i:,}" for m in METRICS for i in iterations]
+        + [f"best {m} (at)" for m in METRICS]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         rows = {int(r["iteration"]): r for r in RunFolder(run).metrics_rows() if "iteration" in r}
@@ -140,8 +153,11 @@ def block(text: str, begin: str = BEGIN, end: str = END) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--write", is_flag=True, help="replace the table block in FOLDER/README.md")
-@click.option("--per-arm", is_flag=True,
-              help="one row per run, from metrics.jsonl (a one-seed sweep over many arms)")
+@click.option(
+    "--per-arm",
+    is_flag=True,
+    help="one row per run, from metrics.jsonl (a one-seed sweep over many arms)",
+)
 def main(folder: Path, write: bool, per_arm: bool) -> None:
     """Print (or --write) the results table of the experiment in FOLDER."""
     table = per_arm_table(folder) if per_arm else results_table(folder)

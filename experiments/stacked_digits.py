@@ -29,53 +29,175 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_ARMS = ("bn=--mn-layers none", "mn=--mn-layers 0,1")
 
 
-def shared_flags(eval_every: int, mode_samples: int, batch_size: int, device: str, extra: str) -> list[str]:
+def shared_flags(
+    eval_every: int, mode_samples: int, batch_size: int, device: str, extra: str
+) -> list[str]:
     """train.py flags every run gets. Mode metrics only, whether or not this machine has the FID
     Inception weights: the same evaluation (and cost) everywhere; a checkpoint at every
     evaluation, so a cut run loses at most one interval."""
-    return ["--dataset", "stacked-digits", "--no-inception-metrics", "--fid-every", str(eval_every),
-            "--ckpt-every", str(eval_every), "--sample-every", str(eval_every), "--mode-samples", str(mode_samples),
-            "--batch-size", str(batch_size), "--device", device, "--log-every", "50", *shlex.split(extra)]
+    return [
+        "--dataset",
+        "stacked-digits",
+        "--no-inception-metrics",
+        "--fid-every",
+        str(eval_every),
+        "--ckpt-every",
+        str(eval_every),
+        "--sample-every",
+        str(eval_every),
+        "--mode-samples",
+        str(mode_samples),
+        "--batch-size",
+        str(batch_size),
+        "--device",
+        device,
+        "--log-every",
+        "50",
+        *shlex.split(extra),
+    ]
 
 
-def sweep_argv(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_size, device, train_flags,
-               executor, parallel, wait, dry_run) -> list[str]:
+def sweep_argv(
+    out,
+    arms,
+    seeds,
+    iters,
+    eval_every,
+    mode_samples,
+    eval_seeds,
+    batch_size,
+    device,
+    train_flags,
+    executor,
+    parallel,
+    wait,
+    dry_run,
+) -> list[str]:
     """The ``sweep.py`` arguments of this preset."""
     shared = shared_flags(eval_every, mode_samples, batch_size, device, train_flags)
-    return ["run", "--out", str(out), "--seeds", seeds, "--iters", str(iters), "--eval-seeds", str(eval_seeds),
-            "--train-flags", shlex.join(shared), *[x for arm in arms for x in ("--arm", arm)],
-            "--executor", executor, "--parallel", str(parallel), "--device", device,
-            *(["--wait"] if wait else []), *(["--dry-run"] if dry_run else [])]
+    return [
+        "run",
+        "--out",
+        str(out),
+        "--seeds",
+        seeds,
+        "--iters",
+        str(iters),
+        "--eval-seeds",
+        str(eval_seeds),
+        "--train-flags",
+        shlex.join(shared),
+        *[x for arm in arms for x in ("--arm", arm)],
+        "--executor",
+        executor,
+        "--parallel",
+        str(parallel),
+        "--device",
+        device,
+        *(["--wait"] if wait else []),
+        *(["--dry-run"] if dry_run else []),
+    ]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
-                                 "max_content_width": 100})
-@click.option("--out", default="experiments/stacked-digits", help="folder of the runs (<arm>-s<seed>) and of compare/")
-@click.option("--arm", "arms", multiple=True, default=DEFAULT_ARMS,
-              help="NAME=FLAGS: one arm and its train.py flags (repeat); the first is the baseline")
+@click.command(
+    context_settings={
+        "help_option_names": ["-h", "--help"],
+        "show_default": True,
+        "max_content_width": 100,
+    }
+)
+@click.option(
+    "--out",
+    default="experiments/stacked-digits",
+    help="folder of the runs (<arm>-s<seed>) and of compare/",
+)
+@click.option(
+    "--arm",
+    "arms",
+    multiple=True,
+    default=DEFAULT_ARMS,
+    help="NAME=FLAGS: one arm and its train.py flags (repeat); the first is the baseline",
+)
 @click.option("--seeds", default="0-5", help="training seeds, paired across arms: 0,1,2 or 0-5")
-@click.option("--iters", default=2000, type=click.IntRange(min=1), help="iterations (generator updates) per run")
-@click.option("--eval-every", default=200, type=click.IntRange(min=1),
-              help="evaluate (modes, kl_modes, cfd), checkpoint and draw a grid every N iterations")
-@click.option("--mode-samples", default=10_000, type=click.IntRange(min=2), help="generated samples per evaluation")
-@click.option("--eval-seeds", default=3, type=click.IntRange(min=1),
-              help="evaluation latent seeds per snapshot for the reports (1: the training rows only)")
+@click.option(
+    "--iters",
+    default=2000,
+    type=click.IntRange(min=1),
+    help="iterations (generator updates) per run",
+)
+@click.option(
+    "--eval-every",
+    default=200,
+    type=click.IntRange(min=1),
+    help="evaluate (modes, kl_modes, cfd), checkpoint and draw a grid every N iterations",
+)
+@click.option(
+    "--mode-samples",
+    default=10_000,
+    type=click.IntRange(min=2),
+    help="generated samples per evaluation",
+)
+@click.option(
+    "--eval-seeds",
+    default=3,
+    type=click.IntRange(min=1),
+    help="evaluation latent seeds per snapshot for the reports (1: the training rows only)",
+)
 @click.option("--batch-size", default=64, type=click.IntRange(min=2), help="images per iteration")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-@click.option("--train-flags", default="", help="more train.py flags for every arm, e.g. '--amp bf16'")
-@click.option("--executor", default="local", type=click.Choice(["auto", "slurm", "local"]),
-              help="where the runs go (sweep.py's --executor)")
+@click.option(
+    "--train-flags", default="", help="more train.py flags for every arm, e.g. '--amp bf16'"
+)
+@click.option(
+    "--executor",
+    default="local",
+    type=click.Choice(["auto", "slurm", "local"]),
+    help="where the runs go (sweep.py's --executor)",
+)
 @click.option("--parallel", default=1, type=click.IntRange(min=1), help="local: runs at once")
-@click.option("--wait/--no-wait", default=True, help="block until every run ends, then write the reports")
+@click.option(
+    "--wait/--no-wait", default=True, help="block until every run ends, then write the reports"
+)
 @click.option("--dry-run", is_flag=True, help="print the sweep.py command and the plan, and exit")
-def main(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_size, device, train_flags, executor,
-         parallel, wait, dry_run) -> None:
+def main(
+    out,
+    arms,
+    seeds,
+    iters,
+    eval_every,
+    mode_samples,
+    eval_seeds,
+    batch_size,
+    device,
+    train_flags,
+    executor,
+    parallel,
+    wait,
+    dry_run,
+) -> None:
     """Run BN vs MN (or any list of arms) on stacked digits over seeds, then compare them."""
     import importlib.util
 
-    argv = sweep_argv(out, arms, seeds, iters, eval_every, mode_samples, eval_seeds, batch_size, device, train_flags,
-                      executor, parallel, wait, dry_run)
-    click.echo(f"$ {shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'sweep.py'))} {shlex.join(argv)}", err=True)
+    argv = sweep_argv(
+        out,
+        arms,
+        seeds,
+        iters,
+        eval_every,
+        mode_samples,
+        eval_seeds,
+        batch_size,
+        device,
+        train_flags,
+        executor,
+        parallel,
+        wait,
+        dry_run,
+    )
+    click.echo(
+        f"$ {shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'sweep.py'))} {shlex.join(argv)}",
+        err=True,
+    )
     spec = importlib.util.spec_from_file_location("_sweep_cli", ROOT / "sweep.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
