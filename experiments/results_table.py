@@ -6,7 +6,9 @@
 
     python experiments/results_table.py experiments/stacked-digits-norms --per-arm  # one seed, many arms
 
-One row per metric (``modes``, ``kl_modes``, ``cfd``): each arm's best, the candidate minus the
+One row per metric the runs scored and a sweep's report compares (``sweep.report_metrics``:
+``modes``, ``kl_modes``, ``cfd``, ``fid`` where scored, then G_ema's ``_ema`` twins of the same
+metrics for runs with ``--g-ema``): each arm's best, the candidate minus the
 baseline at the best, at the common final iteration and over the curve (AUC), each with its
 bracket (a 95% bootstrap interval, or the range of n below 5 pairs) and exact permutation p, the
 paper's acceleration (median over all pairs, a pair that never reached counted against the
@@ -27,7 +29,6 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's package first
 
-METRICS = ("modes", "kl_modes", "cfd")
 BEGIN, END = "<!-- results-table -->", "<!-- /results-table -->"
 # A one-seed many-arm sweep's table has its own block: no compare stands behind it.
 PER_ARM_BEGIN, PER_ARM_END = "<!-- per-arm-table -->", "<!-- /per-arm-table -->"
@@ -91,12 +92,25 @@ def row(report: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def results_table(folder: Path) -> str:
-    """The markdown table of the folder's compare reports (one row per metric found)."""
+def compared_metrics(folder: Path) -> list[str]:
+    """The metrics the runs in ``folder`` scored that a sweep's report compares, in its order
+    (read from the first run's config; every run of an experiment shares its evaluation)."""
+    from dcgan_mn.sweep.report import report_metrics
+
+    configs = sorted(folder.glob("*/config.json"))
+    if not configs:
+        raise click.ClickException(f"{folder}: no run folder with a config.json")
+    return report_metrics(json.loads(configs[0].read_text()))
+
+
+def results_table(folder: Path, compare_dir: Path | None = None) -> str:
+    """The markdown table of the folder's compare reports, ``compare_dir`` (default
+    ``<folder>/compare``), one row per compared metric found there."""
+    compare_dir = compare_dir or folder / "compare"
     reports = [
         json.loads(p.read_text())
-        for m in METRICS
-        if (p := folder / "compare" / m / "compare.json").is_file()
+        for m in compared_metrics(folder)
+        if (p := compare_dir / m / "compare.json").is_file()
     ]
     if not reports:
         raise click.ClickException(
@@ -118,16 +132,17 @@ def per_arm_table(folder: Path, iterations: tuple[int, ...] = (400, 1000, 2000))
     from dcgan_mn.metrics.specs import metric_spec
 
     runs = sorted(p for p in folder.iterdir() if (p / "metrics.jsonl").is_file())
+    metrics = compared_metrics(folder)
     header = (
         ["run"]
-        + [f"{m} at {i:,}" for m in METRICS for i in iterations]
-        + [f"best {m} (at)" for m in METRICS]
+        + [f"{m} at {i:,}" for m in metrics for i in iterations]
+        + [f"best {m} (at)" for m in metrics]
     )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         rows = {int(r["iteration"]): r for r in RunFolder(run).metrics_rows() if "iteration" in r}
-        cells = [run.name] + [number(rows.get(i, {}).get(m)) for m in METRICS for i in iterations]
-        for m in METRICS:
+        cells = [run.name] + [number(rows.get(i, {}).get(m)) for m in metrics for i in iterations]
+        for m in metrics:
             scored = [(r[m], i) for i, r in rows.items() if r.get(m) is not None]
             pick = max if metric_spec(m).direction == "max" else min
             best = pick(scored, key=lambda t: t[0]) if scored else None

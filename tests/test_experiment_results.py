@@ -4,6 +4,7 @@ again on the committed small files (no retraining): the results cannot drift fro
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def test_readme_table_is_what_compare_says_on_the_committed_runs(folder, tmp_pat
     cand = sorted(str(p) for p in folder.glob("mn-s*") if p.is_dir())
     base = sorted(str(p) for p in folder.glob("bn-s*") if p.is_dir())
     assert len(cand) == len(base) >= 3
-    for metric in results_table.METRICS:
+    for metric in results_table.compared_metrics(folder):
         res = CliRunner().invoke(
             cli,
             [
@@ -62,7 +63,7 @@ def test_readme_table_is_what_compare_says_on_the_committed_runs(folder, tmp_pat
             ],
         )
         assert res.exit_code == 0, res.output
-    table = results_table.results_table(tmp_path)
+    table = results_table.results_table(folder, tmp_path / "compare")
     readme = (folder / "README.md").read_text()
     assert results_table.block(readme) == table
 
@@ -103,8 +104,10 @@ def test_numbers_use_a_true_minus_and_no_exponent():
 def test_per_arm_table_reads_each_runs_metrics(tmp_path):
     from dcgan_mn.fileio import append_jsonl
 
+    config = {"extra": {"evaluated": ["cfd", "kl_modes", "modes"]}}
     for name, modes in (("a-s0", [10, 500, 400]), ("b-s0", [30, 20, 900])):
         (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
         for it, m in zip((400, 1000, 2000), modes):
             append_jsonl(
                 tmp_path / name / "metrics.jsonl",
@@ -117,3 +120,25 @@ def test_per_arm_table_reads_each_runs_metrics(tmp_path):
     assert lines[3].startswith("| b-s0 | 30 | 20 | 900 |") and lines[3].endswith(
         "| 900 (2,000) | 0.001111 (2,000) | 10 (2,000) |"
     )
+
+
+def test_compared_metrics_are_what_the_runs_scored_with_g_emas_twins(tmp_path):
+    # The table's rows follow the runs' own evaluation: an averaged-generator experiment gets
+    # G_ema's rows after G's, an experiment without --g-ema none, and FID only where scored.
+    for name, config, expected in (
+        (
+            "plain",
+            {"extra": {"evaluated": ["cfd", "kl_modes", "modes"]}},
+            ["modes", "kl_modes", "cfd"],
+        ),
+        (
+            "averaged",
+            {"g_ema": 7812.5, "extra": {"evaluated": ["modes", "fid"]}},
+            ["fid", "modes", "fid_ema", "modes_ema"],
+        ),
+    ):
+        (tmp_path / name / "bn-s0").mkdir(parents=True)
+        (tmp_path / name / "bn-s0" / "config.json").write_text(json.dumps(config))
+        assert results_table.compared_metrics(tmp_path / name) == expected
+    with pytest.raises(Exception, match="no run folder"):
+        results_table.compared_metrics(tmp_path)
