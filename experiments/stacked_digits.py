@@ -35,29 +35,18 @@ def shared_flags(
     """train.py flags every run gets. Mode metrics only, whether or not this machine has the FID
     Inception weights: the same evaluation (and cost) everywhere; a checkpoint at every
     evaluation, so a cut run loses at most one interval."""
+    every = f"--fid-every {eval_every} --ckpt-every {eval_every} --sample-every {eval_every}"
     return [
-        "--dataset",
-        "stacked-digits",
-        "--no-inception-metrics",
-        "--fid-every",
-        str(eval_every),
-        "--ckpt-every",
-        str(eval_every),
-        "--sample-every",
-        str(eval_every),
-        "--mode-samples",
-        str(mode_samples),
-        "--batch-size",
-        str(batch_size),
-        "--device",
-        device,
-        "--log-every",
-        "50",
+        *"--dataset stacked-digits --no-inception-metrics".split(),
+        *every.split(),
+        *f"--mode-samples {mode_samples} --batch-size {batch_size} --device {device}".split(),
+        *"--log-every 50".split(),
         *shlex.split(extra),
     ]
 
 
 def sweep_argv(
+    *,
     out,
     arms,
     seeds,
@@ -73,27 +62,13 @@ def sweep_argv(
     wait,
     dry_run,
 ) -> list[str]:
-    """The ``sweep.py`` arguments of this preset."""
+    """The ``sweep.py`` arguments of this preset (its options, by name)."""
     shared = shared_flags(eval_every, mode_samples, batch_size, device, train_flags)
     return [
-        "run",
-        "--out",
-        str(out),
-        "--seeds",
-        seeds,
-        "--iters",
-        str(iters),
-        "--eval-seeds",
-        str(eval_seeds),
-        "--train-flags",
-        shlex.join(shared),
+        *["run", "--out", str(out), "--seeds", seeds, "--iters", str(iters)],
+        *["--eval-seeds", str(eval_seeds), "--train-flags", shlex.join(shared)],
         *[x for arm in arms for x in ("--arm", arm)],
-        "--executor",
-        executor,
-        "--parallel",
-        str(parallel),
-        "--device",
-        device,
+        *["--executor", executor, "--parallel", str(parallel), "--device", device],
         *(["--wait"] if wait else []),
         *(["--dry-run"] if dry_run else []),
     ]
@@ -159,41 +134,11 @@ def sweep_argv(
     "--wait/--no-wait", default=True, help="block until every run ends, then write the reports"
 )
 @click.option("--dry-run", is_flag=True, help="print the sweep.py command and the plan, and exit")
-def main(
-    out,
-    arms,
-    seeds,
-    iters,
-    eval_every,
-    mode_samples,
-    eval_seeds,
-    batch_size,
-    device,
-    train_flags,
-    executor,
-    parallel,
-    wait,
-    dry_run,
-) -> None:
+def main(**preset) -> None:
     """Run BN vs MN (or any list of arms) on stacked digits over seeds, then compare them."""
     import importlib.util
 
-    argv = sweep_argv(
-        out,
-        arms,
-        seeds,
-        iters,
-        eval_every,
-        mode_samples,
-        eval_seeds,
-        batch_size,
-        device,
-        train_flags,
-        executor,
-        parallel,
-        wait,
-        dry_run,
-    )
+    argv = sweep_argv(**preset)
     click.echo(
         f"$ {shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'sweep.py'))} {shlex.join(argv)}",
         err=True,
