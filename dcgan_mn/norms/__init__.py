@@ -81,6 +81,7 @@ def make_norm2d(num_features: int, kind: str, num_components: int = 3, **kwargs)
     * ``"group"``: nn.GroupNorm with ``group_norm_groups(C)`` groups;
     * ``"none"``: nn.Identity.
     """
+    _check_norm_kind(kind)
     if kind == "bn":
         return nn.BatchNorm2d(num_features)
     if kind == "mn":
@@ -89,11 +90,15 @@ def make_norm2d(num_features: int, kind: str, num_components: int = 3, **kwargs)
         return ModeNorm2d(num_features, num_modes=num_components, **kwargs)
     if kind == "group":
         return nn.GroupNorm(group_norm_groups(num_features), num_features)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(
-        f"unknown norm kind {kind!r}; expected one of {', '.join(map(repr, NORM_KINDS))}"
-    )
+    return nn.Identity()  # "none"
+
+
+def _check_norm_kind(kind: str) -> None:
+    """Raise ValueError, naming the kinds there are, unless ``kind`` is one of ``NORM_KINDS``."""
+    if kind not in NORM_KINDS:
+        raise ValueError(
+            f"unknown norm kind {kind!r}; expected one of {', '.join(map(repr, NORM_KINDS))}"
+        )
 
 
 @dataclass(frozen=True)
@@ -108,10 +113,7 @@ class NormSpec:
     options: tuple[tuple[str, Any], ...] = ()  # MixtureNorm2d / ModeNorm2d keyword arguments
 
     def __post_init__(self) -> None:
-        if self.kind not in NORM_KINDS:
-            raise ValueError(
-                f"unknown norm kind {self.kind!r}; expected one of {', '.join(map(repr, NORM_KINDS))}"
-            )
+        _check_norm_kind(self.kind)
 
     def __call__(self, num_features: int) -> nn.Module:
         return make_norm2d(num_features, self.kind, self.num_components, **dict(self.options))
