@@ -1,12 +1,19 @@
-"""Shared fixtures. Training-side fixtures (tiny datasets in the real on-disk formats) are
-prefixed ``train_``; other suites add theirs below with their own prefix."""
+"""Shared fixtures and helpers. Training-side fixtures (tiny datasets in the real on-disk formats)
+are prefixed ``train_``; other suites add theirs below with their own prefix. The training
+suites' tiny runs (``tiny_cfg``, ``tiny_images``, ``FakeEvaluator``, ``state_of``,
+``assert_same_tensors``) are at the end."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from dcgan_mn import checkpoint as C
+from dcgan_mn.config import TrainConfig
+from dcgan_mn.runfolder import RunFolder
 from formats import save_random_fid_inception, write_fake_cifar10  # noqa: F401 (suites import them here)
 
 # Flags of a tiny train.py run (8-wide networks, 8-image batches, no grids, no bars) that the
@@ -159,3 +166,80 @@ def slurm_cluster():
         if os.environ.get("CI") == "true":
             pytest.fail(SLURM_NOT_UP, pytrace=False)
         pytest.skip(SLURM_NOT_UP)
+
+
+# ---- the training suites' tiny runs -----------------------------------------------------------
+
+
+def tiny_images(n=64, seed=0):
+    """``n`` random uint8 CIFAR-shaped images, [n, 3, 32, 32], the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+def tiny_cfg(tmp_path, **kw):
+    """The TrainConfig of a tiny CPU run under ``tmp_path``/runs (TRAIN_TINY's networks and
+    batches; no evaluation, grids or checkpoints unless ``kw`` asks): each test adds what it varies."""
+    base = dict(
+        ngf=8,
+        ndf=8,
+        batch_size=8,
+        iters=6,
+        log_every=2,
+        sample_every=0,
+        ckpt_every=0,
+        fid_every=0,
+        device="cpu",
+        out=str(tmp_path / "runs"),
+        run_name="run",
+        mn_fit_points=64,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def state_of(run_dir):
+    """Everything a run's newest checkpoint holds that must match bitwise."""
+    p = C.load_checkpoint(RunFolder(run_dir).latest_checkpoint())
+    return p
+
+
+def assert_same_tensors(a, b, path="state"):
+    """``a`` and ``b`` (nested dicts, lists, tensors, plain values) are equal, tensors bitwise;
+    a failure names the path of the first difference."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+class FakeEvaluator:
+    """Deterministic stand-in for the FID evaluator: FID from a fixed table, plus a value that
+    depends on G's weights so a resumed run is checked too; draws random numbers on purpose
+    (training must shield its RNG from the evaluator)."""
+
+    def __init__(self, fids, sleep_s=0.0):
+        self.fids = list(fids)
+        self.calls = []
+        self.sleep_s = sleep_s
+
+    def __call__(self, generator, *, sample_mode, batch_size):
+        torch.randn(100)  # must not change training's random stream
+        time.sleep(self.sleep_s)
+        checksum = float(sum(p.detach().double().sum() for p in generator.parameters()))
+        self.calls.append((sample_mode, batch_size))
+        return {
+            "fid": self.fids[len(self.calls) - 1],
+            "kid": 0.5,
+            "num_samples": 10_000,
+            "sample_mode": sample_mode,
+            "weights_checksum": checksum,
+        }

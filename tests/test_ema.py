@@ -19,7 +19,7 @@ from dcgan_mn.models import Generator
 from dcgan_mn.norms import MixtureNorm2d
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn.training import train
-from test_training import tiny_cfg, tiny_images
+from conftest import tiny_cfg, tiny_images
 
 pytestmark = pytest.mark.usefixtures("train_single_thread")
 

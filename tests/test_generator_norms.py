@@ -21,7 +21,7 @@ from dcgan_mn.log import run_hparams
 from dcgan_mn.models import Generator
 from dcgan_mn.training import train
 from dcgan_mn.norms import MixtureNorm2d, ModeNorm2d, NormSpec, norm_specs
-from test_training import FakeEvaluator, assert_same_tensors, state_of, tiny_cfg, tiny_images
+from conftest import FakeEvaluator, assert_same_tensors, state_of, tiny_cfg, tiny_images
 
 pytestmark = pytest.mark.usefixtures("train_single_thread")
 

@@ -9,13 +9,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import TRAIN_TINY, invoker, load_script, read_tensorboard
+from conftest import TRAIN_TINY, invoker, load_script, read_tensorboard, tiny_cfg
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import checkpoint as C
 from dcgan_mn import compare as C_
 from dcgan_mn import rescore as RS
 from dcgan_mn import digits as DG
-from dcgan_mn.config import TrainConfig
 from dcgan_mn.training import train
 
 pytestmark = pytest.mark.usefixtures("train_single_thread")
@@ -26,26 +25,10 @@ TINY = [*TRAIN_TINY, "--sample-every", "2", "--log-every", "2"]
 
 
 def test_stacked_dataset_resumes_exactly(tmp_path):
-    kw = dict(
-        ngf=8,
-        ndf=8,
-        batch_size=8,
-        iters=6,
-        log_every=2,
-        sample_every=0,
-        ckpt_every=0,
-        fid_every=0,
-        device="cpu",
-        out=str(tmp_path / "runs"),
-        mn_fit_points=64,
-        dataset="stacked-digits",
-        stack_size=40,
-        stack_seed=3,
-        hflip=False,
-    )
-    full = train(TrainConfig(run_name="full", **kw), progress=False)
-    part = train(TrainConfig(run_name="part", **{**kw, "iters": 3}), progress=False)
-    resumed = train(TrainConfig(run_name="part", **kw), progress=False, resume=part.run_dir)
+    kw = dict(dataset="stacked-digits", stack_size=40, stack_seed=3, hflip=False)
+    full = train(tiny_cfg(tmp_path, run_name="full", **kw), progress=False)
+    part = train(tiny_cfg(tmp_path, run_name="part", **{**kw, "iters": 3}), progress=False)
+    resumed = train(tiny_cfg(tmp_path, run_name="part", **kw), progress=False, resume=part.run_dir)
     a = C.load_checkpoint(RunFolder(full.run_dir).latest_checkpoint())
     b = C.load_checkpoint(RunFolder(resumed.run_dir).latest_checkpoint())
     for key in ("generator", "discriminator", "data"):
@@ -324,18 +307,11 @@ def test_a_stacked_run_draws_ten_grids_of_its_digits(tmp_path, stacked_grid, siz
     three digits side by side (8 samples of 3 x 32 px a row), or draws them as RGB when asked."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = TrainConfig(
-        ngf=8,
-        ndf=8,
-        batch_size=8,
+    cfg = tiny_cfg(
+        tmp_path,
         iters=20,
         log_every=0,
-        ckpt_every=0,
-        fid_every=0,
-        device="cpu",
-        out=str(tmp_path / "runs"),
-        run_name="r",
-        mn_fit_points=64,
+        sample_every=None,  # the default: ten grids
         dataset="stacked-digits",
         stack_size=64,
         stacked_grid=stacked_grid,

@@ -12,7 +12,7 @@ import pytest
 
 from dcgan_mn.runfolder import RunFolder, RunFolderBusy
 from dcgan_mn.training import train
-from test_training import tiny_cfg, tiny_images
+from conftest import tiny_cfg, tiny_images
 
 pytestmark = pytest.mark.usefixtures("train_single_thread")
 ROOT = Path(__file__).resolve().parents[1]

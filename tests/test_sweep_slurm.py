@@ -17,7 +17,7 @@ from dcgan_mn import checkpoint as C
 from dcgan_mn import sweep as S
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn.sweep.plan import RunEvents, run_progress
-from test_training import assert_same_tensors
+from conftest import assert_same_tensors
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TRAIN_TINY, invoker, load_script, write_fake_cifar10
+from conftest import TRAIN_TINY, invoker, load_script, tiny_cfg, write_fake_cifar10
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import checkpoint as C
 from dcgan_mn.commands import script_path
@@ -523,25 +523,9 @@ def unactivated_env() -> dict:
 def test_the_printed_resume_command_runs_as_printed(tmp_path, capsys):
     """Ctrl-C prints the command that continues the run: it starts with the interpreter that is
     running (a venv's python need not be on PATH), and run as printed it finishes the run."""
-    from dcgan_mn.config import TrainConfig
     from dcgan_mn.training import train
 
-    cfg = TrainConfig(
-        dataset="stacked-digits",
-        stack_size=64,
-        ngf=8,
-        ndf=8,
-        batch_size=8,
-        mn_fit_points=64,
-        device="cpu",
-        iters=6,
-        fid_every=0,
-        sample_every=0,
-        log_every=0,
-        ckpt_every=0,
-        out=str(tmp_path / "runs"),
-        run_name="r",
-    )
+    cfg = tiny_cfg(tmp_path, dataset="stacked-digits", stack_size=64, log_every=0, run_name="r")
 
     def interrupt(iteration, G, D):
         if iteration == 2:
