@@ -208,6 +208,14 @@ class RunLogger:
 
     # --- the generator's files ---
 
+    def outcome(self, settings: dict, directions: dict, iteration: int) -> None:
+        """The run's HParams session as it ends: its ``settings`` (``run_hparams``) beside each
+        scored metric's best and final value over its ``metrics.jsonl`` (``directions``: metric
+        -> "min" | "max") up to ``iteration``."""
+        if self.enabled:
+            rows = self.folder.metrics_rows()
+            write_hparams(self.folder, settings, run_outcome(rows, directions, iteration))
+
     def evaluated(self, iteration: int, snapshot: dict, best: bool) -> None:
         """An evaluation's generator snapshot, and ``best.pt`` when it is the best so far (the
         metrics row went first, through ``metrics_row``)."""

@@ -44,7 +44,7 @@ from .errors import ConfigError
 from .launch import Launch, decide_launch
 from .metrics import METRICS, sample_count_tag
 from .metrics.specs import EMA_SUFFIX, averaged_result
-from .log import RunLogger, run_hparams, run_outcome, write_hparams
+from .log import RunLogger, run_hparams
 from .provenance import environment, record_environment
 from .runfolder import RunFolder
 from .state import TrainingState
@@ -237,18 +237,15 @@ def train(
             )
             stopping = "non-finite" if nonfinite_at is not None else stopping
             io.logger.emit_line()
+
+            # ---- Say how it ended: the HParams session (settings, best and final metrics).
+            if evaluating:
+                directions = scored_directions(evaluator, state.ema is not None)
+                io.logger.outcome(run_hparams(cfg, state.G), directions, state.iteration)
     finally:
         io.logger.close()
         io.lock.release()
 
-    # ---- Say how it ended.
-    if dist_info.is_main and evaluating:
-        outcome = run_outcome(
-            io.folder.metrics_rows(),
-            scored_directions(evaluator, state.ema is not None),
-            state.iteration,
-        )
-        write_hparams(io.folder, run_hparams(cfg, state.G), outcome)
     if stopping is not None:
         io.logger.message(ending_message(state, io, stopping, nonfinite_at))
     return TrainResult.of(state, io, cfg, stopping)
