@@ -50,15 +50,10 @@ def test_fid_of_two_folders_equals_pytorch_fid(weights_file, folders, tmp_path, 
 
     a, b = folders
     common = [
-        "--dims",
-        64,
-        "--inception-weights",
-        weights_file,
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--cache-dir",
-        tmp_path / "cache",
+        *"--dims 64".split(),
+        *["--inception-weights", weights_file],
+        *"--device cpu --no-progress".split(),
+        *["--cache-dir", tmp_path / "cache"],
     ]
     # reference statistics of b: computed, cached, and exported in pytorch-fid's format
     npz = tmp_path / "b.npz"
@@ -109,17 +104,10 @@ def test_bad_inputs_one_line_nonzero_nothing_written(weights_file, folders, tmp_
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d2048.npz", mu=rng.standard_normal(2048), sigma=np.eye(2048))
     common = [
-        "--dims",
-        64,
-        "--inception-weights",
-        weights_file,
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--out",
-        out,
-        "--cache-dir",
-        tmp_path / "c",
+        *"--dims 64".split(),
+        *["--inception-weights", weights_file],
+        *"--device cpu --no-progress".split(),
+        *["--out", out, "--cache-dir", tmp_path / "c"],
     ]
     cases = [
         (["fid", a, "--ref", tmp_path / "d2048.npz", *common], "2048-d but the features are 64-d"),
@@ -133,16 +121,8 @@ def test_bad_inputs_one_line_nonzero_nothing_written(weights_file, folders, tmp_
         (["fid", a, "--ref", "cifar10", *common], "expected cifar10-train"),
         (
             [
-                "fid",
-                a,
-                "--ref",
-                b,
-                "--dims",
-                64,
-                "--inception-weights",
-                tmp_path / "none.pth",
-                "--out",
-                out,
+                *["fid", a, "--ref", b, "--dims", 64],
+                *["--inception-weights", tmp_path / "none.pth", "--out", out],
             ],
             "no such file",
         ),
@@ -189,32 +169,16 @@ def test_compare_cli(tmp_path):
     )
     assert "--eval-seeds 1" in res.stderr and not (tmp_path / "report").exists()
     res = run(
-        "compare",
-        mn,
-        "--baseline",
-        bn,
-        "--out",
-        tmp_path / "report",
-        "--label",
-        "MN",
-        "--baseline-label",
-        "BN",
-        "--eval-seeds",
-        "1",
+        *["compare", mn, "--baseline", bn, "--out", tmp_path / "report"],
+        *"--label MN --baseline-label BN --eval-seeds 1".split(),
     )
     assert res.exit_code == 0, res.output
     assert "33.3%" in res.stdout  # 1 - 2000 / 3000
     report = json.loads((tmp_path / "report" / "compare.json").read_text())
     assert report["pairs"][0]["acceleration"] == pytest.approx(1 / 3)
     res = run(
-        "compare",
-        mn,
-        "--baseline",
-        tmp_path / "nothing",
-        "--out",
-        tmp_path / "report2",
-        "--eval-seeds",
-        "1",
+        *["compare", mn, "--baseline", tmp_path / "nothing", "--out", tmp_path / "report2"],
+        *"--eval-seeds 1".split(),
     )
     assert res.exit_code != 0 and "not a folder" in res.stderr
     assert not (tmp_path / "report2").exists()
@@ -277,17 +241,9 @@ def test_fid_of_run_folder_and_checkpoint(tiny_features, folders, tmp_path):
     run_dir = tmp_path / "run"
     cfg, gens = make_run_folder(run_dir, [100, 200])
     common = [
-        "--ref",
-        b,
-        "--samples",
-        12,
-        "--device",
-        "cpu",
-        "--dims",
-        64,
-        "--no-progress",
-        "--cache-dir",
-        tmp_path / "c",
+        *["--ref", b],
+        *"--samples 12 --device cpu --dims 64 --no-progress".split(),
+        *["--cache-dir", tmp_path / "c"],
     ]
     res = run("fid", run_dir, "--sample-modes", "batch,running", *common)
     assert res.exit_code == 0, res.output
@@ -338,19 +294,9 @@ def test_generator_bad_inputs(tiny_features, folders, tmp_path):
     (tmp_path / "empty_run").mkdir()
     (tmp_path / "empty_run" / "config.json").write_text("{}")
     common = [
-        "--ref",
-        b,
-        "--samples",
-        4,
-        "--device",
-        "cpu",
-        "--dims",
-        64,
-        "--no-progress",
-        "--out",
-        out,
-        "--cache-dir",
-        tmp_path / "c",
+        *["--ref", b],
+        *"--samples 4 --device cpu --dims 64 --no-progress".split(),
+        *["--out", out, "--cache-dir", tmp_path / "c"],
     ]
     for target, message in [
         (junk, "unreadable"),
@@ -374,15 +320,8 @@ def test_cifar10_reference_offline_and_missing(tiny_features, folders, tmp_path,
     data = tmp_path / "data"
     write_fake_cifar10(data, images_per_batch=6)
     common = [
-        "--dims",
-        64,
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--cache-dir",
-        tmp_path / "c",
-        "--data-root",
-        data,
+        *"--dims 64 --device cpu --no-progress".split(),
+        *["--cache-dir", tmp_path / "c", "--data-root", data],
     ]
     res = run("stats", "--ref", "cifar10-train", *common)
     assert res.exit_code == 0, res.output
@@ -403,18 +342,8 @@ def test_cifar10_reference_offline_and_missing(tiny_features, folders, tmp_path,
     assert res.exit_code == 0 and json.loads(res.stdout)["ref_key"] == train["ref_key"]
     # ... and without them, a missing data root and no network is one clear line
     res = run(
-        "stats",
-        "--ref",
-        "cifar10-train",
-        "--dims",
-        64,
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--cache-dir",
-        tmp_path / "c2",
-        "--data-root",
-        tmp_path / "nodata",
+        *"stats --ref cifar10-train --dims 64 --device cpu --no-progress".split(),
+        *["--cache-dir", tmp_path / "c2", "--data-root", tmp_path / "nodata"],
     )
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.exit_code != 0 and len(lines) == 1 and "cifar-10-python.tar.gz" in lines[0], (
@@ -431,28 +360,13 @@ def test_exported_samples_score_as_the_generator_does(tiny_features, folders, tm
     run_dir = tmp_path / "run"
     make_run_folder(run_dir, [100, 200], mn_layers="0")  # MN: batch mode draws k-means seeds
     common = [
-        "--ref",
-        b,
-        "--device",
-        "cpu",
-        "--dims",
-        64,
-        "--no-progress",
-        "--cache-dir",
-        tmp_path / "c",
+        *["--ref", b],
+        *"--device cpu --dims 64 --no-progress".split(),
+        *["--cache-dir", tmp_path / "c"],
     ]
     res = run(
-        "samples",
-        run_dir,
-        "--num",
-        20,
-        "--out",
-        tmp_path / "png",
-        "--sample-mode",
-        mode,
-        "--seed",
-        3,
-        "--no-progress",
+        *["samples", run_dir, "--num", 20, "--out", tmp_path / "png"],
+        *f"--sample-mode {mode} --seed 3 --no-progress".split(),
     )
     assert res.exit_code == 0, res.output
     assert "G-00000200.pt" in res.stderr  # no best.pt: the newest snapshot
@@ -461,35 +375,16 @@ def test_exported_samples_score_as_the_generator_does(tiny_features, folders, tm
     from_pngs = json.loads(run("fid", tmp_path / "png", *common).stdout)["results"][0]
     from_gen = json.loads(
         run(
-            "fid",
-            run_dir / "snapshots" / "G-00000200.pt",
-            "--samples",
-            20,
-            "--seed",
-            3,
-            "--sample-modes",
-            mode,
+            *["fid", run_dir / "snapshots" / "G-00000200.pt"],
+            *f"--samples 20 --seed 3 --sample-modes {mode}".split(),
             *common,
         ).stdout
     )["results"][0]
     assert from_pngs["fid"] == pytest.approx(from_gen["fid"], rel=1e-6)
     # npz: the same pixels, NHWC.
     res = run(
-        "samples",
-        run_dir,
-        "--num",
-        20,
-        "--out",
-        tmp_path / "npz",
-        "--format",
-        "npz",
-        "--sample-mode",
-        mode,
-        "--seed",
-        3,
-        "--which",
-        "latest",
-        "--no-progress",
+        *["samples", run_dir, "--num", 20, "--out", tmp_path / "npz"],
+        *f"--format npz --sample-mode {mode} --seed 3 --which latest --no-progress".split(),
     )
     assert res.exit_code == 0, res.output
     arr = np.load(tmp_path / "npz" / "samples.npz")["images"]
@@ -530,11 +425,7 @@ def test_prepare_offline_names_what_it_could_not_get(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
     res = run(
-        "prepare",
-        "--data-root",
-        tmp_path / "data",
-        "--cache-dir",
-        tmp_path / "cache",
+        *["prepare", "--data-root", tmp_path / "data", "--cache-dir", tmp_path / "cache"],
         "--no-progress",
     )
     assert res.exit_code == 1
@@ -557,18 +448,9 @@ def test_prepare_fetches_and_caches_then_points_a_node_at_it(
 
     data = write_fake_cifar10(tmp_path / "data")
     res = run(
-        "prepare",
-        "--data-root",
-        data,
-        "--cache-dir",
-        tmp_path / "cache",
-        "--inception-weights",
-        fid_weights_file,
-        "--dims",
-        64,
-        "--device",
-        "cpu",
-        "--no-progress",
+        *["prepare", "--data-root", data, "--cache-dir", tmp_path / "cache"],
+        *["--inception-weights", fid_weights_file],
+        *"--dims 64 --device cpu --no-progress".split(),
     )
     assert res.exit_code == 0, res.output
     assert "ok      dataset cifar10" in res.stdout and "ok      FID Inception weights" in res.stdout
@@ -578,13 +460,8 @@ def test_prepare_fetches_and_caches_then_points_a_node_at_it(
     assert f"export DCGAN_MN_INCEPTION_WEIGHTS={fid_weights_file}" in res.stdout
     # A stacked dataset without Inception: its mode classifier (here: already in the cache).
     res = run(
-        "prepare",
-        "--dataset",
-        "stacked-digits",
-        "--no-inception",
-        "--cache-dir",
-        modes_cache,
-        "--no-progress",
+        *"prepare --dataset stacked-digits --no-inception".split(),
+        *["--cache-dir", modes_cache, "--no-progress"],
     )
     assert res.exit_code == 0, res.output
     assert "ok      dataset stacked-digits: scikit-learn's bundled digits" in res.stdout
