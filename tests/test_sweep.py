@@ -86,10 +86,8 @@ def test_plan_names_every_run_by_arm_and_seed(tmp_path):
     assert [r.name for r in runs] == ["bn-s0", "mn-s0", "bn-s1", "mn-s1"]
     assert runs[1].folder == tmp_path / "sw" / "mn-s0"
     assert runs[1].argv == (
-        *"--dataset stacked-digits --mn-layers 0,1 --iters 10 --seed 0 --out".split(),
-        str(tmp_path / "sw"),
-        "--run-name",
-        "mn-s0",
+        *"--dataset stacked-digits --mn-layers 0,1 --iters 10 --seed 0".split(),
+        *["--out", str(tmp_path / "sw"), "--run-name", "mn-s0"],
     )
     assert S.SweepSpec.from_dict(s.to_dict()) == s
 
@@ -187,16 +185,7 @@ def test_a_preempted_task_outside_submitit_is_a_failure_not_a_hang(tmp_path, fak
         str(fake_train),
         str(out),
         "a-s0",
-        [
-            "--out",
-            str(out),
-            "--run-name",
-            "a-s0",
-            "--iters",
-            "3",
-            "--exit-code",
-            str(EXIT_PREEMPTED),
-        ],
+        ["--out", str(out), *f"--run-name a-s0 --iters 3 --exit-code {EXIT_PREEMPTED}".split()],
     )
     with pytest.raises(RunFailed, match="a-s0: train.py exited with 140"):
         task()
@@ -216,35 +205,17 @@ def test_a_folder_trained_with_other_flags_is_refused_with_one_line(tmp_path):
     train_main = invoker(load_script("train.py", "main"))
     made = train_main(
         *shared,
-        "--iters",
-        "2",
-        "--seed",
-        "0",
-        "--out",
-        out,
-        "--run-name",
-        "mn-s0",
-        "--mn-layers",
-        "none",
-        "--no-progress",
+        *"--iters 2 --seed 0".split(),
+        *["--out", out],
+        *"--run-name mn-s0 --mn-layers none --no-progress".split(),
     )
     assert made.exit_code == 0, made.output
     sweep = invoker(load_script("sweep.py", "cli"))
     result = sweep(
-        "run",
-        "--out",
-        out,
-        "--arm",
-        "mn=--mn-layers 0,1",
-        "--seeds",
-        "0",
-        "--iters",
-        "2",
-        "--train-flags",
-        " ".join(shared),
-        "--executor",
-        "local",
-        "--dry-run",
+        *["run", "--out", out, "--arm", "mn=--mn-layers 0,1"],
+        *"--seeds 0 --iters 2".split(),
+        *["--train-flags", " ".join(shared)],
+        *"--executor local --dry-run".split(),
     )
     assert result.exit_code == 2
     assert "mn-s0: trained with other settings (mn_layers: [] there, [0, 1] here" in result.output
