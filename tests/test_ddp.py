@@ -43,11 +43,7 @@ def torchrun(
     ]
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
+        *f"-m torch.distributed.run --standalone --nproc_per_node {nproc}".split(),
         WORKER,
         *seams,
         *args,
@@ -83,18 +79,8 @@ def run4(tmp_path_factory, data_root):
     tmp = tmp_path_factory.mktemp("ddp_run4")
     proc = torchrun(
         *TINY,
-        "--data-root",
-        str(data_root),
-        "--out",
-        str(tmp / "out"),
-        "--run-name",
-        "r",
-        "--iters",
-        "4",
-        "--ckpt-every",
-        "2",
-        "--keep-last",
-        "5",
+        *["--data-root", str(data_root), "--out", str(tmp / "out")],
+        *"--run-name r --iters 4 --ckpt-every 2 --keep-last 5".split(),
         dump=tmp / "dump",
     )
     _ok(proc)
@@ -120,22 +106,9 @@ def test_ranks_hold_the_same_averaged_generator(tmp_path, data_root, stats):
     from rank 0's G, or the same standing pass on every rank)."""
     proc = torchrun(
         *TINY,
-        "--data-root",
-        str(data_root),
-        "--out",
-        str(tmp_path / "out"),
-        "--run-name",
-        "r",
-        "--iters",
-        "3",
-        "--mn-layers",
-        "0,1",
-        "--g-ema",
-        "2",
-        "--g-ema-stats",
-        stats,
-        "--g-ema-standing-batches",
-        "2",
+        *["--data-root", str(data_root), "--out", str(tmp_path / "out")],
+        *"--run-name r --iters 3 --mn-layers 0,1 --g-ema 2".split(),
+        *f"--g-ema-stats {stats} --g-ema-standing-batches 2".split(),
         dump=tmp_path / "dump",
     )
     _ok(proc)
@@ -180,16 +153,8 @@ def test_only_rank0_writes(run4):
 def test_resume_under_ddp_is_exact(run4, tmp_path, data_root):
     straight = torchrun(
         *TINY,
-        "--data-root",
-        str(data_root),
-        "--out",
-        str(tmp_path / "a"),
-        "--run-name",
-        "r",
-        "--iters",
-        "6",
-        "--ckpt-every",
-        "2",
+        *["--data-root", str(data_root), "--out", str(tmp_path / "a")],
+        *"--run-name r --iters 6 --ckpt-every 2".split(),
         dump=tmp_path / "dump_a",
     )
     _ok(straight)
@@ -216,19 +181,8 @@ def test_resume_under_ddp_is_exact(run4, tmp_path, data_root):
 def test_sync_norm_under_ddp(tmp_path, data_root):
     proc = torchrun(
         *TINY,
-        "--data-root",
-        str(data_root),
-        "--out",
-        str(tmp_path / "out"),
-        "--run-name",
-        "s",
-        "--iters",
-        "2",
-        "--sync-norm",
-        "--mn-layers",
-        "0",
-        "--mn-components",
-        "2",
+        *["--data-root", str(data_root), "--out", str(tmp_path / "out")],
+        *"--run-name s --iters 2 --sync-norm --mn-layers 0 --mn-components 2".split(),
         dump=tmp_path / "dump",
     )
     _ok(proc)
@@ -245,20 +199,8 @@ def test_sync_norm_under_ddp(tmp_path, data_root):
 def test_batch_not_divisible_is_refused(tmp_path, data_root, batch):
     out = tmp_path / "out"
     proc = torchrun(
-        "--ngf",
-        "8",
-        "--ndf",
-        "8",
-        "--batch-size",
-        str(batch),
-        "--fid-every",
-        "0",
-        "--device",
-        "cpu",
-        "--data-root",
-        str(data_root),
-        "--out",
-        str(out),
+        *f"--ngf 8 --ndf 8 --batch-size {batch} --fid-every 0 --device cpu".split(),
+        *["--data-root", str(data_root), "--out", str(out)],
     )
     assert proc.returncode != 0
     assert f"--batch-size {batch}: not divisible by the world size 2" in proc.stderr
@@ -280,16 +222,8 @@ def test_dead_rank_fails_clearly_and_keeps_the_checkpoint(tmp_path, data_root):
     out = tmp_path / "out"
     proc = torchrun(
         *TINY,
-        "--data-root",
-        str(data_root),
-        "--out",
-        str(out),
-        "--run-name",
-        "d",
-        "--iters",
-        "8",
-        "--ckpt-every",
-        "2",
+        *["--data-root", str(data_root), "--out", str(out)],
+        *"--run-name d --iters 8 --ckpt-every 2".split(),
         fault="1:3",
         timeout=90,
     )
@@ -310,19 +244,11 @@ def test_signal_to_torchrun_stops_all_ranks_at_one_iteration(tmp_path, data_root
     run = tmp_path / "out" / "s"
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *"-m torch.distributed.run --standalone --nproc_per_node 2".split(),
         WORKER,
-        "--test-dump",
-        str(tmp_path / "dump"),
+        *["--test-dump", str(tmp_path / "dump")],
         *TINY,
-        "--data-root",
-        str(data_root),
-        "--out",
-        str(tmp_path / "out"),
+        *["--data-root", str(data_root), "--out", str(tmp_path / "out")],
         *"--run-name s --iters 1000000 --ckpt-every 0".split(),
     ]
     proc = subprocess.Popen(

@@ -343,14 +343,8 @@ def test_evaluate_modes_ema_reproduces_the_training_row(stacked_ema_run):
     last = RunFolder(run.run_dir).metrics_rows()[-1]
     for ema, suffix in ((False, ""), (True, "_ema")):
         args = [
-            "modes",
-            RunFolder(run.run_dir).snapshots()[-1][1],
-            "--samples",
-            40,
-            "--cache-dir",
-            cache,
-            "--device",
-            "cpu",
+            *["modes", RunFolder(run.run_dir).snapshots()[-1][1], "--samples", 40],
+            *["--cache-dir", cache, "--device", "cpu"],
             *(["--ema"] if ema else []),
         ]
         result = evaluate(*args)
@@ -388,17 +382,8 @@ def test_ema_of_a_run_without_it_is_one_line(tmp_path):
 def test_train_cli_flags(tmp_path):
     main = load_script("train.py", "main")
     result = invoker(main)(
-        "--dry-run",
-        "--g-ema",
-        "7812.5",
-        "--g-ema-rampup",
-        "0.05",
-        "--g-ema-stats",
-        "copy",
-        "--device",
-        "cpu",
-        "--out",
-        tmp_path,
+        *"--dry-run --g-ema 7812.5 --g-ema-rampup 0.05 --g-ema-stats copy --device cpu".split(),
+        *["--out", tmp_path],
     )
     assert result.exit_code == 0, result.output
     cfg = json.loads(result.stdout)

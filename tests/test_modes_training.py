@@ -47,10 +47,9 @@ def mode_run(offline_hub):
         train_cli,
         [
             *TINY,
-            *"--dataset stacked-digits --stack-size 64 --iters 4 --fid-every 2 --mode-samples 48 --out".split(),
-            str(out),
-            "--run-name",
-            "digits",
+            *"--dataset stacked-digits --stack-size 64 --iters 4".split(),
+            *"--fid-every 2 --mode-samples 48".split(),
+            *["--out", str(out), "--run-name", "digits"],
         ],
     )
     assert result.exit_code == 0, result.output
@@ -88,8 +87,9 @@ def test_asking_for_fid_on_stacked_digits_needs_the_weights(offline_hub):
         train_cli,
         [
             *TINY,
-            *"--dataset stacked-digits --stack-size 64 --iters 2 --fid-every 2 --mode-samples 48 --inception-metrics --out".split(),
-            str(out),
+            *"--dataset stacked-digits --stack-size 64 --iters 2".split(),
+            *"--fid-every 2 --mode-samples 48 --inception-metrics".split(),
+            *["--out", str(out)],
         ],
     )
     assert result.exit_code == 1, result.output
@@ -145,15 +145,8 @@ def test_compare_modes_knows_higher_is_better(mode_run, tmp_path):
     res = CliRunner().invoke(
         eval_cli,
         [
-            "compare",
-            str(run_dir),
-            "--baseline",
-            str(run_dir),
-            "--metric",
-            "modes",
-            "--out",
-            str(tmp_path / "cmp"),
-            "--no-progress",
+            *["compare", str(run_dir), "--baseline", str(run_dir), "--metric", "modes"],
+            *["--out", str(tmp_path / "cmp"), "--no-progress"],
         ],
     )
     assert res.exit_code == 0, res.output
@@ -179,15 +172,8 @@ def test_compare_modes_knows_higher_is_better(mode_run, tmp_path):
     res = CliRunner().invoke(
         eval_cli,
         [
-            "compare",
-            str(run_dir),
-            "--baseline",
-            str(run_dir),
-            "--metric",
-            "cfd",
-            "--out",
-            str(tmp_path / "cmp2"),
-            "--no-progress",
+            *["compare", str(run_dir), "--baseline", str(run_dir), "--metric", "cfd"],
+            *["--out", str(tmp_path / "cmp2"), "--no-progress"],
         ],
     )
     assert res.exit_code == 0 and (run_dir / RunFolder.EVAL_SEEDS).read_text() == before
@@ -332,13 +318,8 @@ def test_compare_without_metric_compares_what_best_pt_follows(mode_run, tmp_path
     res = CliRunner().invoke(
         eval_cli,
         [
-            "compare",
-            str(run_dir),
-            "--baseline",
-            str(run_dir),
-            "--out",
-            str(tmp_path / "cmp"),
-            "--no-progress",
+            *["compare", str(run_dir), "--baseline", str(run_dir)],
+            *["--out", str(tmp_path / "cmp"), "--no-progress"],
         ],
     )
     assert res.exit_code == 0, res.output
@@ -357,15 +338,8 @@ def test_compare_without_metric_compares_what_best_pt_follows(mode_run, tmp_path
     res = CliRunner().invoke(
         eval_cli,
         [
-            "compare",
-            str(run_dir),
-            "--baseline",
-            str(run_dir),
-            "--metric",
-            "fid",
-            "--out",
-            str(tmp_path / "cmp2"),
-            "--no-progress",
+            *["compare", str(run_dir), "--baseline", str(run_dir), "--metric", "fid"],
+            *["--out", str(tmp_path / "cmp2"), "--no-progress"],
         ],
     )
     assert res.exit_code == 1

@@ -42,22 +42,9 @@ def test_periodic_fid_rows_snapshots_and_best(env, fid_weights_file):
     data, ref, out = env
     result = run(
         *TINY,
-        "--data-root",
-        data,
-        "--out",
-        out,
-        "--run-name",
-        "r",
-        "--iters",
-        4,
-        "--fid-every",
-        2,
-        "--fid-samples",
-        8,
-        "--ref",
-        ref,
-        "--inception-weights",
-        fid_weights_file,
+        *["--data-root", data, "--out", out],
+        *"--run-name r --iters 4 --fid-every 2 --fid-samples 8".split(),
+        *["--ref", ref, "--inception-weights", fid_weights_file],
     )
     assert result.exit_code == 0, result.output
     run_dir = out / "r"
@@ -93,20 +80,9 @@ def test_offline_inception_stops_before_writing(env, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     result = run(
         *TINY,
-        "--data-root",
-        data,
-        "--out",
-        out,
-        "--run-name",
-        "r",
-        "--iters",
-        2,
-        "--fid-every",
-        1,
-        "--fid-samples",
-        4,
-        "--ref",
-        ref,
+        *["--data-root", data, "--out", out],
+        *"--run-name r --iters 2 --fid-every 1 --fid-samples 4".split(),
+        *["--ref", ref],
     )
     assert result.exit_code != 0
     assert "pt_inception-2015-12-05" in result.output and "--inception-weights" in result.output
