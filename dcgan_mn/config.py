@@ -41,9 +41,8 @@ from .errors import ConfigError  # noqa: E402  (re-exported: the CLIs catch it f
 @dataclass(frozen=True)
 class TrainConfig:
     # --- model ---
-    g_arch: str = (
-        "dcgan32"  # generator architecture: dcgan32 (docs/design.md) | tf-dcgan (TTUR's DCGAN)
-    )
+    # generator architecture: dcgan32 (docs/design.md) | tf-dcgan (TTUR's DCGAN)
+    g_arch: str = "dcgan32"
     z_dim: int = 100
     ngf: int = 64
     ndf: int = 64
@@ -148,165 +147,64 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(cond: bool, flag: str, value: Any, what: str) -> None:
-            if not cond:
-                raise ConfigError(f"{flag} {value!r}: {what}")
+        """Refuse a setting no run can use, in one line naming the flag and the value: the
+        lower bounds, the vocabularies, then the settings that exclude each other."""
 
-        need(self.z_dim >= 1, "--z-dim", self.z_dim, "must be >= 1")
-        need(self.ngf >= 1, "--ngf", self.ngf, "must be >= 1")
-        need(self.ndf >= 1, "--ndf", self.ndf, "must be >= 1")
-        need(self.mn_components >= 1, "--mn-components", self.mn_components, "K must be >= 1")
-        need(self.mode_components >= 1, "--mode-components", self.mode_components, "K must be >= 1")
-        need(
-            not (self.sync_norm and "mode" in self.norm_kinds()),
-            "--g-norms",
-            ",".join(self.norm_kinds()),
-            "--sync-norm synchronizes BN and MN statistics only (Mode Normalization would use each "
-            "rank's batch alone)",
-        )
+        def need(cond: bool, field_name: str, what: str, value: Any = None) -> None:
+            if not cond:
+                shown = getattr(self, field_name) if value is None else value
+                raise ConfigError(f"{flag_name(field_name)} {shown!r}: {what}")
+
+        for name, lowest, why in _AT_LEAST:
+            value = getattr(self, name)
+            need(value is None or value >= lowest, name, f"must be >= {lowest}{why}")
+        for name, choices in _ONE_OF:
+            need(
+                getattr(self, name) in choices,
+                name,
+                f"expected one of {', '.join(map(str, choices))}",
+            )
+
+        kinds = self.norm_kinds()
+        need(self.lr > 0, "lr", "must be > 0")
+        need(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
+        need(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
         need(
             self.mn_fit_points >= self.mn_components,
-            "--mn-fit-points",
-            self.mn_fit_points,
+            "mn_fit_points",
             f"must be >= --mn-components ({self.mn_components})",
         )
-        need(self.mn_kmeans_iters >= 0, "--mn-kmeans-iters", self.mn_kmeans_iters, "must be >= 0")
         need(
-            self.mn_estimator in ESTIMATORS,
-            "--mn-estimator",
-            self.mn_estimator,
-            f"expected one of {ESTIMATORS}",
+            not (self.sync_norm and "mode" in kinds),
+            "g_norms",
+            "--sync-norm synchronizes BN and MN statistics only (Mode Normalization would use each "
+            "rank's batch alone)",
+            value=",".join(kinds),
         )
-        need(self.mn_em_iters >= 0, "--mn-em-iters", self.mn_em_iters, "must be >= 0")
-        need(self.mn_point in POINTS, "--mn-point", self.mn_point, f"expected one of {POINTS}")
         need(
             not (self.sync_norm and self.mn_point != "vector"),
-            "--mn-point",
-            self.mn_point,
+            "mn_point",
             "--sync-norm synchronizes the vector reading only",
         )
-        need(self.lr > 0, "--lr", self.lr, "must be > 0")
-        need(0 <= self.beta1 < 1, "--beta1", self.beta1, "must be in [0, 1)")
-        need(0 <= self.beta2 < 1, "--beta2", self.beta2, "must be in [0, 1)")
-        need(
-            self.batch_size >= 2,
-            "--batch-size",
-            self.batch_size,
-            "must be >= 2 (batch statistics need more than one sample)",
-        )
-        need(
-            self.iters >= 1,
-            "--iters",
-            self.iters,
-            "must be >= 1 (a run trains at least one iteration; --dry-run shows the config without training)",
-        )
-        need(self.seed >= 0, "--seed", self.seed, "must be >= 0")
-        need(self.dataset in DATASETS, "--dataset", self.dataset, f"expected one of {DATASETS}")
-        need(
-            self.stack_size is None or self.stack_size >= 1,
-            "--stack-size",
-            self.stack_size,
-            "must be >= 1",
-        )
-        need(self.stack_seed >= 0, "--stack-seed", self.stack_seed, "must be >= 0")
-        need(
-            self.mode_samples >= 2,
-            "--mode-samples",
-            self.mode_samples,
-            "mode metrics need at least 2 samples",
-        )
-        need(
-            self.sample_mode in SAMPLE_MODES,
-            "--sample-mode",
-            self.sample_mode,
-            f"expected one of {SAMPLE_MODES}",
-        )
-        need(
-            self.stacked_grid in STACKED_GRIDS,
-            "--stacked-grid",
-            self.stacked_grid,
-            f"expected one of {', '.join(STACKED_GRIDS)}",
-        )
-        for flag, v in [
-            ("--sample-every", self.sample_every),
-            ("--log-every", self.log_every),
-            ("--ckpt-every", self.ckpt_every),
-            ("--fid-every", self.fid_every),
-        ]:
-            need(v >= 0, flag, v, "must be >= 0 (0 turns it off)")
-        need(self.keep_last >= 1, "--keep-last", self.keep_last, "must be >= 1")
-        need(
-            self.fid_samples >= 2, "--fid-samples", self.fid_samples, "FID needs at least 2 samples"
-        )
-        need(
-            self.dims in FEATURE_DIMS,
-            "--dims",
-            self.dims,
-            f"expected one of {', '.join(map(str, FEATURE_DIMS))} (pytorch-fid's Inception blocks)",
-        )
-        need(
-            self.inception_metrics or self.dataset in STACKED_SOURCES,
-            "--no-inception-metrics",
-            self.dataset,
-            "leaves nothing to evaluate except on a stacked dataset (mode metrics)",
-        )
-        need(
-            self.fid_protocol in FID_PROTOCOLS,
-            "--fid-protocol",
-            self.fid_protocol,
-            f"expected one of {tuple(FID_PROTOCOLS)}",
-        )
-        need(
-            self.g_ema >= 0,
-            "--g-ema",
-            self.g_ema,
-            "must be >= 0 (a half-life in iterations; 0 turns it off)",
-        )
-        need(
-            self.g_ema_rampup >= 0,
-            "--g-ema-rampup",
-            self.g_ema_rampup,
-            "must be >= 0 (0: no ramp-up)",
-        )
-        need(self.g_ema_start >= 0, "--g-ema-start", self.g_ema_start, "must be >= 0")
-        need(
-            self.g_ema_stats in EMA_STATS,
-            "--g-ema-stats",
-            self.g_ema_stats,
-            f"expected one of {EMA_STATS}",
-        )
-        need(
-            self.g_ema_standing_batches >= 1,
-            "--g-ema-standing-batches",
-            self.g_ema_standing_batches,
-            "must be >= 1",
-        )
+        if not (self.inception_metrics or self.dataset in STACKED_SOURCES):
+            raise ConfigError(
+                f"--no-inception-metrics {self.dataset!r}: leaves nothing to evaluate except on a "
+                "stacked dataset (mode metrics)"
+            )
         if self.best_metric is not None:
             from .metrics.specs import EMA_SUFFIX, METRICS
 
             need(
-                self.best_metric in METRICS,
-                "--best-metric",
-                self.best_metric,
-                f"expected one of {', '.join(METRICS)}",
+                self.best_metric in METRICS, "best_metric", f"expected one of {', '.join(METRICS)}"
             )
             need(
                 self.g_ema > 0 or not self.best_metric.endswith(EMA_SUFFIX),
-                "--best-metric",
-                self.best_metric,
+                "best_metric",
                 "names the averaged generator's metric: give --g-ema too",
             )
-        need(self.amp in AMP_MODES, "--amp", self.amp, f"expected one of {AMP_MODES}")
-        need(
-            self.compile_mode in COMPILE_MODES,
-            "--compile-mode",
-            self.compile_mode,
-            f"expected one of {COMPILE_MODES}",
-        )
         need(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-            "--device",
-            self.device,
+            "device",
             "expected auto, cpu, cuda or cuda:N",
         )
 
@@ -364,6 +262,50 @@ def flag_name(field_name: str) -> str:
     """The CLI flag of a config field: ``mn_layers`` -> ``--mn-layers``."""
     return "--" + field_name.replace("_", "-")
 
+
+# The lower bounds validate() checks, as (field, lowest, why): a field may be None (unset).
+_AT_LEAST = (
+    ("z_dim", 1, ""),
+    ("ngf", 1, ""),
+    ("ndf", 1, ""),
+    ("mn_components", 1, " (K, MN's components a layer)"),
+    ("mode_components", 1, " (K, Mode Normalization's modes a layer)"),
+    ("mn_kmeans_iters", 0, ""),
+    ("mn_em_iters", 0, ""),
+    ("batch_size", 2, " (batch statistics need more than one sample)"),
+    (
+        "iters",
+        1,
+        " (a run trains at least one iteration; --dry-run shows the config without training)",
+    ),
+    ("seed", 0, ""),
+    ("stack_size", 1, ""),
+    ("stack_seed", 0, ""),
+    ("mode_samples", 2, " (mode metrics need at least 2 samples)"),
+    ("sample_every", 0, " (0 turns it off)"),
+    ("log_every", 0, " (0 turns it off)"),
+    ("ckpt_every", 0, " (0 turns it off)"),
+    ("fid_every", 0, " (0 turns it off)"),
+    ("keep_last", 1, ""),
+    ("fid_samples", 2, " (FID needs at least 2 samples)"),
+    ("g_ema", 0, " (a half-life in iterations; 0 turns it off)"),
+    ("g_ema_rampup", 0, " (0: no ramp-up)"),
+    ("g_ema_start", 0, ""),
+    ("g_ema_standing_batches", 1, ""),
+)
+# The fields validate() checks against their vocabulary, each named by its owner module.
+_ONE_OF = (
+    ("mn_estimator", ESTIMATORS),
+    ("mn_point", POINTS),
+    ("dataset", DATASETS),
+    ("sample_mode", SAMPLE_MODES),
+    ("stacked_grid", STACKED_GRIDS),
+    ("dims", FEATURE_DIMS),
+    ("fid_protocol", tuple(FID_PROTOCOLS)),
+    ("g_ema_stats", EMA_STATS),
+    ("amp", AMP_MODES),
+    ("compile_mode", COMPILE_MODES),
+)
 
 # What a resumed run must keep: the model, the optimisation, the data and the evaluation
 # protocol. Everything else (length, device, logging cadence, speed switches) may change.
