@@ -22,6 +22,7 @@ CORRECTNESS = (
 )
 TARGETS = (
     "mn01_step_ratio_reduce_overhead_b64",
+    "g_ema_step_ratio_reduce_overhead_b64",
     "recompiles_after_warmup",
     "reduce_overhead_replays_cuda_graph",
     "eval_speedup_vs_pytorch_fid",
@@ -80,8 +81,13 @@ def test_quick_cpu_run_reports_every_field(quick_run):
     assert arms["default"]["mn01"]["compile_s"] > 0
     assert arms["default"]["mn01"]["recompiles_after_warmup"] == 0
     assert arms["default"]["mn01"]["steps_after_warmup"] >= result["settings"]["recompile_steps"]
-    for config in ("bn", "mn01", "mn_all"):
+    for config in ("bn", "mn01", "mn_all", "mn01+g_ema"):
         null_with_reason(arms["reduce-overhead"][config], "median_ms")
+    # The averaged generator's update in the step: timed against the same step without it, and
+    # compiled once although its decay changes every step (the ramp-up).
+    for mode in ("eager", "default"):
+        assert arms[mode]["mn01+g_ema"]["ratio_to_without_g_ema"] > 0
+    assert arms["default"]["mn01+g_ema"]["recompiles_after_warmup"] == 0
 
     # Capture: CUDA-graph fields null with a reason; reproducibility measured on the CPU too.
     capture = result["capture"]
@@ -109,6 +115,7 @@ def test_quick_cpu_run_reports_every_field(quick_run):
         if row["passed"] is None:
             assert row["reason"]
     assert rows["mn01_step_ratio_reduce_overhead_b64"]["passed"] is None
+    assert rows["g_ema_step_ratio_reduce_overhead_b64"]["passed"] is None
     assert rows["reduce_overhead_replays_cuda_graph"]["passed"] is None
     assert rows["recompiles_after_warmup"]["passed"] is True
     # slow hardware is no error
