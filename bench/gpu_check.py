@@ -24,7 +24,8 @@ Sections of the JSON:
 * ``correctness`` (each line must pass; the exit status is 1 otherwise): MN with K = 1 equals
   ``nn.BatchNorm2d`` on the device; the fused MN path equals the reference on points; 20
   training steps on the device equal 20 on the CPU from one seed; the capturable step equals
-  ``backward()`` + ``Adam.step`` on the device.
+  ``backward()`` + ``Adam.step`` on the device; G_ema updated inside the compiled (on a GPU,
+  CUDA-graph) step equals its closed form over G's trajectory while its decay ramps up.
 * ``evaluation``: generate + Inception features (FID's pass) images/s against pytorch-fid's own
   loop on the same images, and the mode metrics' images/s.
 * ``targets``: what good looks like, checked line by line (slow hardware fails a target line,
@@ -89,6 +90,7 @@ TOL_K1 = dict(rtol=1e-5, atol=1e-5)  # MN K=1 vs nn.BatchNorm2d, fp32 on the dev
 TOL_FUSED = 1e-3  # max |fused - reference| / max |reference|, per tensor, fp32
 TOL_DEVICE_VS_CPU = 2e-3  # max |loss_device - loss_cpu| over 20 steps (losses are ~1.4)
 TOL_CAPTURABLE = dict(rtol=1e-5, atol=1e-6)  # capturable vs backward() + Adam.step
+TOL_G_EMA = dict(rtol=1e-5, atol=1e-6)  # G_ema in the compiled step vs its closed form
 
 
 def log(*parts: Any) -> None:
@@ -219,7 +221,7 @@ def make_step(
     seed: int = 0,
     capturable: bool = True,
     models: Optional[tuple] = None,
-    g_ema: bool = False,
+    g_ema: Optional[EmaSchedule] = None,
 ) -> TrainStep:
     """A training iteration as ``training.train`` builds it (Adam 2e-4, betas (0.5, 0.999), its
     step counter on the GPU when compiled there, ``g_ema``: the averaged generator's update
@@ -234,7 +236,7 @@ def make_step(
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), capturable=on_gpu_counter)
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), capturable=on_gpu_counter)
     scaler = None if capturable else torch.amp.GradScaler(device.type, enabled=False)
-    ema = GeneratorEMA(G, EmaSchedule(G_EMA_HALF_LIFE, G_EMA_RAMPUP)) if g_ema else None
+    ema = GeneratorEMA(G, g_ema) if g_ema is not None else None
     step = TrainStep(
         G,
         D,
@@ -338,7 +340,7 @@ def build_and_warm(arm: Arm, device: torch.device, args, events: CompileEvents) 
         backend=args.backend,
         ngf=args.ngf,
         ndf=args.ndf,
-        g_ema=arm.config in G_EMA_CONFIGS,
+        g_ema=EmaSchedule(G_EMA_HALF_LIFE, G_EMA_RAMPUP) if arm.config in G_EMA_CONFIGS else None,
     )
     arm.data = step_batch(arm.batch, device)
     t0 = time.perf_counter()
@@ -864,6 +866,42 @@ def check_capturable_equals_backward(device: torch.device, steps: int = 3) -> di
     )
 
 
+def check_g_ema_follows_its_schedule(device: torch.device, steps: int = 8) -> dict:
+    """G_ema updated inside the compiled step (CUDA graphs on a GPU: reduce-overhead; on a CPU
+    the default mode, aot_eager) equals its closed form over G's own trajectory,
+    G_ema <- d_t G_ema + (1 - d_t) G_t, with a ramp-up that changes d_t every step: a decay frozen
+    into the graph at capture, or a replay reading a stale copy of it, fails this line."""
+    cuda = device.type == "cuda"
+    mode, backend = ("reduce-overhead", "inductor") if cuda else ("default", "aot_eager")
+    schedule = EmaSchedule(3.0, 0.5)  # half-life min(3, t / 2): d_t = 0, 0.25, 0.5, ..., 0.79
+    step = make_step(
+        (0, 1), device, ngf=16, ndf=16, seed=0, mode=mode, backend=backend, g_ema=schedule
+    )
+    reference = [p.detach().clone().double() for p in step.ema.G_ema.parameters()]
+    torch.manual_seed(7)
+    for t in range(steps):
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        step(*step_batch(16, device, seed=400 + t), t)
+        d = schedule.decay(t)
+        for ref, p in zip(reference, step.G.parameters()):
+            ref.mul_(d).add_(p.detach().double(), alpha=1.0 - d)
+    worst, ok = 0.0, True
+    for ref, mine in zip(reference, step.ema.G_ema.parameters()):
+        mine = mine.detach().double()
+        worst = max(worst, float((mine - ref).abs().max()))
+        ok &= torch.allclose(mine, ref, **TOL_G_EMA)
+    return line(
+        ok,
+        mode=mode,
+        backend=backend,
+        steps=steps,
+        decays=[round(schedule.decay(t), 4) for t in range(steps)],
+        max_abs_diff=float(f"{worst:.3g}"),
+        tolerance=f"rtol={TOL_G_EMA['rtol']}, atol={TOL_G_EMA['atol']} on G_ema's weights",
+    )
+
+
 def check_reproducible(capture: dict) -> dict:
     rep, live = capture.get("reproducible"), capture.get("rng_live")
     if rep is None:
@@ -883,6 +921,7 @@ def correctness_section(device: torch.device) -> dict:
         "fused_equals_reference": check_fused_equals_reference,
         "device_vs_cpu_20_steps": check_device_vs_cpu,
         "capturable_equals_backward": check_capturable_equals_backward,
+        "g_ema_follows_its_schedule": check_g_ema_follows_its_schedule,
     }
     out = {}
     for name, fn in checks.items():

@@ -18,6 +18,7 @@ CORRECTNESS = (
     "fused_equals_reference",
     "device_vs_cpu_20_steps",
     "capturable_equals_backward",
+    "g_ema_follows_its_schedule",
     "reproducible_same_seed",
 )
 TARGETS = (
@@ -157,3 +158,25 @@ def test_correctness_failure_sets_the_exit_status(monkeypatch, capsys):
     assert out["correctness"]["fused_equals_reference"]["passed"] is False
     assert out["correctness"]["k1_equals_batchnorm"]["passed"] is True
     assert out["correctness_passed"] is False
+
+
+def test_g_ema_line_fails_when_the_decay_is_frozen_at_the_first_step(monkeypatch):
+    """The G_ema line catches the CUDA-graph failure it exists for: a decay read once (frozen at
+    capture) instead of every step. Here the schedule's first weight is kept for every update."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    import torch
+
+    cpu = torch.device("cpu")
+    assert gpu_check.check_g_ema_follows_its_schedule(cpu, steps=4)["passed"] is True
+    first_only = gpu_check.GeneratorEMA.prepare
+
+    def frozen(self, iteration):
+        if iteration == 0:
+            first_only(self, iteration)
+
+    monkeypatch.setattr(gpu_check.GeneratorEMA, "prepare", frozen)
+    assert gpu_check.check_g_ema_follows_its_schedule(cpu, steps=4)["passed"] is False
