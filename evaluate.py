@@ -24,6 +24,7 @@ import click
 
 from dcgan_mn import features, metrics, scoring
 from dcgan_mn.checkpoint import load_generator
+from dcgan_mn.commands import CLI_SETTINGS
 from dcgan_mn.compare import (
     CompareError,
     compare_runs,
@@ -201,7 +202,7 @@ def _report_options(command):
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(context_settings=CLI_SETTINGS)
 def cli() -> None:
     """FID / KID / precision-recall / density-coverage and stacked-digit mode metrics for dcgan_mn."""
 

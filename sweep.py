@@ -20,6 +20,8 @@ from pathlib import Path
 
 import click
 
+from dcgan_mn.commands import CLI_SETTINGS
+
 ROOT = Path(__file__).resolve().parent
 TRAIN_SCRIPT = ROOT / "train.py"
 
@@ -37,7 +39,7 @@ def _sbatch_options(values) -> dict:
     return options
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings=CLI_SETTINGS)
 def cli() -> None:
     """Arms x seeds of train.py runs on submitit: Slurm job arrays (preemption-safe) or local."""
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from dcgan_mn.commands import CLI_SETTINGS
 from dcgan_mn.config import AMP_MODES, COMPILE_MODES, STACKED_GRIDS, TrainConfig
 from dcgan_mn.data import DATASETS
 from dcgan_mn.digits import STACKED_SOURCES
@@ -74,13 +75,7 @@ def already_finished(launch) -> str:
     )
 
 
-@click.command(
-    context_settings={
-        "help_option_names": ["-h", "--help"],
-        "show_default": True,
-        "max_content_width": 100,
-    }
-)
+@click.command(context_settings=CLI_SETTINGS)
 # --- model ---
 @click.option(
     "--g-arch",

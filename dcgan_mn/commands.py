@@ -1,5 +1,6 @@
-"""The command lines the tools print for the user to run next (resume a run, prepare a node,
-re-score for compare, relaunch under torchrun).
+"""The command lines: the ones the tools print for the user to run next (resume a run, prepare
+a node, re-score for compare, relaunch under torchrun), and the settings every command-line
+tool's ``--help`` shares (``CLI_SETTINGS``).
 
 A printed command starts with the interpreter running now (``sys.executable``), not ``python``:
 the README installs into a venv it never activates, and there ``python`` is a Python without
@@ -14,7 +15,15 @@ import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["python_command", "script_command", "script_path"]
+__all__ = ["CLI_SETTINGS", "python_command", "script_command", "script_path"]
+
+# click ``context_settings`` of train.py, evaluate.py, sweep.py and the experiment scripts: one
+# look for every --help (-h too, defaults shown, lines up to 100 columns).
+CLI_SETTINGS = {
+    "help_option_names": ["-h", "--help"],
+    "show_default": True,
+    "max_content_width": 100,
+}
 
 _REPO = Path(__file__).resolve().parents[1]  # train.py and evaluate.py sit beside the package
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's package first
+from dcgan_mn.commands import CLI_SETTINGS  # noqa: E402
 
 BEGIN, END = "<!-- results-table -->", "<!-- /results-table -->"
 # A one-seed many-arm sweep's table has its own block: no compare stands behind it.
@@ -165,7 +166,7 @@ def block(text: str, begin: str = BEGIN, end: str = END) -> str:
     return text.split(begin, 1)[1].split(end, 1)[0].strip()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CLI_SETTINGS)
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--write", is_flag=True, help="replace the table block in FOLDER/README.md")
 @click.option(

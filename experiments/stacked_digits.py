@@ -25,6 +25,7 @@ import click
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from dcgan_mn.commands import CLI_SETTINGS  # noqa: E402
 
 DEFAULT_ARMS = ("bn=--mn-layers none", "mn=--mn-layers 0,1")
 
@@ -74,13 +75,7 @@ def sweep_argv(
     ]
 
 
-@click.command(
-    context_settings={
-        "help_option_names": ["-h", "--help"],
-        "show_default": True,
-        "max_content_width": 100,
-    }
-)
+@click.command(context_settings=CLI_SETTINGS)
 @click.option(
     "--out",
     default="experiments/stacked-digits",
