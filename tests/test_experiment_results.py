@@ -35,7 +35,12 @@ PER_ARM = sorted(
 def test_every_results_experiment_is_found():
     # A README whose markers were mistyped would drop out of the checks below silently.
     names = {p.name for p in EXPERIMENTS}
-    assert {"stacked-digits", "stacked-digits-weak-d", "stacked-digits-6seeds"} <= names, names
+    assert {
+        "stacked-digits",
+        "stacked-digits-weak-d",
+        "stacked-digits-6seeds",
+        "stacked-digits-ema",
+    } <= names, names
     assert {"stacked-digits-norms"} <= {p.name for p in PER_ARM}, PER_ARM
 
 
