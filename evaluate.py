@@ -27,6 +27,7 @@ from dcgan_mn.checkpoint import load_generator
 from dcgan_mn.commands import CLI_SETTINGS
 from dcgan_mn.compare import (
     CompareError,
+    check_metrics,
     compare_runs,
     headline_metric,
     read_run,
@@ -48,6 +49,7 @@ from dcgan_mn.fileio import write_json_atomic
 from dcgan_mn.metrics import BUILTIN_REFS, SAMPLE_FORMATS
 from dcgan_mn.metrics.classifier import load_mode_classifier
 from dcgan_mn.metrics.modes import ModeMetrics
+from dcgan_mn.metrics.specs import metric_spec
 from dcgan_mn.models import SAMPLE_MODES
 from dcgan_mn.provenance import environment
 from dcgan_mn.rescore import RescoreError, rescore_runs
@@ -871,6 +873,13 @@ def samples(target, num, out, fmt, which, seed, sample_mode, batch_size, device,
     "<metric>_ema for G_ema  [default: the runs' headline metric, the one their best.pt "
     "follows: --best-metric, else fid, else cfd for runs scored by mode metrics only]",
 )
+@click.option(
+    "--baseline-metric",
+    default=None,
+    help="the --baseline runs' column, when not --metric: a metric against its G_ema twin, "
+    "e.g. --metric cfd_ema --baseline-metric cfd with the same runs as RUN... and --baseline "
+    "(what averaging does for them)  [default: --metric]",
+)
 @click.option("--sample-mode", default=None, help="which rows to use when a run has several")
 @click.option(
     "--samples",
@@ -901,6 +910,7 @@ def compare(
     baselines,
     out,
     metric,
+    baseline_metric,
     sample_mode,
     samples,
     label,
@@ -920,22 +930,30 @@ def compare(
                 f"comparing {metric}, what the runs' best.pt follows (--metric chooses another)",
                 file=sys.stderr,
             )
+        baseline_metric = baseline_metric or metric
+        for flag, name in (("--metric", metric), ("--baseline-metric", baseline_metric)):
+            try:
+                metric_spec(name)
+            except MetricsError as e:
+                raise CompareError(f"{flag} {name!r}: {e}") from None
+        check_metrics(metric, baseline_metric)  # before any re-scoring
         if eval_seeds > 1:  # score what the runs lack (nothing when eval_seeds.jsonl has it all)
             dev = _device(device)  # one evaluator for runs evaluated alike; each warning once
-            rescore_runs(
-                # else read_run says what is wrong
-                [r for r in (*runs, *baselines) if RunFolder(r).metrics_file.is_file()],
-                metric,
-                eval_seeds,
-                device=dev,
-                cache_dir=cache_dir,
-                progress=progress,
-            )
-        read = dict(
-            metric=metric, sample_mode=sample_mode, num_samples=samples, eval_seeds=eval_seeds
-        )
-        cands = [read_run(r, **read) for r in runs]
-        bases = [read_run(r, **read) for r in baselines]
+            by_metric = {metric: list(runs)}  # one call (one evaluator) when the metrics agree
+            by_metric.setdefault(baseline_metric, []).extend(baselines)
+            for arm_metric, arm in by_metric.items():
+                rescore_runs(
+                    # else read_run says what is wrong
+                    [r for r in arm if RunFolder(r).metrics_file.is_file()],
+                    arm_metric,
+                    eval_seeds,
+                    device=dev,
+                    cache_dir=cache_dir,
+                    progress=progress,
+                )
+        read = dict(sample_mode=sample_mode, num_samples=samples, eval_seeds=eval_seeds)
+        cands = [read_run(r, metric=metric, **read) for r in runs]
+        bases = [read_run(r, metric=baseline_metric, **read) for r in baselines]
         report = compare_runs(cands, bases, candidate_label=label, baseline_label=baseline_label)
     except (*USER_ERRORS, RescoreError) as e:
         _fail(str(e))

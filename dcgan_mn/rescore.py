@@ -248,12 +248,7 @@ def rescore_run(
             evaluator = M.build_evaluator(cfg, device, cache_dir=cache_dir, progress=progress)
             if evaluators is not None:
                 evaluators[setup] = evaluator
-    if metric_spec(metric).averaged:
-        from .metrics.specs import EMA_SUFFIX
-
-        scorable = metric[: -len(EMA_SUFFIX)]
-    else:
-        scorable = metric
+    scorable = metric_spec(metric).plain_name  # an _ema metric is scored beside G's
     if scorable not in getattr(evaluator, "directions", {scorable: None}):
         raise RescoreError(
             f"run {str(run)!r}: its evaluator here cannot score --metric {metric!r} (it scores "

@@ -620,6 +620,8 @@ def _metric_names(evaluator, result: dict) -> dict:
         return evaluator.metric_names(result)
     names = {}
     for k in (k for k in result if k in METRICS):
-        base, suffix = (k[: -len(EMA_SUFFIX)], EMA_SUFFIX) if METRICS[k].averaged else (k, "")
-        names[k] = f"{base}_{sample_count_tag(int(result.get(METRICS[k].count_key, 0)))}{suffix}"
+        suffix = EMA_SUFFIX if METRICS[k].averaged else ""
+        names[k] = (
+            f"{METRICS[k].plain_name}_{sample_count_tag(int(result.get(METRICS[k].count_key, 0)))}{suffix}"
+        )
     return names

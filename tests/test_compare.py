@@ -162,3 +162,20 @@ def test_outputs_markdown_json_png(arms, tmp_path):
         "compare.png",
     ]
     assert set(paths) == {"markdown", "json", "plot"}
+
+
+def test_one_arm_compares_one_metric(tmp_path):
+    rows = [
+        {"iteration": i, "cfd": 9.0 - i, "cfd_ema": 8.0 - i, "mode_samples": 10} for i in (1, 2)
+    ]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"seed": 0}')
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = C.read_run(tmp_path / "a", metric="cfd"), C.read_run(tmp_path / "b", metric="cfd_ema")
+    with pytest.raises(C.CompareError, match="one arm compares one metric"):
+        C.compare_runs([a, b], [a])
+    with pytest.raises(C.CompareError, match="only a metric and its G_ema twin"):
+        C.check_metrics("cfd", "modes_ema")
+    C.check_metrics("cfd", "cfd_ema")  # either way round
+    C.check_metrics("cfd_ema", "cfd")

@@ -176,12 +176,60 @@ def test_compare_cli(tmp_path):
     assert "33.3%" in res.stdout  # 1 - 2000 / 3000
     report = json.loads((tmp_path / "report" / "compare.json").read_text())
     assert report["pairs"][0]["acceleration"] == pytest.approx(1 / 3)
+    assert report["metric"] == "fid" and "baseline_metric" not in report
     res = run(
         *["compare", mn, "--baseline", tmp_path / "nothing", "--out", tmp_path / "report2"],
         *"--eval-seeds 1".split(),
     )
     assert res.exit_code != 0 and "not a folder" in res.stderr
     assert not (tmp_path / "report2").exists()
+
+
+def test_compare_g_ema_against_g_of_the_same_runs(tmp_path):
+    """--baseline-metric: each run's G_ema (fid_ema) against its own G (fid), paired by seed;
+    only a metric and its G_ema twin, each flag named in its error."""
+    fids = {0: ([60, 50, 40, 45], [58, 44, 41, 39]), 1: ([70, 52, 47, 46], [66, 50, 43, 44])}
+    runs = []
+    for seed, (g, g_ema) in fids.items():
+        run_dir = tmp_path / f"bn-s{seed}"
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text(json.dumps({"seed": seed, "sample_mode": "batch"}))
+        rows = [
+            {"iteration": 100 * (i + 1), "fid": a, "fid_ema": b, "num_samples": 100}
+            | {"sample_mode": "batch", "train_seconds": 5.0 * (i + 1)}
+            for i, (a, b) in enumerate(zip(g, g_ema))
+        ]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(run_dir)
+    baselines = [x for r in runs for x in ("--baseline", r)]
+    res = run(
+        *["compare", *runs, *baselines, "--out", tmp_path / "avg", "--eval-seeds", "1"],
+        *"--metric fid_ema --baseline-metric fid --label G_ema --baseline-label G".split(),
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "avg" / "compare.json").read_text())
+    assert (report["metric"], report["baseline_metric"]) == ("fid_ema", "fid")
+    by_hand = [min(g_ema) - min(g) for g, g_ema in fids.values()]  # [-1, -3]
+    assert [p["best_difference"] for p in report["pairs"]] == pytest.approx(by_hand)
+    assert [(p["candidate"], p["baseline"]) for p in report["pairs"]] == [
+        ("bn-s0", "bn-s0"),
+        ("bn-s1", "bn-s1"),
+    ]
+    # G_ema reaches G's best (40 at 300; 46 at 400) at 400 and 300: 1 - 400/300, 1 - 300/400.
+    assert [p["acceleration"] for p in report["pairs"]] == pytest.approx([-1 / 3, 1 / 4])
+    assert "## FID_EMA VS FID: G_ema vs G" in res.stdout
+    assert "bn-s0 (G_ema)" in res.stdout  # still improving: a shared run name says its arm
+    res = run(
+        *["compare", *runs, *baselines, "--out", tmp_path / "x", "--eval-seeds", "1"],
+        *"--metric fid_ema --baseline-metric fdi".split(),
+    )
+    assert res.exit_code != 0 and "--baseline-metric 'fdi': unknown metric" in res.stderr
+    res = run(
+        *["compare", *runs, *baselines, "--out", tmp_path / "x", "--eval-seeds", "1"],
+        *"--metric kid_ema --baseline-metric fid".split(),
+    )
+    assert res.exit_code != 0 and "only a metric and its G_ema twin" in res.stderr
+    assert "'fid' or 'fid_ema'" in res.stderr and not (tmp_path / "x").exists()
 
 
 # --- generators: checkpoint files and run folders (a tiny injected feature extractor) -------

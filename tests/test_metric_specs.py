@@ -57,3 +57,12 @@ def test_unknown_metric_names_the_known_ones(tmp_path):
         C.read_run(tmp_path / "r", metric="fdi")
     with pytest.raises(ValueError, match="direction"):
         MetricSpec("x", "up", "num_samples", False, "")
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_plain_name_is_gs_metric_of_the_same_measure(name):
+    spec = metric_spec(name)
+    plain = metric_spec(spec.plain_name)  # a registered metric of G
+    assert not plain.averaged
+    assert (plain.direction, plain.count_key) == (spec.direction, spec.count_key)
+    assert spec.name == plain.name + ("_ema" if spec.averaged else "")

@@ -40,7 +40,7 @@ from .inference import (
     verdict,
 )
 from .rule import acceleration, pair_runs
-from .report import compare_runs
+from .report import check_metrics, compare_runs
 from .render import READING_GUIDE, curve_figure, plot_curves, render_markdown, write_outputs
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "summarize",
     "signed_rank",
     "verdict",
+    "check_metrics",
     "compare_runs",
     "render_markdown",
     "curve_figure",

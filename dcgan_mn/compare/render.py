@@ -117,9 +117,15 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compared_metric(report: dict) -> str:
+    """What the report compares: ``cfd``, or ``cfd_ema vs cfd`` (a ``--baseline-metric``)."""
+    other = report.get("baseline_metric")
+    return report["metric"] + (f" vs {other}" if other else "")
+
+
 def _header(report: dict) -> list[str]:
     """Title, what the brackets and tests are, the evaluation noise, and the warnings."""
-    m, lab = report["metric"].upper(), report["labels"]
+    m, lab = compared_metric(report).upper(), report["labels"]
     st = report.get("statistics", {})
     boot = st.get("bootstrap", {})
     perm = st.get("permutation", {})
@@ -160,7 +166,7 @@ def _header(report: dict) -> list[str]:
 def _arm_table(report: dict) -> list[str]:
     """One row per arm (best, where, final, AUC, collapsed, still improving), then the runs
     still improving by name."""
-    m, s, lab = report["metric"].upper(), report["summary"], report["labels"]
+    m, s, lab = compared_metric(report).upper(), report["summary"], report["labels"]
     lo_it, hi_it = report.get("statistics", {}).get("auc_range", [None, None])
     lines = [
         f"| arm | runs | best {m} | best at iteration | final {m} | AUC {lo_it}-{hi_it} | collapsed | still improving |",
@@ -174,8 +180,12 @@ def _arm_table(report: dict) -> list[str]:
             f"{_fmt(a['auc'], interval=True)} | {a['collapsed']} of {a['best']['n']} | "
             f"{a.get('still_improving', 0)} of {a['best']['n']} |"
         )
+    # A run in both arms (G_ema against G of the same runs) is named with its arm.
+    shared = {r["name"] for r in report["runs"]["baseline"]} & {
+        r["name"] for r in report["runs"]["candidate"]
+    }
     improving = [
-        r
+        r["name"] + (f" ({lab[arm]})" if r["name"] in shared else "")
         for arm in ("baseline", "candidate")
         for r in report["runs"][arm]
         if r.get("still_improving")
@@ -184,7 +194,7 @@ def _arm_table(report: dict) -> list[str]:
         better_sign = "≤" if report.get("direction", "min") == "min" else "≥"
         lines += [
             "",
-            f"**Still improving:** {', '.join(r['name'] for r in improving)} "
+            f"**Still improving:** {', '.join(improving)} "
             f"{'is' if len(improving) == 1 else 'are'} at {'its' if len(improving) == 1 else 'their'} "
             "best at the last evaluation: that best, and any target taken from it, is a bound "
             f"(the run would reach {better_sign} it), not a value. Run longer.",
@@ -397,9 +407,9 @@ def curve_figure(report: dict):
     noise = report.get("evaluation_noise")
     ax.set_xlabel("iteration (generator updates)")
     # A short axis label; the sample count and noise band go to the title (a long label was cut off).
-    ax.set_ylabel(report["metric"])
+    ax.set_ylabel(compared_metric(report))
     ax.set_title(
-        f"{report['metric']}: {report['num_samples']} samples, {report['sample_mode']}"
+        f"{compared_metric(report)}: {report['num_samples']} samples, {report['sample_mode']}"
         + (f"; mean of {noise['eval_seeds']} eval seeds ± std" if noise else ""),
         fontsize=9,
     )

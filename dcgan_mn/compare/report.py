@@ -47,9 +47,10 @@ from .inference import (
     summarize,
     verdict,
 )
+from ..metrics.specs import EMA_SUFFIX, metric_spec
 from .rule import acceleration, acceleration_matrix, pair_runs
 
-__all__ = ["compare_runs", "PairTable"]
+__all__ = ["check_metrics", "compare_runs", "PairTable"]
 
 POWER = 0.8  # the seed-count table: 80% power at two-sided alpha 1 - CONFIDENCE
 LOADED_MACHINE = 1.25  # load_per_core above this: a training second is not a quiet machine's second
@@ -117,8 +118,12 @@ def compare_runs(
     warnings = [*provenance_warnings(runs), *_time_warnings(results, {r.name: r for r in runs})]
     warnings = list(dict.fromkeys(warnings))  # each once, however many runs share it
     op = ">=" if higher_better else "<="
+    # One metric throughout, or G_ema's against G's (``--baseline-metric``): then both names.
+    metrics = {"metric": candidates[0].metric}
+    if ref.metric != candidates[0].metric:
+        metrics["baseline_metric"] = ref.metric
     return {
-        "metric": ref.metric,
+        **metrics,
         "direction": ref.direction,
         "better": "higher" if higher_better else "lower",
         "sample_mode": ref.sample_mode,
@@ -193,9 +198,30 @@ def compare_runs(
     }
 
 
+def check_metrics(metric: str, baseline_metric: str) -> None:
+    """The candidates' metric and the baselines' are one, or one is the other's G_ema twin."""
+    cand, base = metric_spec(metric), metric_spec(baseline_metric)
+    if cand.plain_name != base.plain_name:
+        raise CompareError(
+            f"--metric {cand.name!r} against --baseline-metric {base.name!r}: only a metric and "
+            f"its G_ema twin can be compared ({base.plain_name!r} or "
+            f"{base.plain_name + EMA_SUFFIX!r}), since their values are on one scale"
+        )
+
+
 def _check_comparable(candidates: Sequence[RunCurve], baselines: Sequence[RunCurve]) -> None:
-    """Every run's numbers come from the same sample mode, sample count and evaluation seeds."""
+    """Every run's numbers come from the same sample mode, sample count and evaluation seeds,
+    and of one metric per arm: the same one, or one arm's G_ema twin of the other's (``cfd_ema``
+    against ``cfd``: the same measure, so one target and one evaluation noise serve both)."""
     ref = baselines[0]
+    for arm in (candidates, baselines):
+        for r in arm:
+            if r.metric != arm[0].metric:
+                raise CompareError(
+                    f"run {r.path!r}: its curve is of {r.metric!r}, {arm[0].path!r}'s of "
+                    f"{arm[0].metric!r}: one arm compares one metric"
+                )
+    check_metrics(candidates[0].metric, ref.metric)
     for r in [*candidates, *baselines]:
         if (r.sample_mode, r.num_samples) != (ref.sample_mode, ref.num_samples):
             raise CompareError(

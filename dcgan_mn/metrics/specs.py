@@ -66,6 +66,11 @@ class MetricSpec:
     def family(self) -> str:
         return "modes" if self.count_key == MODE_COUNT_KEY else "inception"
 
+    @property
+    def plain_name(self) -> str:
+        """The same metric of G: ``modes`` for ``modes_ema``, ``modes`` for ``modes``."""
+        return self.name[: -len(EMA_SUFFIX)] if self.averaged else self.name
+
 
 def _spec(
     name, direction, count_key, can_collapse, description, headline=False
