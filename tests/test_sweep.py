@@ -254,3 +254,46 @@ def test_a_trained_run_whose_task_still_rescores_is_not_finished():
     on_slurm = {"executor": "slurm", "job_id": "7"}
     assert _state(10, 10, on_slurm, here, {"7": "RUNNING"}) == ("running", "re-scoring")
     assert _state(10, 10, on_slurm, here, {"7": "COMPLETED"}) == ("finished", "")
+
+
+def test_averaging_reports_pair_each_runs_g_ema_with_its_g(tmp_path):
+    """A --g-ema sweep's report adds, per arm, G_ema against G of the same runs (seed-paired)."""
+    from dcgan_mn.sweep.report import write_averaging_reports
+
+    curves = {  # (modes, modes_ema, cfd, cfd_ema) at iterations 100, 200, 300
+        "bn-s0": ([500, 900, 950], [520, 930, 940], [900.0, 500, 450], [800.0, 480, 430]),
+        "bn-s1": ([400, 880, 960], [450, 900, 970], [950.0, 520, 470], [900.0, 500, 460]),
+        "mn-s0": ([800, 960, 970], [820, 950, 975], [600.0, 440, 420], [590.0, 450, 425]),
+        "mn-s1": ([790, 940, 980], [800, 955, 978], [610.0, 430, 415], [600.0, 420, 410]),
+    }
+    for name, (modes, modes_ema, cfd, cfd_ema) in curves.items():
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"seed": int(name[-1]), "g_ema": 10.0}))
+        rows = [
+            {"iteration": 100 * (i + 1), "modes": a, "modes_ema": b, "cfd": c, "cfd_ema": d}
+            | {"mode_samples": 1000, "sample_mode": "batch", "train_seconds": i + 1.0}
+            for i, (a, b, c, d) in enumerate(zip(modes, modes_ema, cfd, cfd_ema))
+        ]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    arms = {a: [tmp_path / f"{a}-s{s}" for s in (0, 1)] for a in ("bn", "mn")}
+    written = write_averaging_reports(
+        tmp_path, arms, ["modes", "cfd", "modes_ema", "cfd_ema"], log=lambda *_: None
+    )
+    assert sorted(written) == [f"averaging/{a}-{m}" for a in ("bn", "mn") for m in ("cfd", "modes")]
+    for arm in ("bn", "mn"):
+        for metric, column, best in (("modes", 0, max), ("cfd", 2, min)):
+            report = json.loads(
+                (
+                    tmp_path / "compare" / "averaging" / f"{arm}-{metric}" / "compare.json"
+                ).read_text()
+            )
+            assert (report["metric"], report["baseline_metric"]) == (f"{metric}_ema", metric)
+            assert report["labels"] == {"candidate": f"{arm} G_ema", "baseline": f"{arm} G"}
+            by_hand = [
+                best(curves[f"{arm}-s{s}"][column + 1]) - best(curves[f"{arm}-s{s}"][column])
+                for s in (0, 1)
+            ]
+            assert [p["best_difference"] for p in report["pairs"]] == pytest.approx(by_hand)
+    # without --g-ema's twins there is nothing to pair
+    assert write_averaging_reports(tmp_path, arms, ["modes", "cfd"], log=lambda *_: None) == {}

@@ -5,6 +5,9 @@
 * each arm is compared with the first (the baseline) on every headline metric the runs scored
   (``fid``, ``modes``, ``kl_modes``, ``cfd``; their ``_ema`` twins with ``--g-ema``), written to
   ``<out>/compare/<metric>/`` (two arms) or ``<out>/compare/<arm>-vs-<baseline>/<metric>/``;
+* with ``--g-ema``, each arm's G_ema against its own G as well (``<metric>_ema`` against
+  ``<metric>``, runs paired with themselves: what averaging does for that arm), written to
+  ``<out>/compare/averaging/<arm>-<metric>/``;
 * one 8x8 sample grid per arm (``<out>/samples-<arm>.png``, and ``-ema`` for G_ema): the final
   generators of the first seed whose runs in every arm still hold their snapshots.
 """
@@ -18,7 +21,7 @@ from typing import Optional, Sequence
 from ..runfolder import RunFolder
 from .plan import SweepError, SweepRecord, run_progress
 
-__all__ = ["REPORT_METRICS", "report_metrics", "write_report"]
+__all__ = ["REPORT_METRICS", "report_metrics", "write_averaging_reports", "write_report"]
 
 REPORT_METRICS = ("fid", "modes", "kl_modes", "cfd")  # compared when the runs scored them
 GRID_SEED = 0  # latents of the per-arm sample grids
@@ -33,6 +36,33 @@ def report_metrics(config: dict) -> list[str]:
     if (config.get("g_ema") or 0) > 0:
         chosen += [f"{m}{EMA_SUFFIX}" for m in chosen]
     return chosen
+
+
+def write_averaging_reports(
+    out: Path, arms: dict, metrics: Sequence[str], *, eval_seeds: int = 1, log=print
+) -> dict:
+    """Each arm's G_ema against its own G, for every metric of ``metrics`` whose ``_ema`` twin is
+    there too: ``{"averaging/<arm>-<metric>": paths}``, reports in ``out/compare/averaging/``.
+    ``arms``: {arm name: its run folders}."""
+    from .. import compare as C
+    from ..metrics.specs import EMA_SUFFIX
+
+    written = {}
+    for name, folders in arms.items():
+        for metric in (m for m in metrics if f"{m}{EMA_SUFFIX}" in metrics):
+            where = f"averaging/{name}-{metric}"
+            curves = {
+                m: [C.read_run(f, metric=m, eval_seeds=eval_seeds) for f in folders]
+                for m in (f"{metric}{EMA_SUFFIX}", metric)
+            }
+            report = C.compare_runs(
+                *curves.values(), candidate_label=f"{name} G_ema", baseline_label=f"{name} G"
+            )
+            written[where] = C.write_outputs(report, out / "compare" / where)
+            log(
+                f"compare {metric}_ema vs {metric}: {name}'s G_ema vs its G -> {out / 'compare' / where}"
+            )
+    return written
 
 
 def grid_seed(spec) -> Optional[int]:
@@ -127,6 +157,15 @@ def write_report(
                 report, dest
             )
             log(f"compare {metric}: {arm.name} vs {baseline} -> {dest}")
+    written["compare"].update(
+        write_averaging_reports(
+            out,
+            {a.name: [r.folder for r in runs if r.arm == a.name] for a in spec.arms},
+            metrics,
+            eval_seeds=spec.eval_seeds,
+            log=log,
+        )
+    )
     seed = grid_seed(spec)
     if seed is None:
         log("sample grids: no seed has every arm's snapshots on disk; grids left as they are")
