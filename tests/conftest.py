@@ -5,6 +5,7 @@ suites' tiny runs (``tiny_cfg``, ``tiny_images``, ``FakeEvaluator``, ``state_of`
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -243,3 +244,19 @@ class FakeEvaluator:
             "sample_mode": sample_mode,
             "weights_checksum": checksum,
         }
+
+
+# ---- hand-built run folders (compare, re-scoring, sweep reports) ------------------------------
+
+
+def write_run(root, name, rows, config=None, seed_rows=()) -> Path:
+    """A run folder ``root/name`` as training leaves it, from given numbers: ``config.json``
+    (``config``, default seed 0 in batch mode), ``metrics.jsonl`` (``rows``) and, when given,
+    ``eval_seeds.jsonl`` (``seed_rows``); returns its path."""
+    run = Path(root) / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config or {"seed": 0, "sample_mode": "batch"}))
+    for file, lines in (("metrics.jsonl", rows), (RunFolder.EVAL_SEEDS, seed_rows)):
+        if lines:
+            (run / file).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return run

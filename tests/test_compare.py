@@ -5,15 +5,13 @@ import statistics
 
 import pytest
 
+from conftest import write_run
 from dcgan_mn import compare as C
 
 ITERS = [1000, 2000, 3000, 4000, 5000]
 
 
 def make_run(root, name, fids, seed=0, seconds=None, extra_rows=(), sample_mode="batch", n=10_000):
-    run = root / name
-    run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"seed": seed, "sample_mode": sample_mode}))
     seconds = seconds or [10.0 * (i + 1) for i in range(len(fids))]
     rows = [
         {
@@ -27,8 +25,7 @@ def make_run(root, name, fids, seed=0, seconds=None, extra_rows=(), sample_mode=
         for it, f, t in zip(ITERS, fids, seconds)
     ]
     rows += list(extra_rows)
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return run
+    return write_run(root, name, rows, {"seed": seed, "sample_mode": sample_mode})
 
 
 @pytest.fixture
@@ -169,9 +166,7 @@ def test_one_arm_compares_one_metric(tmp_path):
         {"iteration": i, "cfd": 9.0 - i, "cfd_ema": 8.0 - i, "mode_samples": 10} for i in (1, 2)
     ]
     for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text('{"seed": 0}')
-        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_run(tmp_path, name, rows)
     a, b = C.read_run(tmp_path / "a", metric="cfd"), C.read_run(tmp_path / "b", metric="cfd_ema")
     with pytest.raises(C.CompareError, match="one arm compares one metric"):
         C.compare_runs([a, b], [a])

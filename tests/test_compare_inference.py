@@ -3,13 +3,13 @@ runs still improving are flagged, exact permutation tests (checked against a by-
 of every sign flip), intervals labelled by what they are, and the report's other small claims."""
 
 import itertools
-import json
 import math
 import statistics
 
 import numpy as np
 import pytest
 
+from conftest import write_run
 from dcgan_mn import compare as C
 
 ITERS = [200, 400, 600, 800, 1000, 1200]
@@ -19,12 +19,9 @@ BASE = [100.0, 70.0, 55.0, 50.0, 52.0, 51.0]  # best 50 at 800
 def make_run(
     root, name, values, seed=0, iters=ITERS, extra_row=None, config_extra=None, env_key=None
 ):
-    run = root / name
-    run.mkdir(parents=True)
     cfg = {"seed": seed, "sample_mode": "batch"}
     if config_extra:
         cfg["extra"] = config_extra
-    (run / "config.json").write_text(json.dumps(cfg))
     rows = []
     for k, (it, v) in enumerate(zip(iters, values)):
         row = {
@@ -40,8 +37,7 @@ def make_run(
         if extra_row:
             row.update(extra_row(k, it))
         rows.append(row)
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return run
+    return write_run(root, name, rows, cfg)
 
 
 def read(root, name, values, **kw):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from conftest import write_run
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn import compare as C
 
@@ -19,9 +20,6 @@ ITERS = [200, 400, 600, 800, 1000, 1200]
 def make_run(root, name, values, seed=0, metric="cfd", count_key="mode_samples", seed_values=()):
     """A run folder whose metrics.jsonl holds ``values`` at ITERS; ``seed_values``: lists of
     extra scores per point, written to eval_seeds.jsonl as seeds 1, 2, ..."""
-    run = root / name
-    run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"seed": seed, "sample_mode": "batch"}))
     rows = [
         {
             "iteration": it,
@@ -33,15 +31,12 @@ def make_run(root, name, values, seed=0, metric="cfd", count_key="mode_samples",
         }
         for it, v in zip(ITERS, values)
     ]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     extra = [
         {"iteration": it, metric: v, count_key: 1000, "sample_mode": "batch", "seed": s}
         for it, point in zip(ITERS, seed_values)
         for s, v in enumerate(point, 1)
     ]
-    if extra:
-        (run / RunFolder.EVAL_SEEDS).write_text("".join(json.dumps(r) + "\n" for r in extra))
-    return run
+    return write_run(root, name, rows, {"seed": seed, "sample_mode": "batch"}, extra)
 
 
 def arms(root, cand_values, base_values, **kw):

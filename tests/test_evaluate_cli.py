@@ -13,7 +13,7 @@ import pytorch_fid.inception as pfi
 from dcgan_mn.runfolder import RunFolder
 from dcgan_mn.features import sha256_file
 
-from conftest import invoker, load_script, write_fake_cifar10
+from conftest import invoker, load_script, write_fake_cifar10, write_run
 from formats import write_pngs
 
 
@@ -141,11 +141,6 @@ def test_bad_inputs_one_line_nonzero_nothing_written(weights_file, folders, tmp_
 
 def test_compare_cli(tmp_path):
     def make_run(name, fids, seed):
-        run_dir = tmp_path / name
-        run_dir.mkdir()
-        (run_dir / "config.json").write_text(
-            json.dumps({"seed": seed, "sample_mode": "batch", "fid_samples": 100})
-        )
         rows = [
             {
                 "iteration": 1000 * (i + 1),
@@ -156,8 +151,9 @@ def test_compare_cli(tmp_path):
             }
             for i, f in enumerate(fids)
         ]
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return run_dir
+        return write_run(
+            tmp_path, name, rows, {"seed": seed, "sample_mode": "batch", "fid_samples": 100}
+        )
 
     bn = make_run("bn", [60, 50, 40, 45], seed=0)
     mn = make_run("mn", [55, 39, 35, 33], seed=0)
@@ -191,16 +187,14 @@ def test_compare_g_ema_against_g_of_the_same_runs(tmp_path):
     fids = {0: ([60, 50, 40, 45], [58, 44, 41, 39]), 1: ([70, 52, 47, 46], [66, 50, 43, 44])}
     runs = []
     for seed, (g, g_ema) in fids.items():
-        run_dir = tmp_path / f"bn-s{seed}"
-        run_dir.mkdir()
-        (run_dir / "config.json").write_text(json.dumps({"seed": seed, "sample_mode": "batch"}))
         rows = [
             {"iteration": 100 * (i + 1), "fid": a, "fid_ema": b, "num_samples": 100}
             | {"sample_mode": "batch", "train_seconds": 5.0 * (i + 1)}
             for i, (a, b) in enumerate(zip(g, g_ema))
         ]
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        runs.append(run_dir)
+        runs.append(
+            write_run(tmp_path, f"bn-s{seed}", rows, {"seed": seed, "sample_mode": "batch"})
+        )
     baselines = [x for r in runs for x in ("--baseline", r)]
     res = run(
         *["compare", *runs, *baselines, "--out", tmp_path / "avg", "--eval-seeds", "1"],

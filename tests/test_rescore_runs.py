@@ -1,10 +1,10 @@
 """rescore_runs: one evaluator per evaluation setup across runs, and each warning once."""
 
 import dataclasses
-import json
 import warnings
 
 
+from conftest import write_run
 from dcgan_mn import metrics as M
 from dcgan_mn import rescore as RS
 from dcgan_mn.config import TrainConfig
@@ -31,9 +31,6 @@ class FakeEvaluator:
 
 def make_run(root, name, seed):
     cfg = dataclasses.asdict(TrainConfig(dataset="stacked-digits", seed=seed, mode_samples=100))
-    folder = RunFolder(root / name)
-    folder.path.mkdir(parents=True)
-    (folder.path / "config.json").write_text(json.dumps(cfg))
     rows = [
         {
             "iteration": it,
@@ -44,7 +41,7 @@ def make_run(root, name, seed):
         }
         for it in (2, 4)
     ]
-    (folder.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = RunFolder(write_run(root, name, rows, cfg))
     folder.snapshots_dir.mkdir()
     for it in (2, 4):
         folder.snapshot_file(it).write_bytes(b"")

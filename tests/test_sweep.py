@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import invoker, load_script
+from conftest import invoker, load_script, write_run
 from dcgan_mn import sweep as S
 from dcgan_mn.sweep.plan import RunEvents, planned_config
 from dcgan_mn.sweep.task import EXIT_PREEMPTED, RunFailed, TrainRun
@@ -267,15 +267,12 @@ def test_averaging_reports_pair_each_runs_g_ema_with_its_g(tmp_path):
         "mn-s1": ([790, 940, 980], [800, 955, 978], [610.0, 430, 415], [600.0, 420, 410]),
     }
     for name, (modes, modes_ema, cfd, cfd_ema) in curves.items():
-        run = tmp_path / name
-        run.mkdir()
-        (run / "config.json").write_text(json.dumps({"seed": int(name[-1]), "g_ema": 10.0}))
         rows = [
             {"iteration": 100 * (i + 1), "modes": a, "modes_ema": b, "cfd": c, "cfd_ema": d}
             | {"mode_samples": 1000, "sample_mode": "batch", "train_seconds": i + 1.0}
             for i, (a, b, c, d) in enumerate(zip(modes, modes_ema, cfd, cfd_ema))
         ]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_run(tmp_path, name, rows, {"seed": int(name[-1]), "g_ema": 10.0})
     arms = {a: [tmp_path / f"{a}-s{s}" for s in (0, 1)] for a in ("bn", "mn")}
     written = write_averaging_reports(
         tmp_path, arms, ["modes", "cfd", "modes_ema", "cfd_ema"], log=lambda *_: None
