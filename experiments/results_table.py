@@ -15,7 +15,10 @@ paper's acceleration (median over all pairs, a pair that never reached counted a
 candidate, and how many reached), and how many runs per arm were still improving. ``--write``
 replaces the block between ``<!-- results-table -->`` and ``<!-- /results-table -->`` in the
 folder's README.md, so the README's table is what ``compare`` says (tests check that it is);
-``--per-arm --write`` fills the ``<!-- per-arm-table -->`` block instead.
+``--per-arm --write`` fills the ``<!-- per-arm-table -->`` block instead. A ``--g-ema``
+experiment's README may hold a second block, ``<!-- averaging-table -->``: each arm's G_ema
+against its own G (``compare/averaging/<arm>-<metric>/``, ``compare --baseline-metric``), which
+``--write`` fills too.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from dcgan_mn.commands import CLI_SETTINGS  # noqa: E402
 BEGIN, END = "<!-- results-table -->", "<!-- /results-table -->"
 # A one-seed many-arm sweep's table has its own block: no compare stands behind it.
 PER_ARM_BEGIN, PER_ARM_END = "<!-- per-arm-table -->", "<!-- /per-arm-table -->"
+# A --g-ema experiment's second table: each arm's G_ema against its own G (compare/averaging/).
+AVERAGING_BEGIN, AVERAGING_END = "<!-- averaging-table -->", "<!-- /averaging-table -->"
 
 
 def number(v: float | None) -> str:
@@ -69,7 +74,8 @@ def acceleration(acc: dict, test: dict | None) -> str:
     return f"{median} (reached {k} of {n}), {p_value(test)}"
 
 
-def row(report: dict) -> str:
+def row(report: dict, first: str | None = None) -> str:
+    """One metric's cells; ``first``: the first cell (default: the metric and its direction)."""
     s = report["summary"]
     labels = report["labels"]
     tests = report.get("statistics", {}).get("permutation", {}).get("tests", {})
@@ -77,8 +83,9 @@ def row(report: dict) -> str:
     sigma = f"; σ_eval {number(noise['sigma'])}" if noise.get("sigma") is not None else ""
     diff = s["difference"]
     final_at = s["candidate"].get("final_iteration", {}).get("mean")
+    first = first or f"`{report['metric']}`"
     cells = [
-        f"`{report['metric']}` ({report.get('better', 'lower')}{sigma})",
+        f"{first} ({report.get('better', 'lower')}{sigma})",
         spread(s["baseline"]["best"]),
         spread(s["candidate"]["best"]),
         f"{spread(diff['best'])}, {p_value(tests.get('best_difference'))}",
@@ -123,6 +130,34 @@ def results_table(folder: Path, compare_dir: Path | None = None) -> str:
         f"| acceleration (paper's rule) | smoothed rule | still improving |"
     )
     return "\n".join([header, "|" + "---|" * 9, *[row(r) for r in reports]])
+
+
+def averaged_pairs(folder: Path) -> list[tuple[str, str]]:
+    """(arm, metric) for each arm of ``folder`` (its run folders ``<arm>-s<seed>``) and each
+    compared metric whose G_ema twin is compared too: the ``compare/averaging/<arm>-<metric>``
+    reports of a --g-ema experiment, in table order."""
+    from dcgan_mn.metrics.specs import EMA_SUFFIX
+
+    metrics = compared_metrics(folder)
+    arms = sorted({p.parent.name.rsplit("-s", 1)[0] for p in folder.glob("*-s*/config.json")})
+    return [(a, m) for a in arms for m in metrics if f"{m}{EMA_SUFFIX}" in metrics]
+
+
+def averaging_table(folder: Path, compare_dir: Path | None = None) -> str:
+    """The markdown table of each arm's G_ema against its own G, from
+    ``compare_dir/averaging/<arm>-<metric>/compare.json`` (default ``<folder>/compare``)."""
+    compare_dir = compare_dir or folder / "compare"
+    rows = []
+    for arm, metric in averaged_pairs(folder):
+        path = compare_dir / "averaging" / f"{arm}-{metric}" / "compare.json"
+        if not path.is_file():
+            raise click.ClickException(f"{path}: missing (run the experiment's compare first)")
+        rows.append(row(json.loads(path.read_text()), first=f"{arm}: `{metric}_ema` vs `{metric}`"))
+    header = (
+        "| arm: metric (better) | G best | G_ema best | G_ema − G: best | final | AUC "
+        "| acceleration (paper's rule) | smoothed rule | still improving |"
+    )
+    return "\n".join([header, "|" + "---|" * 9, *rows])
 
 
 def per_arm_table(folder: Path, iterations: tuple[int, ...] = (400, 1000, 2000)) -> str:
@@ -179,11 +214,16 @@ def main(folder: Path, write: bool, per_arm: bool) -> None:
     table = per_arm_table(folder) if per_arm else results_table(folder)
     if not write:
         click.echo(table)
+        if not per_arm and (folder / "compare" / "averaging").is_dir():
+            click.echo("\n" + averaging_table(folder))
         return
     readme = folder / "README.md"
     markers = (PER_ARM_BEGIN, PER_ARM_END) if per_arm else (BEGIN, END)
-    readme.write_text(replace_block(readme.read_text(), table, *markers))
-    click.echo(f"wrote the results table into {readme}")
+    text = replace_block(readme.read_text(), table, *markers)
+    if not per_arm and AVERAGING_BEGIN in text:  # a --g-ema experiment's second table
+        text = replace_block(text, averaging_table(folder), AVERAGING_BEGIN, AVERAGING_END)
+    readme.write_text(text)
+    click.echo(f"wrote the results table{'s' * (AVERAGING_BEGIN in text)} into {readme}")
 
 
 if __name__ == "__main__":

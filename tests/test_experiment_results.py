@@ -25,6 +25,13 @@ EXPERIMENTS = sorted(
 )
 
 
+AVERAGING = sorted(
+    p.parent
+    for p in (ROOT / "experiments").glob("*/README.md")
+    if results_table.AVERAGING_BEGIN in p.read_text()
+)
+
+
 PER_ARM = sorted(
     p.parent
     for p in (ROOT / "experiments").glob("*/README.md")
@@ -42,6 +49,7 @@ def test_every_results_experiment_is_found():
         "stacked-digits-ema",
     } <= names, names
     assert {"stacked-digits-norms"} <= {p.name for p in PER_ARM}, PER_ARM
+    assert {"stacked-digits-ema"} <= {p.name for p in AVERAGING}, AVERAGING
 
 
 @pytest.mark.parametrize("folder", EXPERIMENTS, ids=lambda p: p.name)
@@ -71,6 +79,37 @@ def test_readme_table_is_what_compare_says_on_the_committed_runs(folder, tmp_pat
     table = results_table.results_table(folder, tmp_path / "compare")
     readme = (folder / "README.md").read_text()
     assert results_table.block(readme) == table
+
+
+@pytest.mark.parametrize("folder", AVERAGING, ids=lambda p: p.name)
+def test_readme_averaging_table_is_what_compare_says_on_the_committed_runs(folder, tmp_path):
+    # Each arm's G_ema against its own G (--baseline-metric), run again on the committed files.
+    cli = load_script("evaluate.py", "cli")
+    from click.testing import CliRunner
+
+    pairs = results_table.averaged_pairs(folder)
+    assert {arm for arm, _ in pairs} == {"bn", "mn"} and len(pairs) >= 2
+    for arm, metric in pairs:
+        runs = sorted(str(p) for p in folder.glob(f"{arm}-s*") if p.is_dir())
+        res = CliRunner().invoke(
+            cli,
+            [
+                "compare",
+                *runs,
+                *[x for r in runs for x in ("--baseline", r)],
+                *["--metric", f"{metric}_ema", "--baseline-metric", metric],
+                *["--eval-seeds", "3", "--label", f"{arm} G_ema", "--baseline-label", f"{arm} G"],
+                *["--out", str(tmp_path / "compare" / "averaging" / f"{arm}-{metric}")],
+                *["--device", "cpu"],
+            ],
+        )
+        assert res.exit_code == 0, res.output
+    table = results_table.averaging_table(folder, tmp_path / "compare")
+    readme = (folder / "README.md").read_text()
+    assert (
+        results_table.block(readme, results_table.AVERAGING_BEGIN, results_table.AVERAGING_END)
+        == table
+    )
 
 
 @pytest.mark.parametrize("folder", PER_ARM, ids=lambda p: p.name)
