@@ -136,20 +136,21 @@ def averaged_pairs(folder: Path) -> list[tuple[str, str]]:
     """(arm, metric) for each arm of ``folder`` (its run folders ``<arm>-s<seed>``) and each
     compared metric whose G_ema twin is compared too: the ``compare/averaging/<arm>-<metric>``
     reports of a --g-ema experiment, in table order."""
-    from dcgan_mn.metrics.specs import EMA_SUFFIX
+    from dcgan_mn.sweep.report import averaged_metrics
 
-    metrics = compared_metrics(folder)
     arms = sorted({p.parent.name.rsplit("-s", 1)[0] for p in folder.glob("*-s*/config.json")})
-    return [(a, m) for a in arms for m in metrics if f"{m}{EMA_SUFFIX}" in metrics]
+    return [(a, m) for a in arms for m in averaged_metrics(compared_metrics(folder))]
 
 
 def averaging_table(folder: Path, compare_dir: Path | None = None) -> str:
     """The markdown table of each arm's G_ema against its own G, from
     ``compare_dir/averaging/<arm>-<metric>/compare.json`` (default ``<folder>/compare``)."""
+    from dcgan_mn.sweep.report import averaging_dir
+
     compare_dir = compare_dir or folder / "compare"
     rows = []
     for arm, metric in averaged_pairs(folder):
-        path = compare_dir / "averaging" / f"{arm}-{metric}" / "compare.json"
+        path = compare_dir / averaging_dir(arm, metric) / "compare.json"
         if not path.is_file():
             raise click.ClickException(f"{path}: missing (run the experiment's compare first)")
         rows.append(row(json.loads(path.read_text()), first=f"{arm}: `{metric}_ema` vs `{metric}`"))

@@ -84,6 +84,8 @@ def test_readme_table_is_what_compare_says_on_the_committed_runs(folder, tmp_pat
 @pytest.mark.parametrize("folder", AVERAGING, ids=lambda p: p.name)
 def test_readme_averaging_table_is_what_compare_says_on_the_committed_runs(folder, tmp_path):
     # Each arm's G_ema against its own G (--baseline-metric), run again on the committed files.
+    from dcgan_mn.sweep.report import averaging_dir
+
     cli = load_script("evaluate.py", "cli")
     from click.testing import CliRunner
 
@@ -99,7 +101,7 @@ def test_readme_averaging_table_is_what_compare_says_on_the_committed_runs(folde
                 *[x for r in runs for x in ("--baseline", r)],
                 *["--metric", f"{metric}_ema", "--baseline-metric", metric],
                 *["--eval-seeds", "3", "--label", f"{arm} G_ema", "--baseline-label", f"{arm} G"],
-                *["--out", str(tmp_path / "compare" / "averaging" / f"{arm}-{metric}")],
+                *["--out", str(tmp_path / "compare" / averaging_dir(arm, metric))],
                 *["--device", "cpu"],
             ],
         )

@@ -21,7 +21,14 @@ from typing import Optional, Sequence
 from ..runfolder import RunFolder
 from .plan import SweepError, SweepRecord, run_progress
 
-__all__ = ["REPORT_METRICS", "report_metrics", "write_averaging_reports", "write_report"]
+__all__ = [
+    "REPORT_METRICS",
+    "averaged_metrics",
+    "averaging_dir",
+    "report_metrics",
+    "write_averaging_reports",
+    "write_report",
+]
 
 REPORT_METRICS = ("fid", "modes", "kl_modes", "cfd")  # compared when the runs scored them
 GRID_SEED = 0  # latents of the per-arm sample grids
@@ -38,6 +45,19 @@ def report_metrics(config: dict) -> list[str]:
     return chosen
 
 
+def averaged_metrics(metrics: Sequence[str]) -> list[str]:
+    """The metrics of ``metrics`` whose G_ema twin (``<metric>_ema``) is there too: each gets,
+    per arm, a report of G_ema against G (``averaging_dir``)."""
+    from ..metrics.specs import EMA_SUFFIX
+
+    return [m for m in metrics if f"{m}{EMA_SUFFIX}" in metrics]
+
+
+def averaging_dir(arm: str, metric: str) -> str:
+    """Where under ``compare/`` the report of ``arm``'s G_ema against its G on ``metric`` goes."""
+    return f"averaging/{arm}-{metric}"
+
+
 def write_averaging_reports(
     out: Path, arms: dict, metrics: Sequence[str], *, eval_seeds: int = 1, log=print
 ) -> dict:
@@ -49,8 +69,8 @@ def write_averaging_reports(
 
     written = {}
     for name, folders in arms.items():
-        for metric in (m for m in metrics if f"{m}{EMA_SUFFIX}" in metrics):
-            where = f"averaging/{name}-{metric}"
+        for metric in averaged_metrics(metrics):
+            where = averaging_dir(name, metric)
             curves = {
                 m: [C.read_run(f, metric=m, eval_seeds=eval_seeds) for f in folders]
                 for m in (f"{metric}{EMA_SUFFIX}", metric)
